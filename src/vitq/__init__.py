@@ -1,2 +1,12 @@
-from importlib.metadata import version as _v
+"""vitq: post-training quantization of vision transformers (Evol-Q, APQ-ViT, PTQ-ViT and baselines)."""
+
 __version__ = "0.1.0"
+
+from vitq.api import calibrate, prepare, refine  # noqa: E402
+from vitq.errors import VitqError  # noqa: E402
+from vitq.evaluate import evaluate  # noqa: E402
+from vitq.scheme import Override, Scheme  # noqa: E402
+from vitq.state import load, save  # noqa: E402
+
+__all__ = ["Override", "Scheme", "VitqError", "calibrate", "evaluate", "load", "prepare", "refine", "save",
+           "__version__"]

@@ -1,0 +1,72 @@
+"""Observer-only baselines (METHODS.md §2): MinMax, Percentile, OMSE, and the FQ-ViT base that Evol-Q refines.
+
+All four make one float pass over the calibration set with every activation quantizer observing (values
+pass through unquantized), then set each quantizer from what it saw over *all* batches. Weights are
+calibrated from the weights themselves, per output channel.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitq.calib import CalibData, forward_all
+from vitq.modules import _QWeighted
+from vitq.observers import apply_range, observing, weight_range
+from vitq.quantizers import quantizers_of
+from vitq.registry import register_method
+
+
+def weighted_modules(model: nn.Module) -> dict[str, _QWeighted]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QWeighted)}
+
+
+def calibrate_weights(model: nn.Module, how: str = "minmax", correction: bool = False) -> None:
+    for m in weighted_modules(model).values():
+        weight_range(m.weight_quant, m.weight.detach(), how)
+        m.weight_correction.fill_(correction)
+
+
+def calibrate_observed(model: nn.Module, calib: CalibData, act: str, weight: str,
+                       percentile: float | None = None, weight_correction: bool = False) -> dict:
+    """Observe every activation quantizer over the calibration set in float, then set ranges."""
+    qs = quantizers_of(model)
+    with observing(model, percentile=percentile, seed=calib.seed) as observers:
+        forward_all(model, calib, desc=f"observe ({act})")
+    for name, obs in observers.items():
+        apply_range(qs[name], obs, act)
+    calibrate_weights(model, weight, weight_correction)
+    info = {"activations": act, "weights": weight, "weight_bias_correction": weight_correction,
+            "calibration_passes": 1}
+    if percentile is not None:
+        info["percentile"] = percentile
+    return info
+
+
+@register_method("minmax", "min/max range of every activation (per tensor) and weight (per channel)")
+def minmax(model: nn.Module, calib: CalibData) -> dict:
+    return calibrate_observed(model, calib, "minmax", "minmax")
+
+
+def _percentile_args(group) -> None:
+    group.add_argument("--percentile-value", type=float, default=None, metavar="P",
+                       help="percentile method: clip activations at this quantile (default 0.9999)")
+
+
+@register_method("percentile", "activations clipped at the 99.99th percentile (mean over batches); "
+                 "weights min/max", add_arguments=_percentile_args)
+def percentile(model: nn.Module, calib: CalibData, value: float = 0.9999) -> dict:
+    if not 0.5 < value <= 1.0:
+        raise ValueError(f"percentile value {value} must be in (0.5, 1]")
+    return calibrate_observed(model, calib, "percentile", "minmax", percentile=value)
+
+
+@register_method("omse", "range shrink factor with the least MSE (1.00..0.11), for activations over all "
+                 "calibration batches and weights per channel")
+def omse(model: nn.Module, calib: CalibData) -> dict:
+    return calibrate_observed(model, calib, "omse", "omse")
+
+
+@register_method("fqvit", "FQ-ViT base of Evol-Q: weights min/max per channel with bias correction, "
+                 "activations OMSE, PTF LayerNorm inputs (fq)")
+def fqvit(model: nn.Module, calib: CalibData) -> dict:
+    return calibrate_observed(model, calib, "omse", "minmax", weight_correction=True)

@@ -1,0 +1,74 @@
+"""Registries of calibration methods and refiners by name, so new ones plug in without touching the core.
+
+A *method* fills every quantizer of a prepared model from calibration data; a *refiner* improves an
+already-calibrated model (e.g. Evol-Q). Each entry may add its own command-line flags (named
+``--<name>-<option>``; they reach the function as keyword ``option``) and may adjust the scheme it needs
+(e.g. a softmax quantizer kind) before the model is prepared.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vitq.errors import VitqError
+
+
+@dataclass
+class Entry:
+    name: str
+    fn: Callable
+    description: str
+    add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
+    adjust_scheme: Callable | None = None  # (Scheme, options) -> Scheme
+    defaults: dict = field(default_factory=dict)
+
+    def options_from_args(self, args: argparse.Namespace) -> dict:
+        """Keyword options from parsed CLI flags ``--<name>-x`` (dest ``<name>_x``), for flags given."""
+        prefix = self.name.replace("-", "_") + "_"
+        return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+METHODS: dict[str, Entry] = {}
+REFINERS: dict[str, Entry] = {}
+
+
+def _register(table: dict, kind: str, name: str, description: str, **kw):
+    def deco(fn: Callable) -> Callable:
+        if name in table:
+            raise ValueError(f"{kind} {name!r} registered twice")
+        table[name] = Entry(name, fn, description, **kw)
+        return fn
+
+    return deco
+
+
+def register_method(name: str, description: str, **kw):
+    """Decorator for ``fn(model, calib: CalibData, **options) -> dict`` (the dict goes into the results)."""
+    return _register(METHODS, "method", name, description, **kw)
+
+
+def register_refiner(name: str, description: str, **kw):
+    """Decorator for ``fn(model, float_model, calib: CalibData, **options) -> dict``."""
+    return _register(REFINERS, "refiner", name, description, **kw)
+
+
+def _lookup(table: dict, kind: str, name: str) -> Entry:
+    load_builtin()
+    if name not in table:
+        raise VitqError(f"unknown {kind} {name!r} (expected one of {', '.join(sorted(table))})")
+    return table[name]
+
+
+def get_method(name: str) -> Entry:
+    return _lookup(METHODS, "method", name)
+
+
+def get_refiner(name: str) -> Entry:
+    return _lookup(REFINERS, "refiner", name)
+
+
+def load_builtin() -> None:
+    """Import the built-in method and refiner modules (they register themselves)."""
+    import vitq.methods  # noqa: F401

@@ -1,0 +1,113 @@
+"""Schemes: which tensors are quantized, at how many bits, with which quantizer kind (METHODS.md §0).
+
+``fq`` (FQ-ViT, Evol-Q): weights, every linear input, q/k/v, attention scores, softmax output, LayerNorm
+inputs (PTF) and the residual stream after every add. ``matmul`` (PTQ4ViT, APQ-ViT): weights, linear inputs
+and the inputs of both attention matmuls; softmax and LayerNorm are computed in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from vitq.errors import VitqError
+
+SCHEMES = {
+    "fq": "fully quantized (FQ-ViT/Evol-Q): weights, linear inputs, q/k/v, scores, softmax output, "
+          "LayerNorm inputs and residual stream (PTF)",
+    "matmul": "PTQ4ViT/APQ-ViT regime: weights, linear inputs and both attention-matmul inputs; "
+              "softmax and LayerNorm in float",
+}
+W_BITS = range(2, 9)
+A_BITS = range(4, 9)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Bits for the quantizers of modules whose qualified name matches ``pattern`` (fnmatch glob)."""
+
+    pattern: str
+    w_bits: int | None = None
+    a_bits: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        """Parse ``PATTERN:w8a8`` (either part may be left out, e.g. ``head:w8``)."""
+        m = re.fullmatch(r"(.+):(?:w(\d+))?(?:a(\d+))?", text.strip())
+        if not m or (m.group(2) is None and m.group(3) is None):
+            raise VitqError(f"bad override {text!r} (expected PATTERN:wBaB, e.g. 'head:w8a8')")
+        return cls(m.group(1), int(m.group(2)) if m.group(2) else None, int(m.group(3)) if m.group(3) else None)
+
+    def __str__(self) -> str:
+        w = f"w{self.w_bits}" if self.w_bits is not None else ""
+        a = f"a{self.a_bits}" if self.a_bits is not None else ""
+        return f"{self.pattern}:{w}{a}"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str = "fq"
+    w_bits: int = 8
+    a_bits: int = 8
+    attn_bits: int | None = None  # softmax-output bits; None = a_bits
+    input_bits: int = 8  # image entering the patch embedding
+    weight_signed: bool | None = None  # None = scheme default (fq: uint like FQ-ViT, matmul: int)
+    softmax_quantizer: str | None = None  # None = "uniform"; log2 / twin / mpq where registered
+    overrides: tuple[Override, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.name not in SCHEMES:
+            raise VitqError(f"unknown scheme {self.name!r} (expected one of {', '.join(SCHEMES)})")
+        _check_bits("w_bits", self.w_bits, W_BITS)
+        _check_bits("a_bits", self.a_bits, A_BITS)
+        _check_bits("attn_bits", self.attn_bits if self.attn_bits is not None else self.a_bits, A_BITS)
+        _check_bits("input_bits", self.input_bits, A_BITS)
+        for o in self.overrides:
+            if o.w_bits is not None:
+                _check_bits(f"override {o} weight bits", o.w_bits, W_BITS)
+            if o.a_bits is not None:
+                _check_bits(f"override {o} activation bits", o.a_bits, A_BITS)
+
+    @property
+    def fully_quantized(self) -> bool:
+        return self.name == "fq"
+
+    @property
+    def signed_weights(self) -> bool:
+        return self.weight_signed if self.weight_signed is not None else self.name == "matmul"
+
+    @property
+    def softmax_kind(self) -> str:
+        return self.softmax_quantizer or "uniform"
+
+    def bits_for(self, module_name: str) -> tuple[int, int, int]:
+        """(weight bits, activation bits, softmax bits) for the module of that qualified name."""
+        w, a, s = self.w_bits, self.a_bits, self.attn_bits if self.attn_bits is not None else self.a_bits
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(module_name, o.pattern):
+                w = o.w_bits if o.w_bits is not None else w
+                if o.a_bits is not None:
+                    a = s = o.a_bits
+        return w, a, s
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["overrides"] = [str(o) for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scheme:
+        d = dict(d)
+        d["overrides"] = tuple(Override.parse(o) for o in d.get("overrides", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise VitqError(f"scheme has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _check_bits(what: str, value, allowed: range) -> None:
+    if not isinstance(value, int) or value not in allowed:
+        raise VitqError(f"{what} = {value!r} is out of range (expected an integer {allowed.start}..{allowed.stop - 1})")
