@@ -199,6 +199,10 @@ class PTFQuantizer(Quantizer):
 
 
 def make_quantizer(kind: str, bits: int, role: str, **kwargs) -> Quantizer:
+    if kind not in QUANTIZER_KINDS:  # kinds added by method modules register when those are imported
+        from vitq.registry import load_builtin
+
+        load_builtin()
     try:
         cls = QUANTIZER_KINDS[kind]
     except KeyError:
