@@ -137,7 +137,7 @@ class Log2Quantizer(Quantizer):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         levels = 2**self.bits - 1
-        code = torch.round(-torch.log2(torch.clamp(x, min=1e-30)))
+        code = torch.round(-torch.log2(torch.where(x > 0, x, torch.ones_like(x))))
         out = torch.pow(2.0, -torch.clamp(code, min=0))
         out = torch.where((code > levels) | (x <= 0), torch.zeros_like(out), out)
         return x + (out - x).detach()

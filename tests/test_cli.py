@@ -1,0 +1,119 @@
+"""The command line end to end on a tiny model and generated image folders; bad input gives one-line errors."""
+
+import json
+import os
+
+import pytest
+from conftest import TINY, make_image_folder, tiny_model
+from safetensors.torch import save_file
+
+from vitq.cli import main
+
+NAME, KW = TINY["deit"]
+MODEL_ARGS = json.dumps(KW)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model("deit").state_dict().items()}, str(weights))
+    calib = make_image_folder(tmp_path / "calib", per_class=3, seed=1)
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=2)
+    return tmp_path, weights, calib, val
+
+
+def quantize_args(weights, calib, val, out, *extra):
+    return ["quantize", "--model", NAME, "--model-args", MODEL_ARGS, "--weights", str(weights), "--calib", str(calib),
+            "--val", str(val), "--scheme", "fq", "--w-bits", "4", "--a-bits", "8", "--method", "fqvit",
+            "--batch-size", "4", "--num-workers", "0", "--quiet", "--out", str(out), *extra]
+
+
+def test_quantize_then_evaluate_gives_identical_metrics(setup, capsys):
+    tmp, weights, calib, val = setup
+    out = tmp / "out"
+    assert main(quantize_args(weights, calib, val, out, "--num-calib", "7", "--seed", "3")) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "quant_state.safetensors", "results.json"]
+    r = json.loads((out / "results.json").read_text())
+    for key in ("model", "weights_sha256", "scheme", "method", "refine", "w_bits", "a_bits", "seed", "calib_files",
+                "transform", "versions", "float", "quant", "timings"):
+        assert key in r, key
+    assert len(r["calib_files"]) == 7 and r["num_val"] == 9 and r["scheme"] == "fq" and r["w_bits"] == 4
+    assert set(r["quant"]) >= {"top1", "top5", "agreement", "kl"} and set(r["timings"]) == {
+        "calibrate_s", "refine_s", "eval_s"}
+    assert len(r["weights_sha256"]) == 64
+
+    ev = tmp / "eval.json"
+    assert main(["evaluate", "--model", NAME, "--weights", str(weights), "--state", str(out), "--val", str(val),
+                 "--batch-size", "4", "--num-workers", "0", "--quiet", "--out", str(ev)]) == 0
+    r2 = json.loads(ev.read_text())
+    assert r2["quant"] == r["quant"] and r2["float"] == r["float"]
+    assert "agreement" in capsys.readouterr().out
+
+
+def test_same_seed_same_calibration_files(setup):
+    tmp, weights, calib, val = setup
+    files = []
+    for i in range(2):
+        main(quantize_args(weights, calib, val, tmp / f"o{i}", "--num-calib", "5", "--seed", "11"))
+        files.append(json.loads((tmp / f"o{i}" / "results.json").read_text())["calib_files"])
+    assert files[0] == files[1]
+
+
+def test_corrupt_image_is_skipped_and_counted(setup):
+    tmp, weights, calib, val = setup
+    (val / "n01440764" / "broken.jpg").write_bytes(b"not an image at all")
+    assert main(quantize_args(weights, calib, val, tmp / "out")) == 0
+    r = json.loads((tmp / "out" / "results.json").read_text())
+    assert r["num_val"] == 9 and len(r["val_skipped"]) == 1 and r["val_skipped"][0].endswith("broken.jpg")
+
+
+def error_of(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("vitq: error:"), err
+    return err
+
+
+def test_bad_input_gives_one_line_errors_and_no_output(setup, capsys):
+    tmp, weights, calib, val = setup
+    out = tmp / "out"
+    cases = {
+        "does not exist": quantize_args(weights, tmp / "missing", val, out),
+        "contains no images": quantize_args(weights, make_image_folder(tmp / "empty", classes=()), val, out),
+        "out of range": quantize_args(weights, calib, val, out, "--w-bits", "9"),
+        "unknown method": [a if a != "fqvit" else "nope" for a in quantize_args(weights, calib, val, out)],
+        "unknown model": ["quantize", "--model", "no_such_model", "--calib", str(calib), "--method", "omse",
+                          "--out", str(out)],
+        "weights file": quantize_args(tmp / "nope.safetensors", calib, val, out),
+    }
+    (tmp / "empty").mkdir(exist_ok=True)
+    for expected, argv in cases.items():
+        assert expected in error_of(capsys, argv)
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp) if p.startswith(".out")]  # no temporary leftovers
+
+
+def test_weights_that_do_not_match_and_existing_output(setup, capsys):
+    tmp, weights, calib, val = setup
+    other = tmp / "other.safetensors"
+    save_file({"foo": tiny_model("deit").head.weight.detach().contiguous()}, str(other))
+    assert "does not match" in error_of(capsys, quantize_args(other, calib, val, tmp / "o"))
+    (tmp / "exists").mkdir()
+    assert "already exists" in error_of(capsys, quantize_args(weights, calib, val, tmp / "exists"))
+    assert main(quantize_args(weights, calib, val, tmp / "exists", "--overwrite")) == 0
+
+
+def test_methods_lists_everything(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fq", "matmul", "minmax", "percentile", "omse", "fqvit", "log2", "ptf"):
+        assert name in out
+
+
+def test_demo_quick_runs_offline(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert res["float_top1"] > 85  # the digits ViT really learned
+    w8 = [r for r in res["results"] if r["w_bits"] == 8 and r["scheme"] == "matmul"]
+    assert all(r["quant"]["agreement"] > 90 for r in w8)
+    assert "| method |" in capsys.readouterr().out

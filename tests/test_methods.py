@@ -1,0 +1,117 @@
+"""Every registered method on tiny models of each family, under both schemes; observers; state round trip."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, tiny_images, tiny_model
+
+import vitq
+from vitq.methods.baselines import weighted_modules
+from vitq.observers import Observer, apply_range, weight_range
+from vitq.quantizers import UniformQuantizer, quantizers_of
+from vitq.registry import METHODS, load_builtin
+from vitq.scheme import Scheme
+
+load_builtin()
+BASELINES = ["minmax", "percentile", "omse", "fqvit"]
+
+
+def kl(p_logits, q_logits):
+    lp, lq = F.log_softmax(p_logits, 1), F.log_softmax(q_logits, 1)
+    return float((lp.exp() * (lp - lq)).sum(1).mean())
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("scheme", ["fq", "matmul"])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baselines_calibrate_every_quantizer(family, scheme, method):
+    model = tiny_model(family)
+    calib, x = tiny_images(family, 16, seed=1), tiny_images(family, 8, seed=2)
+    q = vitq.prepare(model, Scheme(scheme, 8, 8), method=method)
+    info = vitq.calibrate(q, calib, method, batch_size=8, progress=False)
+    assert info["method"] == method and info["seconds"] >= 0
+    assert all(bool(qz.initialized) for qz in quantizers_of(q).values())
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)  # it does quantize
+    assert kl(ref, out) < 0.05  # and at 8 bits stays close to float
+
+
+def test_fewer_bits_hurt_more():
+    model, calib, x = tiny_model("deit"), tiny_images("deit", 16, 1), tiny_images("deit", 16, 2)
+    errs = []
+    for bits in (8, 6, 4):
+        q = vitq.prepare(model, Scheme("matmul", bits, bits))
+        vitq.calibrate(q, calib, "omse", progress=False)
+        with torch.no_grad():
+            errs.append(float((q(x) - model(x)).pow(2).mean()))
+    assert errs[0] < errs[1] < errs[2]
+
+
+def test_observer_sees_all_batches_and_ranges():
+    obs = Observer()
+    obs.update(torch.tensor([0.0, 1.0, 2.0]))
+    obs.update(torch.tensor([-3.0, 0.5]))
+    assert (obs.min, obs.max, obs.batches) == (-3.0, 2.0, 2)
+    q = UniformQuantizer(8, "x")
+    apply_range(q, obs, "minmax")
+    assert torch.isclose(q.scale, torch.tensor(5.0 / 255))
+
+
+def test_omse_never_worse_than_minmax_on_its_sample():
+    torch.manual_seed(0)
+    obs = Observer()
+    for _ in range(3):
+        obs.update(torch.randn(4000) ** 3)  # heavy tails: clipping pays off
+    errs = {}
+    for how in ("minmax", "omse"):
+        q = UniformQuantizer(4, "x")
+        apply_range(q, obs, how)
+        s = obs.sample()
+        errs[how] = float((q(s) - s).pow(2).sum())
+    assert errs["omse"] < errs["minmax"]
+
+
+def test_percentile_is_mean_of_batch_percentiles():
+    obs = Observer(percentile=0.99)
+    obs.update(torch.arange(100.0))
+    obs.update(torch.arange(100.0) * 2)
+    q = UniformQuantizer(8, "x")
+    apply_range(q, obs, "percentile")
+    assert obs.pct_hi == [98.0, 196.0]
+    assert obs.pct_lo == [1.0, 2.0]
+    assert torch.isclose(q.scale, torch.tensor((98.0 + 196.0) / 2 / 255))  # lo is clamped to 0
+
+
+def test_weight_omse_per_channel_and_bias_correction():
+    torch.manual_seed(0)
+    w = torch.randn(6, 50) * torch.arange(1, 7)[:, None]
+    q = UniformQuantizer(3, "weight", signed=True, channel_axis=0, num_channels=6)
+    weight_range(q, w, "omse")
+    e_omse = (q(w) - w).pow(2).sum(1)
+    weight_range(q, w, "minmax")
+    e_mm = (q(w) - w).pow(2).sum(1)
+    assert torch.all(e_omse <= e_mm + 1e-6)
+
+    model = tiny_model("deit")
+    qm = vitq.prepare(model, Scheme("fq", 3, 8))
+    vitq.calibrate(qm, tiny_images("deit", 8), "fqvit", progress=False)
+    m = weighted_modules(qm)["blocks.0.mlp.fc1"]
+    assert bool(m.weight_correction)
+    w, w_hat = m.weight, m.quantized_weight()
+    assert torch.allclose(w_hat.mean(1), w.mean(1), atol=1e-5) and torch.allclose(w_hat.std(1), w.std(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+def test_save_load_round_trip(tmp_path, family):
+    model, calib, x = tiny_model(family), tiny_images(family, 8, 1), tiny_images(family, 4, 2)
+    q = vitq.prepare(model, Scheme("fq", 4, 8, softmax_quantizer="log2"))
+    vitq.calibrate(q, calib, "fqvit", progress=False)
+    vitq.save(q, tmp_path, model="tiny")
+    q2 = vitq.load(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
+def test_registry_lists_the_baselines():
+    assert set(BASELINES) <= set(METHODS)
