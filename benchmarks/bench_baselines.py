@@ -1,0 +1,107 @@
+"""Baseline methods on the real DeiT-Tiny (issue 2): float and minmax / percentile / omse / fqvit under both schemes
+at W8A8, W6A6, W4A8, W4A4. Calibrates on all of calib/ (250 images), evaluates on all of val/ (500 images).
+
+    python -m benchmarks.bench_baselines [--num-calib N] [--methods a,b] [--bits 8/8,4/4] [--schemes fq,matmul]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import vitq
+from benchmarks.common import CALIB_DIR, DEIT_WEIGHTS, VAL_DIR, command, environment, table, write_section
+from vitq.calib import CalibData
+from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+from vitq.evaluate import Metrics
+from vitq.models import create_model
+
+
+def load(folder, num, transform, seed=0):
+    loader = make_loader(select_records(scan_image_folder(folder), num, seed), transform, batch_size=50, num_workers=2)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def logits(model, x, bs=50):
+    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--num-calib", type=int, default=None)
+    p.add_argument("--methods", default="minmax,percentile,omse,fqvit")
+    p.add_argument("--schemes", default="fq,matmul")
+    p.add_argument("--bits", default="8/8,6/6,4/8,4/4")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+
+    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
+    transform, _ = model_transform(model)
+    calib_x, _ = load(CALIB_DIR, args.num_calib, transform)
+    val_x, val_y = load(VAL_DIR, None, transform)
+    print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
+
+    float_logits = logits(model, val_x)
+    ref = Metrics()
+    ref.update(float_logits, float_logits, val_y)
+    float_res = ref.result()["float"]
+    rows = [["float", "-", "-", float_res["top1"], float_res["top5"], 100.0, "0", "-", "-"]]
+
+    timing = None
+    for scheme in args.schemes.split(","):
+        for bits in args.bits.split(","):
+            w, a = map(int, bits.split("/"))
+            for method in args.methods.split(","):
+                qmodel = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method)
+                calib = CalibData(calib_x, batch_size=50, progress=False)
+                t0 = time.perf_counter()
+                vitq.calibrate(qmodel, calib, method)
+                cal_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                q_logits = logits(qmodel, val_x)
+                eval_s = time.perf_counter() - t0
+                m = Metrics()
+                m.update(float_logits, q_logits, val_y)
+                r = m.result()["quant"]
+                rows.append([method, scheme, f"W{w}A{a}", r["top1"], r["top5"], r["agreement"], f"{r['kl']:.4f}",
+                             cal_s, eval_s])
+                print(rows[-1], flush=True)
+                if timing is None and scheme == "fq" and (w, a) == (8, 8):
+                    # one float and one fake-quantized forward over the 500 images, alternated, medians of 3
+                    tf, tq = [], []
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        logits(model, val_x)
+                        tf.append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        logits(qmodel, val_x)
+                        tq.append(time.perf_counter() - t0)
+                    timing = (sorted(tf)[1], sorted(tq)[1])
+
+    md = [
+        "## Baselines on the real DeiT-Tiny (issue 2)",
+        "",
+        f"Command: `{command()}`  ",
+        f"{environment()}  ",
+        f"Calibration: {len(calib_x)} images of `calib/` (batches of 50); evaluation: all {len(val_x)} images of "
+        "`val/`, labels by WordNet id. Agreement = top-1 agreement with the float model (%), KL = mean "
+        "KL(float ‖ quant) of the softmax outputs (nats). Times in seconds on this machine (calibration includes "
+        "the observation pass; eval = one quantized forward over the val images).",
+        "",
+        table(["method", "scheme", "bits", "top-1", "top-5", "agreement", "KL", "calibrate s", "eval s"], rows),
+    ]
+    if timing is not None:
+        md += ["", f"Forward over the {len(val_x)} val images, median of 3 alternated runs: float {timing[0]:.1f} s, "
+               f"fake-quantized (fq W8A8) {timing[1]:.1f} s, ratio quantized/float = {timing[1] / timing[0]:.2f}."]
+    text = "\n".join(md)
+    print(text)
+    if not args.no_write:
+        write_section("baselines", text)
+
+
+if __name__ == "__main__":
+    main()
