@@ -115,3 +115,26 @@ def test_save_load_round_trip(tmp_path, family):
 
 def test_registry_lists_the_baselines():
     assert set(BASELINES) <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_per_head_attention_quantizers(method):
+    model, calib = tiny_model("swin"), tiny_images("swin", 8, 1)
+    q = vitq.prepare(model, Scheme("matmul", 8, 8, attn_granularity="head"))
+    vitq.calibrate(q, calib, method, progress=False)
+    attn = q.layers[1].blocks[0].attn
+    assert attn.k_quant.scale.shape == (attn.num_heads,) and attn.k_quant.channel_axis == 1
+    assert len(set(attn.k_quant.scale.tolist())) == attn.num_heads  # each head has its own range
+    with torch.no_grad():
+        assert kl(model(calib), q(calib)) < 0.05
+
+
+def test_per_head_minmax_matches_each_heads_range():
+    obs = Observer(channel_axis=1)
+    x = torch.randn(2, 3, 5, 4) * torch.tensor([1.0, 5.0, 0.1])[None, :, None, None]
+    obs.update(x)
+    q = UniformQuantizer(8, "k", channel_axis=1, num_channels=3)
+    apply_range(q, obs, "minmax")
+    lo = x.transpose(0, 1).reshape(3, -1).min(1).values.clamp(max=0)
+    hi = x.transpose(0, 1).reshape(3, -1).max(1).values.clamp(min=0)
+    assert torch.allclose(q.scale, (hi - lo) / 255)

@@ -41,7 +41,7 @@ def test_round_half_to_even(bits, k, e):
     q.mark_initialized()
     qmin, qmax = int_range(bits, True)
     x = torch.tensor([(k + 0.5) * scale])
-    code = round((k + 0.5))  # Python rounds half to even
+    code = round(k + 0.5)  # Python rounds half to even
     expected = min(max(code, qmin), qmax) * scale
     assert torch.allclose(q(x), torch.tensor([expected], dtype=torch.float32), rtol=1e-5, atol=1e-6)
 

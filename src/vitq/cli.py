@@ -179,7 +179,7 @@ def cmd_quantize(args) -> int:
         scheme = Scheme.from_dict(saved["scheme"])
     else:
         scheme = Scheme(args.scheme, args.w_bits, args.a_bits, attn_bits=args.attn_bits,
-                        softmax_quantizer=args.softmax_quantizer,
+                        softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity,
                         overrides=tuple(Override.parse(o) for o in args.override))
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=8)
     q.add_argument("--attn-bits", type=int, default=None, help="softmax-output bits (default --a-bits)")
     q.add_argument("--softmax-quantizer", default=None, help="quantizer kind for softmax outputs (see vitq methods)")
+    q.add_argument("--attn-granularity", choices=("tensor", "head"), default="tensor",
+                   help="q/k/v quantizers: one scale per tensor (default) or per attention head")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")

@@ -90,14 +90,15 @@ class _QAttentionCore(nn.Module):
     """
 
     def _init_core(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool,
-                   softmax_kind: str):
+                   softmax_kind: str, per_head: bool):
         self.num_heads = attn.num_heads
         self.scale = attn.scale
         self.qkv, self.proj = attn.qkv, attn.proj
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.q_quant = make_quantizer("uniform", a_bits, "q")
-        self.k_quant = make_quantizer("uniform", a_bits, "k")
-        self.v_quant = make_quantizer("uniform", a_bits, "v")
+        heads = {"channel_axis": 1, "num_channels": attn.num_heads} if per_head else {}  # q/k/v are [B, H, N, D]
+        self.q_quant = make_quantizer("uniform", a_bits, "q", **heads)
+        self.k_quant = make_quantizer("uniform", a_bits, "k", **heads)
+        self.v_quant = make_quantizer("uniform", a_bits, "v", **heads)
         self.score_quant = make_quantizer("uniform", a_bits, "scores") if fully_quantized else nn.Identity()
         self.softmax_quant = make_quantizer(softmax_kind, softmax_bits, "softmax")
 
@@ -117,14 +118,15 @@ class _QAttentionCore(nn.Module):
 class QAttention(_QAttentionCore):
     """Built from timm's ``vision_transformer.Attention`` (standard multi-head self-attention)."""
 
-    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str):
+    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
+                 per_head: bool = False):
         super().__init__()
         for feat in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(attn, feat, nn.Identity()), nn.Identity):
                 raise VitqError(f"attention with {feat} ({type(getattr(attn, feat)).__name__}) is not supported")
         if getattr(attn, "gate", None) is not None:
             raise VitqError("gated attention is not supported")
-        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind)
+        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind, per_head)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -137,11 +139,12 @@ class QWindowAttention(_QAttentionCore):
     """Built from timm's Swin ``WindowAttention``: relative position bias and the shifted-window mask are
     added to the scores before the (fq) score quantizer."""
 
-    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str):
+    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
+                 per_head: bool = False):
         super().__init__()
         if not hasattr(attn, "_get_rel_pos_bias"):
             raise VitqError(f"{type(attn).__name__} without relative position bias is not supported")
-        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind)
+        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind, per_head)
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index,
                              persistent="relative_position_index" not in attn._non_persistent_buffers_set)

@@ -20,20 +20,29 @@ OMSE_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
 
 
 class Observer:
-    def __init__(self, rows: bool = False, per_batch: int = 2**15, percentile: float | None = None,
-                 seed: int = 0):
-        self.rows = rows
+    """``channel_axis`` None: per-tensor statistics and a flat sample. Otherwise statistics per channel along
+    that axis too, and the sample keeps whole rows (all channels of one position) so per-channel searches see
+    each channel's own values."""
+
+    def __init__(self, channel_axis: int | None = None, per_batch: int = 2**15, percentile: float | None = None,
+                 seed: int = 0, channel_percentile: bool = False):
+        self.channel_axis = channel_axis
+        self.channel_percentile = channel_percentile and channel_axis is not None
         self.per_batch = per_batch
         self.percentile = percentile
         self.gen = torch.Generator().manual_seed(seed)
         self.min = float("inf")
         self.max = float("-inf")
-        self.channel_min: torch.Tensor | None = None  # rows only: exact per-channel range
+        self.channel_min: torch.Tensor | None = None  # exact per-channel range (channel_axis only)
         self.channel_max: torch.Tensor | None = None
         self.samples: list[torch.Tensor] = []
-        self.pct_lo: list[float] = []
-        self.pct_hi: list[float] = []
+        self.pct_lo: list = []  # per batch: floats, or per-channel tensors
+        self.pct_hi: list = []
         self.batches = 0
+
+    @property
+    def rows(self) -> bool:
+        return self.channel_axis is not None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -41,27 +50,37 @@ class Observer:
         self.batches += 1
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
-        flat = x.reshape(-1, x.shape[-1]) if self.rows else x.reshape(-1)
         if self.rows:
+            flat = x.movedim(self.channel_axis, -1)
+            flat = flat.reshape(-1, flat.shape[-1])
             cmin, cmax = flat.min(0).values.cpu(), flat.max(0).values.cpu()
             first = self.channel_min is None
             self.channel_min = cmin if first else torch.minimum(self.channel_min, cmin)
             self.channel_max = cmax if first else torch.maximum(self.channel_max, cmax)
+        else:
+            flat = x.reshape(-1)
+        if self.percentile is not None:  # per channel, or over the whole tensor
+            v = flat if self.channel_percentile else x.reshape(-1)
+            n = v.shape[0]
+            k_hi = min(n, max(1, int(round(self.percentile * n))))
+            k_lo = max(1, n - k_hi + 1)
+            hi, lo = v.kthvalue(k_hi, dim=0).values.cpu(), v.kthvalue(k_lo, dim=0).values.cpu()
+            self.pct_hi.append(hi if self.channel_percentile else float(hi))
+            self.pct_lo.append(lo if self.channel_percentile else float(lo))
         take = max(1, self.per_batch // flat.shape[-1]) if self.rows else self.per_batch
         if flat.shape[0] > take:
             idx = torch.randint(flat.shape[0], (take,), generator=self.gen).to(flat.device)
             flat = flat[idx]
         self.samples.append(flat.cpu())
-        if self.percentile is not None:
-            v = x.reshape(-1)
-            n = v.numel()
-            k_hi = min(n, max(1, int(round(self.percentile * n))))
-            k_lo = max(1, n - k_hi + 1)
-            self.pct_hi.append(float(v.kthvalue(k_hi).values))
-            self.pct_lo.append(float(v.kthvalue(k_lo).values))
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples)
+
+
+def _observer_axis(q: Quantizer) -> int | None:
+    if isinstance(q, PTFQuantizer):
+        return -1
+    return getattr(q, "channel_axis", None)
 
 
 @contextmanager
@@ -73,7 +92,9 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
     chosen = list(names) if names is not None else [n for n, q in qs.items() if q.role != "weight"]
     obs = {}
     for i, n in enumerate(chosen):
-        obs[n] = Observer(rows=isinstance(qs[n], PTFQuantizer), percentile=percentile, seed=seed + i)
+        axis = _observer_axis(qs[n])
+        obs[n] = Observer(channel_axis=axis, percentile=percentile, seed=seed + i,
+                          channel_percentile=isinstance(qs[n], UniformQuantizer) and axis is not None)
         qs[n].observer = obs[n]
     try:
         yield obs
@@ -120,6 +141,9 @@ def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
     if not hasattr(q, "set_range"):  # parameter-free kinds (log2)
         q.mark_initialized()
         return
+    if isinstance(q, UniformQuantizer) and q.channel_axis is not None:
+        _apply_channel_range(q, obs, how)
+        return
     if how == "minmax":
         lo, hi = obs.min, obs.max
     elif how == "percentile":
@@ -136,6 +160,28 @@ def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
         q.set_range(lo, hi)
 
 
+def _apply_channel_range(q: UniformQuantizer, obs: Observer, how: str) -> None:
+    """Per-channel (e.g. per-head) activation ranges: min/max, mean per-batch percentiles, or OMSE per channel."""
+    if how == "minmax":
+        lo, hi = obs.channel_min, obs.channel_max
+    elif how == "percentile":
+        if not obs.pct_hi:
+            raise ValueError("percentile range needs an observer created with percentile=...")
+        lo, hi = torch.stack(obs.pct_lo).mean(0), torch.stack(obs.pct_hi).mean(0)
+    elif how == "omse":
+        lo, hi = _omse_channels(q, obs.sample().t(), obs.channel_min, obs.channel_max)
+    else:
+        raise ValueError(f"unknown range estimator {how!r}")
+    q.set_range(lo, hi)
+
+
+def _omse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """OMSE per channel: x is [C, n]; each channel keeps its own best shrink factor."""
+    errs = torch.stack([_uniform_error(x, q, lo * f, hi * f) for f in OMSE_FACTORS])  # [F, C]
+    f = torch.tensor(OMSE_FACTORS, device=x.device)[errs.argmin(0)]
+    return lo * f, hi * f
+
+
 @torch.no_grad()
 def weight_range(q: UniformQuantizer, w: torch.Tensor, how: str) -> None:
     """Per-channel (or per-tensor) weight parameters from the weight itself: minmax or OMSE per channel."""
@@ -146,9 +192,7 @@ def weight_range(q: UniformQuantizer, w: torch.Tensor, how: str) -> None:
     x = x.float()
     lo, hi = x.min(1).values, x.max(1).values
     if how == "omse":
-        errs = torch.stack([_uniform_error(x, q, lo * f, hi * f) for f in OMSE_FACTORS])  # [F, C]
-        f = torch.tensor(OMSE_FACTORS, device=x.device)[errs.argmin(0)]
-        lo, hi = lo * f, hi * f
+        lo, hi = _omse_channels(q, x, lo, hi)
     elif how != "minmax":
         raise ValueError(f"unknown weight range estimator {how!r}")
     if q.channel_axis is None:

@@ -38,6 +38,7 @@ def prepare(model: nn.Module, scheme: Scheme) -> nn.Module:
 
 def _convert(module: nn.Module, prefix: str, scheme: Scheme, in_block: bool) -> None:
     Attention, Block, WindowAttention, SwinBlock = _timm_classes()
+    per_head = scheme.attn_granularity == "head"
     for child_name, child in list(module.named_children()):
         name = f"{prefix}{child_name}"
         w, a, s = scheme.bits_for(name)
@@ -50,9 +51,9 @@ def _convert(module: nn.Module, prefix: str, scheme: Scheme, in_block: bool) -> 
             role = "image" if name.endswith("patch_embed.proj") else "linear_input"
             new = QConv2d(child, w, scheme.input_bits if role == "image" else a, scheme.signed_weights, role)
         elif type(child) is Attention:
-            new = QAttention(child, a, s, scheme.fully_quantized, scheme.softmax_kind)
+            new = QAttention(child, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
         elif type(child) is WindowAttention:
-            new = QWindowAttention(child, a, s, scheme.fully_quantized, scheme.softmax_kind)
+            new = QWindowAttention(child, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
         elif is_block:
             r1 = r2 = None
             if scheme.fully_quantized:

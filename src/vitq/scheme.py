@@ -55,6 +55,7 @@ class Scheme:
     input_bits: int = 8  # image entering the patch embedding
     weight_signed: bool | None = None  # None = scheme default (fq: uint like FQ-ViT, matmul: int)
     softmax_quantizer: str | None = None  # None = "uniform"; log2 / twin / mpq where registered
+    attn_granularity: str = "tensor"  # q/k/v quantizers: one scale per "tensor" or per "head"
     overrides: tuple[Override, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -64,6 +65,8 @@ class Scheme:
         _check_bits("a_bits", self.a_bits, A_BITS)
         _check_bits("attn_bits", self.attn_bits if self.attn_bits is not None else self.a_bits, A_BITS)
         _check_bits("input_bits", self.input_bits, A_BITS)
+        if self.attn_granularity not in ("tensor", "head"):
+            raise VitqError(f"attn_granularity {self.attn_granularity!r} is not supported (expected tensor or head)")
         for o in self.overrides:
             if o.w_bits is not None:
                 _check_bits(f"override {o} weight bits", o.w_bits, W_BITS)
