@@ -70,6 +70,8 @@ def main() -> None:
                 rows.append([method, scheme, f"W{w}A{a}", r["top1"], r["top5"], r["agreement"], f"{r['kl']:.4f}",
                              cal_s, eval_s])
                 print(rows[-1], flush=True)
+                if not args.no_write:  # keep what finished if the run is cut short
+                    write_section("baselines", report(rows, None, calib_x, val_x, partial=True))
                 if timing is None and scheme == "fq" and (w, a) == (8, 8):
                     # one float and one fake-quantized forward over the 500 images, alternated, medians of 3
                     tf, tq = [], []
@@ -82,8 +84,17 @@ def main() -> None:
                         tq.append(time.perf_counter() - t0)
                     timing = (sorted(tf)[1], sorted(tq)[1])
 
+    text = report(rows, timing, calib_x, val_x, partial=False)
+    print(text)
+    if not args.no_write:
+        write_section("baselines", text)
+
+
+def report(rows, timing, calib_x, val_x, partial: bool) -> str:
     md = [
         "## Baselines on the real DeiT-Tiny (issue 2)",
+        "",
+        "**Partial: the run had not finished when this was written.**" if partial else "",
         "",
         f"Command: `{command()}`  ",
         f"{environment()}  ",
@@ -97,10 +108,7 @@ def main() -> None:
     if timing is not None:
         md += ["", f"Forward over the {len(val_x)} val images, median of 3 alternated runs: float {timing[0]:.1f} s, "
                f"fake-quantized (fq W8A8) {timing[1]:.1f} s, ratio quantized/float = {timing[1] / timing[0]:.2f}."]
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        write_section("baselines", text)
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
