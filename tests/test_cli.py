@@ -117,3 +117,13 @@ def test_demo_quick_runs_offline(tmp_path, capsys):
     w8 = [r for r in res["results"] if r["w_bits"] == 8 and r["scheme"] == "matmul"]
     assert all(r["quant"]["agreement"] > 90 for r in w8)
     assert "| method |" in capsys.readouterr().out
+
+
+def test_init_state_starts_from_a_saved_state(setup):
+    tmp, weights, calib, val = setup
+    assert main(quantize_args(weights, calib, val, tmp / "a")) == 0
+    argv = [a for a in quantize_args(weights, calib, val, tmp / "b") if a not in ("--method", "fqvit")]
+    assert main(argv + ["--init-state", str(tmp / "a")]) == 0
+    a, b = (json.loads((tmp / d / "results.json").read_text()) for d in ("a", "b"))
+    assert b["quant"] == a["quant"] and b["calibration"]["init_state"] == str(tmp / "a")
+    assert b["method"] == "fqvit" and b["scheme_config"] == a["scheme_config"]
