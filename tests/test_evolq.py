@@ -113,7 +113,7 @@ def test_block_cache_equals_full_forward(scheme, make):
 def test_best_fitness_never_gets_worse(scheme):
     model = _deit()
     q, images = _calibrated(model, scheme, w_bits=3)
-    info = _refine(q, model, images, passes=2, mode="improved", patience=None)
+    info = _refine(q, model, images, passes=2, mode="improved", patience=0)
     assert len(info["trace"]) == 2 * 2  # 2 passes x 2 blocks, none skipped
     prev = info["fitness"]["initial"]
     for step in info["trace"]:
@@ -261,3 +261,37 @@ def test_landscape_command_parses():
     args = parser.parse_args(["landscape", "--model", "m", "--state", "s", "--calib", "c", "--out", "o",
                               "--block", "blocks.3", "--dims", "2"])
     assert args.func.__name__ == "run" and args.dims == 2 and args.block == "blocks.3"
+
+
+def test_landscape_command_end_to_end(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import vitq.models
+    from vitq.landscape import run
+
+    model = _deit()
+    q, _ = _calibrated(model, "matmul")
+    state = tmp_path / "state"
+    state.mkdir()
+    vitq.save(q, str(state), model="deit_tiny_patch16_224")
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "calib" / cls).mkdir(parents=True)
+        for i in range(3):
+            pix = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pix).save(tmp_path / "calib" / cls / f"{i}.png")
+    monkeypatch.setattr(vitq.models, "create_model", lambda name, weights=None, **kw: _deit())
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers(dest="command"))
+    argv = ["landscape", "--model", "deit_tiny_patch16_224", "--state", str(state), "--calib",
+            str(tmp_path / "calib"), "--num-calib", "4", "--batch-size", "2", "--steps", "3", "--quiet",
+            "--out", str(tmp_path / "land")]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    data = json.loads((tmp_path / "land" / "landscape.json").read_text())
+    assert data["num_calib"] == 4 and len(data["infonce"]) == 3 and len(data["calib_images"]) == 4
+    assert (tmp_path / "land" / "landscape.png").stat().st_size > 0
+    with pytest.raises(VitqError, match="already exists"):
+        run(parser.parse_args(argv))
+    with pytest.raises(VitqError, match="made for model"):
+        run(parser.parse_args([*argv[:2], "vit_small_patch16_224", *argv[3:], "--overwrite"]))

@@ -181,7 +181,7 @@ def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch
                                                                                                    list[str]]:
     from vitq.data import make_loader, model_transform, scan_image_folder, select_records
 
-    records = select_records(scan_image_folder(folder), num, seed)
+    records = select_records(scan_image_folder(folder, labels="folder"), num, seed)  # labels are not used
     transform, _ = model_transform(model)
     loader = make_loader(records, transform, batch_size)
     images = [x for x, _ in loader]
@@ -232,8 +232,10 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except RuntimeError:
         raise VitqError(f"--device {args.device!r} is invalid (expected cpu, cuda, cuda:0, ...)") from None
-    model = create_model(args.model, weights=args.weights)
     cfg = read_config(args.state)
+    if cfg.get("model") not in (None, args.model):
+        raise VitqError(f"state {args.state} was made for model {cfg['model']}, not {args.model}")
+    model = create_model(args.model, weights=args.weights, **(cfg.get("model_args") or {}))
     qmodel = load(model, args.state)
     quiet = bool(getattr(args, "quiet", False))
     images, paths = load_images(args.calib, args.num_calib, args.seed, model, args.batch_size)

@@ -157,7 +157,8 @@ class EvolQConfig:
     search: tuple[str, ...] = ("attn",)  # attn = qkv+proj weight scales, mlp = fc1+fc2, act = block activations
     mutation: str = "absolute"  # absolute: U(-r, r); relative: U(-r, r) * |s|
     radius: float | None = None  # r; None with absolute mutation = by weight bits (see default_radius)
-    patience: int | None = None  # early stop after this many passes improving less than min_improvement
+    patience: int | None = None  # early stop after this many passes improving less than min_improvement;
+    # None or 0 = never stop early
     min_improvement: float = 1e-4  # relative improvement of the fitness over one pass
     select_on_val: bool = False  # release behaviour: keep the state with the best validation top-1
     seed: int | None = None  # None = the calibration seed
@@ -213,8 +214,8 @@ def _check(cfg: EvolQConfig) -> None:
          "search", f"a comma-separated subset of {', '.join(GROUPS)}")
     need(cfg.mutation in ("absolute", "relative"), "mutation", "absolute or relative")
     need(cfg.radius is None or cfg.radius > 0, "radius", "a positive number")
-    need(cfg.patience is None or (isinstance(cfg.patience, int) and cfg.patience >= 1), "patience",
-         "an integer >= 1 (or none)")
+    need(cfg.patience is None or (isinstance(cfg.patience, int) and cfg.patience >= 0), "patience",
+         "an integer >= 0 (0 or none: no early stop)")
     need(cfg.min_improvement >= 0, "min_improvement", "a number >= 0")
 
 
@@ -382,7 +383,8 @@ def _add_arguments(group) -> None:
     group.add_argument("--evolq-radius", type=float, default=None, metavar="R",
                        help="mutation radius (faithful: 1e-3 for <=4-bit, 1e-4 for 8-bit weights; improved 0.02)")
     group.add_argument("--evolq-patience", type=int, default=None, metavar="N",
-                       help="stop after N passes that improve the fitness less than --evolq-min-improvement")
+                       help="stop after N passes that improve the fitness less than --evolq-min-improvement "
+                            "(faithful: never; improved: 2; 0 = never)")
     group.add_argument("--evolq-min-improvement", type=float, default=None, metavar="F",
                        help="relative fitness improvement per pass that counts as progress (1e-4)")
     group.add_argument("--evolq-checkpoint-path", default=None, metavar="FILE",
@@ -481,7 +483,7 @@ def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batche
             state["stale"] = state["stale"] + 1 if gain < cfg.min_improvement else 0
             state["pass_start"] = now
             state["pass"], state["position"] = p + 1, 0
-            if cfg.patience is not None and state["stale"] >= cfg.patience:
+            if cfg.patience and state["stale"] >= cfg.patience:
                 state["stopped_early_after_pass"] = p
                 state["done"] = True
             save_checkpoint()
