@@ -404,7 +404,8 @@ def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batche
     cfg = make_config(options)
     seed = cfg.seed if cfg.seed is not None else calib.seed
     if cfg.select_on_val and val_batches is None:
-        raise VitqError("evolq select_on_val needs validation images (--val with --evolq-select-on-val)")
+        raise VitqError("evolq select_on_val needs labelled validation batches (API: val_batches=[(images, "
+                        "labels), ...] or a callable returning them; CLI: --val DIR)")
     model.eval()
     float_model.eval()
     t_start = time.perf_counter()
