@@ -1,0 +1,297 @@
+"""Evol-Q refiner and `vitq landscape` on tiny random-init timm models."""
+
+import argparse
+import copy
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import vitq
+from vitq.api import as_calib
+from vitq.errors import VitqError
+from vitq.landscape import add_command, compute_landscape, write_outputs
+from vitq.methods.evolq import (
+    FitnessEvaluator,
+    default_radius,
+    infonce_loss,
+    kl_loss,
+    make_config,
+)
+from vitq.registry import get_refiner
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spin-waiting makes the
+    suite several times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _deit():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=10).eval()
+
+
+def _swin():
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(2, 2),
+                             num_heads=(2, 4), embed_dim=32, window_size=7, num_classes=10).eval()
+
+
+def _images(model, n=16, seed=1):
+    size = model.patch_embed.img_size
+    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def _calibrated(model, scheme, w_bits=4, method=None):
+    images = _images(model)
+    q = vitq.prepare(model, vitq.Scheme(scheme, w_bits=w_bits, a_bits=8))
+    method = method or ("fqvit" if scheme == "fq" else "omse")
+    vitq.calibrate(q, images, method=method, batch_size=8, progress=False)
+    return q, images
+
+
+def _refine(q, model, images, **options):
+    options.setdefault("passes", 1)
+    return vitq.refine(q, model, images, "evolq", batch_size=8, progress=False, **options)
+
+
+def _scales(q):
+    return {k: v.clone() for k, v in q.state_dict().items() if k.endswith(".scale")}
+
+
+def test_infonce_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    zq, zf = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    T = 3.0
+    total = 0.0
+    for i in range(5):
+        qi = zq[i] / zq[i].norm()
+        sims = [float(qi @ (zf[j] / zf[j].norm())) / T for j in range(5)]
+        total += -(sims[i] - math.log(sum(math.exp(s) for s in sims)))
+    direct = total / 5 * 2 * T
+    assert float(infonce_loss(zq, zf, T)) == pytest.approx(direct, rel=1e-5)
+    # a perfect match scores lower than a mismatch; temperature is honoured
+    assert float(infonce_loss(zf, zf, T)) < float(infonce_loss(zq, zf, T))
+    assert float(infonce_loss(zq, zf, 1.0)) != pytest.approx(float(infonce_loss(zq, zf, T)))
+    kl = float((F.softmax(zf, 1) * (F.log_softmax(zf, 1) - F.log_softmax(zq, 1))).sum(1).mean())
+    assert float(kl_loss(zq, zf)) == pytest.approx(kl, rel=1e-5)
+
+
+def test_fitness_averages_over_batches():
+    model = _deit()
+    q, images = _calibrated(model, "fq")
+    ev = FitnessEvaluator(q, model, as_calib(images, 8, progress=False))
+    with torch.no_grad():
+        per_batch = [float(infonce_loss(q(images[i:i + 8]), model(images[i:i + 8]))) for i in (0, 8)]
+    assert ev.evaluate(None) == pytest.approx(sum(per_batch) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["fq", "matmul"])
+@pytest.mark.parametrize("make", [_deit, _swin], ids=["deit", "swin"])
+def test_block_cache_equals_full_forward(scheme, make):
+    model = make()
+    q, images = _calibrated(model, scheme)
+    ev = FitnessEvaluator(q, model, as_calib(images, 8, progress=False))
+    full = ev.evaluate(None)
+    for unit, _, _ in ev.trunk.blocks():
+        assert ev.evaluate(unit) == pytest.approx(full, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["fq", "matmul"])
+def test_best_fitness_never_gets_worse(scheme):
+    model = _deit()
+    q, images = _calibrated(model, scheme, w_bits=3)
+    info = _refine(q, model, images, passes=2, mode="improved", patience=0)
+    assert len(info["trace"]) == 2 * 2  # 2 passes x 2 blocks, none skipped
+    prev = info["fitness"]["initial"]
+    for step in info["trace"]:
+        assert step["after"] <= step["before"]
+        assert step["before"] == pytest.approx(prev, rel=1e-6)  # the next block starts where the last ended
+        prev = step["after"]
+    assert info["fitness"]["final"] == pytest.approx(prev, rel=1e-6)
+    assert info["fitness"]["final"] <= info["fitness"]["initial"]
+
+
+@pytest.mark.parametrize("scheme", ["fq", "matmul"])
+@pytest.mark.parametrize("make", [_deit, _swin], ids=["deit", "swin"])
+def test_faithful_touches_only_attention_weight_scales(scheme, make):
+    model = make()
+    q, images = _calibrated(model, scheme)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    info = _refine(q, model, images, radius=2e-4, cycles=5)  # random-init scales are small (~1e-2)
+    after = q.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "the search changed nothing"
+    allowed = (".attn.qkv.weight_quant.scale", ".attn.proj.weight_quant.scale")
+    assert all(k.endswith(allowed) for k in changed), sorted(changed)
+    assert info["config"]["mode"] == "faithful" and info["config"]["search"] == ["attn"]
+    assert info["select_on_val"] is False
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    model = _deit()
+    q0, images = _calibrated(model, "fq")
+    opts = dict(passes=2, cycles=2, population=6, sample=4, radius=0.02, seed=7)
+    full = copy.deepcopy(q0)
+    ref = _refine(full, model, images, checkpoint_path=str(tmp_path / "a.ckpt"), **opts)
+
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def kill_after_third(event):
+        seen.append(event)
+        if len(seen) == 3:  # pass 1, first block (blocks.1) done: killed mid-pass
+            raise Killed
+
+    ckpt = str(tmp_path / "b.ckpt")
+    part = copy.deepcopy(q0)
+    with pytest.raises(Killed):
+        _refine(part, model, images, checkpoint_path=ckpt, on_block_end=kill_after_third, **opts)
+    assert os.path.exists(ckpt)
+    again = copy.deepcopy(q0)  # the restarted command recalibrates from scratch
+    res = _refine(again, model, images, checkpoint_path=ckpt, **opts)
+    assert res["checkpoint"]["resumed"] == {"from_pass": 1, "from_position": 1, "done": False}
+    a, b = _scales(full), _scales(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(t["pass"], t["block"], t["after"]) for t in res["trace"]] == \
+        [(t["pass"], t["block"], t["after"]) for t in ref["trace"]]
+    # a checkpoint of another search is refused
+    with pytest.raises(VitqError, match="another search"):
+        _refine(copy.deepcopy(q0), model, images, checkpoint_path=ckpt, **{**opts, "cycles": 3})
+
+
+def test_options_defaults_and_validation():
+    cfg = make_config({})
+    assert (cfg.population, cfg.sample, cfg.cycles, cfg.passes, cfg.temperature) == (15, 10, 3, 10, 3.0)
+    imp = make_config({"mode": "improved", "children": 2})
+    assert imp.mutation == "relative" and imp.children == 2 and "mlp" in imp.search
+    assert make_config({"search": "attn,act"}).search == ("attn", "act")
+    assert default_radius(3) == 1e-3 and default_radius(4) == 1e-3 and default_radius(8) == 1e-4
+    assert 1e-4 < default_radius(6) < 1e-3
+    for bad in ({"mode": "x"}, {"loss": "l1"}, {"children": 15}, {"search": "attn,foo"}, {"bogus": 1},
+                {"temperature": 0}):
+        with pytest.raises(VitqError):
+            make_config(bad)
+
+
+def test_results_record_effective_options_and_timings():
+    model = _deit()
+    q, images = _calibrated(model, "matmul")
+    info = _refine(q, model, images, mode="improved", loss="mse")
+    cfg = info["config"]
+    assert cfg["loss"] == "mse" and cfg["children"] == 4 and cfg["seed"] == 0 and cfg["patience"] == 2
+    t = info["fitness_eval_seconds"]
+    assert set(t["per_block"]) == {"blocks.0", "blocks.1"} and t["full_forward"] > 0
+    json.dumps(info)  # JSON-able as it is
+
+
+def test_faithful_radius_by_bits_is_recorded():
+    model = _deit()
+    q, images = _calibrated(model, "fq", w_bits=8)
+    info = _refine(q, model, images, cycles=1)
+    assert info["config"]["radius"] == {"8-bit": 1e-4}
+
+
+def test_select_on_val_is_explicit_and_recorded():
+    model = _deit()
+    q, images = _calibrated(model, "fq")
+    with pytest.raises(VitqError, match="select_on_val"):
+        _refine(copy.deepcopy(q), model, images, select_on_val=True)
+    labels = torch.arange(16) % 10
+    val = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+    info = _refine(q, model, images, select_on_val=True, val_batches=val)
+    assert info["select_on_val"] is True and "WARNING" in info["val_selection"]
+    assert len(info["val_selection"]["top1_trace"]) == 2
+    # without the flag, validation batches are never read
+    info = _refine(copy.deepcopy(q), model, images, val_batches=lambda: (_ for _ in ()).throw(AssertionError))
+    assert info["select_on_val"] is False
+
+
+def test_refiner_registered_with_cli_flags():
+    entry = get_refiner("evolq")
+    parser = argparse.ArgumentParser()
+    entry.add_arguments(parser.add_argument_group("evolq"))
+    args = parser.parse_args(["--evolq-mode", "improved", "--evolq-passes", "2", "--evolq-cycles", "4",
+                              "--evolq-loss", "kl", "--evolq-temperature", "2", "--evolq-select-on-val"])
+    opts = entry.options_from_args(args)
+    assert opts == {"mode": "improved", "passes": 2, "cycles": 4, "loss": "kl", "temperature": 2.0,
+                    "select_on_val": True}
+    assert entry.options_from_args(parser.parse_args([])) == {}
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_landscape_writes_png_and_json(tmp_path, dims):
+    model = _deit()
+    q, images = _calibrated(model, "fq")
+    before = _scales(q)
+    res = compute_landscape(q, model, as_calib(images, 8, progress=False), block="0", dims=dims, steps=3,
+                            radius=0.1)
+    assert all(torch.equal(before[k], v) for k, v in _scales(q).items())  # scales restored
+    assert res["block"] == "blocks.0"
+    mid = res["infonce"][1] if dims == 1 else res["infonce"][1][1]
+    assert mid == pytest.approx(res["center"]["infonce"], rel=1e-6)
+    out = tmp_path / "land"
+    write_outputs(res, str(out))
+    assert (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "landscape.json").read_text())
+    assert data["dims"] == dims and len(data["coordinates"]) == 3
+    with pytest.raises(VitqError, match="already exists"):
+        write_outputs(res, str(out))
+    write_outputs(res, str(out), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["land"]
+
+
+def test_landscape_command_parses():
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["landscape", "--model", "m", "--state", "s", "--calib", "c", "--out", "o",
+                              "--block", "blocks.3", "--dims", "2"])
+    assert args.func.__name__ == "run" and args.dims == 2 and args.block == "blocks.3"
+
+
+def test_landscape_command_end_to_end(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import vitq.models
+    from vitq.landscape import run
+
+    model = _deit()
+    q, _ = _calibrated(model, "matmul")
+    state = tmp_path / "state"
+    state.mkdir()
+    vitq.save(q, str(state), model="deit_tiny_patch16_224")
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "calib" / cls).mkdir(parents=True)
+        for i in range(3):
+            pix = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pix).save(tmp_path / "calib" / cls / f"{i}.png")
+    monkeypatch.setattr(vitq.models, "create_model", lambda name, weights=None, **kw: _deit())
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers(dest="command"))
+    argv = ["landscape", "--model", "deit_tiny_patch16_224", "--state", str(state), "--calib",
+            str(tmp_path / "calib"), "--num-calib", "4", "--batch-size", "2", "--steps", "3", "--quiet",
+            "--out", str(tmp_path / "land")]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    data = json.loads((tmp_path / "land" / "landscape.json").read_text())
+    assert data["num_calib"] == 4 and len(data["infonce"]) == 3 and len(data["calib_images"]) == 4
+    assert (tmp_path / "land" / "landscape.png").stat().st_size > 0
+    with pytest.raises(VitqError, match="already exists"):
+        run(parser.parse_args(argv))
+    with pytest.raises(VitqError, match="made for model"):
+        run(parser.parse_args([*argv[:2], "vit_small_patch16_224", *argv[3:], "--overwrite"]))
