@@ -127,3 +127,16 @@ def test_init_state_starts_from_a_saved_state(setup):
     a, b = (json.loads((tmp / d / "results.json").read_text()) for d in ("a", "b"))
     assert b["quant"] == a["quant"] and b["calibration"]["init_state"] == str(tmp / "a")
     assert b["method"] == "fqvit" and b["scheme_config"] == a["scheme_config"]
+
+
+def test_refine_evolq_from_the_cli_records_search_and_val_selection(setup):
+    tmp, weights, calib, val = setup
+    base = quantize_args(weights, calib, val, tmp / "r", "--refine", "evolq", "--evolq-passes", "1",
+                         "--evolq-cycles", "1")
+    assert main(base) == 0
+    r = json.loads((tmp / "r" / "results.json").read_text())["refinement"]
+    assert r["refiner"] == "evolq" and r["select_on_val"] is False and r["trace"]
+    assert not [p for p in os.listdir(tmp) if "ckpt" in p]  # the resume checkpoint is removed after success
+    assert main([a if a != str(tmp / "r") else str(tmp / "s") for a in base] + ["--evolq-select-on-val"]) == 0
+    s = json.loads((tmp / "s" / "results.json").read_text())["refinement"]
+    assert s["select_on_val"] is True and "val_batches" not in s["options"]

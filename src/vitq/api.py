@@ -20,6 +20,16 @@ from vitq.registry import get_method, get_refiner
 from vitq.scheme import Scheme
 
 
+def _recordable(options: dict) -> dict:
+    """The options that belong in a results file (plain values; not tensors, data or callbacks)."""
+    scalar = (bool, int, float, str, type(None))
+
+    def plain(v) -> bool:
+        return isinstance(v, scalar) or (isinstance(v, (list, tuple)) and all(isinstance(i, scalar) for i in v))
+
+    return {k: v for k, v in options.items() if plain(v)}
+
+
 def prepare(model: nn.Module, scheme: Scheme | None = None, method: str | None = None,
             options: dict | None = None, **scheme_kwargs) -> nn.Module:
     """A quantization-ready copy of ``model``. ``method`` lets a method adjust the scheme it needs (e.g. its
@@ -47,7 +57,7 @@ def calibrate(qmodel: nn.Module, images, method: str = "fqvit", batch_size: int 
     qmodel.to(calib.device).eval()
     t0 = time.perf_counter()
     info = entry.fn(qmodel, calib, **options) or {}
-    info = {"method": method, "options": options, **info, "seconds": time.perf_counter() - t0}
+    info = {"method": method, "options": _recordable(options), **info, "seconds": time.perf_counter() - t0}
     return info
 
 
@@ -61,4 +71,4 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, refiner: str = "ev
     float_model.to(calib.device).eval()
     t0 = time.perf_counter()
     info = entry.fn(qmodel, float_model, calib, **options) or {}
-    return {"refiner": refiner, "options": options, **info, "seconds": time.perf_counter() - t0}
+    return {"refiner": refiner, "options": _recordable(options), **info, "seconds": time.perf_counter() - t0}

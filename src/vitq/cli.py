@@ -26,7 +26,7 @@ from vitq.errors import VitqError
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape",)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -205,6 +205,14 @@ def cmd_quantize(args) -> int:
 
     ref_info, refine_s, ckpt = None, 0.0, None
     if refiner is not None:
+        if refine_opts.get("select_on_val"):
+            # the release's selection on labelled validation images: only on explicit request, and recorded
+            if args.val is None:
+                raise VitqError(f"--{args.refine}-select-on-val needs --val DIR (labelled validation images)")
+            val_records = image_set(args.val, args.num_val, args.seed, args.labels, "validation (selection)")
+            vx, vy, _ = load_images(val_records, transform, args.batch_size, args.num_workers, progress, "validation")
+            refine_opts["val_batches"] = [(vx[i:i + args.batch_size], vy[i:i + args.batch_size])
+                                          for i in range(0, len(vx), args.batch_size)]
         if _accepts(refiner.fn, "checkpoint_path"):
             ckpt = os.path.join(os.path.dirname(out.path), f".{os.path.basename(out.path)}.{args.refine}-ckpt")
             refine_opts.setdefault("checkpoint_path", ckpt)
