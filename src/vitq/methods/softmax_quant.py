@@ -16,10 +16,13 @@ import torch
 
 from vitq.quantizers import EPS, Quantizer, register_quantizer
 
+MAX_LOG_DEPTH = 64  # deepest log2 level of MPQ's small region: t·2^-64
+
 
 def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """Forward ``xq``, identity gradient (straight-through)."""
-    return x + (xq - x).detach()
+    """Forward exactly ``xq`` (``x + (xq - x)`` can be off by an ulp and break monotonicity), identity
+    gradient (straight-through)."""
+    return xq.detach() + (x - x.detach())
 
 
 def _nearest(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,8 +103,9 @@ class MPQQuantizer(Quantizer):
 
     - large region [t', 1], uniform: levels ``1 - (1 - t)·n/L``, n = 0..L (1.0 exact; t' = 1 - (1 - t) is
       t up to rounding), so the few large probabilities keep a fine uniform grid;
-    - small region [0, t'), log2: levels ``t'·2^-j``, j = 1..L, and 0 for values below ``t'·2^-L``
-      (rounded in the log domain, like the log2 quantizer), so the many small ones keep relative precision.
+    - small region [0, t'), log2: levels ``t'·2^-j``, j = 1..min(L, 64), and 0 below the last one (rounded
+      in the log domain, like the log2 quantizer), so the many small ones keep relative precision. (At 8
+      bits L = 127; levels under t·2^-64 ~ 1e-20 are useless and underflow float32, so the depth stops at 64.)
 
     The threshold ``t`` (buffer ``threshold``) is searched per layer by the calibration method.
     """
@@ -109,6 +113,7 @@ class MPQQuantizer(Quantizer):
     def __init__(self, bits: int, role: str):
         super().__init__(bits, role)
         self.levels = 2 ** (self.bits - 1) - 1
+        self.log_depth = min(self.levels, MAX_LOG_DEPTH)
         self.register_buffer("threshold", torch.tensor(0.25))
 
     def set_range(self, lo=None, hi=None) -> None:
@@ -125,7 +130,7 @@ class MPQQuantizer(Quantizer):
         w = self._width()
         n = torch.arange(self.levels + 1, dtype=torch.float32, device=w.device)
         base = self._uniform_level(w, torch.full_like(w, self.levels))
-        j = torch.arange(1, self.levels + 1, dtype=torch.float32, device=w.device)
+        j = torch.arange(1, self.log_depth + 1, dtype=torch.float32, device=w.device)
         return torch.unique(torch.cat([self._uniform_level(w, n), base * torch.pow(2.0, -j),
                                        torch.zeros(1, device=w.device)]))
 
@@ -136,5 +141,5 @@ class MPQQuantizer(Quantizer):
         base = self._uniform_level(w, torch.full_like(w, self.levels))  # lowest uniform level, bit-identical
         code = torch.round(-torch.log2(torch.clamp(x, min=1e-30) / base.clamp_min(1e-30)))
         log = base * torch.pow(2.0, -torch.clamp(code, min=0))
-        log = torch.where((code > self.levels) | (x <= 0), torch.zeros_like(log), log)
+        log = torch.where((code > self.log_depth) | (x <= 0), torch.zeros_like(log), log)
         return _ste(x, torch.where(x >= base, uniform, log))
