@@ -1,4 +1,9 @@
 """Built-in calibration methods and refiners; importing this module registers them."""
 
-import vitq.methods.evolq  # noqa: F401
-from vitq.methods import baselines  # noqa: F401
+from vitq.methods import (  # noqa: F401
+    apq,
+    baselines,
+    evolq,
+    ptq4vit,
+    softmax_quant,  # quantizer kinds twin, twin_gelu, mpq
+)

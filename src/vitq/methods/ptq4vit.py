@@ -1,0 +1,151 @@
+"""PTQ4ViT (METHODS.md §2): twin-uniform softmax and post-GELU quantizers, and per layer an alternating grid
+search of weight and input scales minimising the Hessian-guided distance of the layer's output.
+
+Choices (each recorded in the returned dict, i.e. results.json):
+
+- regime: ``matmul`` (``adjust_scheme`` refuses ``fq``); the softmax quantizer is ``twin`` unless the scheme
+  names another kind (any kind works: uniform, log2, twin, mpq);
+- the input of each MLP's fc2 (after GELU) gets a ``twin_gelu`` quantizer (swapped into the prepared model;
+  ``twin_gelu=False`` keeps the uniform one);
+- initial Δ: min/max of the float activations over the calibration images and of each weight channel;
+- grid: ``candidates`` factors of Δ spread over [αΔ, βΔ], α=0, β=1.2, 100 candidates; α=0 means the grid
+  starts at β/candidates (a zero scale is degenerate). Weight scales are searched per output channel (the
+  diagonal-weighted distance splits over output channels, so every channel picks its own factor at no extra
+  cost); input scales per tensor. Twin softmax: small range tops 2^-k, k = 0..twin_max_shift (PTQ4ViT ties
+  the two scales by a power of two). MPQ (if chosen): thresholds 2^(-i/2), i = 1..mpq_candidates;
+- alternation: weight then input (for attention: q then k on q·kᵀ, softmax then v on softmax·V), ``rounds``
+  rounds (3), stopping early when a round changes nothing;
+- distance: E[(O-Ô)ᵀ diag((∂L/∂O)²)(O-Ô)], gradients of the task loss on the float model; the task loss on
+  unlabelled images is the cross-entropy against the float model's own top-1 prediction (KL to its own
+  output has zero gradient there);
+- inputs of every search are float ("parallel"): earlier layers are not quantized while a layer is searched;
+- calibration images: the first ``num_calib`` (32) of the given ones; ``token_fraction`` < 1 subsamples token
+  rows of linear inputs and query rows of attention maps (a speed option, default 1 = all rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from torch import nn
+
+from vitq.calib import CalibData
+from vitq.errors import VitqError
+from vitq.methods.baselines import calibrate_observed
+from vitq.methods.hessian import Grids, attention_modules, capture, layerwise_search, linear_grid, swap_gelu_quantizers
+from vitq.methods.softmax_quant import MPQQuantizer, TwinSoftmaxQuantizer  # noqa: F401  (registers kinds)
+from vitq.quantizers import make_quantizer
+from vitq.registry import register_method
+
+PTQ4VIT_DEFAULTS = {"num_calib": 32, "candidates": 100, "rounds": 3, "alpha": 0.0, "beta": 1.2, "twin_gelu": True,
+                    "twin_max_shift": 12, "mpq_candidates": 16, "token_fraction": 1.0, "grad_batch": 8}
+
+
+def require_matmul(scheme, method: str):
+    if scheme.name != "matmul":
+        raise VitqError(f"method {method} is defined for the matmul regime (METHODS.md §0), not {scheme.name!r}; "
+                        "use --scheme matmul")
+
+
+def check_options(opts: dict, defaults: dict, method: str) -> dict:
+    unknown = sorted(set(opts) - set(defaults))
+    if unknown:
+        raise VitqError(f"method {method}: unknown options {unknown} (expected some of {sorted(defaults)})")
+    o = {**defaults, **opts}
+    for k in ("num_calib", "candidates", "rounds", "grad_batch", "mpq_candidates", "bbc_candidates", "bbc_rounds"):
+        if k in o and (not isinstance(o[k], int) or o[k] < 1):
+            raise VitqError(f"method {method}: {k}={o[k]!r} (expected a positive integer)")
+    if not 0.0 < float(o["token_fraction"]) <= 1.0:
+        raise VitqError(f"method {method}: token_fraction={o['token_fraction']} (expected 0 < f <= 1)")
+    if not 0.0 <= float(o["alpha"]) < float(o["beta"]):
+        raise VitqError(f"method {method}: alpha={o['alpha']}, beta={o['beta']} (expected 0 <= alpha < beta)")
+    if not isinstance(o["twin_max_shift"], int) or o["twin_max_shift"] < 0:
+        raise VitqError(f"method {method}: twin_max_shift={o['twin_max_shift']!r} (expected an integer >= 0)")
+    return o
+
+
+def grids_from(o: dict) -> Grids:
+    return Grids(linear_grid(float(o["alpha"]), float(o["beta"]), o["candidates"]),
+                 list(range(o["twin_max_shift"] + 1)),
+                 [2.0 ** (-i / 2) for i in range(1, o["mpq_candidates"] + 1)])
+
+
+def ensure_softmax_kind(model: nn.Module, kind: str) -> str:
+    """If the model was prepared without naming a softmax quantizer (scheme default), give its attentions
+    ``kind`` (what ``adjust_scheme`` would have done); a kind the scheme names is kept. Returns the kind used."""
+    scheme = getattr(model, "vitq_scheme", None)
+    attns = attention_modules(model)
+    if scheme is not None and scheme.softmax_quantizer is None:
+        for a in attns.values():
+            old = a.softmax_quant
+            if old.kind != kind:
+                a.softmax_quant = make_quantizer(kind, old.bits, old.role).to(next(model.parameters()).device)
+    kinds = sorted({a.softmax_quant.kind for a in attns.values()})
+    return ",".join(kinds)
+
+
+def setup(model: nn.Module, calib: CalibData, o: dict, softmax_kind: str, blocks: list[str] | None = None):
+    """Shared first steps of ptq4vit and apq: take the first num_calib images, swap in the twin-GELU and
+    softmax quantizers, set every quantizer from min/max, and run the float pass with gradients."""
+    images = calib.images[:o["num_calib"]]
+    sub = CalibData(images, batch_size=calib.batch_size, device=calib.device, progress=calib.progress,
+                    seed=calib.seed)
+    info = {"num_calib_given": len(calib), "num_calib_used": len(sub),
+            "calib_images_used": f"the first {len(sub)} of the given calibration images"}
+    info["softmax_quantizer"] = ensure_softmax_kind(model, softmax_kind)
+    info["twin_gelu_swapped"] = len(swap_gelu_quantizers(model)) if o["twin_gelu"] else 0
+    model.to(calib.device)
+    t0 = time.perf_counter()
+    calibrate_observed(model, sub, "minmax", "minmax")
+    cap = capture(model, images, calib.device, batch_size=o["grad_batch"], token_fraction=float(o["token_fraction"]),
+                  blocks=blocks, seed=calib.seed, bar=calib.bar)
+    info["seconds_init_and_float_pass"] = time.perf_counter() - t0
+    scheme = getattr(model, "vitq_scheme", None)
+    info["regime"] = scheme.name if scheme is not None else "unknown"
+    return sub, cap, info
+
+
+def run_ptq4vit(model: nn.Module, calib: CalibData, o: dict, softmax_kind: str) -> dict:
+    _, cap, info = setup(model, calib, o, softmax_kind)
+    t0 = time.perf_counter()
+    trace = layerwise_search(model, cap, grids_from(o), o["rounds"], calib.device, bar=calib.bar)
+    info["seconds_layerwise_search"] = time.perf_counter() - t0
+    info["layerwise"] = trace
+    return info
+
+
+def _ptq4vit_args(group) -> None:
+    group.add_argument("--ptq4vit-num-calib", dest="ptq4vit_num_calib", type=int, default=None, metavar="N",
+                       help="ptq4vit: use the first N calibration images (default 32)")
+    group.add_argument("--ptq4vit-candidates", dest="ptq4vit_candidates", type=int, default=None, metavar="C",
+                       help="ptq4vit: grid points in [alpha*D, beta*D] (default 100)")
+    group.add_argument("--ptq4vit-rounds", dest="ptq4vit_rounds", type=int, default=None,
+                       help="ptq4vit: weight/input alternation rounds (default 3)")
+    group.add_argument("--ptq4vit-alpha", dest="ptq4vit_alpha", type=float, default=None,
+                       help="ptq4vit: grid start as a fraction of the min/max scale (default 0 = beta/C)")
+    group.add_argument("--ptq4vit-beta", dest="ptq4vit_beta", type=float, default=None,
+                       help="ptq4vit: grid end (default 1.2)")
+    group.add_argument("--ptq4vit-token-fraction", dest="ptq4vit_token_fraction", type=float, default=None,
+                       help="ptq4vit: fraction of token rows used by the searches (default 1 = all)")
+    group.add_argument("--ptq4vit-no-twin-gelu", dest="ptq4vit_twin_gelu", action="store_const", const=False,
+                       default=None, help="ptq4vit: keep a uniform quantizer after GELU")
+
+
+def _ptq4vit_scheme(scheme, options: dict):
+    require_matmul(scheme, "ptq4vit")
+    if scheme.softmax_quantizer is None:
+        return dataclasses.replace(scheme, softmax_quantizer="twin")
+    return scheme
+
+
+@register_method("ptq4vit", "PTQ4ViT (matmul): twin-uniform softmax/GELU quantizers, per-layer alternating "
+                 "weight/input grid search on the Hessian-guided distance, 32 images",
+                 add_arguments=_ptq4vit_args, adjust_scheme=_ptq4vit_scheme)
+def ptq4vit(model: nn.Module, calib: CalibData, **options) -> dict:
+    o = check_options(options, PTQ4VIT_DEFAULTS, "ptq4vit")
+    info = {"effective_options": o, "inputs": "float (parallel)",
+            "task_loss": "cross-entropy against the float model's own top-1 prediction",
+            "weight_search": "per output channel", "input_search": "per tensor"}
+    info.update(run_ptq4vit(model, calib, o, "twin"))
+    return info
