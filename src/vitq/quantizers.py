@@ -142,7 +142,7 @@ class Log2Quantizer(Quantizer):
         code = torch.round(-torch.log2(torch.where(x > 0, x, torch.ones_like(x))))
         out = torch.pow(2.0, -torch.clamp(code, min=0))
         out = torch.where((code > levels) | (x <= 0), torch.zeros_like(out), out)
-        return x + (out - x).detach()
+        return out.detach() + (x - x.detach())  # the level exactly, with a straight-through gradient
 
 
 @register_quantizer("ptf")
