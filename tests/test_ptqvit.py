@@ -11,6 +11,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vitq  # noqa: E402
+from vitq.allocation import add_command, allocation_from_config  # noqa: E402
 from vitq.errors import VitqError  # noqa: E402
 from vitq.methods import ptqvit as P  # noqa: E402
 from vitq.quantizers import UniformQuantizer, quantizers_of  # noqa: E402
@@ -234,8 +235,16 @@ def test_mixed_precision_save_load_roundtrip(deit, tmp_path):
         mod = qm.get_submodule(name)
         for q in quantizers_of(mod).values():
             assert q.bits == bits
-    vitq.save(qm, tmp_path, calibration=info)
-    json.loads((tmp_path / "config.json").read_text())
+    vitq.save(qm, tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"calibration": info}, default=str))
+    alloc = allocation_from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert {k: v[0] for k, v in alloc["groups"].items()} == mp["bits"]
+    assert set(alloc["other"]) == {"patch_embed.proj", "head"}
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers())
+    args = parser.parse_args(["allocation", "--state", str(tmp_path), "--plot", str(tmp_path / "alloc.png")])
+    assert args.func(args) == 0
+    assert (tmp_path / "alloc.png").stat().st_size > 0
     loaded = vitq.load(deit, tmp_path)
     x = images(4, seed=9)
     with torch.no_grad():
