@@ -122,7 +122,7 @@ def carry_note(args) -> str:
         return ""
     return ("\n\nRows marked \"(earlier run)\" come from a first run of this script with the same settings "
             "(`nice -n 10 python benchmarks/bench_ptqvit.py --budget-min 32`, same images, same machine), which "
-            "ran the baselines first and was stopped after four rows to give the PTQ-ViT rows priority; this run "
+            "ran the baselines first and was stopped after five rows to give the PTQ-ViT rows priority; this run "
             "reused its printed rows instead of recomputing them.")
 
 
