@@ -26,7 +26,7 @@ from vitq.errors import VitqError
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape",)
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

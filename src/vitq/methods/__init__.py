@@ -5,5 +5,6 @@ from vitq.methods import (  # noqa: F401
     baselines,
     evolq,
     ptq4vit,
+    ptqvit,
     softmax_quant,  # quantizer kinds twin, twin_gelu, mpq
 )

@@ -1,0 +1,808 @@
+"""PTQ-ViT (Liu et al., NeurIPS 2021; METHODS.md §3): similarity- and ranking-aware interval search, output
+bias correction and nuclear-norm mixed precision.
+
+Every searched tensor uses a signed symmetric per-tensor quantizer (one Δ per tensor): the weight and the
+input of each linear layer (patch embedding, qkv, proj, fc1, fc2, head, Swin patch merging) and both inputs of
+the two attention matmuls (q and k of QKᵀ, softmax output and v of attn·V). Per layer, with Δ₀ = max|·| / qmax
+for each operand, the two Δ are searched alternately over C values spread linearly in [0.5Δ₀, 1.2Δ₀] (the
+"weight" side first: W, or k / v for the matmuls), at most R rounds or until neither changes, maximizing the
+mean over calibration samples of the Pearson correlation between the float and the quantized layer output. For
+QKᵀ the objective is ``mean Γ − γ·L_rank`` (see :func:`ranking_loss`). After every round the output-form bias
+correction subtracts E[Ô − O] from the layer's bias. The state with the best objective seen (the initial one
+included) is kept, so the search never ends worse than it started.
+
+Speed: each layer's inputs and float outputs are cached once over the calibration images, on a seeded random
+subset of ``tokens`` token positions per sample (linear layers) and of ``rows`` query rows per sample and head
+(attention matmuls; all key columns are kept, since the ranking compares entries of a row). A candidate then
+costs one small batched matmul on the cache instead of a model forward; candidates are evaluated in chunks.
+Δ₀ uses the max over the full (not subsampled) tensors.
+
+Calibration order: ``sequential`` (default; our reading of the paper's layer-by-layer Algorithm 1, as in
+EasyQuant which it extends: each layer sees the inputs produced by the already-quantized earlier layers, while
+the target is always the float model's output) or ``parallel`` (every layer sees float inputs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitq.calib import CalibData
+from vitq.errors import VitqError
+from vitq.modules import QAttention, QConv2d, QLinear, QWindowAttention, _QWeighted
+from vitq.quantizers import EPS, Quantizer, UniformQuantizer, int_range, quantizers_of
+from vitq.registry import register_method
+from vitq.trunk import Trunk
+
+DEFAULTS = {
+    "candidates": 100, "rounds": 20, "low": 0.5, "high": 1.2,
+    "ranking": True, "gamma": 0.1, "theta": 0.2, "pairs": 256,
+    "bias_corr": True, "calibration": "sequential",
+    "images": None, "tokens": 64, "rows": 32, "softmax_signed": True,
+    "mixed_precision": None, "mp_candidates": 20, "mp_rounds": 1, "mp_images": None,
+    "fq_init": "omse", "chunk_elements": 2**23,
+}
+CALIBRATION_MODES = ("sequential", "parallel")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# objective pieces (pure functions, tested directly)
+
+def sym_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, signed: bool = True) -> torch.Tensor:
+    """Zero-point-free fake quantization, identical to a per-tensor UniformQuantizer with zero point 0 (signed
+    symmetric, or unsigned [0, (2^b − 1)·s]). A 1-D ``scale`` of C candidates gives a stacked result
+    [C, *x.shape]."""
+    lo, hi = int_range(bits, signed)
+    s = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    if s.dim() == 1:
+        s = s.view(-1, *([1] * x.dim()))
+        x = x.unsqueeze(0)
+    q = torch.div(x, s)
+    return q.round_().clamp_(lo, hi).mul_(s)
+
+
+def pearson(out_hat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation per sample between ``out_hat`` [..., S, M] and ``out`` [S, M] -> [..., S]."""
+    m = out.shape[-1]
+    oc = out - out.mean(-1, keepdim=True)
+    lead = out_hat.shape[:-2]
+    h = out_hat.reshape(-1, *out_hat.shape[-2:])  # [c, S, M]
+    num = torch.einsum("csm,sm->cs", h, oc)  # the centred target sums to zero, so Ô needs no centring here
+    s1 = h.sum(-1)
+    s2 = torch.einsum("csm,csm->cs", h, h)
+    var_hat = (s2 - s1 * s1 / m).clamp_min(0.0)
+    den = var_hat.sqrt() * oc.pow(2).sum(-1).sqrt()
+    return (num / den.clamp_min(1e-12)).reshape(*lead, out.shape[0])
+
+
+def ranking_loss(scores_hat: torch.Tensor, scores: torch.Tensor, pair_i: torch.Tensor, pair_j: torch.Tensor,
+                 theta: float) -> torch.Tensor:
+    """PTQ-ViT ranking loss on attention scores [..., S, H, R, N] (float ``scores`` [S, H, R, N]).
+
+    For each sampled pair (i, j) of entries of a row, Φ((Â_i − Â_j)·sign(A_i − A_j)) with Φ(p) = max(θ − p, 0).
+    The paper sums over heads and all pairs; we sum over heads and take the mean over samples, rows and the
+    sampled pairs, so the term has the same scale for any number of pairs (returns [...])."""
+    sign = torch.sign(scores[..., pair_i] - scores[..., pair_j])
+    diff = (scores_hat[..., pair_i] - scores_hat[..., pair_j]) * sign
+    hinge = torch.clamp(theta - diff, min=0.0)  # [..., S, H, R, P]
+    return hinge.mean(dim=(-4, -2, -1)).sum(-1)
+
+
+def sample_pairs(n: int, pairs: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pairs`` distinct unordered pairs i < j of 0..n-1 (all of them when there are fewer), seeded."""
+    total = n * (n - 1) // 2
+    if pairs <= 0 or pairs >= total:
+        i, j = torch.triu_indices(n, n, offset=1)
+        return i, j
+    flat = torch.randperm(total, generator=gen)[:pairs].sort().values
+    i, j = torch.triu_indices(n, n, offset=1)
+    return i[flat], j[flat]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers: what is searched, and their cached data
+
+@dataclass
+class Layer:
+    """One searched operation: ``kind`` linear (input A, weight B), qk (q, k) or av (softmax output, v)."""
+
+    name: str
+    kind: str
+    module: nn.Module  # QLinear / QConv2d, or the attention module for qk / av
+    a_attr: tuple[nn.Module, str]  # (parent, attribute) of the A-side quantizer
+    b_attr: tuple[nn.Module, str]
+    idx: torch.Tensor | None = None  # sampled token / row positions
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def a_quant(self) -> UniformQuantizer:
+        return getattr(*self.a_attr)
+
+    @property
+    def b_quant(self) -> UniformQuantizer:
+        return getattr(*self.b_attr)
+
+    @property
+    def block_part(self) -> str:
+        return "mlp" if ".mlp." in f".{self.name}." else "msa" if ".attn" in f".{self.name}" else "other"
+
+
+def find_layers(model: nn.Module) -> list[Layer]:
+    """Searched layers in execution order (qkv, QKᵀ, attn·V, proj inside each attention)."""
+    layers: list[Layer] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QLinear, QConv2d)):
+            if isinstance(m, QConv2d) and m.groups != 1:
+                raise VitqError(f"ptqvit: grouped convolution {name} is not supported (expected groups=1)")
+            layers.append(Layer(name, "linear", m, (m, "input_quant"), (m, "weight_quant")))
+            parent_name = name.rpartition(".")[0]
+            parent = model.get_submodule(parent_name) if parent_name else None
+            if isinstance(parent, (QAttention, QWindowAttention)) and name.endswith(".qkv"):
+                layers.append(Layer(f"{parent_name}.matmul_qk", "qk", parent, (parent, "q_quant"),
+                                    (parent, "k_quant")))
+                layers.append(Layer(f"{parent_name}.matmul_av", "av", parent, (parent, "softmax_quant"),
+                                    (parent, "v_quant")))
+    return layers
+
+
+def _tokens_of(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's input as [samples, tokens, features] (a conv's input as unfolded patches)."""
+    m = layer.module
+    if isinstance(m, QConv2d):
+        k = m.weight.shape[-2:]
+        return F.unfold(x, k, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _weight_matrix(m: _QWeighted) -> torch.Tensor:
+    return m.weight.detach().reshape(m.weight.shape[0], -1).float()
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder:
+    """Forward pre-hooks that record (subsampled) inputs of one or more layers during a segment forward."""
+
+    def __init__(self, layers: list[Layer], tag: str, opts: dict, gen: torch.Generator, stop: bool):
+        self.layers, self.tag, self.opts, self.gen, self.stop = layers, tag, opts, gen, stop
+        self.handles = []
+        self.pending: set = set()
+
+    def _idx(self, layer: Layer, n: int, keep: int) -> torch.Tensor:
+        if layer.idx is None:
+            layer.idx = torch.arange(n) if n <= keep else torch.randperm(n, generator=self.gen)[:keep].sort().values
+        return layer.idx
+
+    def _store(self, layer: Layer, side: str, x: torch.Tensor, full_absmax: torch.Tensor) -> None:
+        store = layer.cache.setdefault(self.tag, {"A": [], "B": [], "amax_A": 0.0, "amax_B": 0.0})
+        store[side].append(x.detach().float())
+        store[f"amax_{side}"] = max(store[f"amax_{side}"], float(full_absmax))
+        self.pending.discard((layer.name, side))
+        if self.stop and not self.pending:
+            raise _Stop
+
+    def _hook(self, layer: Layer, side: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            amax = x.abs().max()
+            if layer.kind == "linear":
+                t = _tokens_of(layer, x.float())
+                t = t[:, self._idx(layer, t.shape[1], self.opts["tokens"]).to(t.device)]
+            elif side == "A":  # q rows or softmax rows [S, H, N, *]
+                t = x[:, :, self._idx(layer, x.shape[2], self.opts["rows"]).to(x.device)]
+            else:  # k or v, all tokens
+                t = x
+            self._store(layer, side, t, amax)
+        return hook
+
+    def __enter__(self):
+        for layer in self.layers:
+            if layer.kind == "linear":
+                self.handles.append(layer.module.register_forward_pre_hook(self._hook(layer, "A")))
+                self.pending.add((layer.name, "A"))
+            else:
+                self.handles.append(layer.a_quant.register_forward_pre_hook(self._hook(layer, "A")))
+                self.handles.append(layer.b_quant.register_forward_pre_hook(self._hook(layer, "B")))
+                self.pending |= {(layer.name, "A"), (layer.name, "B")}
+        self._all = set(self.pending)
+        return self
+
+    def reset(self):
+        self.pending = set(self._all)
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        for layer in self.layers:
+            store = layer.cache.get(self.tag)
+            if store is not None and isinstance(store["A"], list):
+                store["A"] = torch.cat(store["A"]) if store["A"] else None
+                store["B"] = torch.cat(store["B"]) if store["B"] else None
+        return False
+
+
+class _PassThrough:
+    def update(self, x):
+        pass
+
+
+class float_mode:
+    """Inside, every quantizer of the model passes values through (uses the quantizer's observer slot)."""
+
+    def __init__(self, model: nn.Module):
+        self.qs = list(quantizers_of(model).values())
+
+    def __enter__(self):
+        self.saved = [q.observer for q in self.qs]
+        for q in self.qs:
+            q.observer = _PassThrough()
+        return self
+
+    def __exit__(self, *exc):
+        for q, o in zip(self.qs, self.saved):
+            q.observer = o
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the per-layer problem
+
+class LayerProblem:
+    """Cached operands of one layer and the objective of a pair of intervals (Δ_A, Δ_B)."""
+
+    def __init__(self, layer: Layer, A: torch.Tensor, B: torch.Tensor, A_float: torch.Tensor,
+                 B_float: torch.Tensor, a_bits: int, b_bits: int, amax_a: float, amax_b: float, opts: dict,
+                 pairs: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None,
+                 attn_scale: float = 1.0, a_signed: bool = True, b_signed: bool = True):
+        self.layer, self.kind = layer, layer.kind
+        self.a_signed, self.b_signed = a_signed, b_signed
+        self.A, self.B = A, B
+        self.a_bits, self.b_bits = a_bits, b_bits
+        self.opts = opts
+        self.attn_scale = attn_scale
+        self.bias0 = None if bias is None else bias.detach().float().clone()
+        self.bias = None if bias is None else self.bias0.clone()
+        self.pairs = pairs if (self.kind == "qk" and opts["ranking"]) else None
+        with torch.no_grad():
+            self.target4 = self.apply(A_float.unsqueeze(0), B_float.unsqueeze(0), self.bias0)[0]
+        self.target = self.target4.reshape(self.target4.shape[0], -1)
+        self.a0 = max(amax_a / int_range(a_bits, a_signed)[1], EPS)
+        self.b0 = max(amax_b / int_range(b_bits, b_signed)[1], EPS)
+
+    def apply(self, Aq: torch.Tensor, Bq: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Outputs for stacked operands Aq [ca, ...], Bq [cb, ...] (ca or cb is 1) -> [c, S, ...]."""
+        if self.kind == "linear":
+            ca, S, T, fin = Aq.shape
+            cb, fout = Bq.shape[0], Bq.shape[1]
+            if cb == 1:
+                out = (Aq.reshape(-1, fin) @ Bq[0].t()).view(ca, S, T, fout)
+            else:
+                out = (Aq[0].reshape(-1, fin) @ Bq.reshape(cb * fout, fin).t()).view(S, T, cb, fout)
+                out = out.permute(2, 0, 1, 3)
+            return out + bias if bias is not None else out
+        if self.kind == "qk":
+            return torch.matmul(Aq * self.attn_scale, Bq.transpose(-1, -2))
+        return torch.matmul(Aq, Bq)
+
+    def _quant_b(self, scales: torch.Tensor) -> torch.Tensor:
+        return sym_quant(self.B, scales, self.b_bits, self.b_signed)
+
+    def _quant_a(self, scales: torch.Tensor) -> torch.Tensor:
+        return sym_quant(self.A, scales, self.a_bits, self.a_signed)
+
+    def score(self, out_hat: torch.Tensor) -> torch.Tensor:
+        """Objective per candidate for outputs [c, S, ...]."""
+        c, S = out_hat.shape[:2]
+        obj = pearson(out_hat.reshape(c, S, -1), self.target).mean(-1)
+        if self.pairs is not None:
+            obj = obj - self.opts["gamma"] * ranking_loss(out_hat, self.target4, *self.pairs, self.opts["theta"])
+        return obj
+
+    def evaluate(self, side: str, scales: torch.Tensor, fixed: float) -> torch.Tensor:
+        """Objective for each candidate interval of ``side`` ('A' or 'B') with the other side at ``fixed``."""
+        per = max(self.target.numel(), (self.A if side == "A" else self.B).numel())
+        chunk = max(1, self.opts["chunk_elements"] // max(per, 1))
+        out = []
+        with torch.no_grad():
+            if side == "B":
+                Aq = self._quant_a(torch.tensor([fixed]))
+                for i in range(0, len(scales), chunk):
+                    out.append(self.score(self.apply(Aq, self._quant_b(scales[i:i + chunk]), self.bias)))
+            else:
+                Bq = self._quant_b(torch.tensor([fixed]))
+                for i in range(0, len(scales), chunk):
+                    out.append(self.score(self.apply(self._quant_a(scales[i:i + chunk]), Bq, self.bias)))
+        return torch.cat(out)
+
+    def objective(self, a: float, b: float) -> float:
+        return float(self.evaluate("B", torch.tensor([b]), a)[0])
+
+    def output_error_mean(self, a: float, b: float) -> torch.Tensor:
+        """E[Ô − O] per output channel over samples and tokens (linear layers)."""
+        with torch.no_grad():
+            out = self.apply(self._quant_a(torch.tensor([a])), self._quant_b(torch.tensor([b])), self.bias)[0]
+            return (out - self.target4).reshape(-1, out.shape[-1]).mean(0)
+
+    def search(self, candidates: int, rounds: int, bias_corr: bool) -> dict:
+        """Alternating interval search; returns the best state seen (the initial state included)."""
+        opts = self.opts
+        grid_a = torch.linspace(opts["low"] * self.a0, opts["high"] * self.a0, candidates)
+        grid_b = torch.linspace(opts["low"] * self.b0, opts["high"] * self.b0, candidates)
+        a, b = self.a0, self.b0
+        cur = init = self.objective(a, b)
+        best = {"a": a, "b": b, "objective": cur, "bias": None if self.bias is None else self.bias.clone()}
+        done = 0
+        correct = bias_corr and self.bias is not None and self.kind == "linear"
+        for _ in range(rounds):
+            done += 1
+            changed = False
+            for side in ("B", "A"):
+                grid = grid_b if side == "B" else grid_a
+                objs = self.evaluate(side, grid, a if side == "B" else b)
+                k = int(torch.argmax(objs))
+                if float(objs[k]) > cur:
+                    cur = float(objs[k])
+                    new = float(grid[k])
+                    changed |= new != (b if side == "B" else a)
+                    if side == "B":
+                        b = new
+                    else:
+                        a = new
+            if cur > best["objective"]:
+                best = {"a": a, "b": b, "objective": cur, "bias": None if self.bias is None else self.bias.clone()}
+            if correct:
+                self.bias = self.bias - self.output_error_mean(a, b)
+                cur = self.objective(a, b)
+                if cur > best["objective"]:
+                    best = {"a": a, "b": b, "objective": cur, "bias": self.bias.clone()}
+            if not changed:
+                break
+        self.bias = best["bias"]
+        return {"a_scale": best["a"], "b_scale": best["b"], "objective": best["objective"], "init_objective": init,
+                "rounds": done, "bias": best["bias"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model-level driver
+
+def _swap_layer_quantizers(layer: Layer, a_bits: int | None = None, b_bits: int | None = None,
+                           softmax_signed: bool = True) -> None:
+    """Give a layer signed symmetric per-tensor quantizers (bits kept unless given; the softmax output may be
+    unsigned with zero point 0 when ``softmax_signed`` is False)."""
+    for (parent, attr), bits in ((layer.a_attr, a_bits), (layer.b_attr, b_bits)):
+        old = getattr(parent, attr)
+        signed = softmax_signed if old.role == "softmax" else True
+        new = UniformQuantizer(bits if bits is not None else old.bits, old.role, signed=signed)
+        setattr(parent, attr, new.to(old.initialized.device))
+    if layer.kind == "linear":
+        layer.module.weight_correction.fill_(False)
+
+
+def _write(layer: Layer, res: dict) -> None:
+    for q, s in ((layer.a_quant, res["a_scale"]), (layer.b_quant, res["b_scale"])):
+        q.scale.fill_(s)
+        q.zero_point.zero_()
+        q.mark_initialized()
+    if res.get("bias") is not None:
+        with torch.no_grad():
+            layer.module.bias.copy_(res["bias"].to(layer.module.bias))
+
+
+def _segments(model: nn.Module, layers: list[Layer]) -> list[tuple[str, callable, list[Layer]]]:
+    trunk = Trunk(model)
+    units = [(n, m) for n, m in trunk.units]
+    segs: list[tuple[str, callable, list[Layer]]] = [("stem", trunk.stem, [])]
+    segs += [(n, m, []) for n, m in units]
+    segs.append(("tail", trunk.tail, []))
+    for layer in layers:
+        for seg in segs[1:-1]:
+            if layer.name.startswith(seg[0] + "."):
+                seg[2].append(layer)
+                break
+        else:
+            (segs[0] if layer.name.startswith("patch_embed") else segs[-1])[2].append(layer)
+    return segs
+
+
+def _run(fn, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [fn(h) for h in hs]
+
+
+def _record(fn, hs: list[torch.Tensor], layers: list[Layer], tag: str, opts: dict, gen: torch.Generator,
+            stop: bool, keep_output: bool = True) -> list[torch.Tensor] | None:
+    outs = []
+    with _Recorder(layers, tag, opts, gen, stop) as rec:
+        for h in hs:
+            rec.reset()
+            try:
+                y = fn(h)
+                if keep_output:
+                    outs.append(y)
+            except _Stop:
+                pass
+    return outs if keep_output else None
+
+
+def _problem(layer: Layer, tag_input: str, opts: dict, pairs_gen: torch.Generator) -> LayerProblem:
+    fl = layer.cache["float"]
+    cur = layer.cache[tag_input]
+    if layer.kind == "linear":
+        B = _weight_matrix(layer.module)
+        Bf, amax_b = B, float(B.abs().max())
+        bias = layer.module.bias
+    else:
+        B, Bf, amax_b, bias = cur["B"], fl["B"], cur["amax_B"], None
+    pairs = None
+    if layer.kind == "qk" and opts["ranking"]:
+        if "pairs" not in layer.cache:
+            layer.cache["pairs"] = sample_pairs(B.shape[-2], opts["pairs"], pairs_gen)
+        pairs = layer.cache["pairs"]
+    scale = float(layer.module.scale) if layer.kind == "qk" else 1.0
+    return LayerProblem(layer, cur["A"], B, fl["A"], Bf, layer.a_quant.bits, layer.b_quant.bits, cur["amax_A"],
+                        amax_b, opts, pairs, bias, attn_scale=scale, a_signed=layer.a_quant.signed,
+                        b_signed=layer.b_quant.signed)
+
+
+def _chunks(calib: CalibData, n: int | None) -> list[torch.Tensor]:
+    imgs = calib.images if n is None else calib.images[:n]
+    return [imgs[i:i + calib.batch_size].to(calib.device) for i in range(0, len(imgs), calib.batch_size)]
+
+
+@torch.no_grad()
+def _calibrate_all(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict) -> list[dict]:
+    """The layer-by-layer search over the whole model (both calibration orders)."""
+    gen = torch.Generator().manual_seed(calib.seed)
+    pairs_gen = torch.Generator().manual_seed(calib.seed + 1)
+    sequential = opts["calibration"] == "sequential"
+    h_f = _chunks(calib, opts["images"])
+    h_q = h_f
+    trace = []
+    segs = _segments(model, layers)
+    for seg_name, fn, seg_layers in calib.bar(segs, "ptqvit", len(segs)):
+        with float_mode(model):
+            h_f_next = _record(fn, h_f, seg_layers, "float", opts, gen, stop=False)
+        for layer in seg_layers:
+            tag = "float"
+            if sequential:
+                _record(fn, h_q, [layer], "quant", opts, gen, stop=True, keep_output=False)
+                tag = "quant"
+            prob = _problem(layer, tag, opts, pairs_gen)
+            res = prob.search(opts["candidates"], opts["rounds"], opts["bias_corr"])
+            _write(layer, res)
+            trace.append({"layer": layer.name, "kind": layer.kind, "a_bits": layer.a_quant.bits,
+                          "b_bits": layer.b_quant.bits, "a_scale": res["a_scale"], "b_scale": res["b_scale"],
+                          "init_objective": res["init_objective"], "objective": res["objective"],
+                          "rounds": res["rounds"]})
+            layer.cache.clear()
+            layer.idx = None
+        if sequential and seg_name != "tail":
+            h_q = _run(fn, h_q)
+        h_f = h_f_next
+        if not sequential:
+            h_q = h_f
+    return trace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixed precision
+
+def mp_candidates(target: int) -> list[int]:
+    """Candidate bit widths for an average target (paper: {4..8} for 6, {6..10} for 8)."""
+    return list(range(target - 2, target + 3))
+
+
+def solve_allocation(omega: list[list[float]], sizes: list[int], cand_bits: list[int], budget_bits: float) -> list[int]:
+    """Exact choice of one bit width per module minimizing Σ Ω[m][k] subject to Σ sizes[m]·bits ≤ budget_bits,
+    as a 0/1 integer program solved by ``scipy.optimize.milp``. Returns the index into ``cand_bits`` per
+    module."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    M, K = len(sizes), len(cand_bits)
+    c = np.asarray(omega, dtype=float).reshape(-1)
+    scale = max(float(np.abs(c).max()), 1e-30)
+    eq = np.zeros((M, M * K))
+    for m in range(M):
+        eq[m, m * K:(m + 1) * K] = 1.0
+    size_row = np.array([sizes[m] * cand_bits[k] for m in range(M) for k in range(K)], dtype=float)
+    cons = [LinearConstraint(eq, 1.0, 1.0), LinearConstraint(size_row[None, :], -np.inf, float(budget_bits))]
+    res = milp(c / scale, constraints=cons, integrality=np.ones(M * K), bounds=Bounds(0, 1))
+    if res.status != 0 or res.x is None:
+        raise VitqError(f"mixed precision: no allocation meets the size budget ({res.message}); "
+                        "expected a target at least the smallest candidate bit width")
+    x = np.round(res.x).reshape(M, K)
+    return [int(np.argmax(x[m])) for m in range(M)]
+
+
+def _module_groups(model: nn.Module, layers: list[Layer]) -> list[dict]:
+    """Per transformer block, its MSA and MLP as units of the allocation."""
+    trunk = Trunk(model)
+    groups = []
+    for _, bname, block in trunk.blocks():
+        for part, mod_attr in (("msa", "attn"), ("mlp", "mlp")):
+            prefix = f"{bname}.{mod_attr}."
+            ls = [la for la in layers if la.name.startswith(prefix)]
+            groups.append({"name": f"{bname}.{mod_attr}", "part": part, "block": block,
+                           "module": getattr(block, mod_attr), "layers": ls,
+                           "weights": sum(la.module.weight.numel() for la in ls if la.kind == "linear")})
+    return groups
+
+
+def _io_hook(rec: dict):
+    def hook(_module, args, kwargs, out):
+        rec["x"].append((args, kwargs))
+        rec["y"].append(out)
+    return hook
+
+
+def _nuc_hook(rec: dict):
+    def hook(_module, args):
+        # attention map [S, H, N, N]: nuclear norm per head, summed over heads -> [S]
+        rec["nuc"].append(torch.linalg.matrix_norm(args[0].float(), ord="nuc").sum(1))
+    return hook
+
+
+@torch.no_grad()
+def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict, target: int) -> dict:
+    """Sensitivity σ (nuclear norms), Ω per module and bit width (from a reduced search on float inputs), and the
+    exact allocation under the size budget."""
+    trunk = Trunk(model)
+    groups = _module_groups(model, layers)
+    cand = mp_candidates(target)
+    grouped = {id(la) for g in groups for la in g["layers"]}
+    fixed = [la for la in layers if la.kind == "linear" and id(la) not in grouped]
+    fixed_bits = sum(la.module.weight.numel() * la.b_quant.bits for la in fixed)
+    fixed_n = sum(la.module.weight.numel() for la in fixed)
+    sizes = [g["weights"] for g in groups]
+    budget = target * (sum(sizes) + fixed_n) - fixed_bits
+    gen = torch.Generator().manual_seed(calib.seed + 7)
+    pairs_gen = torch.Generator().manual_seed(calib.seed + 8)
+    n_img = opts["mp_images"] if opts["mp_images"] is not None else opts["images"]
+    h = _chunks(calib, n_img)
+    with float_mode(model):
+        h = _run(trunk.stem, h)
+    by_block = {id(g["block"]): [] for g in groups}
+    for g in groups:
+        by_block[id(g["block"])].append(g)
+    omega, sigma = [], []
+    for _name, unit in calib.bar(trunk.units, "ptqvit allocation", len(trunk.units)):
+        gs = by_block.get(id(unit), [])
+        if not gs:
+            with float_mode(model):
+                h = _run(unit, h)
+            continue
+        io: dict[str, dict] = {g["name"]: {"x": [], "y": [], "nuc": []} for g in gs}
+        hooks = []
+        for g in gs:
+            rec = io[g["name"]]
+            hooks.append(g["module"].register_forward_hook(_io_hook(rec), with_kwargs=True))
+            if g["part"] == "msa":
+                hooks.append(g["module"].softmax_quant.register_forward_pre_hook(_nuc_hook(rec)))
+        try:
+            with float_mode(model):
+                seg_layers = [la for g in gs for la in g["layers"]]
+                h_next = _record(unit, h, seg_layers, "float", opts, gen, stop=False)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for g in gs:
+            rec = io[g["name"]]
+            xs, ys = rec["x"], rec["y"]
+            if g["part"] == "msa":
+                s = float(torch.cat(rec["nuc"]).mean())
+            else:
+                y = torch.cat(ys).float()
+                s = float(torch.linalg.matrix_norm(y.reshape(y.shape[0], -1, y.shape[-1]), ord="nuc").mean())
+            sigma.append(s)
+            row = []
+            for bits in cand:
+                saved = {}
+                for la in g["layers"]:
+                    saved[la.name] = (getattr(*la.a_attr), getattr(*la.b_attr))
+                    _swap_layer_quantizers(la, bits, bits, opts["softmax_signed"])
+                for la in g["layers"]:
+                    prob = _problem(la, "float", opts, pairs_gen)
+                    res = prob.search(opts["mp_candidates"], opts["mp_rounds"], bias_corr=False)
+                    res["bias"] = None
+                    _write(la, res)
+                err = 0.0
+                for (args, kwargs), y in zip(xs, ys):
+                    with _only_quantizing(model, g["layers"]):
+                        err += float((g["module"](*args, **kwargs) - y).float().pow(2).sum())
+                row.append(s * err / sum(y.shape[0] for y in ys))
+                for la in g["layers"]:
+                    a_old, b_old = saved[la.name]
+                    setattr(*la.a_attr, a_old)
+                    setattr(*la.b_attr, b_old)
+            omega.append(row)
+            for la in g["layers"]:
+                la.cache.clear()
+                la.idx = None
+        h = h_next
+    choice = solve_allocation(omega, sizes, cand, budget)
+    bits = {g["name"]: cand[k] for g, k in zip(groups, choice)}
+    for g in groups:
+        for la in g["layers"]:
+            _swap_layer_quantizers(la, bits[g["name"]], bits[g["name"]], opts["softmax_signed"])
+    total_bits = fixed_bits + sum(sizes[i] * cand[k] for i, k in enumerate(choice))
+    total_n = fixed_n + sum(sizes)
+    return {"target_bits": target, "candidate_bits": cand, "bits": bits,
+            "sensitivity_nuclear_norm": {g["name"]: s for g, s in zip(groups, sigma)},
+            "omega": {g["name"]: dict(zip(map(str, cand), row)) for g, row in zip(groups, omega)},
+            "module_weights": {g["name"]: n for g, n in zip(groups, sizes)},
+            "fixed_layers": {la.name: la.b_quant.bits for la in fixed},
+            "average_weight_bits": total_bits / total_n,
+            "model_size_mb": total_bits / 8 / 1e6,
+            "budget_size_mb": target * total_n / 8 / 1e6,
+            "solver": "scipy.optimize.milp (0/1 program, exact)",
+            "activations": "each module's linear and matmul inputs use its bit width too",
+            "sigma_definition": "MSA: mean over images of the sum over heads of the nuclear norm of the softmax "
+                                "attention map; MLP: mean over images of the nuclear norm of the MLP output [N, C]",
+            "omega_definition": "sigma * mean over images of ||Y_hat - Y||^2 of the module output on float inputs, "
+                                "after a reduced search (mp_candidates, mp_rounds, no bias correction) at that "
+                                "bit width with only that module quantized"}
+
+
+class _only_quantizing:
+    """Inside, only the quantizers of the given layers act; every other quantizer passes through."""
+
+    def __init__(self, model: nn.Module, layers: list[Layer]):
+        keep = {id(q) for la in layers for q in (la.a_quant, la.b_quant)}
+        self.qs = [q for q in quantizers_of(model).values() if id(q) not in keep]
+
+    def __enter__(self):
+        self.saved = [q.observer for q in self.qs]
+        for q in self.qs:
+            q.observer = _PassThrough()
+
+    def __exit__(self, *exc):
+        for q, o in zip(self.qs, self.saved):
+            q.observer = o
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registration
+
+def _adjust_scheme(scheme, options):
+    import dataclasses
+
+    return dataclasses.replace(scheme, weight_signed=True, softmax_quantizer=None)
+
+
+def _add_arguments(group) -> None:
+    d = DEFAULTS
+    group.add_argument("--ptqvit-candidates", dest="ptqvit_candidates", type=int, default=None, metavar="C",
+                       help=f"ptqvit: interval candidates per step, in [low·Δ₀, high·Δ₀] (default {d['candidates']})")
+    group.add_argument("--ptqvit-rounds", dest="ptqvit_rounds", type=int, default=None, metavar="R",
+                       help=f"ptqvit: at most R alternating rounds per layer (default {d['rounds']})")
+    group.add_argument("--ptqvit-low", dest="ptqvit_low", type=float, default=None,
+                       help=f"ptqvit: lower end of the candidate range, times Δ₀ (default {d['low']})")
+    group.add_argument("--ptqvit-high", dest="ptqvit_high", type=float, default=None,
+                       help=f"ptqvit: upper end of the candidate range, times Δ₀ (default {d['high']})")
+    group.add_argument("--ptqvit-no-ranking", dest="ptqvit_no_ranking", action="store_true", default=None,
+                       help="ptqvit: drop the ranking-aware term of the attention scores (ablation)")
+    group.add_argument("--ptqvit-no-bias-corr", dest="ptqvit_no_bias_corr", action="store_true", default=None,
+                       help="ptqvit: drop the output bias correction (ablation)")
+    group.add_argument("--ptqvit-gamma", dest="ptqvit_gamma", type=float, default=None,
+                       help=f"ptqvit: weight γ of the ranking loss (default {d['gamma']})")
+    group.add_argument("--ptqvit-theta", dest="ptqvit_theta", type=float, default=None,
+                       help=f"ptqvit: hinge margin θ of the ranking loss (default {d['theta']})")
+    group.add_argument("--ptqvit-pairs", dest="ptqvit_pairs", type=int, default=None, metavar="P",
+                       help=f"ptqvit: pairs (i<j) of a score row sampled once per layer, shared by all rows; "
+                            f"0 = all pairs (default {d['pairs']})")
+    group.add_argument("--ptqvit-calibration", dest="ptqvit_calibration", choices=CALIBRATION_MODES, default=None,
+                       help="ptqvit: layer inputs from the already-quantized earlier layers (sequential, default) "
+                            "or from the float model (parallel)")
+    group.add_argument("--ptqvit-images", dest="ptqvit_images", type=int, default=None, metavar="N",
+                       help="ptqvit: use the first N calibration images for the search (default: all)")
+    group.add_argument("--ptqvit-tokens", dest="ptqvit_tokens", type=int, default=None, metavar="T",
+                       help=f"ptqvit: token positions cached per sample for linear layers (default {d['tokens']})")
+    group.add_argument("--ptqvit-rows", dest="ptqvit_rows", type=int, default=None, metavar="R",
+                       help=f"ptqvit: query rows cached per sample and head for the attention matmuls "
+                            f"(default {d['rows']})")
+    group.add_argument("--mixed-precision", dest="ptqvit_mixed_precision", type=int, default=None, metavar="BITS",
+                       help="ptqvit: mixed precision with this average weight bit width (e.g. 6 or 8): one bit "
+                            "width per block MSA and MLP from {BITS-2..BITS+2}")
+    group.add_argument("--ptqvit-mp-candidates", dest="ptqvit_mp_candidates", type=int, default=None,
+                       help=f"ptqvit: candidates of the reduced search that estimates Ω (default {d['mp_candidates']})")
+    group.add_argument("--ptqvit-mp-rounds", dest="ptqvit_mp_rounds", type=int, default=None,
+                       help=f"ptqvit: rounds of the reduced search that estimates Ω (default {d['mp_rounds']})")
+
+
+def resolve_options(options: dict) -> dict:
+    unknown = set(options) - set(DEFAULTS) - {"no_ranking", "no_bias_corr"}
+    if unknown:
+        raise VitqError(f"ptqvit: unknown options {sorted(unknown)} (expected some of {sorted(DEFAULTS)})")
+    opts = dict(DEFAULTS)
+    opts.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
+    if options.get("no_ranking"):
+        opts["ranking"] = False
+    if options.get("no_bias_corr"):
+        opts["bias_corr"] = False
+    if opts["calibration"] not in CALIBRATION_MODES:
+        raise VitqError(f"ptqvit: calibration {opts['calibration']!r} (expected one of {', '.join(CALIBRATION_MODES)})")
+    for k in ("candidates", "rounds", "tokens", "rows", "mp_candidates", "mp_rounds"):
+        if not isinstance(opts[k], int) or opts[k] < 1:
+            raise VitqError(f"ptqvit: {k} = {opts[k]!r} (expected a positive integer)")
+    if not 0 < opts["low"] < opts["high"]:
+        raise VitqError(f"ptqvit: candidate range [{opts['low']}, {opts['high']}] (expected 0 < low < high)")
+    mp = opts["mixed_precision"]
+    if mp is not None and (not isinstance(mp, int) or not 4 <= mp <= 8):
+        raise VitqError(f"mixed precision target {mp!r} (expected an integer average bit width 4..8, e.g. 6 or 8)")
+    for k in ("images", "mp_images"):
+        if opts[k] is not None and (not isinstance(opts[k], int) or opts[k] < 1):
+            raise VitqError(f"ptqvit: {k} = {opts[k]!r} (expected a positive integer)")
+    return opts
+
+
+@register_method("ptqvit", "PTQ-ViT (Liu et al. 2021): per-layer Pearson/ranking-aware search of signed per-tensor "
+                 "intervals, output bias correction, optional nuclear-norm mixed precision (--mixed-precision)",
+                 add_arguments=_add_arguments, adjust_scheme=_adjust_scheme)
+def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
+    opts = resolve_options(options)
+    scheme = getattr(model, "vitq_scheme", None)
+    fq = bool(scheme is not None and scheme.fully_quantized)
+    info: dict = {}
+    t0 = time.perf_counter()
+    if fq:
+        from vitq.methods.baselines import calibrate_observed
+
+        calibrate_observed(model, calib, opts["fq_init"], "minmax")
+        info["fq_only_quantizers"] = (f"scores, LayerNorm-input and residual (PTF) quantizers: observer-based "
+                                      f"{opts['fq_init']} over all calibration images (not searched)")
+    layers = find_layers(model)
+    for la in layers:
+        _swap_layer_quantizers(la, softmax_signed=opts["softmax_signed"])
+    if opts["mixed_precision"] is not None:
+        t1 = time.perf_counter()
+        info["mixed_precision"] = _allocate(model, calib, layers, opts, opts["mixed_precision"])
+        info["mixed_precision"]["seconds"] = time.perf_counter() - t1
+    layers = find_layers(model)
+    t2 = time.perf_counter()
+    trace = _calibrate_all(model, calib, layers, opts)
+    n_images = len(calib) if opts["images"] is None else min(opts["images"], len(calib))
+    inits = [t["init_objective"] for t in trace]
+    finals = [t["objective"] for t in trace]
+    info.update({
+        "regime": scheme.name if scheme is not None else None,
+        "options": {k: v for k, v in opts.items()},
+        "calibration_inputs": ("sequential: each layer's inputs come from the already-quantized earlier layers"
+                               if opts["calibration"] == "sequential"
+                               else "parallel: each layer's inputs come from the float model"),
+        "quantizers": "signed symmetric per-tensor for every searched weight and input"
+                      + ("" if opts["softmax_signed"] else " (softmax output unsigned)"),
+        "search_images": n_images,
+        "objective": "mean per-sample Pearson correlation of float and quantized layer outputs; "
+                     "QK^T: minus gamma * ranking loss" if opts["ranking"] else
+                     "mean per-sample Pearson correlation of float and quantized layer outputs",
+        "ranking_pairs": ("per QK^T layer, `pairs` random pairs i<j of key positions drawn once (seeded) and shared "
+                          "by every sampled query row, head and image; hinge mean over pairs, rows, images; sum "
+                          "over heads"),
+        "subsampling": (f"{opts['tokens']} random token positions per sample for linear layers, {opts['rows']} "
+                        "random query rows per sample and head for the attention matmuls (same positions for "
+                        "every sample of a layer); interval init from the max over full tensors"),
+        "mean_init_objective": sum(inits) / max(len(inits), 1),
+        "mean_objective": sum(finals) / max(len(finals), 1),
+        "search_seconds": time.perf_counter() - t2,
+        "layers": trace,
+    })
+    info["total_seconds_inner"] = time.perf_counter() - t0
+    return info
+
+
+def weight_bits_summary(model: nn.Module) -> dict:
+    """Average weight bits and size (MB, 10^6 bytes) of the quantized weights of a model."""
+    total_bits = total_n = 0
+    for m in model.modules():
+        if isinstance(m, _QWeighted) and isinstance(m.weight_quant, Quantizer):
+            total_bits += m.weight.numel() * m.weight_quant.bits
+            total_n += m.weight.numel()
+    return {"average_weight_bits": total_bits / max(total_n, 1), "model_size_mb": total_bits / 8 / 1e6,
+            "weights": total_n}

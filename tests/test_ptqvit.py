@@ -1,0 +1,264 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vitq  # noqa: E402
+from vitq.allocation import add_command, allocation_from_config  # noqa: E402
+from vitq.errors import VitqError  # noqa: E402
+from vitq.methods import ptqvit as P  # noqa: E402
+from vitq.quantizers import UniformQuantizer, quantizers_of  # noqa: E402
+from vitq.registry import get_method  # noqa: E402
+
+FAST = {"candidates": 10, "rounds": 2, "tokens": 8, "rows": 6, "pairs": 40, "mp_candidates": 6}
+
+
+def tiny_deit():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=10).eval()
+
+
+def tiny_swin():
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(2, 2),
+                             num_heads=(2, 4), embed_dim=32, window_size=7, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def deit():
+    return tiny_deit()
+
+
+def images(n=8, size=32, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------- objective pieces
+
+def test_pearson_matches_direct():
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 20, generator=g)
+    hat = torch.randn(4, 3, 20, generator=g) + out
+    got = P.pearson(hat, out)
+    for c in range(4):
+        for s in range(3):
+            ref = torch.corrcoef(torch.stack([hat[c, s], out[s]]))[0, 1]
+            assert torch.isclose(got[c, s], ref, atol=1e-5)
+    assert torch.allclose(P.pearson(out, out), torch.ones(3), atol=1e-6)
+
+
+def test_ranking_loss_matches_direct_loops():
+    g = torch.Generator().manual_seed(0)
+    S, H, R, N = 2, 3, 2, 5
+    a = torch.randn(S, H, R, N, generator=g)
+    a_hat = a + 0.3 * torch.randn(S, H, R, N, generator=g)
+    pi, pj = P.sample_pairs(N, 0, g)  # all pairs
+    assert len(pi) == N * (N - 1) // 2
+    theta = 0.2
+    total = 0.0
+    for h in range(H):
+        acc = []
+        for s, r in itertools.product(range(S), range(R)):
+            for i, j in itertools.combinations(range(N), 2):
+                sgn = (a[s, h, r, i] - a[s, h, r, j]).sign()
+                acc.append(max(theta - float((a_hat[s, h, r, i] - a_hat[s, h, r, j]) * sgn), 0.0))
+        total += sum(acc) / len(acc)
+    got = P.ranking_loss(a_hat, a, pi, pj, theta)
+    assert abs(float(got) - total) < 1e-5
+    # stacked candidates give one value each
+    stacked = P.ranking_loss(torch.stack([a_hat, a]), a, pi, pj, theta)
+    assert stacked.shape == (2,) and abs(float(stacked[0]) - total) < 1e-5
+
+
+def test_sample_pairs_distinct_and_ordered():
+    i, j = P.sample_pairs(30, 50, torch.Generator().manual_seed(3))
+    assert len(i) == 50 and bool((i < j).all())
+    assert len({(int(a), int(b)) for a, b in zip(i, j)}) == 50
+
+
+def test_sym_quant_matches_uniform_quantizer():
+    x = torch.randn(50) * 3
+    for signed in (True, False):
+        q = UniformQuantizer(4, "linear_input", signed=signed)
+        q.scale.fill_(0.37)
+        q.mark_initialized()
+        assert torch.equal(q(x), P.sym_quant(x, 0.37, 4, signed))
+        stacked = P.sym_quant(x, torch.tensor([0.37, 0.5]), 4, signed)
+        assert stacked.shape == (2, 50) and torch.equal(stacked[0], q(x))
+
+
+# ----------------------------------------------------------------------------------------- search
+
+@pytest.mark.parametrize("bias_corr", [True, False])
+def test_search_never_worse_than_init(deit, bias_corr):
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 4, 4), method="ptqvit")
+    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=4, progress=False, bias_corr=bias_corr, **FAST)
+    assert info["options"]["bias_corr"] is bias_corr
+    kinds = {t["kind"] for t in info["layers"]}
+    assert kinds == {"linear", "qk", "av"}
+    # patch embed, 2 blocks x (qkv, qk, av, proj, fc1, fc2), head
+    assert len(info["layers"]) == 1 + 2 * 6 + 1
+    for t in info["layers"]:
+        assert t["objective"] >= t["init_objective"] - 1e-7, t
+        assert 1 <= t["rounds"] <= FAST["rounds"]
+    assert info["mean_objective"] > info["mean_init_objective"]
+    assert info["options"]["calibration"] == "sequential"
+    for name, q in quantizers_of(qm).items():
+        assert isinstance(q, UniformQuantizer) and q.signed and q.channel_axis is None, name
+        assert bool(q.initialized), name
+
+
+def test_written_intervals_reproduce_the_searched_objective(deit):
+    """The quantizers written into the model give the same layer output the search scored."""
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 6, 6), method="ptqvit")
+    opts = P.resolve_options(dict(FAST, calibration="parallel", bias_corr=False))
+    layers = P.find_layers(qm)
+    for la in layers:
+        P._swap_layer_quantizers(la)
+    fc1 = next(la for la in layers if la.name == "blocks.0.mlp.fc1")
+    x = torch.randn(3, 17, 192)
+    with P._Recorder([fc1], "float", opts, torch.Generator().manual_seed(0), stop=False):
+        fc1.module(x)
+    prob = P._problem(fc1, "float", opts, torch.Generator().manual_seed(0))
+    res = prob.search(opts["candidates"], opts["rounds"], bias_corr=False)
+    P._write(fc1, res)
+    with torch.no_grad():
+        out = fc1.module(x)[:, fc1.idx]
+    ref = prob.apply(prob._quant_a(torch.tensor([res["a_scale"]])), prob._quant_b(torch.tensor([res["b_scale"]])),
+                     prob.bias)[0]
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert abs(float(P.pearson(out.reshape(1, 3, -1), prob.target).mean()) - res["objective"]) < 1e-5
+
+
+def test_bias_correction_changes_bias_and_records(deit):
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 4, 4), method="ptqvit")
+    vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, **FAST)
+    assert not torch.equal(qm.blocks[0].mlp.fc1.bias, deit.blocks[0].mlp.fc1.bias)
+    qm2 = vitq.prepare(deit, vitq.Scheme("matmul", 4, 4), method="ptqvit")
+    info = vitq.calibrate(qm2, images(), "ptqvit", batch_size=8, progress=False, no_bias_corr=True, **FAST)
+    assert info["options"]["bias_corr"] is False
+    assert torch.equal(qm2.blocks[0].mlp.fc1.bias, deit.blocks[0].mlp.fc1.bias)
+
+
+def test_parallel_no_ranking_and_fq():
+    m = tiny_deit()
+    qm = vitq.prepare(m, vitq.Scheme("matmul", 6, 6), method="ptqvit")
+    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, calibration="parallel",
+                          no_ranking=True, **FAST)
+    assert info["options"]["calibration"] == "parallel" and info["options"]["ranking"] is False
+    assert "parallel" in info["calibration_inputs"]
+    qf = vitq.prepare(m, vitq.Scheme("fq", 8, 8), method="ptqvit")
+    info = vitq.calibrate(qf, images(), "ptqvit", batch_size=8, progress=False, **FAST)
+    assert info["regime"] == "fq" and "fq_only_quantizers" in info
+    qs = quantizers_of(qf)
+    assert all(bool(q.initialized) for q in qs.values())
+    assert any(q.kind == "ptf" for q in qs.values())
+    with torch.no_grad():
+        out, ref = qf(images()), m(images())
+    assert torch.isfinite(out).all()
+    assert float(torch.nn.functional.cosine_similarity(out, ref).mean()) > 0.9
+
+
+def test_swin_runs():
+    m = tiny_swin()
+    qm = vitq.prepare(m, vitq.Scheme("matmul", 8, 8), method="ptqvit")
+    info = vitq.calibrate(qm, images(4, 56), "ptqvit", batch_size=4, progress=False,
+                          calibration="parallel", **FAST)
+    assert any(t["layer"].endswith("downsample.reduction") for t in info["layers"])
+    with torch.no_grad():
+        assert torch.isfinite(qm(images(2, 56))).all()
+
+
+def test_bad_options(deit):
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 8, 8), method="ptqvit")
+    with pytest.raises(VitqError, match="calibration"):
+        vitq.calibrate(qm, images(), "ptqvit", progress=False, calibration="diagonal")
+    with pytest.raises(VitqError, match="mixed precision"):
+        vitq.calibrate(qm, images(), "ptqvit", progress=False, mixed_precision=12)
+    with pytest.raises(VitqError, match="unknown options"):
+        vitq.calibrate(qm, images(), "ptqvit", progress=False, candidatez=3)
+
+
+def test_cli_arguments_follow_the_registry_contract():
+    entry = get_method("ptqvit")
+    parser = argparse.ArgumentParser()
+    entry.add_arguments(parser.add_argument_group("ptqvit"))
+    args = parser.parse_args(["--ptqvit-no-ranking", "--mixed-precision", "6", "--ptqvit-candidates", "50",
+                              "--ptqvit-calibration", "parallel"])
+    assert entry.options_from_args(args) == {"no_ranking": True, "mixed_precision": 6, "candidates": 50,
+                                             "calibration": "parallel"}
+    assert entry.options_from_args(parser.parse_args([])) == {}
+
+
+# ----------------------------------------------------------------------------------------- mixed precision
+
+def test_allocation_is_optimal_and_meets_budget_bruteforce():
+    g = torch.Generator().manual_seed(5)
+    cand = P.mp_candidates(6)
+    assert cand == [4, 5, 6, 7, 8] and P.mp_candidates(8) == [6, 7, 8, 9, 10]
+    sizes = [300, 120, 500, 80]
+    # errors that fall with more bits, with random module sensitivities
+    omega = [[float(torch.rand((), generator=g) * 2.0 ** (-2 * b) * 1e3) for b in cand] for _ in sizes]
+    for target in (5.0, 6.0, 6.5):
+        budget = target * sum(sizes)
+        got = P.solve_allocation(omega, sizes, cand, budget)
+        best_cost = float("inf")
+        for combo in itertools.product(range(len(cand)), repeat=len(sizes)):
+            if sum(n * cand[k] for n, k in zip(sizes, combo)) <= budget:
+                cost = sum(omega[m][k] for m, k in enumerate(combo))
+                if cost < best_cost:
+                    best_cost = cost
+        assert sum(n * cand[k] for n, k in zip(sizes, got)) <= budget
+        assert abs(sum(omega[m][k] for m, k in enumerate(got)) - best_cost) <= 1e-9 * max(1.0, best_cost)
+    with pytest.raises(VitqError, match="budget"):
+        P.solve_allocation(omega, sizes, cand, 3.0 * sum(sizes))
+
+
+def test_mixed_precision_save_load_roundtrip(deit, tmp_path):
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 8, 8), method="ptqvit")
+    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, mixed_precision=8, **FAST)
+    mp = info["mixed_precision"]
+    assert set(mp["bits"]) == {"blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"}
+    assert mp["average_weight_bits"] <= 8 + 1e-9
+    summary = P.weight_bits_summary(qm)
+    assert abs(summary["model_size_mb"] - mp["model_size_mb"]) < 1e-9
+    assert abs(summary["average_weight_bits"] - mp["average_weight_bits"]) < 1e-9
+    for name, bits in mp["bits"].items():
+        mod = qm.get_submodule(name)
+        for q in quantizers_of(mod).values():
+            assert q.bits == bits
+    vitq.save(qm, tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"calibration": info}, default=str))
+    alloc = allocation_from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert {k: v[0] for k, v in alloc["groups"].items()} == mp["bits"]
+    assert set(alloc["other"]) == {"patch_embed.proj", "head"}
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers())
+    args = parser.parse_args(["allocation", "--state", str(tmp_path), "--plot", str(tmp_path / "alloc.png")])
+    assert args.func(args) == 0
+    assert (tmp_path / "alloc.png").stat().st_size > 0
+    loaded = vitq.load(deit, tmp_path)
+    x = images(4, seed=9)
+    with torch.no_grad():
+        assert torch.equal(qm(x), loaded(x))
+    for name, q in quantizers_of(loaded).items():
+        ref = quantizers_of(qm)[name]
+        assert q.bits == ref.bits and torch.equal(q.scale, ref.scale)
+
+
+def test_save_load_roundtrip_plain(deit, tmp_path):
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 4, 4), method="ptqvit")
+    vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, **FAST)
+    vitq.save(qm, tmp_path)
+    loaded = vitq.load(deit, tmp_path)
+    x = images(3, seed=4)
+    with torch.no_grad():
+        assert torch.equal(qm(x), loaded(x))
