@@ -111,11 +111,13 @@ def test_methods_lists_everything(capsys):
 
 
 def test_demo_quick_runs_offline(tmp_path, capsys):
-    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    argv = ["demo", "--quick", "--quiet", "--methods", "minmax,omse,ptq4vit", "--out", str(tmp_path / "demo")]
+    assert main(argv) == 0
     res = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert res["float_top1"] > 85  # the digits ViT really learned
     w8 = [r for r in res["results"] if r["w_bits"] == 8 and r["scheme"] == "matmul"]
     assert all(r["quant"]["agreement"] > 90 for r in w8)
+    assert {r["method"] for r in res["results"]} == {"minmax", "omse", "ptq4vit"}  # ptq4vit: matmul only
     assert "| method |" in capsys.readouterr().out
 
 

@@ -301,8 +301,9 @@ def cmd_methods(args) -> int:
 def cmd_demo(args) -> int:
     from vitq.demo import run_demo
 
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
     return run_demo(out=args.out, overwrite=args.overwrite, quick=args.quick, seed=args.seed,
-                    progress=not args.quiet)
+                    progress=not args.quiet, methods=methods)
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -370,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small ViT on scikit-learn digits and compare every method (no network)")
     d.add_argument("--out", default="vitq-demo", help="folder for the table and results (default ./vitq-demo)")
     d.add_argument("--quick", action="store_true", help="fewer bit widths and a shorter training run")
+    d.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--quiet", action="store_true")

@@ -17,10 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.scheme import Scheme
 
 DEMO_MARKER = "demo_results.json"
 BITS_FULL = ((8, 8), (6, 6), (4, 8), (4, 4))
 BITS_QUICK = ((8, 8), (4, 8))
+# the search methods with smaller grids than their defaults, so the whole table takes minutes on a laptop CPU
+DEMO_OPTIONS = {"ptqvit": {"candidates": 20, "rounds": 3}, "ptq4vit": {"candidates": 20},
+                "apq": {"candidates": 20, "bbc_candidates": 5}}
 
 
 def digits_data(seed: int = 0):
@@ -65,12 +69,25 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     model.eval()
 
 
+def _fits_regime(method: str, scheme: Scheme, options: dict) -> bool:
+    """False when the method refuses the scheme's regime (e.g. ptq4vit and apq are defined for matmul only)."""
+    from vitq.registry import get_method
+
+    entry = get_method(method)
+    if entry.adjust_scheme is None:
+        return True
+    try:
+        entry.adjust_scheme(scheme, options)
+    except VitqError:
+        return False
+    return True
+
+
 def run_demo(out: str = "vitq-demo", overwrite: bool = False, quick: bool = False, seed: int = 0,
-             progress: bool = True) -> int:
+             progress: bool = True, methods: list[str] | None = None) -> int:
     from vitq import api
     from vitq.evaluate import evaluate
     from vitq.registry import METHODS, load_builtin
-    from vitq.scheme import Scheme
 
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite and not os.path.exists(os.path.join(out, DEMO_MARKER)):
@@ -85,26 +102,36 @@ def run_demo(out: str = "vitq-demo", overwrite: bool = False, quick: bool = Fals
     bits = BITS_QUICK if quick else BITS_FULL
     rows, records = [], []
     float_top1 = None
-    for method in sorted(METHODS):
+    for name in methods or []:
+        if name not in METHODS:
+            raise VitqError(f"unknown method {name!r} (expected some of {', '.join(sorted(METHODS))})")
+    for method in methods or sorted(METHODS):
         row = [method]
+        options = DEMO_OPTIONS.get(method, {})
         for scheme_name in ("fq", "matmul"):
             for w, a in bits:
-                qmodel = api.prepare(model, Scheme(scheme_name, w, a), method=method)
+                scheme = Scheme(scheme_name, w, a)
+                if not _fits_regime(method, scheme, options):
+                    row.append("n/a")
+                    continue
+                qmodel = api.prepare(model, scheme, method=method, options=options)
                 t0 = time.perf_counter()
-                api.calibrate(qmodel, calib_x, method, batch_size=100, seed=seed, progress=False)
+                api.calibrate(qmodel, calib_x, method, batch_size=100, seed=seed, progress=False, **options)
                 cal_s = time.perf_counter() - t0
                 m = evaluate(qmodel, model, [(test_x, test_y)], progress=False)
                 float_top1 = m["float"]["top1"]
                 row.append(f"{m['quant']['top1']:.1f} ({m['quant']['agreement']:.0f})")
-                records.append({"method": method, "scheme": scheme_name, "w_bits": w, "a_bits": a,
-                                "calibrate_s": cal_s, **m})
+                records.append({"method": method, "options": options, "scheme": scheme_name, "w_bits": w,
+                                "a_bits": a, "calibrate_s": cal_s, **m})
         rows.append(row)
         if progress:
             print(f"  {method}: done", flush=True)
     headers = ["method"] + [f"{s} W{w}A{a}" for s in ("fq", "matmul") for w, a in bits]
     lines = [f"vitq demo: ViT (4 blocks, dim 64) on scikit-learn digits; trained {train_s:.0f} s; "
              f"float test top-1 {float_top1:.1f} % on {len(test_y)} images",
-             "cells: quantized top-1 % (top-1 agreement with float %)", "",
+             "cells: quantized top-1 % (top-1 agreement with float %); n/a: the method is defined for the "
+             "other regime; reduced search grids: "
+             + "; ".join(f"{k} {v}" for k, v in DEMO_OPTIONS.items() if k in [r[0] for r in rows]), "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
