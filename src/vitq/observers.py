@@ -116,7 +116,7 @@ def _uniform_error(x: torch.Tensor, q: UniformQuantizer, lo, hi) -> torch.Tensor
 def _ptf_error(obs: Observer, q: PTFQuantizer, lo: float, hi: float) -> float:
     """Error of a PTF quantizer set to [lo, hi] (with its per-channel shifts) on the observed sample rows."""
     q.set_range(lo, hi, channel_min=obs.channel_min, channel_max=obs.channel_max)
-    rows = obs.sample()
+    rows = obs.sample().to(q.scale.device)  # samples are kept on the CPU, the quantizer may sit on a GPU
     return float((q.fake_quant(rows) - rows).pow(2).sum())
 
 
