@@ -295,3 +295,19 @@ def test_landscape_command_end_to_end(tmp_path, monkeypatch):
         run(parser.parse_args(argv))
     with pytest.raises(VitqError, match="made for model"):
         run(parser.parse_args([*argv[:2], "vit_small_patch16_224", *argv[3:], "--overwrite"]))
+
+
+def test_search_runs_without_tf32_and_restores_the_setting():
+    model = _deit()
+    q, images = _calibrated(model, "fq")
+    inside = []
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _refine(q, model, images, on_block_end=lambda event: inside.append(
+            (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert inside and set(inside) == {(False, False)}
+    assert after == (True, True)

@@ -39,6 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -394,13 +395,32 @@ def _add_arguments(group) -> None:
                             "best state (selects on evaluation labels; recorded in results.json)")
 
 
+@contextmanager
+def full_float32():
+    """No TF32 inside: the search ranks candidates by fitness differences of ~1e-3, and the TF32 round-off a
+    GPU applies by default to convolutions (the patch embedding) moves the fitness by as much, so a search
+    with it would partly tune the scales to that round-off. Restores the previous settings."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @register_refiner("evolq", "Evol-Q / CPT-V: block-wise evolutionary search of quantization scales scored by an "
                   "infoNCE loss against the float model (METHODS.md §5)", add_arguments=_add_arguments)
 def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batches=None,
           on_block_end: Callable[[dict], None] | None = None, **options) -> dict:
     """Refine ``model`` in place. ``val_batches`` (list of (images, labels), or a callable returning an
     iterable of them) is read only with ``select_on_val``. ``on_block_end(event)`` is called after each
-    block (and its checkpoint); tests use it to simulate a kill."""
+    block (and its checkpoint); tests use it to simulate a kill. Runs in full float32 (no TF32)."""
+    with full_float32():
+        return _evolq(model, float_model, calib, val_batches, on_block_end, **options)
+
+
+def _evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batches=None,
+           on_block_end: Callable[[dict], None] | None = None, **options) -> dict:
     cfg = make_config(options)
     seed = cfg.seed if cfg.seed is not None else calib.seed
     if cfg.select_on_val and val_batches is None:
