@@ -121,11 +121,14 @@ def test_demo_quick_runs_offline(tmp_path, capsys):
     assert "| method |" in capsys.readouterr().out
 
 
-def test_init_state_starts_from_a_saved_state(setup):
+def test_init_state_starts_from_a_saved_state(setup, capsys):
     tmp, weights, calib, val = setup
     assert main(quantize_args(weights, calib, val, tmp / "a")) == 0
-    argv = [a for a in quantize_args(weights, calib, val, tmp / "b") if a not in ("--method", "fqvit")]
-    assert main(argv + ["--init-state", str(tmp / "a")]) == 0
+    full = quantize_args(weights, calib, val, tmp / "b", "--init-state", str(tmp / "a"))
+    assert main([a for a in full if a not in ("--method", "fqvit")]) == 2  # scheme flags the state overrides
+    assert "--scheme, --w-bits, --a-bits would be ignored" in capsys.readouterr().err and not (tmp / "b").exists()
+    argv = full[:full.index("--scheme")] + full[full.index("--method") + 2:]
+    assert main(argv) == 0
     a, b = (json.loads((tmp / d / "results.json").read_text()) for d in ("a", "b"))
     assert b["quant"] == a["quant"] and b["calibration"]["init_state"] == str(tmp / "a")
     assert b["method"] == "fqvit" and b["scheme_config"] == a["scheme_config"]

@@ -170,6 +170,14 @@ def cmd_quantize(args) -> int:
     out = OutputDir(args.out, args.overwrite)
     if args.init_state is None and args.method is None:
         raise VitqError("--method is required (or --init-state DIR to start from a saved state)")
+    scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
+                    "--a-bits": args.a_bits, "--attn-bits": args.attn_bits,
+                    "--softmax-quantizer": args.softmax_quantizer, "--attn-granularity": args.attn_granularity,
+                    "--override": args.override or None}
+    if args.init_state is not None and any(v is not None for v in scheme_flags.values()):
+        given = ", ".join(k for k, v in scheme_flags.items() if v is not None)
+        raise VitqError(f"--init-state {args.init_state} brings its own scheme and calibration; {given} would be "
+                        "ignored (drop them, or calibrate anew without --init-state)")
     method = get_method(args.method) if args.init_state is None else None
     refiner = get_refiner(args.refine) if args.refine else None
     method_opts = method.options_from_args(args) if method else {}
@@ -178,8 +186,10 @@ def cmd_quantize(args) -> int:
         saved = read_config(args.init_state)
         scheme = Scheme.from_dict(saved["scheme"])
     else:
-        scheme = Scheme(args.scheme, args.w_bits, args.a_bits, attn_bits=args.attn_bits,
-                        softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity,
+        w_bits = 8 if args.w_bits is None else args.w_bits
+        a_bits = 8 if args.a_bits is None else args.a_bits
+        scheme = Scheme(args.scheme or "fq", w_bits, a_bits, attn_bits=args.attn_bits,
+                        softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity or "tensor",
                         overrides=tuple(Override.parse(o) for o in args.override))
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -339,12 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-calib", type=int, default=None, help="seeded choice of N calibration images (default all)")
     q.add_argument("--val", default=None, help="evaluation image folder")
     q.add_argument("--num-val", type=int, default=None, help="seeded choice of N evaluation images (default all)")
-    q.add_argument("--scheme", choices=("fq", "matmul"), default="fq")
-    q.add_argument("--w-bits", type=int, default=8)
-    q.add_argument("--a-bits", type=int, default=8)
+    q.add_argument("--scheme", choices=("fq", "matmul"), default=None, help="quantization regime (default fq)")
+    q.add_argument("--w-bits", type=int, default=None, help="weight bits (default 8)")
+    q.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
     q.add_argument("--attn-bits", type=int, default=None, help="softmax-output bits (default --a-bits)")
     q.add_argument("--softmax-quantizer", default=None, help="quantizer kind for softmax outputs (see vitq methods)")
-    q.add_argument("--attn-granularity", choices=("tensor", "head"), default="tensor",
+    q.add_argument("--attn-granularity", choices=("tensor", "head"), default=None,
                    help="q/k/v quantizers: one scale per tensor (default) or per attention head")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
