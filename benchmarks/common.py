@@ -40,7 +40,9 @@ def environment() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    """How this script was invoked, as ``python -m benchmarks.NAME ARGS`` (run from the repository root)."""
+    module = os.path.splitext(os.path.relpath(sys.argv[0], ROOT))[0].replace(os.sep, ".")
+    return "python -m " + " ".join(shlex.quote(a) for a in [module, *sys.argv[1:]])
 
 
 def median_time(fn, repeats: int = 3) -> float:
