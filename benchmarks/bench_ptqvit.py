@@ -9,7 +9,7 @@ results.
 from __future__ import annotations
 
 import argparse
-import ast
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,15 +44,13 @@ def logits(model, x, bs=50):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-calib", type=int, default=16)
-    ap.add_argument("--budget-min", type=float, default=35.0, help="start no new row after this many minutes")
+    ap.add_argument("--budget-min", type=float, default=45.0, help="start no new row after this many minutes")
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--mp-candidates", type=int, default=10)
-    ap.add_argument("--carry", default=None, metavar="LOG",
-                    help="reuse the rows printed in LOG by an earlier run of this script and skip them")
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -78,20 +76,14 @@ def main() -> int:
         plan.append((f"percentile W{bits}A{bits}", bits, "percentile", {}))
         plan.append((f"omse W{bits}A{bits}", bits, "omse", {}))
     plan += [
+        ("ptqvit W8A8 no ranking", 8, "ptqvit", dict(search, no_ranking=True)),
+        ("ptqvit W8A8 no bias corr", 8, "ptqvit", dict(search, no_bias_corr=True)),
         ("ptqvit W6A6 no ranking", 6, "ptqvit", dict(search, no_ranking=True)),
         ("ptqvit W6A6 no bias corr", 6, "ptqvit", dict(search, no_bias_corr=True)),
         ("ptqvit W4A4 no ranking", 4, "ptqvit", dict(search, no_ranking=True)),
         ("ptqvit W4A4 no bias corr", 4, "ptqvit", dict(search, no_bias_corr=True)),
     ]
     rows, notes, skipped = [], [], []
-    carried = []
-    if args.carry:  # rows printed by an earlier run of this script (same settings), reused and labelled
-        for line in Path(args.carry).read_text().splitlines():
-            if line.startswith("['"):
-                carried.append(ast.literal_eval(line.split("] elapsed")[0] + "]"))
-        done_labels = {r[0] for r in carried}
-        plan = [p for p in plan if p[0] not in done_labels]
-        rows += [[f"{r[0]} (earlier run)", *r[1:]] for r in carried]
     float_top1 = float("nan")
     for label, bits, method, opts in plan:
         if (time.perf_counter() - t_start) / 60 > args.budget_min:
@@ -117,29 +109,19 @@ def main() -> int:
     return 0
 
 
-def carry_note(args) -> str:
-    if not args.carry:
-        return ""
-    return ("\n\nRows marked \"(earlier run)\" come from a first run of this script with the same settings "
-            "(`nice -n 10 python benchmarks/bench_ptqvit.py --budget-min 32`, same images, same machine), which "
-            "ran the baselines first and was stopped after five rows to give the PTQ-ViT rows priority; this run "
-            "reused its printed rows instead of recomputing them.")
-
-
 def write(args, rows, notes, skipped, plan, float_top1, n_calib, n_val, t_start, done: bool) -> None:
     status = ("complete" if not skipped else f"stopped by the time budget; not run: {', '.join(skipped)}") \
         if done else f"PARTIAL (in progress, {len(rows)} of {len(plan)} rows)"
     md = f"""## PTQ-ViT (`ptqvit`) on DeiT-Tiny, `matmul` regime
 
-Command: `nice -n 10 {command()}`
+Command: `{command()}`
 
 {environment()}
 
 Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); calibration: {n_calib} images of calib/ (seed 0, the same
 images for every method); evaluation: all {n_val} images of val/. Float top-1 on val: {float_top1:.2f} %.
 Agreement = top-1 agreement with the float model (%), KL = mean KL(float ‖ quant) in nats; time = calibration
-seconds on 2 CPU cores shared with three other engineers' jobs (load average 4–7 during the run), so timings
-are only rough.
+seconds on this machine's 2 CPU cores (1-minute load average {os.getloadavg()[0]:.1f} when this was written).
 
 Reductions (all for CPU time; the method's defaults are candidates 100, rounds 20, tokens 64, rows 32, pairs
 256, mp-candidates 20, on all calibration images): {n_calib} calibration images, candidates {args.candidates},
@@ -149,7 +131,7 @@ query rows per image and head for the attention matmuls, {args.pairs} ranking pa
 omse use their defaults (per-channel min/max and OMSE weights, per-tensor activations) on the same images.
 W9/W10 modules in MP8 are allowed only through mixed precision (quantizers rebuilt with those bits).
 
-Status: {status}.{carry_note(args)}
+Status: {status}.
 
 {table(["config", "top-1 %", "agreement %", "KL", "calib s", "MP size MB (avg bits)"], rows)}
 
