@@ -7,7 +7,8 @@ import pytest
 from conftest import TINY, make_image_folder, tiny_model
 from safetensors.torch import save_file
 
-from vitq.cli import main
+from vitq.cli import OutputDir, main
+from vitq.errors import VitqError
 
 NAME, KW = TINY["deit"]
 MODEL_ARGS = json.dumps(KW)
@@ -42,7 +43,7 @@ def test_quantize_then_evaluate_gives_identical_metrics(setup, capsys):
         "calibrate_s", "refine_s", "eval_s"}
     assert len(r["weights_sha256"]) == 64
 
-    ev = tmp / "eval.json"
+    ev = tmp / "reports" / "eval.json"  # missing folders above an output are created
     assert main(["evaluate", "--model", NAME, "--weights", str(weights), "--state", str(out), "--val", str(val),
                  "--batch-size", "4", "--num-workers", "0", "--quiet", "--out", str(ev)]) == 0
     r2 = json.loads(ev.read_text())
@@ -145,3 +146,18 @@ def test_refine_evolq_from_the_cli_records_search_and_val_selection(setup):
     assert main([a if a != str(tmp / "r") else str(tmp / "s") for a in base] + ["--evolq-select-on-val"]) == 0
     s = json.loads((tmp / "s" / "results.json").read_text())["refinement"]
     assert s["select_on_val"] is True and "val_batches" not in s["options"]
+
+
+def test_output_folder_creates_missing_parents_and_removes_them_on_failure(tmp_path):
+    target = tmp_path / "runs" / "deit" / "w4a8"
+    with pytest.raises(RuntimeError), OutputDir(str(target), overwrite=False):
+        raise RuntimeError("calibration failed")
+    assert not (tmp_path / "runs").exists()
+    with OutputDir(str(target), overwrite=False) as out:
+        with open(out.file("results.json"), "w") as f:
+            f.write("{}")
+        out.commit()
+    assert (target / "results.json").read_text() == "{}"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(VitqError, match="is not a folder"):
+        OutputDir(str(tmp_path / "file" / "run"), overwrite=False)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from vitq.errors import VitqError
+from vitq.state import check_output_parent, make_parents, remove_created
 
 log = logging.getLogger("vitq")
 
@@ -56,14 +57,11 @@ class OutputDir:
         self.path = os.path.abspath(path)
         if os.path.exists(self.path) and not overwrite:
             raise VitqError(f"output folder {path} already exists (expected a new path, or pass --overwrite)")
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise VitqError(f"parent folder of --out {path} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise VitqError(f"cannot write into {parent} (for --out {path})")
-        self.tmp = None
+        check_output_parent(path)
+        self.tmp, self.created = None, []
 
     def __enter__(self) -> OutputDir:
+        self.created = make_parents(self.path)
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
         return self
 
@@ -83,6 +81,7 @@ class OutputDir:
     def __exit__(self, *exc) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_created(self.created)
 
 
 def load_images(records, transform, batch_size: int, num_workers: int, progress: bool, what: str):
@@ -268,8 +267,7 @@ def cmd_evaluate(args) -> int:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise VitqError(f"output file {args.out} already exists (expected a new path, or pass --overwrite)")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise VitqError(f"parent folder of --out {args.out} does not exist")
+    check_output_parent(out)
     saved = read_config(args.state)
     if saved.get("model") not in (None, args.model):
         raise VitqError(f"state {args.state} was made for model {saved['model']}, not {args.model}")
@@ -286,6 +284,7 @@ def cmd_evaluate(args) -> int:
                "val_dir": os.path.abspath(args.val), "num_val": metrics["num_images"], "val_skipped": skipped,
                "float": metrics["float"], "quant": metrics["quant"], "timings": {"eval_s": eval_s},
                "versions": versions(), "command": ["vitq", *sys.argv[1:]]}
+    make_parents(out)
     write_json(out, results)
     print(summary_line(results))
     print(f"wrote {out}")
@@ -362,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--refine", default=None, help="refiner to run after calibration (see vitq methods)")
     q.add_argument("--init-state", default=None, metavar="DIR",
                    help="start from a saved state (a previous --out) instead of calibrating")
-    q.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    q.add_argument("--out", required=True,
+                   help="output folder (must not exist unless --overwrite; missing parents are created)")
     for entries, title in ((METHODS, "method options"), (REFINERS, "refiner options")):
         group = q.add_argument_group(title)
         for entry in entries.values():

@@ -152,14 +152,13 @@ def plot_landscape(result: dict, path: str) -> None:
 
 def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
     """Write PNG and JSON into ``out`` all at once: a temporary folder renamed into place."""
-    from vitq.state import write_json
+    from vitq.state import check_output_parent, make_parents, remove_created, write_json
 
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise VitqError(f"--out {out} already exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise VitqError(f"--out {out}: parent folder {parent} does not exist")
+    check_output_parent(out)
+    created = make_parents(out)
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -175,6 +174,8 @@ def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(out):
+            remove_created(created)
 
 
 def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch_size: int) -> tuple[torch.Tensor,
@@ -216,11 +217,12 @@ def add_command(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitq.models import create_model, sha256_file
-    from vitq.state import load, read_config
+    from vitq.state import check_output_parent, load, read_config
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise VitqError(f"--out {out} already exists (pass --overwrite to replace it)")
+    check_output_parent(out)
     if args.num_calib is not None and args.num_calib <= 0:
         raise VitqError(f"--num-calib {args.num_calib} is invalid (expected a positive number)")
     if args.batch_size <= 0:

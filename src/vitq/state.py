@@ -64,6 +64,38 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return qmodel
 
 
+def check_output_parent(path: str) -> None:
+    """Refuse an output ``path`` that could not be written: the nearest existing folder above it must be a
+    writable folder. Missing folders in between are created by :func:`make_parents` when writing."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise VitqError(f"--out {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise VitqError(f"--out {path}: cannot write into {ancestor}")
+
+
+def make_parents(path: str) -> list[str]:
+    """Create the missing folders above ``path``; returns those created, outermost first (for cleanup)."""
+    missing, parent = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
+    for folder in missing:
+        os.mkdir(folder)
+    return missing
+
+
+def remove_created(folders: list[str]) -> None:
+    """Undo :func:`make_parents` after a failed write (only folders still empty)."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
