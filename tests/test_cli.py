@@ -7,8 +7,9 @@ import pytest
 from conftest import TINY, make_image_folder, tiny_model
 from safetensors.torch import save_file
 
-from vitq.cli import OutputDir, main
+from vitq.cli import main
 from vitq.errors import VitqError
+from vitq.state import OutputDir
 
 NAME, KW = TINY["deit"]
 MODEL_ARGS = json.dumps(KW)

@@ -13,16 +13,14 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
 import torch
 
 from vitq.errors import VitqError
-from vitq.state import check_output_parent, make_parents, remove_created
+from vitq.state import OutputDir, check_output_parent, make_parents
 
 log = logging.getLogger("vitq")
 
@@ -47,41 +45,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise VitqError(f"--device {name!r} is not supported (expected cpu or cuda)")
     return torch.device(name)
-
-
-class OutputDir:
-    """A temporary folder beside the final one; ``commit()`` renames it into place (replacing an existing
-    folder only with --overwrite), and leaving the ``with`` block without committing removes it."""
-
-    def __init__(self, path: str, overwrite: bool):
-        self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise VitqError(f"output folder {path} already exists (expected a new path, or pass --overwrite)")
-        check_output_parent(path)
-        self.tmp, self.created = None, []
-
-    def __enter__(self) -> OutputDir:
-        self.created = make_parents(self.path)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
-        return self
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.tmp, name)
-
-    def commit(self) -> None:
-        if os.path.exists(self.path):
-            old = self.path + f".old{os.getpid()}"
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        self.tmp = None
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            remove_created(self.created)
 
 
 def load_images(records, transform, batch_size: int, num_workers: int, progress: bool, what: str):

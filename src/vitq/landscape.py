@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 
 import torch
@@ -152,30 +151,12 @@ def plot_landscape(result: dict, path: str) -> None:
 
 def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
     """Write PNG and JSON into ``out`` all at once: a temporary folder renamed into place."""
-    from vitq.state import check_output_parent, make_parents, remove_created, write_json
+    from vitq.state import OutputDir, write_json
 
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise VitqError(f"--out {out} already exists (pass --overwrite to replace it)")
-    check_output_parent(out)
-    created = make_parents(out)
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        plot_landscape(result, os.path.join(tmp, PNG_FILE))
-        write_json(os.path.join(tmp, JSON_FILE), result)
-        if os.path.exists(out):
-            old = f"{out}.old{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(out):
-            remove_created(created)
+    with OutputDir(out, overwrite) as folder:
+        plot_landscape(result, folder.file(PNG_FILE))
+        write_json(folder.file(JSON_FILE), result)
+        folder.commit()
 
 
 def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch_size: int) -> tuple[torch.Tensor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 from torch import nn
@@ -94,6 +96,41 @@ def remove_created(folders: list[str]) -> None:
             os.rmdir(folder)
         except OSError:
             break
+
+
+class OutputDir:
+    """A temporary folder beside the final one; ``commit()`` renames it into place (replacing an existing
+    folder only with --overwrite), and leaving the ``with`` block without committing removes it."""
+
+    def __init__(self, path: str, overwrite: bool):
+        self.path = os.path.abspath(path)
+        if os.path.exists(self.path) and not overwrite:
+            raise VitqError(f"output folder {path} already exists (expected a new path, or pass --overwrite)")
+        check_output_parent(path)
+        self.tmp, self.created = None, []
+
+    def __enter__(self) -> OutputDir:
+        self.created = make_parents(self.path)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
+        return self
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+    def commit(self) -> None:
+        if os.path.exists(self.path):
+            old = self.path + f".old{os.getpid()}"
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_created(self.created)
 
 
 def write_json(path: str, obj) -> None:
