@@ -9,25 +9,22 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 import vitq
-from benchmarks.common import CALIB_DIR, DEIT_WEIGHTS, VAL_DIR, command, environment, table, write_section
+from benchmarks.common import (
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    VAL_DIR,
+    batched_logits,
+    command,
+    environment,
+    load_images,
+    table,
+    write_section,
+)
 from vitq.calib import CalibData
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+from vitq.data import model_transform
 from vitq.evaluate import Metrics
 from vitq.models import create_model
-
-
-def load(folder, num, transform, seed=0):
-    loader = make_loader(select_records(scan_image_folder(folder), num, seed), transform, batch_size=50, num_workers=2)
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def logits(model, x, bs=50):
-    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
 def main() -> None:
@@ -41,11 +38,11 @@ def main() -> None:
 
     model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
     transform, _ = model_transform(model)
-    calib_x, _ = load(CALIB_DIR, args.num_calib, transform)
-    val_x, val_y = load(VAL_DIR, None, transform)
+    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, num_workers=2)
+    val_x, val_y = load_images(VAL_DIR, None, transform, num_workers=2)
     print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
 
-    float_logits = logits(model, val_x)
+    float_logits = batched_logits(model, val_x)
     ref = Metrics()
     ref.update(float_logits, float_logits, val_y)
     float_res = ref.result()["float"]
@@ -62,7 +59,7 @@ def main() -> None:
                 vitq.calibrate(qmodel, calib, method)
                 cal_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                q_logits = logits(qmodel, val_x)
+                q_logits = batched_logits(qmodel, val_x)
                 eval_s = time.perf_counter() - t0
                 m = Metrics()
                 m.update(float_logits, q_logits, val_y)
@@ -77,10 +74,10 @@ def main() -> None:
                     tf, tq = [], []
                     for _ in range(3):
                         t0 = time.perf_counter()
-                        logits(model, val_x)
+                        batched_logits(model, val_x)
                         tf.append(time.perf_counter() - t0)
                         t0 = time.perf_counter()
-                        logits(qmodel, val_x)
+                        batched_logits(qmodel, val_x)
                         tq.append(time.perf_counter() - t0)
                     timing = (sorted(tf)[1], sorted(tq)[1])
 

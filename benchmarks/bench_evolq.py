@@ -17,25 +17,25 @@ import time
 import torch
 
 import vitq
-from benchmarks.common import CALIB_DIR, DEIT_WEIGHTS, ROOT, VAL_DIR, command, environment, table, write_section
+from benchmarks.common import (
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    ROOT,
+    VAL_DIR,
+    batched_logits,
+    command,
+    environment,
+    load_images,
+    table,
+    write_section,
+)
 from vitq.calib import CalibData
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+from vitq.data import model_transform
 from vitq.evaluate import Metrics
 from vitq.landscape import compute_landscape, plot_landscape
 from vitq.models import create_model
 
 FIGURES = ROOT / "benchmarks" / "figures"
-
-
-def load(folder, num, transform, seed=0):
-    loader = make_loader(select_records(scan_image_folder(folder), num, seed), transform, batch_size=50)
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def logits(model, x, bs=50):
-    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
 def metrics(float_logits, q_logits, labels) -> dict:
@@ -63,10 +63,10 @@ def main() -> None:
 
     model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
     transform, _ = model_transform(model)
-    calib_x, _ = load(CALIB_DIR, args.num_calib, transform)
-    val_x, val_y = load(VAL_DIR, args.num_val, transform)
+    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform)
+    val_x, val_y = load_images(VAL_DIR, args.num_val, transform)
     print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
-    float_logits = logits(model, val_x)
+    float_logits = batched_logits(model, val_x)
     float_top1 = metrics(float_logits, float_logits, val_y)["top1"]
 
     rows, details, landscape = [], {}, None
@@ -79,7 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         vitq.calibrate(base, calib, method)
         cal_s = time.perf_counter() - t0
-        r = metrics(float_logits, logits(base, val_x), val_y)
+        r = metrics(float_logits, batched_logits(base, val_x), val_y)
         rows.append([tag, method, r["top1"], r["agreement"], r["kl"], "-", "-", "-", "-", "-"])
         print(rows[-1], flush=True)
         if landscape is None:  # the landscape of one block of the first base model
@@ -93,7 +93,7 @@ def main() -> None:
                 opts["children"] = args.improved_children
             q = copy.deepcopy(base)
             info = vitq.refine(q, model, calib, "evolq", batch_size=args.batch_size, progress=False, **opts)
-            r = metrics(float_logits, logits(q, val_x), val_y)
+            r = metrics(float_logits, batched_logits(q, val_x), val_y)
             t = info["fitness_eval_seconds"]
             rows.append([tag, f"{method} + evolq {mode}", r["top1"], r["agreement"], r["kl"],
                          f"{info['fitness']['initial']:.4f} → {info['fitness']['final']:.4f}", info["evaluations"],

@@ -1,6 +1,6 @@
 """Evol-Q at the paper's search setting (issue 3), with the search on a GPU machine and the evaluation here.
 
-The CPU benchmark (``bench_evolq``) had to cut the search to 32 images and one pass. This one runs the faithful
+The CPU benchmark (``bench_evolq``) cuts the search to fit a CPU (fewer images and passes). This one runs the faithful
 setting (10 passes, batches of 100 calibration images) on a lent GPU, brings back only what each search
 changed (the quantization scales and bias-corrected biases: a small "delta" file per state, since whole states
 exceed what comes back from that machine), and evaluates every state here on all 500 ``val/`` images.
@@ -23,9 +23,19 @@ from pathlib import Path
 import torch
 
 import vitq
-from benchmarks.common import CALIB_DIR, DEIT_WEIGHTS, VAL_DIR, command, environment, table, write_section
+from benchmarks.common import (
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    VAL_DIR,
+    batched_logits,
+    command,
+    environment,
+    load_images,
+    table,
+    write_section,
+)
 from vitq.calib import CalibData
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+from vitq.data import model_transform
 from vitq.evaluate import Metrics
 from vitq.methods.evolq import infonce_loss
 from vitq.models import create_model
@@ -36,17 +46,11 @@ from vitq.state import state_config, write_json
 MODEL = "deit_tiny_patch16_224"
 
 
-def load(folder, num, transform, seed=0):
-    loader = make_loader(select_records(scan_image_folder(folder), num, seed), transform, batch_size=50)
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
-
-
-def reference_state(model, cfg: dict) -> dict:
-    """The state of a freshly prepared, uncalibrated model with the quantizer structure ``cfg`` describes."""
+def fresh(model, cfg: dict):
+    """A freshly prepared, uncalibrated model with the quantizer structure ``cfg`` describes."""
     q = vitq.prepare(model, Scheme.from_dict(cfg["scheme"]))
     rebuild_quantizers(q, cfg["quantizers"])
-    return q.state_dict()
+    return q
 
 
 def save_delta(qmodel, model, path: Path) -> None:
@@ -54,7 +58,7 @@ def save_delta(qmodel, model, path: Path) -> None:
     from safetensors.torch import save_file
 
     cfg = state_config(qmodel)
-    ref = {k: v.cpu() for k, v in reference_state(model, cfg).items()}
+    ref = {k: v.cpu() for k, v in fresh(model, cfg).state_dict().items()}
     delta = {}
     for k, v in qmodel.state_dict().items():
         v = v.detach().cpu()
@@ -69,8 +73,7 @@ def load_delta(model, path: Path):
 
     with open(path.with_suffix(".json")) as f:
         cfg = json.load(f)
-    q = vitq.prepare(model, Scheme.from_dict(cfg["scheme"]))
-    rebuild_quantizers(q, cfg["quantizers"])
+    q = fresh(model, cfg)
     sd = q.state_dict()
     sd.update(load_file(str(path.with_suffix(".safetensors"))))
     q.load_state_dict(sd)
@@ -91,7 +94,7 @@ def search(args) -> None:
     device = torch.device(args.device)
     model = create_model(MODEL, weights=data / "models" / f"{MODEL}.safetensors").to(device).eval()
     transform, _ = model_transform(model)
-    calib_x, _ = load(data / "data" / "imagenet-sample" / "calib", args.num_calib, transform)
+    calib_x, _ = load_images(data / "data" / "imagenet-sample" / "calib", args.num_calib, transform)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -131,11 +134,10 @@ def evaluate_states(args) -> None:
         runs = json.load(f)
     model = create_model(MODEL, weights=DEIT_WEIGHTS).eval()
     transform, _ = model_transform(model)
-    val_x, val_y = load(VAL_DIR, None, transform)
-    calib_x, _ = load(CALIB_DIR, runs["num_calib"], transform)  # the same seeded choice as the search's
+    val_x, val_y = load_images(VAL_DIR, None, transform)
+    calib_x, _ = load_images(CALIB_DIR, runs["num_calib"], transform)  # the same seeded choice as the search's
     calib = CalibData(calib_x, batch_size=runs["batch_size"], progress=False)
-    with torch.no_grad():
-        float_logits = torch.cat([model(val_x[i:i + 50]) for i in range(0, len(val_x), 50)])
+    float_logits = batched_logits(model, val_x)
     ref = Metrics()
     ref.update(float_logits, float_logits, val_y)
     rows = [["float", "-", ref.result()["float"]["top1"], 100.0, "0", "-", "-", "-", "-"]]
@@ -143,8 +145,7 @@ def evaluate_states(args) -> None:
         scheme, bits, method = tag.split("_", 2)
         for kind in ("base", "faithful", "improved"):
             q = load_delta(model, states / f"{tag}_{kind}").eval()
-            with torch.no_grad():
-                q_logits = torch.cat([q(val_x[i:i + 50]) for i in range(0, len(val_x), 50)])
+            q_logits = batched_logits(q, val_x)
             m = Metrics()
             m.update(float_logits, q_logits, val_y)
             r = m.result()["quant"]

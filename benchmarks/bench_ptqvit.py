@@ -19,26 +19,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from common import CALIB_DIR, DEIT_WEIGHTS, VAL_DIR, command, environment, table, write_section  # noqa: E402
+from common import (  # noqa: E402
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    VAL_DIR,
+    batched_logits,
+    command,
+    environment,
+    load_images,
+    table,
+    write_section,
+)
 
 import vitq  # noqa: E402
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records  # noqa: E402
+from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
 from vitq.models import create_model  # noqa: E402
-
-
-def load_images(root, n, transform, seed=0):
-    recs = select_records(scan_image_folder(root), n, seed)
-    xs, ys = [], []
-    for x, y in make_loader(recs, transform, batch_size=50):
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def logits(model, x, bs=50):
-    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
 def main() -> int:
@@ -59,7 +55,7 @@ def main() -> int:
     tf, _ = model_transform(model)
     calib_x, _ = load_images(CALIB_DIR, args.num_calib, tf)
     val_x, val_y = load_images(VAL_DIR, None, tf)
-    float_logits = logits(model, val_x)
+    float_logits = batched_logits(model, val_x)
     print(f"data ready: calib {tuple(calib_x.shape)}, val {tuple(val_x.shape)} "
           f"({time.perf_counter() - t_start:.0f}s)", flush=True)
 

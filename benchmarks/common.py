@@ -22,6 +22,23 @@ VAL_DIR = SHARED / "data" / "imagenet-sample" / "val"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
+def load_images(folder, num, transform, seed: int = 0, num_workers: int = 0):
+    """A seeded choice of ``num`` images of an ImageNet-style folder (all when None), preprocessed into one
+    tensor, with their labels."""
+    from vitq.data import make_loader, scan_image_folder, select_records
+
+    loader = make_loader(select_records(scan_image_folder(folder), num, seed), transform, batch_size=50,
+                         num_workers=num_workers)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def batched_logits(model, x, batch_size: int = 50):
+    """``model`` over ``x`` in batches, logits concatenated."""
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
 def environment() -> str:
     import timm
 

@@ -16,25 +16,25 @@ import re
 import torch
 
 import vitq
-from benchmarks.common import CALIB_DIR, DEIT_WEIGHTS, VAL_DIR
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+from benchmarks.common import (
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    VAL_DIR,
+    batched_logits,
+    load_images,
+)
+from vitq.data import model_transform
 from vitq.models import create_model
 
 
-def load(root, n, transform):
-    return torch.cat([x for x, _ in make_loader(select_records(scan_image_folder(root), n, 0), transform,
-                                               batch_size=50)])
-
-
-@torch.no_grad()
 def predictions(model, x):
-    return torch.cat([model(x[i:i + 50]) for i in range(0, len(x), 50)]).argmax(1)
+    return batched_logits(model, x).argmax(1)
 
 
 def main() -> None:
     model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS).eval()
     transform, _ = model_transform(model)
-    calib_x, val_x = load(CALIB_DIR, 100, transform), load(VAL_DIR, 150, transform)
+    calib_x, val_x = load_images(CALIB_DIR, 100, transform)[0], load_images(VAL_DIR, 150, transform)[0]
     reference = predictions(model, val_x)
 
     def agreement(q) -> float:
