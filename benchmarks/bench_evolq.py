@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--landscape-radius", type=float, default=0.05)
     p.add_argument("--num-val", type=int, default=None, help="val images (default all 500; fewer for a smoke run)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md and figures/ alone")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -103,13 +103,13 @@ def main() -> None:
             print(rows[-1], flush=True)
         details[f"{tag} calibrate_seconds"] = cal_s
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    png = FIGURES / "evolq_landscape.png"
-    plot_landscape(landscape, str(png))
-    with open(FIGURES / "evolq_landscape.json", "w") as f:
-        json.dump(landscape, f, indent=1)
-    with open(FIGURES / "evolq_runs.json", "w") as f:
-        json.dump(details, f, indent=1, default=str)
+    if not args.no_write:  # the figure and traces belong to the BENCHMARKS.md section: written with it
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        plot_landscape(landscape, str(FIGURES / "evolq_landscape.png"))
+        with open(FIGURES / "evolq_landscape.json", "w") as f:
+            json.dump(landscape, f, indent=1)
+        with open(FIGURES / "evolq_runs.json", "w") as f:
+            json.dump(details, f, indent=1, default=str)
 
     lo, hi = min(landscape["infonce"]), max(landscape["infonce"])
     ag = landscape["agreement"]
