@@ -97,11 +97,13 @@ def test_sym_quant_matches_uniform_quantizer():
 
 # ----------------------------------------------------------------------------------------- search
 
-@pytest.mark.parametrize("bias_corr", [True, False])
-def test_search_never_worse_than_init(deit, bias_corr):
+@pytest.mark.parametrize("bias_corr,granularity", [(True, "channel"), (False, "channel"), (True, "tensor")])
+def test_search_never_worse_than_init(deit, bias_corr, granularity):
     qm = vitq.prepare(deit, vitq.Scheme("matmul", 4, 4), method="ptqvit")
-    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=4, progress=False, bias_corr=bias_corr, **FAST)
+    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=4, progress=False, bias_corr=bias_corr,
+                          weight_granularity=granularity, **FAST)
     assert info["options"]["bias_corr"] is bias_corr
+    assert info["weight_granularity"] == granularity
     kinds = {t["kind"] for t in info["layers"]}
     assert kinds == {"linear", "qk", "av"}
     # patch embed, 2 blocks x (qkv, qk, av, proj, fc1, fc2), head
@@ -112,17 +114,23 @@ def test_search_never_worse_than_init(deit, bias_corr):
     assert info["mean_objective"] > info["mean_init_objective"]
     assert info["options"]["calibration"] == "sequential"
     for name, q in quantizers_of(qm).items():
-        assert isinstance(q, UniformQuantizer) and q.signed and q.channel_axis is None, name
+        assert isinstance(q, UniformQuantizer) and q.signed, name
+        per_channel = granularity == "channel" and name.endswith("weight_quant")
+        assert q.channel_axis == (0 if per_channel else None), name
         assert bool(q.initialized), name
+        if per_channel:  # one searched interval per output channel, not one value repeated
+            assert q.scale.numel() == qm.get_submodule(name.rpartition(".")[0]).weight.shape[0] > 1
+            assert len(torch.unique(q.scale)) > 1, name
 
 
-def test_written_intervals_reproduce_the_searched_objective(deit):
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_written_intervals_reproduce_the_searched_objective(deit, granularity):
     """The quantizers written into the model give the same layer output the search scored."""
     qm = vitq.prepare(deit, vitq.Scheme("matmul", 6, 6), method="ptqvit")
     opts = P.resolve_options(dict(FAST, calibration="parallel", bias_corr=False))
     layers = P.find_layers(qm)
     for la in layers:
-        P._swap_layer_quantizers(la)
+        P._swap_layer_quantizers(la, weight_granularity=granularity)
     fc1 = next(la for la in layers if la.name == "blocks.0.mlp.fc1")
     x = torch.randn(3, 17, 192)
     with P._Recorder([fc1], "float", opts, torch.Generator().manual_seed(0), stop=False):
@@ -132,10 +140,47 @@ def test_written_intervals_reproduce_the_searched_objective(deit):
     P._write(fc1, res)
     with torch.no_grad():
         out = fc1.module(x)[:, fc1.idx]
-    ref = prob.apply(prob._quant_a(torch.tensor([res["a_scale"]])), prob._quant_b(torch.tensor([res["b_scale"]])),
+    assert prob.b_channel is (granularity == "channel")
+    ref = prob.apply(prob._quant_a(torch.tensor([res["a_scale"]])), prob._quant_b(prob.b_stack(res["b_scale"])),
                      prob.bias)[0]
     assert torch.allclose(out, ref, atol=1e-5)
     assert abs(float(P.pearson(out.reshape(1, 3, -1), prob.target).mean()) - res["objective"]) < 1e-5
+
+
+def test_per_channel_weights_beat_one_interval_on_uneven_rows():
+    """A layer whose output channels have weights of very different size: one interval per tensor rounds the
+    small rows to zero at 4 bits, one per channel keeps them. The per-channel search scores no worse, its small
+    channels come out far more accurate, and the written intervals follow each row's own range."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight.mul_((10.0 ** -torch.linspace(0, 2, 16)).unsqueeze(1))
+    model = torch.nn.Sequential(lin)
+    x = torch.randn(6, 10, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = lin(x)
+    results = {}
+    for gran in ("tensor", "channel"):
+        qm = vitq.prepare(model, vitq.Scheme("matmul", 4, 8), method="ptqvit")
+        (la,) = P.find_layers(qm)
+        P._swap_layer_quantizers(la, weight_granularity=gran)
+        opts = P.resolve_options(dict(FAST, candidates=20, rounds=4))
+        with P._Recorder([la], "float", opts, torch.Generator().manual_seed(0), stop=False):
+            la.module(x)
+        prob = P._problem(la, "float", opts, torch.Generator().manual_seed(0))
+        res = prob.search(opts["candidates"], opts["rounds"], bias_corr=True)
+        P._write(la, res)
+        assert res["b_search"] in (("tensor",) if gran == "tensor" else ("max", "shared", "per-channel"))
+        with torch.no_grad():
+            err = (la.module(x) - ref).pow(2).mean((0, 1)) / ref.pow(2).mean((0, 1))  # relative, per channel
+        results[gran] = (res, la.b_quant.scale.clone(), err)
+    (r_t, s_t, e_t), (r_c, s_c, e_c) = results["tensor"], results["channel"]
+    assert s_t.dim() == 0 and s_c.shape == (16,)
+    assert r_c["objective"] >= r_t["objective"]
+    assert float(e_c[8:].mean()) < 0.25 * float(e_t[8:].mean())  # the small half of the channels
+    ratio = s_c / (lin.weight.detach().abs().amax(1) / 7)  # the written Δ_c over each channel's own Δ₀
+    assert bool(((ratio >= 0.5 - 1e-6) & (ratio <= 1.2 + 1e-6)).all())
+    assert float(s_c[0] / s_c[-1]) > 20  # intervals follow the 100x spread of the rows
 
 
 def test_bias_correction_changes_bias_and_records(deit):
@@ -185,6 +230,10 @@ def test_bad_options(deit):
         vitq.calibrate(qm, images(), "ptqvit", progress=False, mixed_precision=12)
     with pytest.raises(VitqError, match="unknown options"):
         vitq.calibrate(qm, images(), "ptqvit", progress=False, candidatez=3)
+    with pytest.raises(VitqError, match="weight granularity"):
+        vitq.calibrate(qm, images(), "ptqvit", progress=False, weight_granularity="row")
+    with pytest.raises(VitqError, match="sensitivity"):
+        vitq.calibrate(qm, images(), "ptqvit", progress=False, mp_sensitivity="frobenius")
 
 
 def test_cli_arguments_follow_the_registry_contract():
@@ -192,9 +241,13 @@ def test_cli_arguments_follow_the_registry_contract():
     parser = argparse.ArgumentParser()
     entry.add_arguments(parser.add_argument_group("ptqvit"))
     args = parser.parse_args(["--ptqvit-no-ranking", "--mixed-precision", "6", "--ptqvit-candidates", "50",
-                              "--ptqvit-calibration", "parallel"])
+                              "--ptqvit-calibration", "parallel", "--ptqvit-weight-granularity", "tensor",
+                              "--ptqvit-mp-sensitivity", "softmax", "--ptqvit-mp-no-check"])
     assert entry.options_from_args(args) == {"no_ranking": True, "mixed_precision": 6, "candidates": 50,
-                                             "calibration": "parallel"}
+                                             "calibration": "parallel", "weight_granularity": "tensor",
+                                             "mp_sensitivity": "softmax", "mp_no_check": True}
+    assert P.resolve_options({})["weight_granularity"] == "channel"
+    assert P.resolve_options({"mp_no_check": True})["mp_check"] is False
     assert entry.options_from_args(parser.parse_args([])) == {}
 
 
@@ -262,3 +315,53 @@ def test_save_load_roundtrip_plain(deit, tmp_path):
     x = images(3, seed=4)
     with torch.no_grad():
         assert torch.equal(qm(x), loaded(x))
+
+
+def test_relative_sensitivity_puts_msa_and_mlp_on_one_scale():
+    raw_qk = [1000.0, 3000.0, 400.0, 600.0]  # MSA (QK^T) norms ~5x the MLP output norms
+    parts = ["msa", "msa", "mlp", "mlp"]
+    rel = P.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "relative")
+    assert rel == pytest.approx([0.5, 1.5, 0.8, 1.2])
+    assert P.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "raw") == raw_qk
+    assert P.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "softmax") == [30.0, 90.0, 400.0, 600.0]
+
+
+@pytest.mark.parametrize("sensitivity", ["relative", "softmax"])
+def test_allocation_no_worse_than_uniform(deit, sensitivity):
+    """Omega of the chosen allocation never exceeds the uniform one's, and the model check is recorded: when the
+    program's allocation is kept its composed KL is no larger than uniform's."""
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 6, 6), method="ptqvit")
+    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, mixed_precision=6,
+                          mp_sensitivity=sensitivity, **FAST)
+    mp = info["mixed_precision"]
+    chk = mp["check"]
+    omega_of = sum(mp["omega"][name][str(b)] for name, b in mp["bits"].items())
+    omega_uniform = sum(row["6"] for row in mp["omega"].values())
+    assert chk["omega_uniform"] == pytest.approx(omega_uniform)
+    assert omega_of <= omega_uniform * (1 + 1e-9)
+    assert mp["sensitivity"] == sensitivity and mp["average_weight_bits"] <= 6 + 1e-9
+    assert chk["kl_check"] and chk["kl_chosen"] >= 0 and chk["kl_uniform"] >= 0
+    if chk["fallback_to_uniform"]:
+        assert set(mp["bits"].values()) == {6} and chk["kl_chosen"] > chk["kl_uniform"]
+    else:
+        assert mp["bits"] == mp["program_bits"] and chk["kl_chosen"] <= chk["kl_uniform"]
+    if sensitivity == "relative":
+        for part in ("attn", "mlp"):
+            vals = [v for k, v in mp["sensitivity_nuclear_norm"].items() if k.endswith(part)]
+            assert sum(vals) / len(vals) == pytest.approx(1.0)
+
+
+def test_allocation_falls_back_to_uniform(deit, monkeypatch):
+    """A program answer worse than uniform (here: every module at the lowest width, forced) is replaced by the
+    uniform allocation, and the record says why."""
+    monkeypatch.setattr(P, "solve_allocation", lambda omega, sizes, cand, budget: [0] * len(sizes))
+    qm = vitq.prepare(deit, vitq.Scheme("matmul", 6, 6), method="ptqvit")
+    info = vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, mixed_precision=6, **FAST)
+    mp = info["mixed_precision"]
+    assert set(mp["program_bits"].values()) == {4}
+    assert set(mp["bits"].values()) == {6} and mp["check"]["fallback_to_uniform"]
+    assert "Omega" in mp["check"]["reason"]
+    assert mp["check"]["kl_chosen"] > mp["check"]["kl_uniform"]
+    for name in mp["bits"]:
+        for q in quantizers_of(qm.get_submodule(name)).values():
+            assert q.bits == 6

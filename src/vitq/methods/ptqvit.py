@@ -1,15 +1,28 @@
 """PTQ-ViT (Liu et al., NeurIPS 2021; METHODS.md §3): similarity- and ranking-aware interval search, output
 bias correction and nuclear-norm mixed precision.
 
-Every searched tensor uses a signed symmetric per-tensor quantizer (one Δ per tensor): the weight and the
-input of each linear layer (patch embedding, qkv, proj, fc1, fc2, head, Swin patch merging) and both inputs of
-the two attention matmuls (q and k of QKᵀ, softmax output and v of attn·V). Per layer, with Δ₀ = max|·| / qmax
-for each operand, the two Δ are searched alternately over C values spread linearly in [0.5Δ₀, 1.2Δ₀] (the
-"weight" side first: W, or k / v for the matmuls), at most R rounds or until neither changes, maximizing the
-mean over calibration samples of the Pearson correlation between the float and the quantized layer output. For
-QKᵀ the objective is ``mean Γ − γ·L_rank`` (see :func:`ranking_loss`). After every round the output-form bias
-correction subtracts E[Ô − O] from the layer's bias. The state with the best objective seen (the initial one
-included) is kept, so the search never ends worse than it started.
+Every searched tensor uses a signed symmetric quantizer: the weight and the input of each linear layer (patch
+embedding, qkv, proj, fc1, fc2, head, Swin patch merging) and both inputs of the two attention matmuls (q and k
+of QKᵀ, softmax output and v of attn·V). Inputs are per tensor (one Δ). Weights are per output channel by default
+(``weight_granularity='channel'``) or per tensor as in the paper (``'tensor'``): on DeiT-Tiny one Δ per weight
+tensor loses to every per-channel baseline at W6 and collapses at W4 (BENCHMARKS.md, ptqvit section, both shown).
+
+Per layer, with Δ₀ = max|·| / qmax for each operand (per weight row for per-channel weights), the two Δ are
+searched alternately over C values spread linearly in [0.5Δ₀, 1.2Δ₀] (the "weight" side first: W, or k / v for
+the matmuls), at most R rounds or until neither changes, maximizing the mean over calibration samples of the
+Pearson correlation between the float and the quantized layer output. For QKᵀ the objective is
+``mean Γ − γ·L_rank`` (see :func:`ranking_loss`). After every round the output-form bias correction subtracts
+E[Ô − O] from the layer's bias. The state with the best objective seen (the initial one included) is kept, so
+the search never ends worse than it started.
+
+Per-channel weights: output channel c of a linear layer depends on its own Δ_c only, so the search over Δ_c
+separates by channel. Each weight step scores the C factors f of Δ₀_c twice from the same candidate outputs:
+(a) one factor shared by all channels, by the layer objective (Pearson, the paper's), and (b) each channel's own
+best factor, by that channel's output error over the cached tokens (its variance when bias correction will
+remove the mean, else the MSE; the Pearson of one channel would ignore its scale, which the next layer sees).
+The step keeps (a) or (b), whichever has the higher layer objective, so the Pearson/ranking objective still
+decides and the never-worse guarantee holds; (b) costs nothing extra since the candidate outputs are computed
+for (a) anyway.
 
 Speed: each layer's inputs and float outputs are cached once over the calibration images, on a seeded random
 subset of ``tokens`` token positions per sample (linear layers) and of ``rows`` query rows per sample and head
@@ -43,10 +56,12 @@ DEFAULTS = {
     "ranking": True, "gamma": 0.1, "theta": 0.2, "pairs": 256,
     "bias_corr": True, "calibration": "sequential",
     "images": None, "tokens": 64, "rows": 32, "softmax_signed": True,
-    "mixed_precision": None, "mp_candidates": 20, "mp_rounds": 1, "mp_images": None,
-    "fq_init": "omse", "chunk_elements": 2**23,
+    "mixed_precision": None, "mp_candidates": 20, "mp_rounds": 1, "mp_images": None, "mp_check": True,
+    "fq_init": "omse", "chunk_elements": 2**23, "weight_granularity": "channel", "mp_sensitivity": "relative",
 }
 CALIBRATION_MODES = ("sequential", "parallel")
+WEIGHT_GRANULARITIES = ("channel", "tensor")
+MP_SENSITIVITIES = ("relative", "raw", "softmax")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +288,12 @@ class LayerProblem:
             self.target4 = self.apply(A_float.unsqueeze(0), B_float.unsqueeze(0), self.bias0)[0]
         self.target = self.target4.reshape(self.target4.shape[0], -1)
         self.a0 = max(amax_a / int_range(a_bits, a_signed)[1], EPS)
-        self.b0 = max(amax_b / int_range(b_bits, b_signed)[1], EPS)
+        # per-output-channel weights: Δ₀ per row of the weight matrix (B is [out, in]); else one Δ₀
+        self.b_channel = self.kind == "linear" and getattr(layer.b_quant, "channel_axis", None) is not None
+        if self.b_channel:
+            self.b0 = (B.abs().amax(1) / int_range(b_bits, b_signed)[1]).clamp_min(EPS)
+        else:
+            self.b0 = max(amax_b / int_range(b_bits, b_signed)[1], EPS)
 
     def apply(self, Aq: torch.Tensor, Bq: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Outputs for stacked operands Aq [ca, ...], Bq [cb, ...] (ca or cb is 1) -> [c, S, ...]."""
@@ -291,7 +311,16 @@ class LayerProblem:
         return torch.matmul(Aq, Bq)
 
     def _quant_b(self, scales: torch.Tensor) -> torch.Tensor:
+        """Stacked quantized B for candidate intervals: [C] per tensor, or [C, out] per output channel."""
+        if self.b_channel:
+            lo, hi = int_range(self.b_bits, self.b_signed)
+            s = scales.to(self.B).view(scales.shape[0], -1, 1)
+            return torch.div(self.B.unsqueeze(0), s).round_().clamp_(lo, hi).mul_(s)
         return sym_quant(self.B, scales, self.b_bits, self.b_signed)
+
+    def b_stack(self, b) -> torch.Tensor:
+        """One B interval (a float, or a per-channel tensor) as a stack of one candidate."""
+        return b.unsqueeze(0) if isinstance(b, torch.Tensor) else torch.tensor([b])
 
     def _quant_a(self, scales: torch.Tensor) -> torch.Tensor:
         return sym_quant(self.A, scales, self.a_bits, self.a_signed)
@@ -304,81 +333,126 @@ class LayerProblem:
             obj = obj - self.opts["gamma"] * ranking_loss(out_hat, self.target4, *self.pairs, self.opts["theta"])
         return obj
 
-    def evaluate(self, side: str, scales: torch.Tensor, fixed: float) -> torch.Tensor:
-        """Objective for each candidate interval of ``side`` ('A' or 'B') with the other side at ``fixed``."""
+    def evaluate(self, side: str, scales: torch.Tensor, fixed, channel_error: str | None = None):
+        """Objective for each candidate interval of ``side`` ('A' or 'B') with the other side at ``fixed``.
+
+        With ``channel_error`` ('mse', or 'var' = the error's variance, i.e. what is left after the output bias
+        correction removes its mean), also returns that error per candidate and output channel [C, out]."""
         per = max(self.target.numel(), (self.A if side == "A" else self.B).numel())
         chunk = max(1, self.opts["chunk_elements"] // max(per, 1))
-        out = []
+        out, errs = [], []
         with torch.no_grad():
             if side == "B":
                 Aq = self._quant_a(torch.tensor([fixed]))
                 for i in range(0, len(scales), chunk):
-                    out.append(self.score(self.apply(Aq, self._quant_b(scales[i:i + chunk]), self.bias)))
+                    o = self.apply(Aq, self._quant_b(scales[i:i + chunk]), self.bias)
+                    out.append(self.score(o))
+                    if channel_error is not None:
+                        d = (o - self.target4).reshape(o.shape[0], -1, o.shape[-1])
+                        errs.append(d.var(1, unbiased=False) if channel_error == "var" else d.pow(2).mean(1))
             else:
-                Bq = self._quant_b(torch.tensor([fixed]))
+                Bq = self._quant_b(self.b_stack(fixed))
                 for i in range(0, len(scales), chunk):
                     out.append(self.score(self.apply(self._quant_a(scales[i:i + chunk]), Bq, self.bias)))
+        if channel_error is not None:
+            return torch.cat(out), torch.cat(errs)
         return torch.cat(out)
 
-    def objective(self, a: float, b: float) -> float:
-        return float(self.evaluate("B", torch.tensor([b]), a)[0])
+    def objective(self, a: float, b) -> float:
+        return float(self.evaluate("B", self.b_stack(b), a)[0])
 
-    def output_error_mean(self, a: float, b: float) -> torch.Tensor:
+    def output_error_mean(self, a: float, b) -> torch.Tensor:
         """E[Ô − O] per output channel over samples and tokens (linear layers)."""
         with torch.no_grad():
-            out = self.apply(self._quant_a(torch.tensor([a])), self._quant_b(torch.tensor([b])), self.bias)[0]
+            out = self.apply(self._quant_a(torch.tensor([a])), self._quant_b(self.b_stack(b)), self.bias)[0]
             return (out - self.target4).reshape(-1, out.shape[-1]).mean(0)
+
+    def _search_b(self, grid_b: torch.Tensor, a: float, centred: bool) -> tuple[float, object, str]:
+        """Best B interval with A fixed at ``a``: (objective, interval, how). Per tensor: the best of the grid.
+        Per channel: the best shared factor of the per-channel Δ₀ (by the layer objective), or each channel's own
+        best factor by its output error (MSE; its variance when bias correction will remove the mean), whichever
+        gives the higher layer objective."""
+        if not self.b_channel:
+            objs = self.evaluate("B", grid_b, a)
+            k = int(torch.argmax(objs))
+            return float(objs[k]), float(grid_b[k]), "tensor"
+        objs, err = self.evaluate("B", grid_b, a, channel_error="var" if centred else "mse")
+        k = int(torch.argmax(objs))
+        own = grid_b.gather(0, err.argmin(0, keepdim=True))[0]
+        own_obj = self.objective(a, own)
+        if own_obj > float(objs[k]):
+            return own_obj, own, "per-channel"
+        return float(objs[k]), grid_b[k].clone(), "shared"
 
     def search(self, candidates: int, rounds: int, bias_corr: bool) -> dict:
         """Alternating interval search; returns the best state seen (the initial state included)."""
         opts = self.opts
         grid_a = torch.linspace(opts["low"] * self.a0, opts["high"] * self.a0, candidates)
-        grid_b = torch.linspace(opts["low"] * self.b0, opts["high"] * self.b0, candidates)
+        factors = torch.linspace(opts["low"], opts["high"], candidates)
+        if self.b_channel:
+            grid_b = factors[:, None] * self.b0[None, :]  # [C, out]: candidate factors of each channel's Δ₀
+        else:
+            grid_b = torch.linspace(opts["low"] * self.b0, opts["high"] * self.b0, candidates)
         a, b = self.a0, self.b0
+        how = "tensor" if not self.b_channel else "max"
         cur = init = self.objective(a, b)
-        best = {"a": a, "b": b, "objective": cur, "bias": None if self.bias is None else self.bias.clone()}
+        best = {"a": a, "b": b, "how": how, "objective": cur,
+                "bias": None if self.bias is None else self.bias.clone()}
         done = 0
         correct = bias_corr and self.bias is not None and self.kind == "linear"
         for _ in range(rounds):
             done += 1
             changed = False
-            for side in ("B", "A"):
-                grid = grid_b if side == "B" else grid_a
-                objs = self.evaluate(side, grid, a if side == "B" else b)
-                k = int(torch.argmax(objs))
-                if float(objs[k]) > cur:
-                    cur = float(objs[k])
-                    new = float(grid[k])
-                    changed |= new != (b if side == "B" else a)
-                    if side == "B":
-                        b = new
-                    else:
-                        a = new
+            obj_b, new_b, new_how = self._search_b(grid_b, a, centred=correct)
+            if obj_b > cur:
+                cur = obj_b
+                changed |= not _same(new_b, b)
+                b, how = new_b, new_how
+            objs = self.evaluate("A", grid_a, b)
+            k = int(torch.argmax(objs))
+            if float(objs[k]) > cur:
+                cur = float(objs[k])
+                new = float(grid_a[k])
+                changed |= new != a
+                a = new
             if cur > best["objective"]:
-                best = {"a": a, "b": b, "objective": cur, "bias": None if self.bias is None else self.bias.clone()}
+                best = {"a": a, "b": b, "how": how, "objective": cur,
+                        "bias": None if self.bias is None else self.bias.clone()}
             if correct:
                 self.bias = self.bias - self.output_error_mean(a, b)
                 cur = self.objective(a, b)
                 if cur > best["objective"]:
-                    best = {"a": a, "b": b, "objective": cur, "bias": self.bias.clone()}
+                    best = {"a": a, "b": b, "how": how, "objective": cur, "bias": self.bias.clone()}
             if not changed:
                 break
         self.bias = best["bias"]
-        return {"a_scale": best["a"], "b_scale": best["b"], "objective": best["objective"], "init_objective": init,
-                "rounds": done, "bias": best["bias"]}
+        b_best = best["b"]
+        factor = float((b_best / self.b0).mean()) if self.b_channel else b_best / self.b0
+        return {"a_scale": best["a"], "b_scale": b_best, "b_factor": factor, "b_search": best["how"],
+                "objective": best["objective"], "init_objective": init, "rounds": done, "bias": best["bias"]}
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return bool(torch.equal(torch.as_tensor(x), torch.as_tensor(y)))
+    return x == y
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # model-level driver
 
 def _swap_layer_quantizers(layer: Layer, a_bits: int | None = None, b_bits: int | None = None,
-                           softmax_signed: bool = True) -> None:
-    """Give a layer signed symmetric per-tensor quantizers (bits kept unless given; the softmax output may be
-    unsigned with zero point 0 when ``softmax_signed`` is False)."""
+                           softmax_signed: bool = True, weight_granularity: str = "tensor") -> None:
+    """Give a layer signed symmetric quantizers (bits kept unless given; the softmax output may be unsigned with
+    zero point 0 when ``softmax_signed`` is False): per tensor, except the weight of a linear layer when
+    ``weight_granularity`` is 'channel' (one Δ per output channel)."""
     for (parent, attr), bits in ((layer.a_attr, a_bits), (layer.b_attr, b_bits)):
         old = getattr(parent, attr)
         signed = softmax_signed if old.role == "softmax" else True
-        new = UniformQuantizer(bits if bits is not None else old.bits, old.role, signed=signed)
+        per_channel = {}
+        if layer.kind == "linear" and attr == "weight_quant" and weight_granularity == "channel":
+            per_channel = {"channel_axis": 0, "num_channels": layer.module.weight.shape[0]}
+        new = UniformQuantizer(bits if bits is not None else old.bits, old.role, signed=signed, **per_channel)
         setattr(parent, attr, new.to(old.initialized.device))
     if layer.kind == "linear":
         layer.module.weight_correction.fill_(False)
@@ -386,7 +460,10 @@ def _swap_layer_quantizers(layer: Layer, a_bits: int | None = None, b_bits: int 
 
 def _write(layer: Layer, res: dict) -> None:
     for q, s in ((layer.a_quant, res["a_scale"]), (layer.b_quant, res["b_scale"])):
-        q.scale.fill_(s)
+        if isinstance(s, torch.Tensor):
+            q.scale.copy_(s.reshape(q.scale.shape).to(q.scale))
+        else:
+            q.scale.fill_(s)
         q.zero_point.zero_()
         q.mark_initialized()
     if res.get("bias") is not None:
@@ -475,8 +552,11 @@ def _calibrate_all(model: nn.Module, calib: CalibData, layers: list[Layer], opts
             prob = _problem(layer, tag, opts, pairs_gen)
             res = prob.search(opts["candidates"], opts["rounds"], opts["bias_corr"])
             _write(layer, res)
+            b_scale = res["b_scale"]
             trace.append({"layer": layer.name, "kind": layer.kind, "a_bits": layer.a_quant.bits,
-                          "b_bits": layer.b_quant.bits, "a_scale": res["a_scale"], "b_scale": res["b_scale"],
+                          "b_bits": layer.b_quant.bits, "a_scale": res["a_scale"],
+                          "b_scale": None if isinstance(b_scale, torch.Tensor) else b_scale,
+                          "b_factor": res["b_factor"], "b_search": res["b_search"],
                           "init_objective": res["init_objective"], "objective": res["objective"],
                           "rounds": res["rounds"]})
             layer.cache.clear()
@@ -541,17 +621,78 @@ def _io_hook(rec: dict):
     return hook
 
 
-def _nuc_hook(rec: dict):
+def _nuc_hook(rec: dict, key: str, heads: str):
     def hook(_module, args):
-        # attention map [S, H, N, N]: nuclear norm per head, summed over heads -> [S]
-        rec["nuc"].append(torch.linalg.matrix_norm(args[0].float(), ord="nuc").sum(1))
+        # a map per head [S, H, N, N]: nuclear norm per head, then the sum or the mean over heads -> [S]
+        n = torch.linalg.matrix_norm(args[0].float(), ord="nuc")
+        rec[key].append(n.sum(1) if heads == "sum" else n.mean(1))
     return hook
+
+
+def module_sensitivity(raw_qk: list[float], raw_softmax: list[float], parts: list[str], mode: str) -> list[float]:
+    """σ per module from its nuclear norms (MLP modules: the output's; MSA modules: the QKᵀ scores' in
+    ``raw_qk``, the post-softmax map's in ``raw_softmax``).
+
+    ``relative`` (default): each module's nuclear norm (QKᵀ scores for an MSA, the paper's attention map; the
+    output for an MLP) divided by the mean of that norm over the model's modules of the same kind. The nuclear
+    norms of attention scores and of MLP features have no common unit (on DeiT-Tiny the QKᵀ norms are 1.1–4.8×
+    the MLP ones, the old softmax-map norms 9–14× smaller), so only their relative size within a kind can carry
+    the paper's signal: which blocks are more sensitive than the others. Both errors ‖Ŷ − Y‖² are measured on
+    the module output that is added to the residual stream, so with a σ of mean 1 per kind Ω compares MSA and MLP
+    error on one scale. ``raw``: the unnormalised nuclear norms (QKᵀ / output). ``softmax``: the first version
+    (sum over heads of the post-softmax map's nuclear norm; starved the MSAs of bits)."""
+    if mode == "softmax":
+        return list(raw_softmax)
+    if mode == "raw":
+        return list(raw_qk)
+    out = []
+    for s, p in zip(raw_qk, parts):
+        same = [r for r, q in zip(raw_qk, parts) if q == p]
+        out.append(s / max(sum(same) / len(same), 1e-30))
+    return out
+
+
+def _kl_to_float(logits: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Mean KL(float ‖ quant) of the softmax outputs over all images."""
+    total, n = 0.0, 0
+    for q, f in zip(logits, ref):
+        lp_f, lp_q = F.log_softmax(f.float(), -1), F.log_softmax(q.float(), -1)
+        total += float((lp_f.exp() * (lp_f - lp_q)).sum())
+        n += f.shape[0]
+    return total / max(n, 1)
+
+
+def _composed_kl(model: nn.Module, images: list[torch.Tensor], ref: list[torch.Tensor], groups: list[dict],
+                 variants: list[dict], bits: list[int]) -> float:
+    """KL to float of the model whose modules use, together, the quantizers their Ω was measured with at the
+    given bit widths (every other quantizer passes through)."""
+    saved = []
+    for g, var, b in zip(groups, variants, bits):
+        for la in g["layers"]:
+            saved.append((la, getattr(*la.a_attr), getattr(*la.b_attr)))
+            a_q, b_q = var[b][la.name]
+            setattr(*la.a_attr, a_q)
+            setattr(*la.b_attr, b_q)
+    try:
+        with _only_quantizing(model, [la for g in groups for la in g["layers"]]):
+            out = [model(x) for x in images]
+    finally:
+        for la, a_q, b_q in saved:
+            setattr(*la.a_attr, a_q)
+            setattr(*la.b_attr, b_q)
+    return _kl_to_float(out, ref)
 
 
 @torch.no_grad()
 def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict, target: int) -> dict:
-    """Sensitivity σ (nuclear norms), Ω per module and bit width (from a reduced search on float inputs), and the
-    exact allocation under the size budget."""
+    """Sensitivity σ (nuclear norms), Ω per module and bit width (from a reduced search on float inputs), the
+    exact allocation under the size budget, and the check against the uniform allocation of the same size.
+
+    Check (``mp_check``, default on): the uniform allocation (every module at the target bits) is feasible, so
+    the program's optimum has Σ Ω no larger than its (verified; a solver failure would fall back). Ω is a proxy,
+    though, so the two allocations are also compared on the model: every module takes the quantizers its Ω was
+    measured with, all modules at once, and the KL(float ‖ quant) of the logits on the allocation images decides;
+    the uniform allocation is used when the chosen one is worse. Both figures and the outcome are recorded."""
     trunk = Trunk(model)
     groups = _module_groups(model, layers)
     cand = mp_candidates(target)
@@ -564,26 +705,27 @@ def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dic
     gen = torch.Generator().manual_seed(calib.seed + 7)
     pairs_gen = torch.Generator().manual_seed(calib.seed + 8)
     n_img = opts["mp_images"] if opts["mp_images"] is not None else opts["images"]
-    h = _chunks(calib, n_img)
+    images = _chunks(calib, n_img)
     with float_mode(model):
-        h = _run(trunk.stem, h)
+        h = _run(trunk.stem, images)
     by_block = {id(g["block"]): [] for g in groups}
     for g in groups:
         by_block[id(g["block"])].append(g)
-    omega, sigma = [], []
+    errors, raw_qk, raw_softmax, variants = [], [], [], []
     for _name, unit in calib.bar(trunk.units, "ptqvit allocation", len(trunk.units)):
         gs = by_block.get(id(unit), [])
         if not gs:
             with float_mode(model):
                 h = _run(unit, h)
             continue
-        io: dict[str, dict] = {g["name"]: {"x": [], "y": [], "nuc": []} for g in gs}
+        io: dict[str, dict] = {g["name"]: {"x": [], "y": [], "qk": [], "softmax": []} for g in gs}
         hooks = []
         for g in gs:
             rec = io[g["name"]]
             hooks.append(g["module"].register_forward_hook(_io_hook(rec), with_kwargs=True))
             if g["part"] == "msa":
-                hooks.append(g["module"].softmax_quant.register_forward_pre_hook(_nuc_hook(rec)))
+                hooks.append(g["module"].score_quant.register_forward_pre_hook(_nuc_hook(rec, "qk", "mean")))
+                hooks.append(g["module"].softmax_quant.register_forward_pre_hook(_nuc_hook(rec, "softmax", "sum")))
         try:
             with float_mode(model):
                 seg_layers = [la for g in gs for la in g["layers"]]
@@ -595,17 +737,19 @@ def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dic
             rec = io[g["name"]]
             xs, ys = rec["x"], rec["y"]
             if g["part"] == "msa":
-                s = float(torch.cat(rec["nuc"]).mean())
+                raw_qk.append(float(torch.cat(rec["qk"]).mean()))
+                raw_softmax.append(float(torch.cat(rec["softmax"]).mean()))
             else:
                 y = torch.cat(ys).float()
                 s = float(torch.linalg.matrix_norm(y.reshape(y.shape[0], -1, y.shape[-1]), ord="nuc").mean())
-            sigma.append(s)
-            row = []
+                raw_qk.append(s)
+                raw_softmax.append(s)
+            row, var = [], {}
             for bits in cand:
                 saved = {}
                 for la in g["layers"]:
                     saved[la.name] = (getattr(*la.a_attr), getattr(*la.b_attr))
-                    _swap_layer_quantizers(la, bits, bits, opts["softmax_signed"])
+                    _swap_layer_quantizers(la, bits, bits, opts["softmax_signed"], opts["weight_granularity"])
                 for la in g["layers"]:
                     prob = _problem(la, "float", opts, pairs_gen)
                     res = prob.search(opts["mp_candidates"], opts["mp_rounds"], bias_corr=False)
@@ -615,25 +759,68 @@ def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dic
                 for (args, kwargs), y in zip(xs, ys):
                     with _only_quantizing(model, g["layers"]):
                         err += float((g["module"](*args, **kwargs) - y).float().pow(2).sum())
-                row.append(s * err / sum(y.shape[0] for y in ys))
+                row.append(err / sum(y.shape[0] for y in ys))
+                var[bits] = {la.name: (getattr(*la.a_attr), getattr(*la.b_attr)) for la in g["layers"]}
                 for la in g["layers"]:
                     a_old, b_old = saved[la.name]
                     setattr(*la.a_attr, a_old)
                     setattr(*la.b_attr, b_old)
-            omega.append(row)
+            errors.append(row)
+            variants.append(var)
             for la in g["layers"]:
                 la.cache.clear()
                 la.idx = None
         h = h_next
+    sigma = module_sensitivity(raw_qk, raw_softmax, [g["part"] for g in groups], opts["mp_sensitivity"])
+    omega = [[s * e for e in row] for s, row in zip(sigma, errors)]
     choice = solve_allocation(omega, sizes, cand, budget)
+    chosen_bits = [cand[k] for k in choice]
+    omega_total = sum(omega[m][k] for m, k in enumerate(choice))
+    check: dict = {"kl_check": bool(opts["mp_check"]), "omega_chosen": omega_total}
+    uniform_ok = target in cand and target * sum(sizes) <= budget * (1 + 1e-12)
+    fallback = None
+    if uniform_ok:
+        k_u = cand.index(target)
+        check["omega_uniform"] = sum(row[k_u] for row in omega)
+        if omega_total > check["omega_uniform"] * (1 + 1e-9):
+            fallback = "the program's allocation has a larger sum of Omega than uniform (solver failure)"
+        if opts["mp_check"]:
+            with float_mode(model):
+                ref = [model(x) for x in images]
+            check["kl_chosen"] = _composed_kl(model, images, ref, groups, variants, chosen_bits)
+            check["kl_uniform"] = _composed_kl(model, images, ref, groups, variants, [target] * len(groups))
+            if fallback is None and check["kl_chosen"] > check["kl_uniform"]:
+                fallback = "the program's allocation gives a larger KL to float than uniform on the allocation images"
+    else:
+        check["note"] = ("the uniform allocation at the target exceeds the size budget (layers outside the blocks "
+                         "have more bits than the target): nothing to compare with")
+    check["fallback_to_uniform"] = fallback is not None
+    check["reason"] = fallback or ("the program's allocation is no worse than uniform" if uniform_ok else "")
+    ilp_bits = {g["name"]: b for g, b in zip(groups, chosen_bits)}
+    if fallback is not None:
+        choice = [cand.index(target)] * len(groups)
     bits = {g["name"]: cand[k] for g, k in zip(groups, choice)}
     for g in groups:
         for la in g["layers"]:
-            _swap_layer_quantizers(la, bits[g["name"]], bits[g["name"]], opts["softmax_signed"])
+            _swap_layer_quantizers(la, bits[g["name"]], bits[g["name"]], opts["softmax_signed"],
+                                   opts["weight_granularity"])
     total_bits = fixed_bits + sum(sizes[i] * cand[k] for i, k in enumerate(choice))
     total_n = fixed_n + sum(sizes)
-    return {"target_bits": target, "candidate_bits": cand, "bits": bits,
+    sigma_defs = {
+        "relative": "nuclear norm (MSA: of the QK^T scores per head, mean over heads; MLP: of the output [N, C]), "
+                    "mean over images, divided by its mean over the model's modules of the same kind",
+        "raw": "nuclear norm (MSA: of the QK^T scores per head, mean over heads; MLP: of the output [N, C]), mean "
+               "over images",
+        "softmax": "MSA: mean over images of the sum over heads of the nuclear norm of the softmax attention map; "
+                   "MLP: mean over images of the nuclear norm of the MLP output [N, C]",
+    }
+    return {"target_bits": target, "candidate_bits": cand, "bits": bits, "program_bits": ilp_bits,
+            "check": check,
+            "sensitivity": opts["mp_sensitivity"],
             "sensitivity_nuclear_norm": {g["name"]: s for g, s in zip(groups, sigma)},
+            "nuclear_norm_qk_or_output": {g["name"]: s for g, s in zip(groups, raw_qk)},
+            "nuclear_norm_softmax_or_output": {g["name"]: s for g, s in zip(groups, raw_softmax)},
+            "output_error": {g["name"]: dict(zip(map(str, cand), row)) for g, row in zip(groups, errors)},
             "omega": {g["name"]: dict(zip(map(str, cand), row)) for g, row in zip(groups, omega)},
             "module_weights": {g["name"]: n for g, n in zip(groups, sizes)},
             "fixed_layers": {la.name: la.b_quant.bits for la in fixed},
@@ -642,8 +829,7 @@ def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dic
             "budget_size_mb": target * total_n / 8 / 1e6,
             "solver": "scipy.optimize.milp (0/1 program, exact)",
             "activations": "each module's linear and matmul inputs use its bit width too",
-            "sigma_definition": "MSA: mean over images of the sum over heads of the nuclear norm of the softmax "
-                                "attention map; MLP: mean over images of the nuclear norm of the MLP output [N, C]",
+            "sigma_definition": sigma_defs[opts["mp_sensitivity"]],
             "omega_definition": "sigma * mean over images of ||Y_hat - Y||^2 of the module output on float inputs, "
                                 "after a reduced search (mp_candidates, mp_rounds, no bias correction) at that "
                                 "bit width with only that module quantized"}
@@ -700,6 +886,19 @@ def _add_arguments(group) -> None:
     group.add_argument("--ptqvit-calibration", dest="ptqvit_calibration", choices=CALIBRATION_MODES, default=None,
                        help="ptqvit: layer inputs from the already-quantized earlier layers (sequential, default) "
                             "or from the float model (parallel)")
+    group.add_argument("--ptqvit-weight-granularity", dest="ptqvit_weight_granularity", choices=WEIGHT_GRANULARITIES,
+                       default=None,
+                       help="ptqvit: one weight interval per output channel (channel, default: wins on held-out "
+                            "images at W6 and W4) or per tensor (tensor, the paper's)")
+    group.add_argument("--ptqvit-mp-sensitivity", dest="ptqvit_mp_sensitivity", choices=MP_SENSITIVITIES,
+                       default=None,
+                       help="ptqvit mixed precision: module sensitivity sigma = nuclear norm of the QK^T scores (MSA) "
+                            "or of the output (MLP), each divided by its mean over the model's MSAs / MLPs "
+                            "(relative, default), unnormalised (raw), or the old post-softmax-map form (softmax)")
+    group.add_argument("--ptqvit-mp-no-check", dest="ptqvit_mp_no_check", action="store_true", default=None,
+                       help="ptqvit mixed precision: keep the program's allocation even when it gives a larger KL "
+                            "to float than the uniform allocation of the same size on the allocation images "
+                            "(ablation; by default the uniform one is used then)")
     group.add_argument("--ptqvit-images", dest="ptqvit_images", type=int, default=None, metavar="N",
                        help="ptqvit: use the first N calibration images for the search (default: all)")
     group.add_argument("--ptqvit-tokens", dest="ptqvit_tokens", type=int, default=None, metavar="T",
@@ -717,7 +916,7 @@ def _add_arguments(group) -> None:
 
 
 def resolve_options(options: dict) -> dict:
-    unknown = set(options) - set(DEFAULTS) - {"no_ranking", "no_bias_corr"}
+    unknown = set(options) - set(DEFAULTS) - {"no_ranking", "no_bias_corr", "mp_no_check"}
     if unknown:
         raise VitqError(f"ptqvit: unknown options {sorted(unknown)} (expected some of {sorted(DEFAULTS)})")
     opts = dict(DEFAULTS)
@@ -726,6 +925,14 @@ def resolve_options(options: dict) -> dict:
         opts["ranking"] = False
     if options.get("no_bias_corr"):
         opts["bias_corr"] = False
+    if options.get("mp_no_check"):
+        opts["mp_check"] = False
+    if opts["weight_granularity"] not in WEIGHT_GRANULARITIES:
+        raise VitqError(f"ptqvit: weight granularity {opts['weight_granularity']!r} "
+                        f"(expected one of {', '.join(WEIGHT_GRANULARITIES)})")
+    if opts["mp_sensitivity"] not in MP_SENSITIVITIES:
+        raise VitqError(f"ptqvit: mixed-precision sensitivity {opts['mp_sensitivity']!r} "
+                        f"(expected one of {', '.join(MP_SENSITIVITIES)})")
     if opts["calibration"] not in CALIBRATION_MODES:
         raise VitqError(f"ptqvit: calibration {opts['calibration']!r} (expected one of {', '.join(CALIBRATION_MODES)})")
     for k in ("candidates", "rounds", "tokens", "rows", "mp_candidates", "mp_rounds"):
@@ -759,7 +966,7 @@ def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
                                       f"{opts['fq_init']} over all calibration images (not searched)")
     layers = find_layers(model)
     for la in layers:
-        _swap_layer_quantizers(la, softmax_signed=opts["softmax_signed"])
+        _swap_layer_quantizers(la, softmax_signed=opts["softmax_signed"], weight_granularity=opts["weight_granularity"])
     if opts["mixed_precision"] is not None:
         t1 = time.perf_counter()
         info["mixed_precision"] = _allocate(model, calib, layers, opts, opts["mixed_precision"])
@@ -776,8 +983,17 @@ def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
         "calibration_inputs": ("sequential: each layer's inputs come from the already-quantized earlier layers"
                                if opts["calibration"] == "sequential"
                                else "parallel: each layer's inputs come from the float model"),
-        "quantizers": "signed symmetric per-tensor for every searched weight and input"
+        "weight_granularity": opts["weight_granularity"],
+        "quantizers": ("signed symmetric per-tensor for every searched weight and input"
+                       if opts["weight_granularity"] == "tensor" else
+                       "signed symmetric: per output channel for the weights of linear layers, per tensor for every "
+                       "searched input (and q, k, softmax output, v)")
                       + ("" if opts["softmax_signed"] else " (softmax output unsigned)"),
+        "weight_search": ("one interval per weight tensor on the grid [low, high] x max|W| / qmax"
+                          if opts["weight_granularity"] == "tensor" else
+                          "per output channel c, intervals f * max|W_c| / qmax with f on the grid [low, high]: each "
+                          "step keeps the better (by the layer objective) of one shared f, and each channel's own f "
+                          "by its output error (variance of the error with bias correction, else MSE)"),
         "search_images": n_images,
         "objective": "mean per-sample Pearson correlation of float and quantized layer outputs; "
                      "QK^T: minus gamma * ranking loss" if opts["ranking"] else
