@@ -1,4 +1,7 @@
-"""PTQ-ViT on the real DeiT-Tiny (matmul regime) against percentile and OMSE at the same bits.
+"""PTQ-ViT on the real DeiT-Tiny (matmul regime) against percentile and OMSE at the same bits: both weight
+granularities (per output channel, the default, and the paper's per tensor), mixed precision against the uniform
+model of the same size (the default relative sensitivity with its check, and the first version: post-softmax
+sensitivity, no check), and the ablations.
 
 Lean by design (2 shared CPU cores): the val images are decoded once and the float logits computed once; the
 search runs with reduced candidates / rounds / cached tokens (stated in the section); rows run in priority order
@@ -39,7 +42,7 @@ from vitq.models import create_model  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--num-calib", type=int, default=16)
+    ap.add_argument("--num-calib", type=int, default=64)
     ap.add_argument("--budget-min", type=float, default=45.0, help="start no new row after this many minutes")
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
@@ -47,9 +50,12 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--mp-candidates", type=int, default=10)
+    ap.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
+    ap.add_argument("--no-write", action="store_true", help="print the rows, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
+    torch.set_num_threads(2)
 
     model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
     tf, _ = model_transform(model)
@@ -61,24 +67,37 @@ def main() -> int:
 
     search = {"candidates": args.candidates, "rounds": args.rounds, "tokens": args.tokens, "rows": args.rows,
               "pairs": args.pairs, "mp_candidates": args.mp_candidates}
+    tensor = dict(search, weight_granularity="tensor")
     plan = [
         ("ptqvit W6A6", 6, "ptqvit", search),
+        ("omse W6A6", 6, "omse", {}),
+        ("ptqvit W6A6 per-tensor W", 6, "ptqvit", tensor),
+        ("ptqvit MP6", 6, "ptqvit", dict(search, mixed_precision=6)),
+        ("ptqvit MP6 first version", 6, "ptqvit",
+         dict(tensor, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
         ("ptqvit W4A4", 4, "ptqvit", search),
-        ("ptqvit MP6 (mixed, target 6)", 6, "ptqvit", dict(search, mixed_precision=6)),
-        ("ptqvit MP8 (mixed, target 8)", 8, "ptqvit", dict(search, mixed_precision=8)),
+        ("ptqvit W4A4 per-tensor W", 4, "ptqvit", tensor),
         ("ptqvit W8A8", 8, "ptqvit", search),
+        ("ptqvit W8A8 per-tensor W", 8, "ptqvit", tensor),
+        ("ptqvit MP8", 8, "ptqvit", dict(search, mixed_precision=8)),
+        ("omse W8A8", 8, "omse", {}),
+        ("omse W4A4", 4, "omse", {}),
     ]
     for bits in (8, 6, 4):
         plan.append((f"percentile W{bits}A{bits}", bits, "percentile", {}))
-        plan.append((f"omse W{bits}A{bits}", bits, "omse", {}))
     plan += [
-        ("ptqvit W8A8 no ranking", 8, "ptqvit", dict(search, no_ranking=True)),
-        ("ptqvit W8A8 no bias corr", 8, "ptqvit", dict(search, no_bias_corr=True)),
         ("ptqvit W6A6 no ranking", 6, "ptqvit", dict(search, no_ranking=True)),
         ("ptqvit W6A6 no bias corr", 6, "ptqvit", dict(search, no_bias_corr=True)),
-        ("ptqvit W4A4 no ranking", 4, "ptqvit", dict(search, no_ranking=True)),
-        ("ptqvit W4A4 no bias corr", 4, "ptqvit", dict(search, no_bias_corr=True)),
+        ("ptqvit MP6 softmax-sigma, no check", 6, "ptqvit",
+         dict(search, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
+        ("ptqvit MP6 raw-sigma", 6, "ptqvit", dict(search, mixed_precision=6, mp_sensitivity="raw")),
     ]
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        unknown = set(wanted) - {p[0] for p in plan}
+        if unknown:
+            raise SystemExit(f"--only: unknown rows {sorted(unknown)}")
+        plan = [p for p in plan if p[0] in wanted]
     rows, notes, skipped = [], [], []
     float_top1 = float("nan")
     for label, bits, method, opts in plan:
@@ -97,12 +116,49 @@ def main() -> int:
         rows.append([label, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
                      round(info["seconds"], 1), size])
         if mp:
-            notes.append(f"- {label}: bits per module {mp['bits']}")
+            chk = mp["check"]
+            kl = (f"; composed KL on the calibration images: program's allocation {chk['kl_chosen']:.4f}, uniform "
+                  f"{chk['kl_uniform']:.4f}" if "kl_chosen" in chk else "")
+            notes.append(f"- {label}: sigma {mp['sensitivity']}; sum of Omega: program's allocation "
+                         f"{chk['omega_chosen']:.4g}, uniform {chk.get('omega_uniform', float('nan')):.4g}{kl}; "
+                         f"fallback to uniform: {'yes' if chk['fallback_to_uniform'] else 'no'}; program's bits "
+                         f"{_short(mp['program_bits'])}")
         print(rows[-1], f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
         float_top1 = r["float"]["top1"]
-        write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), t_start, done=False)
-    write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), t_start, done=True)
+        if not args.no_write:
+            write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), t_start, done=False)
+    print("\n".join(notes))
+    if not args.no_write:
+        write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), t_start, done=True)
     return 0
+
+
+def _short(bits: dict) -> str:
+    """blocks.0.attn / blocks.0.mlp ... as 'MSA 7,7,6,... / MLP 8,7,...'."""
+    msa = [str(b) for k, b in bits.items() if k.endswith(".attn")]
+    mlp = [str(b) for k, b in bits.items() if k.endswith(".mlp")]
+    return f"MSA {','.join(msa)} / MLP {','.join(mlp)}"
+
+
+def before_after(rows) -> str:
+    """The issue-15 settings that concern ptqvit: before (the code path of the first version, re-run here) and
+    after (today's defaults), from this run's rows; '-' where a row was not run."""
+    by = {r[0]: r for r in rows}
+
+    def cell(label, kind):
+        r = by.get(label)
+        if r is None:
+            return "-"
+        return f"{r[2]:.1f} / {r[3]:.3f}" if kind == "agree" else f"{r[1]:.1f} / {r[2]:.1f}"
+
+    lines = [
+        ["ptqvit W6A6: agreement % / KL", cell("ptqvit W6A6 per-tensor W", "agree"), cell("ptqvit W6A6", "agree")],
+        ["omse W6A6: agreement % / KL", "87.6 / - (issue 15, reported)", cell("omse W6A6", "agree")],
+        ["ptqvit MP6: top-1 % / agreement %", cell("ptqvit MP6 first version", "top1"), cell("ptqvit MP6", "top1")],
+        ["uniform ptqvit W6A6 (same size): top-1 % / agreement %", cell("ptqvit W6A6 per-tensor W", "top1"),
+         cell("ptqvit W6A6", "top1")],
+    ]
+    return table(["setting (matmul, this section's calibration images and search)", "before", "after"], lines)
 
 
 def write(args, rows, notes, skipped, plan, float_top1, n_calib, n_val, t_start, done: bool) -> None:
@@ -127,7 +183,21 @@ query rows per image and head for the attention matmuls, {args.pairs} ranking pa
 omse use their defaults (per-channel min/max and OMSE weights, per-tensor activations) on the same images.
 W9/W10 modules in MP8 are allowed only through mixed precision (quantizers rebuilt with those bits).
 
+Rows: `ptqvit` uses its defaults except the reductions above: per-output-channel weights; "per-tensor W" is
+`--ptqvit-weight-granularity tensor` (the paper's form, the only one before issue 15). MPn = `--mixed-precision n`
+with the default relative sensitivity (nuclear norm of QKᵀ / of the MLP output, divided by its mean over the
+model's MSAs / MLPs) and the check against the uniform allocation; "first version" is the code before issue 15
+(`--ptqvit-weight-granularity tensor --ptqvit-mp-sensitivity softmax --ptqvit-mp-no-check`); "softmax-sigma, no
+check" the same allocation with today's per-channel weights; "raw-sigma" the unnormalised QKᵀ / output norms.
+The uniform model of MPn's size is the row "ptqvit WnAn".
+
 Status: {status}.
+
+Before → after for issue 15 (before = the first version's code path, selected by the options above and run
+here on the same images; the omse "before" is the figure the issue reports for its 64-image run before the
+item-1 observer fix, not re-run):
+
+{before_after(rows)}
 
 {table(["config", "top-1 %", "agreement %", "KL", "calib s", "MP size MB (avg bits)"], rows)}
 
