@@ -12,7 +12,9 @@ results.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ from common import (  # noqa: E402
 )
 
 import vitq  # noqa: E402
+
+ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_rows.json"
 from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
 from vitq.models import create_model  # noqa: E402
@@ -52,6 +56,7 @@ def main() -> int:
     ap.add_argument("--mp-candidates", type=int, default=10)
     ap.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     ap.add_argument("--no-write", action="store_true", help="print the rows, leave BENCHMARKS.md alone")
+    ap.add_argument("--fresh", action="store_true", help=f"forget the rows kept in {ROWS_FILE.name}")
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -92,14 +97,24 @@ def main() -> int:
          dict(search, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
         ("ptqvit MP6 raw-sigma", 6, "ptqvit", dict(search, mixed_precision=6, mp_sensitivity="raw")),
     ]
+    full_plan = list(plan)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         unknown = set(wanted) - {p[0] for p in plan}
         if unknown:
             raise SystemExit(f"--only: unknown rows {sorted(unknown)}")
         plan = [p for p in plan if p[0] in wanted]
-    rows, notes, skipped = [], [], []
-    float_top1 = float("nan")
+    settings = {k: getattr(args, k) for k in ("num_calib", "candidates", "rounds", "tokens", "rows", "pairs",
+                                              "mp_candidates")}
+    kept = {"settings": settings, "rows": {}}
+    if ROWS_FILE.exists() and not args.fresh:
+        kept = json.loads(ROWS_FILE.read_text())
+        if kept["settings"] != settings:
+            raise SystemExit(f"{ROWS_FILE} holds rows run with {kept['settings']}, not {settings}: use the same "
+                             "settings or --fresh")
+    skipped = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROWS_FILE.parent).stdout.strip() or "?"
     for label, bits, method, opts in plan:
         if (time.perf_counter() - t_start) / 60 > args.budget_min:
             skipped.append(label)
@@ -113,23 +128,27 @@ def main() -> int:
         r = m.result()
         mp = info.get("mixed_precision")
         size = (f"{mp['model_size_mb']:.3f} ({mp['average_weight_bits']:.2f} b)" if mp else "")
-        rows.append([label, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
-                     round(info["seconds"], 1), size])
+        row = [label, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
+               round(info["seconds"], 1), size, f"{commit} {time.strftime('%H:%M', time.gmtime())}"]
+        note = ""
         if mp:
             chk = mp["check"]
             kl = (f"; composed KL on the calibration images: program's allocation {chk['kl_chosen']:.4f}, uniform "
                   f"{chk['kl_uniform']:.4f}" if "kl_chosen" in chk else "")
-            notes.append(f"- {label}: sigma {mp['sensitivity']}; sum of Omega: program's allocation "
-                         f"{chk['omega_chosen']:.4g}, uniform {chk.get('omega_uniform', float('nan')):.4g}{kl}; "
-                         f"fallback to uniform: {'yes' if chk['fallback_to_uniform'] else 'no'}; program's bits "
-                         f"{_short(mp['program_bits'])}")
-        print(rows[-1], f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
-        float_top1 = r["float"]["top1"]
+            note = (f"- {label}: sigma {mp['sensitivity']}; sum of Omega: program's allocation "
+                    f"{chk['omega_chosen']:.4g}, uniform {chk.get('omega_uniform', float('nan')):.4g}{kl}; "
+                    f"fallback to uniform: {'yes' if chk['fallback_to_uniform'] else 'no'}; program's bits "
+                    f"{_short(mp['program_bits'])}; used {_short(mp['bits'])}")
+            print(note, flush=True)
+        print(row, f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
         if not args.no_write:
-            write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), t_start, done=False)
-    print("\n".join(notes))
+            kept["rows"][label] = {"row": row, "note": note, "float_top1": r["float"]["top1"]}
+            tmp = ROWS_FILE.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(kept, indent=1))
+            os.replace(tmp, ROWS_FILE)
+            write(args, kept, skipped, full_plan, len(calib_x), len(val_x), done=False)
     if not args.no_write:
-        write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), t_start, done=True)
+        write(args, kept, skipped, full_plan, len(calib_x), len(val_x), done=True)
     return 0
 
 
@@ -161,12 +180,17 @@ def before_after(rows) -> str:
     return table(["setting (matmul, this section's calibration images and search)", "before", "after"], lines)
 
 
-def write(args, rows, notes, skipped, plan, float_top1, n_calib, n_val, t_start, done: bool) -> None:
-    status = ("complete" if not skipped else f"stopped by the time budget; not run: {', '.join(skipped)}") \
-        if done else f"PARTIAL (in progress, {len(rows)} of {len(plan)} rows)"
+def write(args, kept, skipped, plan, n_calib, n_val, done: bool) -> None:
+    rows = [kept["rows"][p[0]]["row"] for p in plan if p[0] in kept["rows"]]
+    notes = [kept["rows"][p[0]]["note"] for p in plan if kept["rows"].get(p[0], {}).get("note")]
+    float_top1 = next(iter(kept["rows"].values()))["float_top1"]
+    missing = [p[0] for p in plan if p[0] not in kept["rows"]]
+    status = ("complete" if not missing else f"not run: {', '.join(missing)}") if done and not skipped \
+        else f"PARTIAL ({len(rows)} of {len(plan)} rows)"
     md = f"""## PTQ-ViT (`ptqvit`) on DeiT-Tiny, `matmul` regime
 
-Command: `{command()}`
+Command (rows are kept in `benchmarks/{ROWS_FILE.name}` across runs with the same settings, e.g. with `--only`; the
+last column names the commit and UTC time of each row's run): `{command()}`
 
 {environment()}
 
@@ -199,7 +223,8 @@ item-1 observer fix, not re-run):
 
 {before_after(rows)}
 
-{table(["config", "top-1 %", "agreement %", "KL", "calib s", "MP size MB (avg bits)"], rows)}
+{table(["config", "top-1 %", "agreement %", "KL", "calib s", "MP size MB (avg bits)", "run"],
+        [r[:3] + [f"{r[3]:.4f}"] + r[4:] for r in rows])}
 
 {chr(10).join(notes)}
 """
