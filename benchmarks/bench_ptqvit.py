@@ -93,7 +93,7 @@ def main() -> int:
     plan += [
         ("ptqvit W6A6 no ranking", 6, "ptqvit", dict(search, no_ranking=True)),
         ("ptqvit W6A6 no bias corr", 6, "ptqvit", dict(search, no_bias_corr=True)),
-        ("ptqvit MP6 softmax-sigma, no check", 6, "ptqvit",
+        ("ptqvit MP6 softmax-sigma no check", 6, "ptqvit",
          dict(search, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
         ("ptqvit MP6 raw-sigma", 6, "ptqvit", dict(search, mixed_precision=6, mp_sensitivity="raw")),
     ]
@@ -211,7 +211,7 @@ Rows: `ptqvit` uses its defaults except the reductions above: per-output-channel
 `--ptqvit-weight-granularity tensor` (the paper's form, the only one before issue 15). MPn = `--mixed-precision n`
 with the default relative sensitivity (nuclear norm of QKᵀ / of the MLP output, divided by its mean over the
 model's MSAs / MLPs) and the check against the uniform allocation; "first version" is the code before issue 15
-(`--ptqvit-weight-granularity tensor --ptqvit-mp-sensitivity softmax --ptqvit-mp-no-check`); "softmax-sigma, no
+(`--ptqvit-weight-granularity tensor --ptqvit-mp-sensitivity softmax --ptqvit-mp-no-check`); "softmax-sigma no
 check" the same allocation with today's per-channel weights; "raw-sigma" the unnormalised QKᵀ / output norms.
 The uniform model of MPn's size is the row "ptqvit WnAn".
 
