@@ -388,8 +388,8 @@ class LayerProblem:
         """Alternating interval search; returns the best state seen (the initial state included)."""
         opts = self.opts
         grid_a = torch.linspace(opts["low"] * self.a0, opts["high"] * self.a0, candidates)
-        factors = torch.linspace(opts["low"], opts["high"], candidates)
         if self.b_channel:
+            factors = torch.linspace(opts["low"], opts["high"], candidates, device=self.b0.device)
             grid_b = factors[:, None] * self.b0[None, :]  # [C, out]: candidate factors of each channel's Δ₀
         else:
             grid_b = torch.linspace(opts["low"] * self.b0, opts["high"] * self.b0, candidates)
