@@ -58,10 +58,12 @@ DEFAULTS = {
     "images": None, "tokens": 64, "rows": 32, "softmax_signed": True,
     "mixed_precision": None, "mp_candidates": 20, "mp_rounds": 1, "mp_images": None, "mp_check": True,
     "fq_init": "omse", "chunk_elements": 2**23, "weight_granularity": "channel", "mp_sensitivity": "relative",
+    "channel_search": "own",
 }
 CALIBRATION_MODES = ("sequential", "parallel")
 WEIGHT_GRANULARITIES = ("channel", "tensor")
 MP_SENSITIVITIES = ("relative", "raw", "softmax")
+CHANNEL_SEARCHES = ("shared", "own")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,6 +378,10 @@ class LayerProblem:
             objs = self.evaluate("B", grid_b, a)
             k = int(torch.argmax(objs))
             return float(objs[k]), float(grid_b[k]), "tensor"
+        if self.opts["channel_search"] == "shared":
+            objs = self.evaluate("B", grid_b, a)
+            k = int(torch.argmax(objs))
+            return float(objs[k]), grid_b[k].clone(), "shared"
         objs, err = self.evaluate("B", grid_b, a, channel_error="var" if centred else "mse")
         k = int(torch.argmax(objs))
         own = grid_b.gather(0, err.argmin(0, keepdim=True))[0]
@@ -930,6 +936,9 @@ def resolve_options(options: dict) -> dict:
     if opts["weight_granularity"] not in WEIGHT_GRANULARITIES:
         raise VitqError(f"ptqvit: weight granularity {opts['weight_granularity']!r} "
                         f"(expected one of {', '.join(WEIGHT_GRANULARITIES)})")
+    if opts["channel_search"] not in CHANNEL_SEARCHES:
+        raise VitqError(f"ptqvit: per-channel weight search {opts['channel_search']!r} "
+                        f"(expected one of {', '.join(CHANNEL_SEARCHES)})")
     if opts["mp_sensitivity"] not in MP_SENSITIVITIES:
         raise VitqError(f"ptqvit: mixed-precision sensitivity {opts['mp_sensitivity']!r} "
                         f"(expected one of {', '.join(MP_SENSITIVITIES)})")
