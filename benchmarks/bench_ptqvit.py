@@ -90,12 +90,20 @@ def main() -> int:
     ]
     for bits in (8, 6, 4):
         plan.append((f"percentile W{bits}A{bits}", bits, "percentile", {}))
+    # the first per-channel search (each step also tries every channel's own factor by its output error), kept as
+    # the option channel_search="own"; the ablations were run with it
+    own = dict(search, channel_search="own")
     plan += [
-        ("ptqvit W6A6 no ranking", 6, "ptqvit", dict(search, no_ranking=True)),
-        ("ptqvit W6A6 no bias corr", 6, "ptqvit", dict(search, no_bias_corr=True)),
-        ("ptqvit MP6 softmax-sigma no check", 6, "ptqvit",
-         dict(search, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
-        ("ptqvit MP6 raw-sigma", 6, "ptqvit", dict(search, mixed_precision=6, mp_sensitivity="raw")),
+        ("ptqvit W6A6 own-channel", 6, "ptqvit", own),
+        ("ptqvit W4A4 own-channel", 4, "ptqvit", own),
+        ("ptqvit W8A8 own-channel", 8, "ptqvit", own),
+        ("ptqvit MP6 own-channel", 6, "ptqvit", dict(own, mixed_precision=6)),
+        ("ptqvit MP8 own-channel", 8, "ptqvit", dict(own, mixed_precision=8)),
+        ("ptqvit W6A6 own-channel no ranking", 6, "ptqvit", dict(own, no_ranking=True)),
+        ("ptqvit W6A6 own-channel no bias corr", 6, "ptqvit", dict(own, no_bias_corr=True)),
+        ("ptqvit MP6 own-channel softmax-sigma no check", 6, "ptqvit",
+         dict(own, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
+        ("ptqvit MP6 own-channel raw-sigma", 6, "ptqvit", dict(own, mixed_precision=6, mp_sensitivity="raw")),
     ]
     full_plan = list(plan)
     if args.only:
@@ -207,8 +215,11 @@ query rows per image and head for the attention matmuls, {args.pairs} ranking pa
 omse use their defaults (per-channel min/max and OMSE weights, per-tensor activations) on the same images.
 W9/W10 modules in MP8 are allowed only through mixed precision (quantizers rebuilt with those bits).
 
-Rows: `ptqvit` uses its defaults except the reductions above: per-output-channel weights; "per-tensor W" is
-`--ptqvit-weight-granularity tensor` (the paper's form, the only one before issue 15). MPn = `--mixed-precision n`
+Rows: `ptqvit` uses its defaults except the reductions above: per-output-channel weights, one searched factor
+of every channel's max shared by the channels; "per-tensor W" is `--ptqvit-weight-granularity tensor` (the
+paper's form, the only one before issue 15); "own-channel" is `--ptqvit-channel-search own` (each weight step
+also tries every channel's own factor, chosen by that channel's output error: the first per-channel version,
+which the ablation rows use). MPn = `--mixed-precision n`
 with the default relative sensitivity (nuclear norm of QKᵀ / of the MLP output, divided by its mean over the
 model's MSAs / MLPs) and the check against the uniform allocation; "first version" is the code before issue 15
 (`--ptqvit-weight-granularity tensor --ptqvit-mp-sensitivity softmax --ptqvit-mp-no-check`); "softmax-sigma no

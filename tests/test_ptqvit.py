@@ -97,11 +97,12 @@ def test_sym_quant_matches_uniform_quantizer():
 
 # ----------------------------------------------------------------------------------------- search
 
-@pytest.mark.parametrize("bias_corr,granularity", [(True, "channel"), (False, "channel"), (True, "tensor")])
-def test_search_never_worse_than_init(deit, bias_corr, granularity):
+@pytest.mark.parametrize("bias_corr,granularity,search", [(True, "channel", "shared"), (False, "channel", "own"),
+                                                         (True, "channel", "own"), (True, "tensor", "shared")])
+def test_search_never_worse_than_init(deit, bias_corr, granularity, search):
     qm = vitq.prepare(deit, vitq.Scheme("matmul", 4, 4), method="ptqvit")
     info = vitq.calibrate(qm, images(), "ptqvit", batch_size=4, progress=False, bias_corr=bias_corr,
-                          weight_granularity=granularity, **FAST)
+                          weight_granularity=granularity, channel_search=search, **FAST)
     assert info["options"]["bias_corr"] is bias_corr
     assert info["weight_granularity"] == granularity
     kinds = {t["kind"] for t in info["layers"]}
@@ -232,6 +233,8 @@ def test_bad_options(deit):
         vitq.calibrate(qm, images(), "ptqvit", progress=False, candidatez=3)
     with pytest.raises(VitqError, match="weight granularity"):
         vitq.calibrate(qm, images(), "ptqvit", progress=False, weight_granularity="row")
+    with pytest.raises(VitqError, match="per-channel weight search"):
+        vitq.calibrate(qm, images(), "ptqvit", progress=False, channel_search="each")
     with pytest.raises(VitqError, match="sensitivity"):
         vitq.calibrate(qm, images(), "ptqvit", progress=False, mp_sensitivity="frobenius")
 
@@ -247,6 +250,7 @@ def test_cli_arguments_follow_the_registry_contract():
                                              "calibration": "parallel", "weight_granularity": "tensor",
                                              "mp_sensitivity": "softmax", "mp_no_check": True}
     assert P.resolve_options({})["weight_granularity"] == "channel"
+    assert P.resolve_options({})["channel_search"] == "shared"
     assert P.resolve_options({"mp_no_check": True})["mp_check"] is False
     assert entry.options_from_args(parser.parse_args([])) == {}
 
