@@ -72,7 +72,8 @@ def main() -> int:
 
     search = {"candidates": args.candidates, "rounds": args.rounds, "tokens": args.tokens, "rows": args.rows,
               "pairs": args.pairs, "mp_candidates": args.mp_candidates}
-    tensor = dict(search, weight_granularity="tensor")
+    tensor = dict(search, weight_granularity="tensor", softmax_signed=True)
+    signed = dict(search, softmax_signed=True)
     plan = [
         ("ptqvit W6A6", 6, "ptqvit", search),
         ("omse W6A6", 6, "omse", {}),
@@ -92,7 +93,7 @@ def main() -> int:
         plan.append((f"percentile W{bits}A{bits}", bits, "percentile", {}))
     # the first per-channel search (each step also tries every channel's own factor by its output error), kept as
     # the option channel_search="own"; the ablations were run with it
-    own = dict(search, channel_search="own")
+    own = dict(search, channel_search="own", softmax_signed=True)
     plan += [
         ("ptqvit W6A6 own-channel", 6, "ptqvit", own),
         ("ptqvit W4A4 own-channel", 4, "ptqvit", own),
@@ -104,6 +105,13 @@ def main() -> int:
         ("ptqvit MP6 own-channel softmax-sigma no check", 6, "ptqvit",
          dict(own, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
         ("ptqvit MP6 own-channel raw-sigma", 6, "ptqvit", dict(own, mixed_precision=6, mp_sensitivity="raw")),
+    ]
+    plan += [  # per-channel weights, shared factor, the paper's signed softmax quantizer
+        ("ptqvit W6A6 signed softmax", 6, "ptqvit", signed),
+        ("ptqvit W4A4 signed softmax", 4, "ptqvit", signed),
+        ("ptqvit W8A8 signed softmax", 8, "ptqvit", signed),
+        ("ptqvit MP6 signed softmax", 6, "ptqvit", dict(signed, mixed_precision=6)),
+        ("ptqvit MP8 signed softmax", 8, "ptqvit", dict(signed, mixed_precision=8)),
     ]
     full_plan = list(plan)
     if args.only:
@@ -219,11 +227,13 @@ Rows: `ptqvit` uses its defaults except the reductions above: per-output-channel
 of every channel's max shared by the channels; "per-tensor W" is `--ptqvit-weight-granularity tensor` (the
 paper's form, the only one before issue 15); "own-channel" is `--ptqvit-channel-search own` (each weight step
 also tries every channel's own factor, chosen by that channel's output error: the first per-channel version,
-which the ablation rows use). MPn = `--mixed-precision n`
-with the default relative sensitivity (nuclear norm of QKᵀ / of the MLP output, divided by its mean over the
-model's MSAs / MLPs) and the check against the uniform allocation; "first version" is the code before issue 15
-(`--ptqvit-weight-granularity tensor --ptqvit-mp-sensitivity softmax --ptqvit-mp-no-check`); "softmax-sigma no
-check" the same allocation with today's per-channel weights; "raw-sigma" the unnormalised QKᵀ / output norms.
+which the ablation rows use). Softmax output: unsigned by default; every "per-tensor W", "first version",
+"own-channel" and "signed softmax" row uses the paper's signed quantizer (`--ptqvit-softmax-signed`).
+MPn = `--mixed-precision n` with the default relative sensitivity (nuclear norm of QKᵀ / of the MLP output,
+divided by its mean over the model's MSAs / MLPs) and the check against the uniform allocation; "first version"
+is the code before issue 15 (`--ptqvit-weight-granularity tensor --ptqvit-softmax-signed
+--ptqvit-mp-sensitivity softmax --ptqvit-mp-no-check`); "softmax-sigma no check" the same allocation with
+per-channel weights; "raw-sigma" the unnormalised QKᵀ / output norms.
 The uniform model of MPn's size is the row "ptqvit WnAn".
 
 Status: {status}.
