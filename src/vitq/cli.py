@@ -25,7 +25,7 @@ from vitq.state import OutputDir, check_output_parent, make_parents
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -130,6 +130,11 @@ def cmd_quantize(args) -> int:
 
     progress = not args.quiet
     out = OutputDir(args.out, args.overwrite)
+    recipe_info = None
+    if args.recipe is not None:
+        from vitq.recipes import apply_recipe
+
+        recipe_info = apply_recipe(args)  # fills only the flags left unset
     if args.init_state is None and args.method is None:
         raise VitqError("--method is required (or --init-state DIR to start from a saved state)")
     scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
@@ -203,7 +208,7 @@ def cmd_quantize(args) -> int:
         "calib_files": [os.path.relpath(r.path, args.calib) for r in calib_records],
         "calib_skipped": calib_skipped, "num_calib": int(images.shape[0]),
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *sys.argv[1:]],
-        "calibration": cal_info, "refinement": ref_info, "float": None, "quant": None,
+        "calibration": cal_info, "refinement": ref_info, "recipe": recipe_info, "float": None, "quant": None,
     }
     eval_s = 0.0
     if args.val is not None:
@@ -325,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
     q.add_argument("--refine", default=None,
                    help="refiner, or comma-separated refiners applied in order (e.g. recon,evolq; see vitq methods)")
+    q.add_argument("--recipe", default=None, metavar="NAME",
+                   help="best, or a recipe of vitq recipes: method, quantizer kinds and refiners for the regime and "
+                        "bits asked (flags given explicitly win)")
     q.add_argument("--init-state", default=None, metavar="DIR",
                    help="start from a saved state (a previous --out) instead of calibrating")
     q.add_argument("--out", required=True,
