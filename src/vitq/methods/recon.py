@@ -156,6 +156,7 @@ class Piece:
     weighted: list[tuple[str, _QWeighted]]
     scales: list[tuple[str, UniformQuantizer]]  # learnable activation step sizes
     acts: list[tuple[str, Quantizer]]  # every activation quantizer (QDrop bypass)
+    root: nn.Module  # the quantized model (names above are qualified in it)
 
 
 def pieces_of(qmodel: nn.Module, float_model: nn.Module) -> list[Piece]:
@@ -181,7 +182,7 @@ def pieces_of(qmodel: nn.Module, float_model: nn.Module) -> list[Piece]:
         weighted = [(n, m) for n, m in mods if isinstance(m, _QWeighted)]
         acts = [(n, m) for n, m in mods if isinstance(m, Quantizer) and m.role != "weight"]
         scales = [(n, m) for n, m in acts if m.kind == "uniform" and bool(m.initialized)]
-        out.append(Piece(name, fq, ff, weighted, scales, acts))
+        out.append(Piece(name, fq, ff, weighted, scales, acts, qmodel))
     for p in out:
         for n, m in p.weighted:
             if not bool(m.weight_quant.initialized):
@@ -228,17 +229,82 @@ class Dropper:
     def __init__(self, acts: list[tuple[str, Quantizer]], p: float):
         self.p, self.gen, self.active = p, None, False
         self.handles = [q.register_forward_hook(self._hook) for _, q in acts] if p > 0 else []
+        # (quantizers swapped for an LsqQuantizer call drop() themselves; their hooks never run meanwhile)
 
     def _hook(self, module, inputs, output):
-        if not self.active:
-            return output
-        x = inputs[0]
+        return self.drop(inputs[0], output)
+
+    def drop(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.p <= 0:
+            return out
         keep_float = torch.rand(x.shape, generator=self.gen, device="cpu").to(x.device) < self.p
-        return torch.where(keep_float, x, output)
+        return torch.where(keep_float, x, out)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    """Uniform fake quantization with the LSQ gradient in one node: the same forward values as
+    ``UniformQuantizer.fake_quant``; backward ``dx = g`` inside the range (straight-through), 0 outside;
+    ``ds = g · (round(x/s) − x/s)`` inside, ``g · (q − z)`` outside (clipped), summed to the scale's shape.
+    Several times fewer tensor passes than autograd through the module, which is most of a step's time."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin: int, qmax: int, reduce_dims: tuple[int, ...]):
+        xs = x / s
+        r = torch.round(xs)
+        q = torch.clamp(r + z, qmin, qmax)
+        inside = (r + z >= qmin) & (r + z <= qmax)
+        ctx.save_for_backward(xs, r, q, z, inside)
+        ctx.reduce_dims, ctx.s_shape = reduce_dims, s.shape
+        return (q - z) * s
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, r, q, z, inside = ctx.saved_tensors
+        dx = g * inside
+        ds = g * torch.where(inside, r - xs, q - z)
+        ds = ds.sum(ctx.reduce_dims, keepdim=True) if ctx.reduce_dims else ds
+        return dx, ds.reshape(ctx.s_shape), None, None, None, None
+
+
+class LsqQuantizer(nn.Module):
+    """Stands in for one uniform activation quantizer while its piece is reconstructed: LSQ on the original's
+    scale (same tensor), zero point fixed, and QDrop's elementwise bypass. Swapped back afterwards."""
+
+    def __init__(self, original: UniformQuantizer, dropper: Dropper):
+        super().__init__()
+        self.original = original
+        self.dropper = dropper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.original
+        s, z = q._view(q.scale, x), q._view(q.zero_point, x)
+        if q.channel_axis is None:
+            reduce_dims = tuple(range(x.dim()))
+        else:
+            axis = q.channel_axis % x.dim()
+            reduce_dims = tuple(d for d in range(x.dim()) if d != axis)
+        out = _LsqFakeQuant.apply(x, s, z, q.qmin, q.qmax, reduce_dims)
+        return self.dropper.drop(x, out)
+
+
+@contextmanager
+def swapped(model_root: nn.Module, names_and_modules: list[tuple[str, nn.Module]]):
+    """Put modules in place of the named submodules of ``model_root``; put the originals back on exit."""
+    saved = []
+    try:
+        for name, new in names_and_modules:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model_root.get_submodule(parent_name) if parent_name else model_root
+            saved.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, new)
+        yield
+    finally:
+        for parent, attr, old in reversed(saved):
+            setattr(parent, attr, old)
 
 
 class SoftWeights:
@@ -323,39 +389,41 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
     dropper.gen = gen
     soft = SoftWeights(roundings)
     first_loss = last_loss = None
+    swap = [(name, LsqQuantizer(q, dropper)) for name, q in p.scales if q in scales]
     try:
-        dropper.active = True
-        for step in range(cfg.iters):
-            idx = torch.randint(n, (min(cfg.batch, n),), generator=gen).to(xq.device)
-            x_in = xq[idx]
-            if cfg.drop_prob > 0:
-                mix = torch.rand(x_in.shape, generator=gen).to(x_in.device) < cfg.drop_prob
-                x_in = torch.where(mix, xf[idx], x_in)
-            out = p.quant(x_in)
-            rec = rec_loss(out, tg[idx])
-            beta = beta_at(step, cfg)
-            loss = rec
-            if beta is not None and roundings and cfg.weight > 0:
-                loss = loss + cfg.weight * sum(r.regularizer(beta) for r in roundings)
-            if opt_v is not None:
-                opt_v.zero_grad(set_to_none=True)
-            if opt_s is not None:
-                opt_s.zero_grad(set_to_none=True)
-                frac = 0.5 * (1.0 + math.cos(math.pi * step / cfg.iters))
-                for g, lr in zip(opt_s.param_groups, base_lr, strict=True):
-                    g["lr"] = lr * frac
-            loss.backward()
-            if opt_v is not None:
-                opt_v.step()
-            if opt_s is not None:
-                opt_s.step()
-                with torch.no_grad():
-                    for q in scales:
-                        q.scale.clamp_(min=EPS)
-            last_loss = float(rec.detach())
-            first_loss = last_loss if first_loss is None else first_loss
-            if bar is not None and (step % 50 == 0 or step == cfg.iters - 1):
-                bar.set_postfix_str(f"{p.name} step {step + 1}/{cfg.iters} rec {last_loss:.4g}")
+        with swapped(p.root, swap):
+            dropper.active = True
+            for step in range(cfg.iters):
+                idx = torch.randint(n, (min(cfg.batch, n),), generator=gen).to(xq.device)
+                x_in = xq[idx]
+                if cfg.drop_prob > 0:
+                    mix = torch.rand(x_in.shape, generator=gen).to(x_in.device) < cfg.drop_prob
+                    x_in = torch.where(mix, xf[idx], x_in)
+                out = p.quant(x_in)
+                rec = rec_loss(out, tg[idx])
+                beta = beta_at(step, cfg)
+                loss = rec
+                if beta is not None and roundings and cfg.weight > 0:
+                    loss = loss + cfg.weight * sum(r.regularizer(beta) for r in roundings)
+                if opt_v is not None:
+                    opt_v.zero_grad(set_to_none=True)
+                if opt_s is not None:
+                    opt_s.zero_grad(set_to_none=True)
+                    frac = 0.5 * (1.0 + math.cos(math.pi * step / cfg.iters))
+                    for g, lr in zip(opt_s.param_groups, base_lr, strict=True):
+                        g["lr"] = lr * frac
+                loss.backward()
+                if opt_v is not None:
+                    opt_v.step()
+                if opt_s is not None:
+                    opt_s.step()
+                    with torch.no_grad():
+                        for q in scales:
+                            q.scale.clamp_(min=EPS)
+                last_loss = float(rec.detach())
+                first_loss = last_loss if first_loss is None else first_loss
+                if bar is not None and (step % 50 == 0 or step == cfg.iters - 1):
+                    bar.set_postfix_str(f"{p.name} step {step + 1}/{cfg.iters} rec {last_loss:.4g}")
     finally:
         dropper.active = False
         dropper.remove()
