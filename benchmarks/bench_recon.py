@@ -55,7 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="matmul:4/4:ptq4vit,fq:4/8:fqvit")
     p.add_argument("--num-calib", type=int, default=RECON_CPU["num_calib"])
-    p.add_argument("--batch-size", type=int, default=32, help="calibration / evolq batch")
+    p.add_argument("--batch-size", type=int, default=50, help="calibration / evolq batch (the CLI default)")
     p.add_argument("--recon-iters", type=int, default=RECON_CPU["recon_iters"])
     p.add_argument("--recon-batch", type=int, default=RECON_CPU["recon_batch"])
     p.add_argument("--recon-lr", type=float, default=RECON_CPU["recon_lr"])

@@ -30,7 +30,7 @@ def test_recipe_expands_to_the_documented_flags():
     r = recipes.by_name("fq-fqvit-recon-evolq")
     assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "60",
                                  "--recon-batch-size", "4", "--recon-lr", "0.01", "--recon-scale-lr", "0.004",
-                                 "--num-calib", "64", "--evolq-passes", "1"]
+                                 "--num-calib", "50", "--evolq-passes", "1"]
     assert r.as_flags("cuda") == ["--method", "fqvit", "--refine", "recon,evolq"]
     # every flag of every usable recipe parses, and parsing it gives the recipe's settings
     for r in recipes.RECIPES:

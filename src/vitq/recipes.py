@@ -51,7 +51,7 @@ class Recipe:
 FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is not --DEST
 
 # the reduced CPU setting of the benchmark (BENCHMARKS.md "recon" section states it)
-RECON_CPU = {"recon_iters": 60, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 64}
+RECON_CPU = {"recon_iters": 60, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
 EVOLQ_CPU = {"evolq_passes": 1}
 
 RECIPES: tuple[Recipe, ...] = (
@@ -73,6 +73,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("matmul-ptq4vit", "matmul", "ptq4vit", note="PTQ4ViT base alone (calibration only)"),
 )
 
+WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"
 # (recipe, w_bits, a_bits) -> measured on DeiT-Tiny, all 500 val images, CPU setting; from bench_recon.py
 MEASURED: dict[tuple[str, int, int], dict] = {}
 
