@@ -45,10 +45,10 @@ def metrics(float_logits, q_logits, labels) -> dict:
     return m.result()["quant"]
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
@@ -119,9 +119,9 @@ def main() -> None:
             kept = sum(len(r["info"]["pieces_kept_start"]) for r in recs if pipeline.endswith("recon"))
             rows.append([f"{scheme} W{w}A{a}", f"{method}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}",
                          mean_std([r["top1"] for r in recs]), mean_std([float_top1 - r["top1"] for r in recs]),
-                         mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs]),
-                         mean_std(kl_cal) if kl_cal else "-", mean_std(step),
-                         mean_std([r["seconds"] for r in recs]),
+                         mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], 4),
+                         mean_std(kl_cal, 4) if kl_cal else "-", mean_std(step, 0),
+                         mean_std([r["seconds"] for r in recs], 0),
                          kept if pipeline.endswith("recon") else "-"])
             measured[(recipe, int(w), int(a))] = {
                 "agreement": round(statistics.mean(r["agreement"] for r in recs), 2),
