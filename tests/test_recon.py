@@ -224,3 +224,12 @@ def test_chain_options_must_name_a_refiner_of_the_chain():
         vitq.refine(q, model, images, "recon,nope", progress=False)
     with pytest.raises(VitqError, match="empty"):
         vitq.refine(q, model, images, "recon,,", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_recon_chain_runs_on_cuda():
+    q, model, images = _calibrated(scheme="fq", w_bits=4, a_bits=8)
+    info = vitq.refine(q, model, images, "recon,evolq", batch_size=4, device="cuda", progress=False,
+                       recon=dict(FAST), evolq={"passes": 1})
+    assert [s["refiner"] for s in info["chain"]] == ["recon", "evolq"]
+    assert all(t.device.type == "cuda" for t in q.state_dict().values())
