@@ -20,10 +20,10 @@ CASES = [("fq", m) for m in ("minmax", "percentile", "omse", "fqvit", "ptqvit")]
 @pytest.fixture(autouse=True)
 def no_tf32():
     """TF32 (on by default for cuDNN convolutions) alone moves outputs by ~1e-3; compare in full float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    from vitq.precision import full_float32
+
+    with full_float32():  # both of torch's TF32 APIs, restored afterwards
+        yield
 
 
 def calibrated(model, scheme, method, images, device):

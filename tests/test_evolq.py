@@ -21,9 +21,13 @@ from vitq.methods.evolq import (
     FitnessEvaluator,
     default_radius,
     infonce_loss,
+    int_layernorm_teacher,
     kl_loss,
     make_config,
+    search_space,
+    split_calibration,
 )
+from vitq.quantizers import quantizers_of
 from vitq.registry import get_refiner
 
 
@@ -107,6 +111,17 @@ def test_block_cache_equals_full_forward(scheme, make):
     full = ev.evaluate(None)
     for unit, _, _ in ev.trunk.blocks():
         assert ev.evaluate(unit) == pytest.approx(full, rel=1e-6, abs=1e-6)
+    # and after perturbing every searchable scale (weights and activations) of every block: the cache of a
+    # block's input is rebuilt from the perturbed upstream blocks, and the cached path still equals the full one
+    g = torch.Generator().manual_seed(3)
+    for _unit, name, block in ev.trunk.blocks():
+        for _, qz in search_space(name, block, ("attn", "mlp", "act")):
+            qz.scale.mul_(1 + 0.3 * (torch.rand(qz.scale.shape, generator=g) - 0.5))
+    perturbed = ev.evaluate(None)
+    assert abs(perturbed - full) > 1e-4  # the perturbation moved the fitness
+    for unit, _, _ in ev.trunk.blocks():
+        ev.cache_inputs(unit)
+        assert ev.evaluate(unit) == pytest.approx(perturbed, rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["fq", "matmul"])
@@ -130,7 +145,7 @@ def test_faithful_touches_only_attention_weight_scales(scheme, make):
     model = make()
     q, images = _calibrated(model, scheme)
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    info = _refine(q, model, images, radius=2e-4, cycles=5)  # random-init scales are small (~1e-2)
+    info = _refine(q, model, images, mode="faithful", radius=2e-4, cycles=5)  # random-init scales are small
     after = q.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "the search changed nothing"
@@ -177,13 +192,16 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_options_defaults_and_validation():
     cfg = make_config({})
     assert (cfg.population, cfg.sample, cfg.cycles, cfg.passes, cfg.temperature) == (15, 10, 3, 10, 3.0)
+    assert cfg.mode == "checked" and cfg.batch_size == 100 and cfg.check_fraction == 0.2 and cfg.search == ("attn",)
+    assert make_config({"mode": "faithful"}).check_fraction == 0.0
     imp = make_config({"mode": "improved", "children": 2})
     assert imp.mutation == "relative" and imp.children == 2 and "mlp" in imp.search
     assert make_config({"search": "attn,act"}).search == ("attn", "act")
     assert default_radius(3) == 1e-3 and default_radius(4) == 1e-3 and default_radius(8) == 1e-4
-    assert 1e-4 < default_radius(6) < 1e-3
+    assert default_radius(5) == default_radius(6) == default_radius(7) == 1e-3  # the release: 1e-4 only at 8
     for bad in ({"mode": "x"}, {"loss": "l1"}, {"children": 15}, {"search": "attn,foo"}, {"bogus": 1},
-                {"temperature": 0}):
+                {"temperature": 0}, {"batch_size": 1}, {"check_fraction": 1.0}, {"teacher": "x"},
+                {"check_loss": "l1"}):
         with pytest.raises(VitqError):
             make_config(bad)
 
@@ -219,6 +237,110 @@ def test_select_on_val_is_explicit_and_recorded():
     # without the flag, validation batches are never read
     info = _refine(copy.deepcopy(q), model, images, val_batches=lambda: (_ for _ in ()).throw(AssertionError))
     assert info["select_on_val"] is False
+
+
+def test_select_on_val_follows_the_release_rule():
+    """Every block of pass 0 is saved unconditionally, later blocks only when val top-1 beats the saved one;
+    the saved state is returned."""
+    model = _deit()
+    q, images = _calibrated(model, "fq", w_bits=3)
+    val_x = _images(model, n=32, seed=5)
+    with torch.no_grad():  # labels the float model gets 50 % right: top-1 moves with the scales
+        pred = model(val_x).argmax(1)
+    labels = torch.where(torch.arange(32) % 2 == 0, pred, (pred + 1) % 10)
+    val = [(val_x[:16], labels[:16]), (val_x[16:], labels[16:])]
+    snaps = []
+    info = _refine(q, model, images, mode="faithful", passes=3, mutation="relative", radius=0.3, seed=1,
+                   select_on_val=True, val_batches=val, on_block_end=lambda e: snaps.append(_scales(q)))
+    sel = info["val_selection"]
+    top1, steps = sel["top1_trace"], info["trace"]
+    assert len(top1) == len(steps) == len(snaps) == 6
+    best, chosen = None, None
+    for i, (t, st) in enumerate(zip(top1, steps)):
+        if st["pass"] == 0 or t > best:
+            best, chosen = t, i
+    assert chosen >= 1  # at least the last block of pass 0
+    assert sel["selected_after"] == {"pass": steps[chosen]["pass"], "block": steps[chosen]["block"]}
+    assert sel["best_top1"] == best
+    final = _scales(q)
+    assert all(torch.equal(final[k], snaps[chosen][k]) for k in final)
+    assert "pass 0" in sel["rule"]
+
+
+def _split_run(model, images, **options):
+    snaps = []
+    q, _ = _calibrated(model, "fq", w_bits=3)
+    snaps.append(_scales(q))
+    info = _refine(q, model, images, on_block_end=lambda e: snaps.append(_scales(q)), **options)
+    return info, snaps
+
+
+def test_check_part_rejects_block_changes_that_make_it_worse():
+    """Constructed: a large relative mutation on 12 search images always finds scales that fit them better,
+    and some of those make the 4 held-out check images worse; those blocks must be reverted."""
+    model = _deit()
+    images = _images(model)
+    info, snaps = _split_run(model, images, mode="checked", check_fraction=0.25, mutation="relative",
+                             radius=0.5, passes=3, seed=0)
+    steps = info["trace"]
+    assert info["check"]["num_images"] == 4 and info["fitness"]["search_images"] == 12
+    rejected = [i for i, st in enumerate(steps) if not st["kept"]]
+    accepted = [i for i, st in enumerate(steps) if st["kept"] and st["check_candidate"] is not None]
+    assert rejected and accepted, [(st["check_before"], st["check_candidate"]) for st in steps]
+    for i in rejected:
+        st = steps[i]
+        assert st["candidate"] < st["before"]  # the search part improved ...
+        assert st["check_candidate"] > st["check_before"]  # ... the check part got worse ...
+        assert st["after"] == st["before"] and st["check"] == st["check_before"]  # ... so it was undone
+        assert all(torch.equal(snaps[i][k], snaps[i + 1][k]) for k in snaps[i])
+    for i in accepted:
+        st = steps[i]
+        assert st["check_candidate"] <= st["check_before"] and st["after"] == st["candidate"]
+        assert any(not torch.equal(snaps[i][k], snaps[i + 1][k]) for k in snaps[i])
+    check, search = info["curves"]["check"], info["curves"]["search"]
+    assert len(check) == len(search) == len(steps) + 1
+    assert all(b <= a for a, b in zip(check, check[1:]))  # the check curve never rises
+    assert info["check"]["rejected_steps"] == len(rejected)
+    assert info["check"]["final"] == pytest.approx(check[-1], rel=1e-5)
+    # the release's behaviour (faithful: no check part) keeps every improvement of the search fitness
+    info_f, _ = _split_run(model, images, mode="faithful", mutation="relative", radius=0.5, passes=1, seed=0)
+    assert "check" not in info_f and "check" not in info_f["curves"] and info_f["fitness"]["search_images"] == 16
+    assert all(st["after"] == st["candidate"] for st in info_f["trace"])
+
+
+def test_split_is_seeded_disjoint_and_validated():
+    images = torch.arange(20.0).reshape(20, 1, 1, 1)
+    calib = as_calib(images, 8, progress=False)
+    cfg = make_config({"check_fraction": 0.25, "batch_size": 6})
+    s1, c1 = split_calibration(calib, cfg, seed=0)
+    s2, c2 = split_calibration(calib, cfg, seed=0)
+    s3, c3 = split_calibration(calib, cfg, seed=1)
+    ids = lambda part: sorted(int(v) for v in part.images.reshape(-1))  # noqa: E731
+    assert len(c1) == 5 and len(s1) == 15 and s1.batch_size == 6 and c1.batch_size == 5
+    assert sorted(ids(s1) + ids(c1)) == list(range(20))
+    assert ids(c1) == ids(c2) and ids(c1) != ids(c3)
+    s, c = split_calibration(calib, make_config({"mode": "faithful"}), seed=0)
+    assert c is None and len(s) == 20 and s.batch_size == 20  # default batch 100 > 20 images: one batch
+    with pytest.raises(VitqError, match="check_fraction"):
+        split_calibration(as_calib(images[:5], 8, progress=False), cfg, seed=0)
+
+
+def test_int_layernorm_teacher():
+    model = _deit()
+    q, images = _calibrated(model, "fq")
+    teacher = int_layernorm_teacher(q)
+    with torch.no_grad():
+        zf, zt, zq = model(images), teacher(images), q(images)
+    assert teacher.vitq_ptf_quantizers > 0
+    assert not torch.allclose(zt, zf, atol=1e-5)  # the PTF quantizers act ...
+    assert float(kl_loss(zt, zf)) < float(kl_loss(zq, zf))  # ... but nothing else does
+    assert all(qz.observer is None for qz in quantizers_of(q).values())  # the model itself is untouched
+    info = _refine(q, model, images, mode="faithful", teacher="int_layernorm", cycles=1)
+    assert info["teacher"].startswith("int_layernorm") and info["config"]["teacher"] == "int_layernorm"
+    # matmul has no LayerNorm-input quantizers: the teacher is the float model
+    qm, _ = _calibrated(model, "matmul")
+    with torch.no_grad():
+        assert torch.allclose(int_layernorm_teacher(qm)(images), zf, atol=1e-5)
 
 
 def test_refiner_registered_with_cli_flags():
@@ -297,17 +419,64 @@ def test_landscape_command_end_to_end(tmp_path, monkeypatch):
         run(parser.parse_args([*argv[:2], "vit_small_patch16_224", *argv[3:], "--overwrite"]))
 
 
-def test_search_runs_without_tf32_and_restores_the_setting():
+@pytest.fixture
+def _precision_restored():
+    """Whatever a test does to torch's float32-precision flags is undone (new API parents before children,
+    then a legacy flag only where it no longer reads as before)."""
+    from vitq.precision import _LEGACY, _new_api_objects, _read_legacy
+
+    new = [(o, o.fp32_precision) for _, o in _new_api_objects()]
+    legacy = [(p, _read_legacy(p)) for p in _LEGACY]
+    yield
+    for o, v in new:
+        o.fp32_precision = v
+    for p, v in legacy:
+        if v is not None and _read_legacy(p) != v:
+            target = torch.backends.cudnn if p == "cudnn" else torch.backends.cuda.matmul
+            target.allow_tf32 = v
+
+
+def _search_and_evaluate_recording_precision():
+    from vitq.evaluate import evaluate
+    from vitq.precision import precision_settings
+
     model = _deit()
     q, images = _calibrated(model, "fq")
     inside = []
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    before = precision_settings()
+    _refine(q, model, images, mode="faithful", cycles=1, on_block_end=lambda event: inside.append(precision_settings()))
+    after_refine = precision_settings()
+    h = model.register_forward_hook(lambda m, i, o: inside.append(precision_settings()))
     try:
-        _refine(q, model, images, on_block_end=lambda event: inside.append(
-            (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
-        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        evaluate(q, model, [(images, torch.zeros(16, dtype=torch.long))], progress=False)
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-    assert inside and set(inside) == {(False, False)}
-    assert after == (True, True)
+        h.remove()
+    assert len(inside) == 3  # two blocks searched, one evaluation batch
+    for st in inside:
+        assert set(st["fp32_precision"].values()) == {"ieee"}, st
+        assert not any(st["allow_tf32"].values()), st
+    return before, after_refine, precision_settings()
+
+
+def test_search_and_evaluation_run_without_tf32_with_the_new_api(_precision_restored):
+    """Real torch flags set through the new fp32_precision API, after which reading ``allow_tf32`` raises a
+    RuntimeError (the case that used to stop the refiner): inside the search and the evaluation everything is
+    IEEE float32, and every setting is as before afterwards (the fixture restores this process's flags)."""
+    b = torch.backends
+    b.fp32_precision = "tf32"
+    b.cuda.matmul.fp32_precision = "tf32"
+    b.cudnn.conv.fp32_precision = "tf32"
+    b.mkldnn.matmul.fp32_precision = "bf16"
+    with pytest.raises(RuntimeError):
+        b.cuda.matmul.allow_tf32  # noqa: B018  (the real torch behaviour this handles)
+    before, after_refine, after = _search_and_evaluate_recording_precision()
+    assert before == after_refine == after
+    assert before["allow_tf32"]["cuda.matmul"] is None  # unreadable before, and still after
+    assert before["fp32_precision"]["cuda.matmul"] == "tf32" and before["fp32_precision"]["mkldnn.matmul"] == "bf16"
+
+
+def test_search_and_evaluation_run_without_tf32_with_the_legacy_api(_precision_restored):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    before, after_refine, after = _search_and_evaluate_recording_precision()
+    assert before["allow_tf32"] == {"cudnn": True, "cuda.matmul": True}
+    assert before == after_refine == after

@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitq import prepare as _prepare
 from vitq.calib import CalibData
+from vitq.errors import VitqError
 from vitq.registry import get_method, get_refiner
 from vitq.scheme import Scheme
 
@@ -61,14 +63,67 @@ def calibrate(qmodel: nn.Module, images, method: str = "fqvit", batch_size: int 
     return info
 
 
-def refine(qmodel: nn.Module, float_model: nn.Module, images, refiner: str = "evolq", batch_size: int = 50,
-           device="cpu", seed: int = 0, progress: bool = True, **options) -> dict:
-    """Improve an already-calibrated model (e.g. Evol-Q), scored against ``float_model``."""
-    entry = get_refiner(refiner)
+def refiner_chain(refiner) -> list[str]:
+    """``"recon,evolq"`` or ``["recon", "evolq"]`` -> the refiner names in order (each must be registered)."""
+    names = refiner.split(",") if isinstance(refiner, str) else list(refiner)
+    names = [n.strip() if isinstance(n, str) else n for n in names]
+    if not names or any(not isinstance(n, str) or not n for n in names):
+        raise VitqError(f"--refine {refiner!r} has an empty refiner name (expected a comma-separated list, e.g. "
+                        "recon,evolq)")
+    for n in names:
+        get_refiner(n)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise VitqError(f"--refine {refiner!r} names {', '.join(twice)} twice (expected each refiner once)")
+    return names
+
+
+@torch.no_grad()
+def _calib_kl(qmodel: nn.Module, float_logits: list[torch.Tensor], calib: CalibData) -> float:
+    """Mean KL(float || quant) over the calibration images (nats): the gain of each refiner in a chain."""
+    total = 0.0
+    for x, zf in zip(calib.batches(), float_logits, strict=True):
+        lp, lq = F.log_softmax(zf, 1), F.log_softmax(qmodel(x).float(), 1)
+        total += float((lp.exp() * (lp - lq)).sum())
+    return total / len(calib)
+
+
+def refine(qmodel: nn.Module, float_model: nn.Module, images, refiner: str | list[str] = "evolq",
+           batch_size: int = 50, device="cpu", seed: int = 0, progress: bool = True, **options) -> dict:
+    """Improve an already-calibrated model (e.g. Evol-Q), scored against ``float_model``.
+
+    ``refiner`` may be a chain, ``"recon,evolq"`` or a list, applied in order; the options of a chain are
+    given per refiner (``recon={"iters": 500}, evolq={"passes": 1}``). Each step records its time and the
+    KL(float || quant) on the calibration images before and after it."""
+    names = refiner_chain(refiner)
+    if len(names) == 1:
+        per = {names[0]: options}
+    else:
+        stray = sorted(k for k in options if k not in names or not isinstance(options[k], dict))
+        if stray:
+            raise VitqError(f"options {stray} for the refiner chain {','.join(names)} must be given per refiner "
+                            f"(e.g. {names[0]}={{...}})")
+        per = {n: dict(options.get(n) or {}) for n in names}
     calib = as_calib(images, batch_size, device, seed, progress)
-    torch.manual_seed(seed)
     qmodel.to(calib.device).eval()
     float_model.to(calib.device).eval()
-    t0 = time.perf_counter()
-    info = entry.fn(qmodel, float_model, calib, **options) or {}
-    return {"refiner": refiner, "options": _recordable(options), **info, "seconds": time.perf_counter() - t0}
+    with torch.no_grad():
+        float_logits = [float_model(x).float() for x in calib.batches()]
+    kl = _calib_kl(qmodel, float_logits, calib)
+    steps = []
+    t_chain = time.perf_counter()
+    for name in names:
+        entry = get_refiner(name)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        info = entry.fn(qmodel, float_model, calib, **per[name]) or {}
+        seconds = time.perf_counter() - t0
+        kl_after = _calib_kl(qmodel, float_logits, calib)
+        steps.append({"refiner": name, "options": _recordable(per[name]), **info, "seconds": seconds,
+                      "calib_kl": {"before": kl, "after": kl_after, "gain": kl - kl_after}})
+        kl = kl_after
+    if len(steps) == 1:
+        return steps[0]
+    return {"refiner": ",".join(names), "chain": steps, "seconds": time.perf_counter() - t_chain,
+            "calib_kl": {"before": steps[0]["calib_kl"]["before"], "after": kl,
+                         "gain": steps[0]["calib_kl"]["before"] - kl}}

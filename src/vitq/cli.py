@@ -25,7 +25,7 @@ from vitq.state import OutputDir, check_output_parent, make_parents
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -130,6 +130,11 @@ def cmd_quantize(args) -> int:
 
     progress = not args.quiet
     out = OutputDir(args.out, args.overwrite)
+    recipe_info = None
+    if args.recipe is not None:
+        from vitq.recipes import apply_recipe
+
+        recipe_info = apply_recipe(args)  # fills only the flags left unset
     if args.init_state is None and args.method is None:
         raise VitqError("--method is required (or --init-state DIR to start from a saved state)")
     scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
@@ -141,9 +146,9 @@ def cmd_quantize(args) -> int:
         raise VitqError(f"--init-state {args.init_state} brings its own scheme and calibration; {given} would be "
                         "ignored (drop them, or calibrate anew without --init-state)")
     method = get_method(args.method) if args.init_state is None else None
-    refiner = get_refiner(args.refine) if args.refine else None
+    chain = api.refiner_chain(args.refine) if args.refine else []
     method_opts = method.options_from_args(args) if method else {}
-    refine_opts = refiner.options_from_args(args) if refiner else {}
+    chain_opts = {name: get_refiner(name).options_from_args(args) for name in chain}
     if args.init_state is not None:
         saved = read_config(args.init_state)
         scheme = Scheme.from_dict(saved["scheme"])
@@ -175,21 +180,22 @@ def cmd_quantize(args) -> int:
     calibrate_s = time.perf_counter() - t0
     log.info("calibrated in %.1f s", calibrate_s)
 
-    ref_info, refine_s, ckpt = None, 0.0, None
-    if refiner is not None:
+    ref_info, refine_s, ckpts = None, 0.0, []
+    for name, refine_opts in chain_opts.items():
         if refine_opts.get("select_on_val"):
             # the release's selection on labelled validation images: only on explicit request, and recorded
             if args.val is None:
-                raise VitqError(f"--{args.refine}-select-on-val needs --val DIR (labelled validation images)")
+                raise VitqError(f"--{name}-select-on-val needs --val DIR (labelled validation images)")
             val_records = image_set(args.val, args.num_val, args.seed, args.labels, "validation (selection)")
             vx, vy, _ = load_images(val_records, transform, args.batch_size, args.num_workers, progress, "validation")
             refine_opts["val_batches"] = [(vx[i:i + args.batch_size], vy[i:i + args.batch_size])
                                           for i in range(0, len(vx), args.batch_size)]
-        if _accepts(refiner.fn, "checkpoint_path"):
-            ckpt = os.path.join(os.path.dirname(out.path), f".{os.path.basename(out.path)}.{args.refine}-ckpt")
-            refine_opts.setdefault("checkpoint_path", ckpt)
+        if _accepts(get_refiner(name).fn, "checkpoint_path"):
+            ckpts.append(os.path.join(os.path.dirname(out.path), f".{os.path.basename(out.path)}.{name}-ckpt"))
+            refine_opts.setdefault("checkpoint_path", ckpts[-1])
+    if chain:
         t0 = time.perf_counter()
-        ref_info = api.refine(qmodel, model, calib, args.refine, **refine_opts)
+        ref_info = api.refine(qmodel, model, calib, chain, **(chain_opts if len(chain) > 1 else chain_opts[chain[0]]))
         refine_s = time.perf_counter() - t0
         log.info("refined in %.1f s", refine_s)
 
@@ -202,7 +208,7 @@ def cmd_quantize(args) -> int:
         "calib_files": [os.path.relpath(r.path, args.calib) for r in calib_records],
         "calib_skipped": calib_skipped, "num_calib": int(images.shape[0]),
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *sys.argv[1:]],
-        "calibration": cal_info, "refinement": ref_info, "float": None, "quant": None,
+        "calibration": cal_info, "refinement": ref_info, "recipe": recipe_info, "float": None, "quant": None,
     }
     eval_s = 0.0
     if args.val is not None:
@@ -216,8 +222,9 @@ def cmd_quantize(args) -> int:
              method=results["method"], refine=args.refine)
         write_json(out.file("results.json"), results)
         out.commit()
-    if ckpt and os.path.exists(ckpt):
-        os.remove(ckpt)
+    for ckpt in ckpts:
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
     print(summary_line(results))
     print(f"wrote {out.path}/results.json, quant_state.safetensors, config.json")
     return 0
@@ -321,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
-    q.add_argument("--refine", default=None, help="refiner to run after calibration (see vitq methods)")
+    q.add_argument("--refine", default=None,
+                   help="refiner, or comma-separated refiners applied in order (e.g. recon,evolq; see vitq methods)")
+    q.add_argument("--recipe", default=None, metavar="NAME",
+                   help="best, or a recipe of vitq recipes: method, quantizer kinds and refiners for the regime and "
+                        "bits asked (flags given explicitly win)")
     q.add_argument("--init-state", default=None, metavar="DIR",
                    help="start from a saved state (a previous --out) instead of calibrating")
     q.add_argument("--out", required=True,

@@ -53,12 +53,17 @@ def evaluate(qmodel: nn.Module, float_model: nn.Module, batches: Iterable, devic
              total: int | None = None) -> dict:
     """Top-1/top-5 of both models, top-1 agreement (percent) and mean KL(float ‖ quant) in nats.
 
-    ``batches`` yields (images, labels). Images that could not be read are the loader's business.
+    ``batches`` yields (images, labels). Images that could not be read are the loader's business. Runs in full
+    float32 (no TF32, as the searches; the caller's settings are restored).
     """
+    from vitq.precision import full_float32
+
     qmodel.eval()
     float_model.eval()
     m = Metrics()
-    for x, y in tqdm(batches, desc="evaluate", total=total, disable=not progress, leave=False, dynamic_ncols=True):
-        x = x.to(device)
-        m.update(float_model(x), qmodel(x), y)
+    with full_float32():
+        for x, y in tqdm(batches, desc="evaluate", total=total, disable=not progress, leave=False,
+                         dynamic_ncols=True):
+            x = x.to(device)
+            m.update(float_model(x), qmodel(x), y)
     return m.result()

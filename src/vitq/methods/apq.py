@@ -42,6 +42,7 @@ from vitq.methods.hessian import (
     Grids,
     bbc_distance,
     block_knob_stages,
+    float_mode,
     layerwise_search,
     linear_grid,
     search_knobs,
@@ -52,7 +53,8 @@ from vitq.registry import register_method
 from vitq.trunk import Trunk
 
 APQ_DEFAULTS = {**PTQ4VIT_DEFAULTS, "bbc": True, "mpq": True, "softmax": "twin", "keep_fraction": 0.5,
-                "bbc_candidates": 9, "bbc_alpha": 0.8, "bbc_beta": 1.2, "bbc_rounds": 1, "bbc_inputs": "quantized"}
+                "bbc_candidates": 9, "bbc_alpha": 0.8, "bbc_beta": 1.2, "bbc_rounds": 1, "bbc_inputs": "quantized",
+                "bbc_target": "same_input", "bbc_token_fraction": None, "bbc_guard": True}
 SOFTMAX_KINDS = ("twin", "uniform", "log2", "mpq")
 
 
@@ -61,6 +63,11 @@ def _check_apq(o: dict) -> None:
         raise VitqError(f"method apq: keep_fraction={o['keep_fraction']} (expected 0 < f <= 1)")
     if o["bbc_inputs"] not in ("quantized", "float"):
         raise VitqError(f"method apq: bbc_inputs={o['bbc_inputs']!r} (expected 'quantized' or 'float')")
+    if o["bbc_target"] not in ("same_input", "float"):
+        raise VitqError(f"method apq: bbc_target={o['bbc_target']!r} (expected 'same_input' or 'float')")
+    f = o["bbc_token_fraction"]
+    if f is not None and not 0.0 < float(f) <= 1.0:
+        raise VitqError(f"method apq: bbc_token_fraction={f} (expected 0 < f <= 1, or None = token_fraction)")
     if o["softmax"] not in SOFTMAX_KINDS:
         raise VitqError(f"method apq: softmax={o['softmax']!r} (expected one of {', '.join(SOFTMAX_KINDS)})")
     if not 0.0 < float(o["bbc_alpha"]) <= float(o["bbc_beta"]):
@@ -77,10 +84,18 @@ def _bbc_block(block: nn.Module, name: str, x: torch.Tensor, target: torch.Tenso
                grids: Grids, o: dict, gen: torch.Generator) -> dict:
     keep = float(o["keep_fraction"])
     stages = block_knob_stages(block, name, grids)
+    knobs = [kb for s in stages for kb in s]
+    start = [kb.snapshot() for kb in knobs]
+
+    def whole() -> float:  # the guard's metric: every token row, every element, nothing eliminated
+        return float(bbc_distance(target, block(x), g2, 1.0))
+
+    whole_before = whole() if o["bbc_guard"] else None
     if isinstance(block, QBlock):
         pieces = BlockPieces(block)
         n = x.shape[1]
-        k = max(1, int(round(float(o["token_fraction"]) * n)))
+        frac = o["bbc_token_fraction"] if o["bbc_token_fraction"] is not None else o["token_fraction"]
+        k = max(1, int(round(float(frac) * n)))
         idx = torch.randperm(n, generator=gen)[:k].sort().values.to(x.device)
         t, w = target[:, idx], g2[:, idx]
 
@@ -105,13 +120,21 @@ def _bbc_block(block: nn.Module, name: str, x: torch.Tensor, target: torch.Tenso
             return bbc_distance(target, oh, g2, keep)
 
         before = float(metric(block(x)))
-        knobs = [kb for s in stages for kb in s]
         for _ in range(o["bbc_rounds"]):
             search_knobs(knobs, lambda: block(x), metric, 1)
         after = float(metric(block(x)))
         rows = "all tokens"
-    choices = {kb.name[len(name) + 1:]: kb.describe() for s in stages for kb in s}
-    return {"bbc_distance_ratio": after / before if before > 0 else 1.0, "rows": rows, "choices": choices}
+    out = {"bbc_distance_ratio": after / before if before > 0 else 1.0, "rows": rows}
+    if o["bbc_guard"]:
+        whole_after = whole()
+        kept = whole_after <= whole_before
+        if not kept:  # the eliminated/sampled metric improved but the block's whole error got worse: undo
+            for kb, st in zip(knobs, start, strict=True):
+                kb.apply_state(st)
+        out["guard"] = {"whole_error_ratio": whole_after / whole_before if whole_before > 0 else 1.0,
+                        "kept": kept}
+    out["choices"] = {kb.name[len(name) + 1:]: kb.describe() for kb in knobs}
+    return out
 
 
 @torch.no_grad()
@@ -128,7 +151,12 @@ def bbc_search(model: nn.Module, cap, images: torch.Tensor, grids: Grids, o: dic
         if i in blocks:
             d = cap.blocks[uname]
             x = h if quantized_inputs else d["x"].to(device)
-            trace[uname] = _bbc_block(unit, uname, x, d["o"].to(device), d["g2"].to(device), grids, o, gen)
+            if quantized_inputs and o["bbc_target"] == "same_input":
+                with float_mode(unit):  # the float block on the same (quantized) input: only this block's error
+                    target = unit(x)
+            else:
+                target = d["o"].to(device)
+            trace[uname] = _bbc_block(unit, uname, x, target, d["g2"].to(device), grids, o, gen)
         if quantized_inputs:
             h = unit(h)
     return trace
@@ -159,6 +187,15 @@ def _apq_args(group) -> None:
                        help="apq: BBC passes over each block's quantizers (default 1)")
     group.add_argument("--apq-bbc-inputs", dest="apq_bbc_inputs", choices=("quantized", "float"), default=None,
                        help="apq: block inputs for BBC (default quantized: from the calibrated earlier blocks)")
+    group.add_argument("--apq-bbc-target", dest="apq_bbc_target", choices=("same_input", "float"), default=None,
+                       help="apq: BBC target = the float block on the same input as the quantized block "
+                            "(same_input, default) or the float block on float inputs (float, the old reading)")
+    group.add_argument("--apq-bbc-token-fraction", dest="apq_bbc_token_fraction", type=float, default=None,
+                       help="apq: fraction of query-token rows in the BBC block metric (default: "
+                            "--apq-token-fraction)")
+    group.add_argument("--apq-no-bbc-guard", dest="apq_bbc_guard", action="store_const", const=False,
+                       default=None, help="apq: keep a block's BBC result even when its whole (all rows, "
+                                          "nothing eliminated) weighted error got worse")
     group.add_argument("--apq-token-fraction", dest="apq_token_fraction", type=float, default=None,
                        help="apq: fraction of token rows used by the searches (default 1 = all)")
     group.add_argument("--apq-no-twin-gelu", dest="apq_twin_gelu", action="store_const", const=False,

@@ -5,17 +5,28 @@ scales of one transformer block at a time (last block to first) with a small evo
 scores each candidate with a contrastive loss between the quantized and the float network's logits on the
 calibration images.
 
-Two modes:
+Three modes:
 
+* ``checked`` (the default): the faithful search below, but the calibration images are split (seeded) into
+  a search part and a check part (``check_fraction``, default 0.2; unlabelled). The search scores candidates
+  on the search part only; after a block's search its new scales are kept only when the fitness on the check
+  part (``check_loss``: the same fitness by default, or e.g. KL to the teacher) does not get worse, and are
+  reverted otherwise. This stops the search from fitting its calibration images at the cost of unseen ones.
+  The returned dict has both curves (``curves``: search and check fitness after every block step).
 * ``faithful`` reproduces the official release: the search vector of a block is the per-channel weight
   scales of its attention's qkv and proj layers; population 15, 10 members drawn with replacement, the best
-  of them is the parent, child = |parent + U(-r, r)| with an absolute r (1e-3 for <=4-bit weights, 1e-4 for
-  8-bit; for 5-7 bits we interpolate log-linearly, r = 10^(-3 - (b - 4)/4), which the release leaves open),
-  the child is inserted and the worst member dropped; K = 3 cycles per block, P = 10 passes.
+  of them is the parent, child = |parent + U(-r, r)| with an absolute r (the release's: 1e-4 for 8-bit
+  weights, 1e-3 for every other width), the child is inserted and the worst member dropped; K = 3 cycles per
+  block, P = 10 passes; batches of 100 images (infoNCE negatives = the other 99); no check part. Its option
+  ``teacher="int_layernorm"`` computes the "float" targets as the release does, through its integer LayerNorm:
+  the calibrated model with only its LayerNorm-input (PTF: residual and norm-input) quantizers active and
+  every other quantizer passing values through (in the ``matmul`` regime, which has none, that is the float
+  model). The default teacher is the float model.
 * ``improved`` (ours): mutation relative to each scale (r = 2 % of |s|, so 3-bit and 8-bit layers get the
   same relative step and activation scales can join), MLP weight scales and the block's activation scales in
   the search space, 4 children per cycle (each from its own tournament), and early stop when a whole pass
-  improves the fitness by less than ``min_improvement`` (relative) ``patience`` times in a row.
+  improves the fitness by less than ``min_improvement`` (relative) ``patience`` times in a row; with the
+  check part of ``checked``.
 
 Every option is a field of :class:`EvolQConfig`; the effective values go into the returned dict.
 
@@ -28,18 +39,22 @@ killed search restarted with the same options continues after its last completed
 same scales as an uninterrupted run.
 
 Selection never looks at labels unless ``select_on_val`` is set (the release's behaviour: after every block
-the validation top-1 is measured and the best state is kept); that needs ``val_batches`` and is recorded.
+the validation top-1 is measured; every block of pass 0 is saved unconditionally, later blocks only when the
+top-1 improves on the saved one, and the saved state is returned); that needs ``val_batches`` and is recorded.
+
+Precision: the search and its fitness evaluations run in full float32 (``vitq.precision.full_float32``: TF32
+off through both of torch's APIs, the caller's settings restored).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +63,15 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.quantizers import UniformQuantizer
+from vitq.precision import full_float32
+from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
 from vitq.registry import register_refiner
 from vitq.trunk import Trunk
 
 EPS = 1e-8
 CHECKPOINT_FORMAT = "vitq-evolq-ckpt-1"
 GROUPS = ("attn", "mlp", "act")
+TEACHERS = ("float", "int_layernorm")
 
 
 # ----------------------------------------------------------------------------------------------- fitness
@@ -104,7 +121,7 @@ class FitnessEvaluator:
         self.trunk = Trunk(qmodel)
         self.loss_name, self.temperature = loss, float(temperature)
         self._loss = LOSSES[loss]
-        with torch.no_grad():
+        with torch.no_grad():  # float_model: the teacher (the float model, or see int_layernorm_teacher)
             self.float_logits = [float_model(x).float() for x in calib.batches()]
         self.cached_unit: int | None = None
         self._inputs: list[torch.Tensor] = []
@@ -147,7 +164,7 @@ class FitnessEvaluator:
 
 @dataclass(frozen=True)
 class EvolQConfig:
-    mode: str = "faithful"
+    mode: str = "checked"
     passes: int = 10  # P: passes over all blocks
     cycles: int = 3  # K: generations per block
     population: int = 15
@@ -162,6 +179,10 @@ class EvolQConfig:
     # None or 0 = never stop early
     min_improvement: float = 1e-4  # relative improvement of the fitness over one pass
     select_on_val: bool = False  # release behaviour: keep the state with the best validation top-1
+    batch_size: int = 100  # images per fitness batch (infoNCE negatives = batch - 1), the release's 100
+    check_fraction: float = 0.2  # share of the calibration images held out as the check part (0 = none)
+    check_loss: str | None = None  # fitness on the check part; None = the search's loss
+    teacher: str = "float"  # float, or int_layernorm (the release's targets, see the module docstring)
     seed: int | None = None  # None = the calibration seed
     checkpoint_path: str | None = None  # resume file, written after every block; None = no checkpoint
 
@@ -172,7 +193,8 @@ class EvolQConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "faithful": {},
+    "checked": {},
+    "faithful": {"check_fraction": 0.0},
     "improved": {"children": 4, "search": ("attn", "mlp", "act"), "mutation": "relative", "radius": 0.02,
                  "patience": 2},
 }
@@ -181,7 +203,7 @@ FIELDS = {f.name for f in dataclasses.fields(EvolQConfig)}
 
 def make_config(options: dict) -> EvolQConfig:
     """The mode's preset, then the options given (a user option always wins), validated."""
-    mode = options.get("mode") or "faithful"
+    mode = options.get("mode") or "checked"
     if mode not in PRESETS:
         raise VitqError(f"evolq mode {mode!r} is unknown (expected one of {', '.join(PRESETS)})")
     unknown = sorted(set(options) - FIELDS)
@@ -218,16 +240,17 @@ def _check(cfg: EvolQConfig) -> None:
     need(cfg.patience is None or (isinstance(cfg.patience, int) and cfg.patience >= 0), "patience",
          "an integer >= 0 (0 or none: no early stop)")
     need(cfg.min_improvement >= 0, "min_improvement", "a number >= 0")
+    need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 2, "batch_size",
+         "an integer >= 2 (infoNCE needs negatives)")
+    need(0.0 <= cfg.check_fraction < 1.0, "check_fraction", "a number in [0, 1)")
+    need(cfg.check_loss is None or cfg.check_loss in LOSSES, "check_loss", f"one of {', '.join(LOSSES)}")
+    need(cfg.teacher in TEACHERS, "teacher", f"one of {', '.join(TEACHERS)}")
 
 
 def default_radius(bits: int) -> float:
-    """Absolute mutation radius of the release: 1e-3 for <=4-bit, 1e-4 for 8-bit weights; 5-7 bits are not
-    covered by the release, so we interpolate log-linearly between the two (5: 5.6e-4, 6: 3.2e-4, 7: 1.8e-4)."""
-    if bits <= 4:
-        return 1e-3
-    if bits >= 8:
-        return 1e-4
-    return 10.0 ** (-3.0 - (bits - 4) / 4.0)
+    """Absolute mutation radius of the release: 1e-4 for 8-bit weights (and wider), 1e-3 for every other width
+    (the release tests ``bits == 8``; 5-7-bit weights get 1e-3 as there)."""
+    return 1e-4 if bits >= 8 else 1e-3
 
 
 # ------------------------------------------------------------------------------------------- search space
@@ -367,8 +390,10 @@ def val_top1(model: nn.Module, val_batches, device) -> float:
 
 def _add_arguments(group) -> None:
     group.add_argument("--evolq-mode", choices=sorted(PRESETS), default=None,
-                       help="faithful = the official release (default); improved = relative mutation, MLP and "
-                            "activation scales, 4 children per generation, early stop")
+                       help="checked (default) = the release's search scored on a search part of the calibration "
+                            "images, a block's new scales kept only if the held-out check part does not get "
+                            "worse; faithful = the official release (no check part); improved = relative "
+                            "mutation, MLP and activation scales, 4 children per generation, early stop, check part")
     group.add_argument("--evolq-passes", type=int, default=None, metavar="P", help="passes over all blocks (10)")
     group.add_argument("--evolq-cycles", type=int, default=None, metavar="K", help="generations per block (3)")
     group.add_argument("--evolq-loss", choices=sorted(LOSSES), default=None, help="fitness (infonce)")
@@ -376,40 +401,82 @@ def _add_arguments(group) -> None:
     group.add_argument("--evolq-population", type=int, default=None, metavar="N", help="population size (15)")
     group.add_argument("--evolq-sample", type=int, default=None, metavar="N", help="tournament size (10)")
     group.add_argument("--evolq-children", type=int, default=None, metavar="N",
-                       help="children per generation (faithful 1, improved 4)")
+                       help="children per generation (faithful/checked 1, improved 4)")
     group.add_argument("--evolq-search", default=None, metavar="GROUPS",
-                       help="comma-separated subset of attn,mlp,act (faithful attn, improved attn,mlp,act)")
+                       help="comma-separated subset of attn,mlp,act (faithful/checked attn, improved attn,mlp,act)")
     group.add_argument("--evolq-mutation", choices=("absolute", "relative"), default=None,
-                       help="absolute U(-r,r) (faithful) or relative U(-r,r)*|s| (improved)")
+                       help="absolute U(-r,r) (faithful/checked) or relative U(-r,r)*|s| (improved)")
     group.add_argument("--evolq-radius", type=float, default=None, metavar="R",
-                       help="mutation radius (faithful: 1e-3 for <=4-bit, 1e-4 for 8-bit weights; improved 0.02)")
+                       help="mutation radius (faithful/checked: 1e-4 for 8-bit weights, 1e-3 otherwise, as the "
+                            "release; improved 0.02)")
     group.add_argument("--evolq-patience", type=int, default=None, metavar="N",
                        help="stop after N passes that improve the fitness less than --evolq-min-improvement "
-                            "(faithful: never; improved: 2; 0 = never)")
+                            "(faithful/checked: never; improved: 2; 0 = never)")
     group.add_argument("--evolq-min-improvement", type=float, default=None, metavar="F",
                        help="relative fitness improvement per pass that counts as progress (1e-4)")
+    group.add_argument("--evolq-batch-size", type=int, default=None, metavar="N",
+                       help="images per fitness batch, independent of --batch-size (100, the release's; infoNCE "
+                            "negatives = N - 1)")
+    group.add_argument("--evolq-check-fraction", type=float, default=None, metavar="F",
+                       help="share of the calibration images held out (seeded) as the check part (checked and "
+                            "improved 0.2, faithful 0 = no check)")
+    group.add_argument("--evolq-check-loss", choices=sorted(LOSSES), default=None,
+                       help="fitness on the check part (default: the search's --evolq-loss)")
+    group.add_argument("--evolq-teacher", choices=TEACHERS, default=None,
+                       help="targets: float (default) or int_layernorm = the release's, through its integer "
+                            "LayerNorm (the calibrated model with only its LayerNorm-input/PTF quantizers on)")
     group.add_argument("--evolq-checkpoint-path", default=None, metavar="FILE",
                        help="resume file written after every block (a rerun of the same command continues)")
     group.add_argument("--evolq-select-on-val", action="store_true", default=None,
-                       help="REPRODUCTION ONLY: after every block measure top-1 on the --val images and keep the "
-                            "best state (selects on evaluation labels; recorded in results.json)")
+                       help="REPRODUCTION ONLY, as the release: after every block measure top-1 on the --val "
+                            "images; every block of pass 0 is saved unconditionally, later blocks only when "
+                            "top-1 beats the saved state, and the saved state is the result (selects on "
+                            "evaluation labels; recorded in results.json)")
 
 
-@contextmanager
-def full_float32():
-    """No TF32 inside: the search ranks candidates by fitness differences of ~1e-3, and the TF32 round-off a
-    GPU applies by default to convolutions (the patch embedding) moves the fitness by as much, so a search
-    with it would partly tune the scales to that round-off. Restores the previous settings."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+class _PassThrough:
+    """An observer that records nothing: a quantizer with it attached is the identity."""
+
+    def update(self, x: torch.Tensor) -> None:
+        pass
+
+
+def int_layernorm_teacher(qmodel: nn.Module) -> nn.Module:
+    """The release's "float" model: a copy of the calibrated model in which only the LayerNorm-input quantizers
+    (PTF: the residual stream and the inputs of the other LayerNorms) quantize; every other quantizer passes
+    values through. Built once from the state before the search (the search never changes PTF scales)."""
+    teacher = copy.deepcopy(qmodel).eval()
+    for q in quantizers_of(teacher).values():
+        if not isinstance(q, PTFQuantizer):
+            q.observer = _PassThrough()  # a quantizer with an observer attached passes values through
+    teacher.vitq_ptf_quantizers = sum(isinstance(q, PTFQuantizer) for q in quantizers_of(teacher).values())
+    return teacher
+
+
+def split_calibration(calib: CalibData, cfg: EvolQConfig, seed: int) -> tuple[CalibData, CalibData | None]:
+    """(search part, check part or None), both batched by ``cfg.batch_size``; the check part is a seeded random
+    ``check_fraction`` of the images."""
+    n = len(calib)
+
+    def part(images):
+        return CalibData(images, batch_size=min(cfg.batch_size, images.shape[0]), device=calib.device,
+                         progress=calib.progress, seed=calib.seed)
+
+    if cfg.check_fraction <= 0:
+        return part(calib.images), None
+    k = int(round(cfg.check_fraction * n))
+    if k < 2 or n - k < 2:
+        raise VitqError(f"evolq check_fraction={cfg.check_fraction} leaves {k} check and {n - k} search images of "
+                        f"{n} (expected at least 2 of each: use more calibration images or another fraction)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 7919, 0)))
+    check_idx, search_idx = perm[:k].sort().values, perm[k:].sort().values
+    return part(calib.images[search_idx]), part(calib.images[check_idx])
 
 
 @register_refiner("evolq", "Evol-Q / CPT-V: block-wise evolutionary search of quantization scales scored by an "
-                  "infoNCE loss against the float model (METHODS.md §5)", add_arguments=_add_arguments)
+                  "infoNCE loss against the float model; by default a block's change is kept only if a held-out "
+                  "check part of the calibration images does not get worse (METHODS.md §5)",
+                  add_arguments=_add_arguments)
 def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batches=None,
           on_block_end: Callable[[dict], None] | None = None, **options) -> dict:
     """Refine ``model`` in place. ``val_batches`` (list of (images, labels), or a callable returning an
@@ -429,23 +496,31 @@ def _evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batch
     model.eval()
     float_model.eval()
     t_start = time.perf_counter()
-    evaluator = FitnessEvaluator(model, float_model, calib, cfg.loss, cfg.temperature)
+    search_calib, check_calib = split_calibration(calib, cfg, seed)
+    teacher = int_layernorm_teacher(model) if cfg.teacher == "int_layernorm" else float_model
+    evaluator = FitnessEvaluator(model, teacher, search_calib, cfg.loss, cfg.temperature)
+    checker = None if check_calib is None else \
+        FitnessEvaluator(model, teacher, check_calib, cfg.check_loss or cfg.loss, cfg.temperature)
     order = list(reversed(evaluator.trunk.blocks()))
     if not order:
         raise VitqError("the model has no transformer blocks for evolq to search")
     spaces = {unit: search_space(name, block, cfg.search) for unit, name, block in order}
     all_qs = [nq for unit, _, _ in reversed(order) for nq in spaces[unit]]
     initial = evaluator.evaluate(None)  # whole-model forward: also the reference time for the block cache
+    check_initial = checker.evaluate(None) if checker is not None else None
 
     state = {"pass": 0, "position": 0, "trace": [], "evaluations": 1, "pass_start": initial, "stale": 0,
-             "stopped_early_after_pass": None, "done": False, "val": None, "runs": 0}
+             "stopped_early_after_pass": None, "done": False, "val": None, "runs": 0, "check": check_initial,
+             "rejected": 0}
     valbest: dict[str, torch.Tensor] = {}
     if cfg.select_on_val:
         top1 = val_top1(model, val_batches, calib.device)
-        state["val"] = {"initial_top1": top1, "best_top1": top1, "selected_after": None, "top1_trace": []}
+        state["val"] = {"rule": "release: every block of pass 0 saved unconditionally, later blocks only when "
+                                "val top-1 beats the saved state",
+                        "initial_top1": top1, "best_top1": top1, "selected_after": None, "top1_trace": []}
         valbest = {n: q.scale.detach().clone() for n, q in all_qs}
     fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_path"}, "seed": seed,
-                   "quantizers": [n for n, _ in all_qs], "num_calib": len(calib), "batch_size": calib.batch_size,
+                   "quantizers": [n for n, _ in all_qs], "num_calib": len(calib), "batch_size": cfg.batch_size,
                    "initial_fitness": initial}
     resumed = None
     path = cfg.checkpoint_path
@@ -478,14 +553,31 @@ def _evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batch
                 unit, name, _ = order[pos]
                 t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(derive_seed(seed, p, unit))
-                before, after, n = search_block(evaluator, unit, spaces[unit], cfg, gen)
-                entry = {"pass": p, "block": name, "before": before, "after": after, "evaluations": n,
-                         "seconds": time.perf_counter() - t0}
+                start = get_vector(spaces[unit])
+                before, candidate, n = search_block(evaluator, unit, spaces[unit], cfg, gen)
+                entry = {"pass": p, "block": name, "before": before, "candidate": candidate, "after": candidate,
+                         "evaluations": n}
+                if checker is not None:
+                    entry["check_before"] = state["check"]
+                    entry["check_candidate"] = None
+                    entry["kept"] = True
+                    if not torch.equal(get_vector(spaces[unit]), start):
+                        checker.cache_inputs(unit)
+                        c = checker.evaluate(unit)
+                        entry["check_candidate"] = c
+                        if c > state["check"]:  # the held-out part got worse: undo this block's change
+                            set_vector(spaces[unit], start)
+                            entry["kept"], entry["after"] = False, before
+                            state["rejected"] += 1
+                        else:
+                            state["check"] = c
+                    entry["check"] = state["check"]
+                entry["seconds"] = time.perf_counter() - t0
                 if cfg.select_on_val:
                     top1 = val_top1(model, val_batches, calib.device)
                     entry["val_top1"] = top1
                     state["val"]["top1_trace"].append(top1)
-                    if top1 > state["val"]["best_top1"]:
+                    if p == 0 or top1 > state["val"]["best_top1"]:  # the release's rule
                         state["val"]["best_top1"] = top1
                         state["val"]["selected_after"] = {"pass": p, "block": name}
                         valbest = {m: q.scale.detach().clone() for m, q in all_qs}
@@ -494,13 +586,13 @@ def _evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batch
                 state["position"] = pos + 1
                 save_checkpoint()
                 bar.update(1)
-                bar.set_postfix_str(f"pass {p + 1}/{cfg.passes} {name} best {after:.4f}")
+                bar.set_postfix_str(f"pass {p + 1}/{cfg.passes} {name} best {entry['after']:.4f}")
                 if on_block_end is not None:
                     on_block_end({"pass": p, "block": name, "position": pos})
             # end of a pass: early-stop bookkeeping, then move on
             now = state["trace"][-1]["after"] if state["trace"] else state["pass_start"]
-            start = state["pass_start"]
-            gain = (start - now) / abs(start) if start not in (0.0, math.inf) else 0.0
+            start_fit = state["pass_start"]
+            gain = (start_fit - now) / abs(start_fit) if start_fit not in (0.0, math.inf) else 0.0
             state["stale"] = state["stale"] + 1 if gain < cfg.min_improvement else 0
             state["pass_start"] = now
             state["pass"], state["position"] = p + 1, 0
@@ -517,8 +609,20 @@ def _evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batch
         for n, q in all_qs:
             q.scale.copy_(valbest[n])
     final = evaluator.evaluate(None)
-    return _report(cfg, seed, evaluator, order, spaces, state, initial, final, resumed,
-                   time.perf_counter() - t_start)
+    check_final = checker.evaluate(None) if checker is not None else None
+    out = _report(cfg, seed, evaluator, order, spaces, state, initial, final, resumed,
+                  time.perf_counter() - t_start)
+    out["fitness"]["search_images"] = len(search_calib)
+    out["teacher"] = ("float model" if cfg.teacher == "float" else
+                      f"int_layernorm: the calibrated model with only its {teacher.vitq_ptf_quantizers} "
+                      "LayerNorm-input (PTF) quantizers active")
+    out["curves"] = {"search": [initial] + [e["after"] for e in state["trace"]]}
+    if checker is not None:
+        out["check"] = {"loss": cfg.check_loss or cfg.loss, "num_images": len(check_calib),
+                        "fraction": cfg.check_fraction, "initial": check_initial, "final": check_final,
+                        "rejected_steps": state["rejected"], "steps": len(state["trace"])}
+        out["curves"]["check"] = [check_initial] + [e["check"] for e in state["trace"]]
+    return out
 
 
 def _check_fingerprint(path: str, saved: dict, now: dict) -> None:

@@ -1,0 +1,107 @@
+"""Recipes (--recipe, vitq recipes) and refiner chains from the command line, on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, make_image_folder, tiny_model
+from safetensors.torch import save_file
+
+from vitq import recipes
+from vitq.cli import build_parser, main
+from vitq.errors import VitqError
+
+NAME, KW = TINY["deit"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _args(*argv):
+    return build_parser().parse_args(["quantize", "--model", NAME, "--calib", "c", "--out", "o", *argv])
+
+
+def test_recipe_expands_to_the_documented_flags():
+    r = recipes.by_name("fq-fqvit-recon-evolq")
+    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "60",
+                                 "--recon-batch-size", "4", "--recon-lr", "0.01", "--recon-scale-lr", "0.004",
+                                 "--num-calib", "50", "--evolq-passes", "1"]
+    assert r.as_flags("cuda") == ["--method", "fqvit", "--refine", "recon,evolq"]
+    # every flag of every usable recipe parses, and parsing it gives the recipe's settings
+    for r in recipes.RECIPES:
+        if recipes.unavailable(r) is None:
+            args = _args(*r.as_flags("cpu"))
+            assert {d: getattr(args, d) for d in r.settings("cpu")} == r.settings("cpu")
+
+
+def test_apply_fills_only_unset_flags():
+    args = _args("--recipe", "best", "--scheme", "matmul", "--w-bits", "4", "--a-bits", "4", "--recon-iters", "5")
+    info = recipes.apply_recipe(args)
+    assert info["name"].startswith("matmul-") and args.method == info["applied"]["method"]
+    assert args.recon_iters == 5 and info["overridden_by_flags"] == {"recon_iters": 5}
+    args = _args("--recipe", "fq-fqvit-recon", "--refine", "evolq", "--method", "omse")
+    info = recipes.apply_recipe(args)
+    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 60
+    assert set(info["overridden_by_flags"]) == {"refine", "method"}
+
+
+def test_best_uses_the_measurements_and_skips_unusable_recipes(monkeypatch):
+    missing = recipes.Recipe("x", "fq", "no-such-method")
+    assert recipes.unavailable(missing) == "method 'no-such-method' is not registered"
+    no_flag = recipes.Recipe("y", "fq", "fqvit", flags={"weight_rounding": "gptq"})
+    assert "--weight-rounding" in recipes.unavailable(no_flag, dests={"method"})
+    monkeypatch.setattr(recipes, "RECIPES", (
+        recipes.Recipe("missing", "fq", "no-such-method"),
+        recipes.Recipe("a", "fq", "fqvit"),
+        recipes.Recipe("b", "fq", "fqvit", ("recon",)),
+        recipes.Recipe("c", "matmul", "omse"),
+    ))
+    monkeypatch.setattr(recipes, "MEASURED", {
+        ("missing", 4, 8): {"agreement": 99.0}, ("a", 4, 8): {"agreement": 80.0}, ("b", 4, 8): {"agreement": 90.0},
+        ("a", 8, 8): {"agreement": 97.0}, ("b", 8, 8): {"agreement": 96.5}})
+    assert recipes.choose("best", "fq", 4, 8)[0].name == "b"
+    assert recipes.choose("best", "fq", 8, 8)[0].name == "a"
+    recipe, why = recipes.choose("best", "fq", 3, 8)
+    assert recipe.name == "a" and "nothing measured" in why
+    with pytest.raises(VitqError, match="cannot run here"):
+        recipes.choose("missing", "fq", 4, 8)
+    with pytest.raises(VitqError, match="matmul regime"):
+        recipes.choose("c", "fq", 4, 8)
+    with pytest.raises(VitqError, match="--recipe 'nope' is unknown"):
+        recipes.choose("nope", "fq", 4, 8)
+
+
+def test_recipes_command_prints_the_table(capsys):
+    assert main(["recipes", "--scheme", "fq", "--w-bits", "4", "--a-bits", "8"]) == 0
+    out = capsys.readouterr().out
+    for r in recipes.RECIPES:
+        assert r.name in out
+    assert "skipped: method 'repq' is not registered" in out or "repq" not in out
+    assert "--recipe best for fq W4A8:" in out
+    n_measured = sum(1 for k in recipes.MEASURED)
+    assert out.count("unmeasured") + n_measured >= len(recipes.RECIPES)
+
+
+def test_quantize_with_a_recipe_runs_and_records_the_chain(tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model("deit").state_dict().items()}, str(weights))
+    calib = make_image_folder(tmp_path / "calib", per_class=2, seed=1)
+    val = make_image_folder(tmp_path / "val", per_class=2, seed=2)
+    out = tmp_path / "out"
+    argv = ["quantize", "--model", NAME, "--model-args", json.dumps(KW), "--weights", str(weights), "--calib",
+            str(calib), "--val", str(val), "--scheme", "fq", "--w-bits", "4", "--a-bits", "8", "--recipe",
+            "fq-fqvit-recon-evolq", "--recon-iters", "4", "--recon-batch-size", "2", "--evolq-passes", "1",
+            "--batch-size", "3", "--num-workers", "0", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["method"] == "fqvit" and r["refine"] == "recon,evolq" and r["recipe"]["name"] == "fq-fqvit-recon-evolq"
+    chain = r["refinement"]["chain"]
+    assert [s["refiner"] for s in chain] == ["recon", "evolq"]
+    assert chain[0]["options"]["iters"] == 4 and chain[0]["options"]["batch"] == 2
+    assert all(s["seconds"] > 0 and "gain" in s["calib_kl"] for s in chain)
+    assert not list(tmp_path.glob(".out.*-ckpt"))  # both checkpoints removed after success
