@@ -159,7 +159,9 @@ Reductions against the method defaults (2 shared CPU cores, ≤ 40 min budget): 
 Other settings are the method defaults (`vitq.methods.ptq4vit`, `vitq.methods.apq` docstrings): β = 1.2, α = 0
 (grid from β/C), weights searched per output channel, twin-GELU fc2 inputs, task loss = cross-entropy on the float
 model's own top-1; apq: BBC keeps the largest 50 % of the squared-gradient-weighted block-output errors, BBC grid
-{args.bbc_candidates} factors over 0.8..1.2 × the per-layer result, block inputs from the quantized model,
+{args.bbc_candidates} factors over 0.8..1.2 × the per-layer result, block inputs from the quantized model, targets
+from the float block on those same inputs, and a guard that undoes a block's BBC when its whole weighted error
+(all rows, nothing eliminated) got worse (both since issue 15: see `benchmarks/bench_apq_bbc.py` and the notes),
 MPQ threshold from 2^(-i/2), i = 1..16.
 
 APQ-ViT's paper text was not available: `apq` is the METHODS.md §4 interpretation (see the module docstring).
@@ -170,7 +172,20 @@ Agreement = top-1 agreement with the float model (%), KL = mean KL(float ‖ qua
 seconds (wall, shared machine: indicative only).
 
 {table(["bits", "config", "softmax q.", "top-1", "drop", "agree", "KL", "calib s", "published APQ-ViT (drop)"], rows)}
-"""
+{before_after(results)}"""
+
+
+def before_after(results) -> str:
+    """Issue 15's setting (W4A4, 32 images, this reduced search): the old code's numbers quoted from the issue."""
+    got = {r["config"]: r for r in results if r["bits"] == 4}
+    if "apq" not in got or "ptq4vit" not in got:
+        return ""
+    return (f"""
+Before → after for issue 15's setting (`matmul` W4A4, 32 images, the reduced search above; top-1 %): the old code
+(quoted from the issue) had apq **57.6** vs ptq4vit 61.2; this run has apq **{got['apq']['top1']:.1f}** vs ptq4vit
+{got['ptq4vit']['top1']:.1f} (agreement {got['apq']['agreement']:.1f} vs {got['ptq4vit']['agreement']:.1f}, KL
+{got['apq']['kl']:.4f} vs {got['ptq4vit']['kl']:.4f}).
+""")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,25 @@ option, and all of them recorded in the returned dict (results.json):
    fc1, fc2: weights and inputs) is searched again, one at a time with the others fixed, against the
    error of the **block output**: e = (∂L/∂O_block)² ⊙ (O_block - Ô_block)² per element, sorted, the smallest
    ``1 - keep_fraction`` dropped (bottom elimination, default keep 50 %), the rest summed.
-   - target O_block: the float block on float inputs; Ô_block: the quantized block on the inputs of the
-     already-calibrated quantized model (``bbc_inputs="quantized"``, via ``vitq.trunk.Trunk``) or on the float
-     inputs (``"float"``);
+   - Ô_block: the quantized block on the inputs of the already-calibrated quantized model
+     (``bbc_inputs="quantized"``, via ``vitq.trunk.Trunk``) or on the float inputs (``"float"``);
+   - target O_block (``bbc_target``): ``"same_input"`` (default since issue 15) = the float block on the *same*
+     input as the quantized block, so the metric measures only the error this block's quantizers add;
+     ``"float"`` (the first reading) = the float block on float inputs, so the metric also contains all the
+     upstream error, which the block's quantizers cannot remove and end up fitting (a scale that happens to
+     cancel part of that error on 32 images) -- with it BBC lost to its own base on held-out images;
+   - guard (``bbc_guard``, default on): after a block's search, its whole squared-gradient-weighted error
+     (every token row, nothing eliminated) is compared with the one before; if it got worse, the block's
+     quantizers go back to the base's values (recorded per block). The sampled rows and the bottom
+     elimination make the search metric a noisy proxy; the guard keeps BBC from ever ending worse than its
+     base on the block's own full metric;
    - candidates: ``bbc_candidates`` factors over [bbc_alpha, bbc_beta] (0.8..1.2, 9 points, 1.0 included so
      the block metric never gets worse) of the base's scales; weights move by one factor per layer (the
      block metric does not split over output channels), keeping the base's per-channel pattern; MPQ
      thresholds and twin-softmax shifts are searched over their full grids;
-   - ``bbc_rounds`` passes over the block's quantizers (default 1); ``token_fraction`` < 1 evaluates the
-     block output at a random subset of query tokens (keys/values always use all tokens);
+   - ``bbc_rounds`` passes over the block's quantizers (default 1); ``bbc_token_fraction`` (default:
+     ``token_fraction``) < 1 evaluates the block output at a random subset of query tokens (keys/values always
+     use all tokens);
    - the patch embedding and the head are not in any block and keep the base result.
 3. MPQ (``mpq=True``): the softmax quantizer kind ``mpq`` (split code space: one bit picks the region, [t, 1]
    uniform, [0, t) log2), t searched per layer: first on the per-layer metric (base), then with the BBC
@@ -222,7 +232,8 @@ def apq(model: nn.Module, calib: CalibData, **options) -> dict:
             "base": "PTQ4ViT per-layer search, float (parallel) inputs, weights per channel, inputs per tensor",
             "task_loss": "cross-entropy against the float model's own top-1 prediction",
             "bbc": (f"block-output error weighted by squared gradients, keep the largest {o['keep_fraction']:g}, "
-                    f"inputs {o['bbc_inputs']}, weights one factor per layer") if o["bbc"] else "off",
+                    f"inputs {o['bbc_inputs']}, target {o['bbc_target']}, guard {'on' if o['bbc_guard'] else 'off'}, "
+                    "weights one factor per layer") if o["bbc"] else "off",
             "mpq": "split code space: [t,1] uniform, [0,t) log2, t per layer" if o["mpq"] else "off"}
     blocks = [n for _, n, _ in Trunk(model).blocks()] if o["bbc"] else None
     sub, cap, setup_info = setup(model, calib, o, _softmax_kind(o), blocks=blocks)
