@@ -48,7 +48,7 @@ def as_calib(images, batch_size: int = 50, device="cpu", seed: int = 0, progress
     return CalibData(torch.as_tensor(images), batch_size=batch_size, device=device, seed=seed, progress=progress)
 
 
-def calibrate(qmodel: nn.Module, images, method: str = "fqvit", batch_size: int = 50, device="cpu",
+def calibrate(qmodel: nn.Module, images, /, method: str = "fqvit", batch_size: int = 50, device="cpu",
               seed: int = 0, progress: bool = True, **options) -> dict:
     """Fill the quantizers from calibration images ([N, C, H, W] preprocessed, or a CalibData)."""
     entry = get_method(method)
@@ -61,7 +61,7 @@ def calibrate(qmodel: nn.Module, images, method: str = "fqvit", batch_size: int 
     return info
 
 
-def refine(qmodel: nn.Module, float_model: nn.Module, images, refiner: str = "evolq", batch_size: int = 50,
+def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str = "evolq", batch_size: int = 50,
            device="cpu", seed: int = 0, progress: bool = True, **options) -> dict:
     """Improve an already-calibrated model (e.g. Evol-Q), scored against ``float_model``."""
     entry = get_refiner(refiner)

@@ -201,9 +201,10 @@ def make_config(options: dict) -> EvolQConfig:
 def _check(cfg: EvolQConfig) -> None:
     def need(ok: bool, what: str, expected: str) -> None:
         if not ok:
-            raise VitqError(f"evolq {what} = {getattr(cfg, what)!r} is invalid (expected {expected})")
+            raise VitqError(f"--evolq-{what.replace('_', '-')} {getattr(cfg, what)!r} is invalid (expected "
+                            f"{expected})")
 
-    need(isinstance(cfg.passes, int) and cfg.passes >= 0, "passes", "an integer >= 0")
+    need(isinstance(cfg.passes, int) and cfg.passes >= 1, "passes", "an integer >= 1")
     need(isinstance(cfg.cycles, int) and cfg.cycles >= 1, "cycles", "an integer >= 1")
     need(isinstance(cfg.population, int) and cfg.population >= 2, "population", "an integer >= 2")
     need(isinstance(cfg.sample, int) and cfg.sample >= 1, "sample", "an integer >= 1")
@@ -389,7 +390,8 @@ def _add_arguments(group) -> None:
     group.add_argument("--evolq-min-improvement", type=float, default=None, metavar="F",
                        help="relative fitness improvement per pass that counts as progress (1e-4)")
     group.add_argument("--evolq-checkpoint-path", default=None, metavar="FILE",
-                       help="resume file written after every block (a rerun of the same command continues)")
+                       help="resume file written after every block (default OUT.evolq-ckpt beside --out); a "
+                            "rerun of the same command continues from it; removed after success")
     group.add_argument("--evolq-select-on-val", action="store_true", default=None,
                        help="REPRODUCTION ONLY: after every block measure top-1 on the --val images and keep the "
                             "best state (selects on evaluation labels; recorded in results.json)")
@@ -409,7 +411,12 @@ def full_float32():
 
 
 @register_refiner("evolq", "Evol-Q / CPT-V: block-wise evolutionary search of quantization scales scored by an "
-                  "infoNCE loss against the float model (METHODS.md §5)", add_arguments=_add_arguments)
+                  "infoNCE loss against the float model (METHODS.md §5)", add_arguments=_add_arguments,
+                  validate=make_config,
+                  quick_options={"passes": 1, "cycles": 1, "population": 6, "sample": 3},
+                  expected_time="DeiT-Tiny, defaults (10 passes, faithful): ~1.5 h on 2 CPU cores over 250 images "
+                                "(extrapolated from 2 passes / 100 images = 430 s); ~40 s on an H100 over 200 "
+                                "images (BENCHMARKS.md evolq sections)")
 def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batches=None,
           on_block_end: Callable[[dict], None] | None = None, **options) -> dict:
     """Refine ``model`` in place. ``val_batches`` (list of (images, labels), or a callable returning an
