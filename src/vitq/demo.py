@@ -183,6 +183,7 @@ def plot(records: list[dict], methods: list[str], bits: tuple, path: str, float_
     labels = [f"W{w}A{a}" for w, a in bits]
     fig, axes = plt.subplots(1, len(SCHEMES), figsize=(5.5 * len(SCHEMES), 4.2), sharey=True)
     markers = "os^vD<>pXh*"
+    handles: dict = {}
     for ax, scheme in zip(axes, SCHEMES, strict=True):
         for i, method in enumerate(methods):
             ys = []
@@ -190,17 +191,20 @@ def plot(records: list[dict], methods: list[str], bits: tuple, path: str, float_
                 r = next((r for r in records if (r["method"], r["scheme"], r["w_bits"], r["a_bits"]) ==
                           (method, scheme, w, a) and r.get("status") == "ok"), None)
                 ys.append(r["quant"]["agreement"] if r else float("nan"))
-            if any(y == y for y in ys):  # not all NaN
-                ax.plot(range(len(bits)), ys, marker=markers[i % len(markers)], lw=1.2, label=method)
+            if any(y == y for y in ys):  # not all NaN; colour and marker fixed per method across the panels
+                ax.plot(range(len(bits)), ys, marker=markers[i % len(markers)], color=f"C{i % 10}", lw=1.2,
+                        label=method if method not in handles else None)
+                handles.setdefault(method, ax.lines[-1])
         ax.set_xticks(range(len(bits)), labels)
         ax.set_title(f"scheme {scheme}")
         ax.set_xlabel("bit width (weights / activations)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 agreement with the float model (%)")
-    axes[-1].legend(fontsize=8, loc="lower left")
+    order = [m for m in methods if m in handles]
+    fig.legend([handles[m] for m in order], order, fontsize=8, loc="center right")
     fig.suptitle(f"vitq demo: digits ViT (float top-1 {float_top1:.1f} %), agreement per method and bit width",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
