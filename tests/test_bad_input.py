@@ -266,3 +266,30 @@ def test_methods_lists_whole_sentences_and_times(capsys):
     out = capsys.readouterr().out
     assert out.count("time:") >= 8  # every built-in method and refiner says what a run costs
     assert "Evol-Q" in out and "1.5 h" in out
+
+
+def test_ctrl_c_keeps_a_visible_checkpoint_and_the_rerun_resumes(world, capsys, tmp_path, monkeypatch):
+    import vitq.api
+
+    w = world
+    out = tmp_path / "run"
+    argv = quantize(tmp_path, w["weights"], w["calib"], None, out, "--refine", "evolq", "--evolq-passes", "2",
+                    "--evolq-cycles", "1", "--evolq-population", "4", "--evolq-sample", "2")
+    real = vitq.api.refine
+
+    def interrupted(*a, **kw):  # the real search, with Ctrl-C arriving after its first block
+        def stop(event):
+            raise KeyboardInterrupt
+
+        return real(*a, on_block_end=stop, **kw)
+
+    monkeypatch.setattr(vitq.api, "refine", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "run.evolq-ckpt"
+    assert ckpt.is_file() and not out.exists()
+    assert "resumable evolq checkpoint" in err and str(ckpt) in err and "rerun the same command" in err
+    monkeypatch.setattr(vitq.api, "refine", real)
+    assert main(argv) == 0
+    r = json.loads((out / "results.json").read_text())["refinement"]
+    assert r["checkpoint"]["resumed"]["from_position"] == 1 and not ckpt.exists()

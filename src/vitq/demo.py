@@ -35,6 +35,7 @@ BITS_QUICK = ((8, 8), (2, 4))
 TRAIN_EPOCHS = 12
 TRAIN_BATCH = 64
 TRAIN_LR = 3e-3
+SLOW_CELL_S = 20.0  # a method slower than this per setting, without quick_options, gets a warning
 
 
 def default_demo_dir() -> str:
@@ -256,6 +257,9 @@ def run_demo(out: str | None = None, overwrite: bool = False, quick: bool = Fals
             continue
         float_top1 = m["float"]["top1"]
         records.append({**rec, "status": "ok", **m})
+        if m["calibrate_s"] > SLOW_CELL_S and not options:
+            log.warning("demo: %s took %.0f s at %s W%dA%d with its defaults; a quick_options entry in its "
+                        "registration would make the demo faster", method, m["calibrate_s"], scheme_name, w, a)
     bar.close()
     if float_top1 is None:
         raise VitqError("--methods: none of the chosen methods could run on the demo model (see the warnings)")

@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
               "weights_sha256": sha256_file(args.weights) if args.weights else None,
               "state": os.path.abspath(args.state), "scheme": cfg.get("scheme"), "calib": os.path.abspath(args.calib),
+              "threads": getattr(args, "threads", None),
               "calib_images": paths, **result}
     bad = sum(1 for v in (result["infonce"] if args.dims == 1 else sum(result["infonce"], []))
               if not math.isfinite(v))
