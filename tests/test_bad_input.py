@@ -105,6 +105,7 @@ def test_refused_before_the_model_is_loaded(world, capsys, no_model):
         (q("--labels", "folder", "--class-map", root / "missing.json"), "--class-map", "not a file"),
         (q("--class-map", w["text"]), "--class-map", "--labels folder"),
         (q("--threads", "0"), "--threads 0", "positive"),
+        (q("--softmax-quantizer", "nope"), "--softmax-quantizer 'nope'", "log2"),
         (q("--init-state", w["text"], "--method", "minmax"), "--init-state"),
         (q("--out", "."), "--out .", "current folder"),
         (q("--out", root), "--out", "already exists"),
@@ -206,6 +207,10 @@ def test_overwrite_replaces_only_what_vitq_wrote(world, capsys, tmp_path):
     for name in ("results.json", "config.json", "quant_state.safetensors"):
         (legacy / name).write_bytes((w["state"] / name).read_bytes())
     assert main(q(legacy)) == 0 and (legacy / MARKER_FILE).exists()
+    theirs = tmp_path / "theirs"  # vitq's file names alone do not make a folder vitq's
+    theirs.mkdir()
+    (theirs / "results.json").write_text('{"my": "own results"}')
+    one_line_error(capsys, q(theirs), tmp_path, "--out", "'results.json'", "which vitq did not write")
 
     mask = os.umask(0o022)
     os.umask(mask)

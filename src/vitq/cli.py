@@ -189,6 +189,7 @@ def cmd_quantize(args) -> int:
         validate.bits("--w-bits", args.w_bits, W_BITS)
         validate.bits("--a-bits", args.a_bits, A_BITS)
         validate.bits("--attn-bits", args.attn_bits, A_BITS)
+        validate.quantizer_kind("--softmax-quantizer", args.softmax_quantizer)
         w_bits = 8 if args.w_bits is None else args.w_bits
         a_bits = 8 if args.a_bits is None else args.a_bits
         scheme = Scheme(args.scheme or "fq", w_bits, a_bits, attn_bits=args.attn_bits,

@@ -133,11 +133,29 @@ def read_marker(path: str) -> dict | None:
     return marker if isinstance(marker, dict) and marker.get("written_by") == "vitq" else None
 
 
+def _legacy_vitq_output(path: str) -> bool:
+    """A folder vitq wrote before folders carried a marker: a state config, demo or landscape record of vitq."""
+    def load(name: str):
+        try:
+            with open(os.path.join(path, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+
+    cfg, demo, land = load(CONFIG_FILE), load("demo_results.json"), load("landscape.json")
+    return ((isinstance(cfg, dict) and cfg.get("format") == "vitq-state-1")
+            or (isinstance(demo, dict) and "float_top1" in demo and "results" in demo)
+            or (isinstance(land, dict) and "perturbation" in land and "infonce" in land))
+
+
 def foreign_entries(path: str) -> list[str]:
     """What in folder ``path`` vitq did not write (by its marker, or for older folders by the file names vitq
     uses); empty when the whole folder is vitq's own output."""
     marker = read_marker(path)
-    ours = set(marker.get("files", [])) | {MARKER_FILE} if marker else set(LEGACY_OUTPUT_FILES)
+    if marker:
+        ours = set(marker.get("files", [])) | {MARKER_FILE}
+    else:
+        ours = set(LEGACY_OUTPUT_FILES) if _legacy_vitq_output(path) else set()
     found = []
     for folder, dirs, files in os.walk(path):
         for name in dirs + files:

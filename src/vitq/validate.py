@@ -44,6 +44,16 @@ def bits(flag: str, value: int | None, allowed: range) -> None:
         raise VitqError(f"{flag} {value} is out of range (expected an integer {allowed.start}..{allowed.stop - 1})")
 
 
+def quantizer_kind(flag: str, kind: str | None) -> None:
+    from vitq.quantizers import QUANTIZER_KINDS
+    from vitq.registry import load_builtin
+
+    load_builtin()  # methods register their quantizer kinds
+    if kind is not None and (kind not in QUANTIZER_KINDS or kind == "base"):
+        kinds = ", ".join(k for k in sorted(QUANTIZER_KINDS) if k != "base")
+        raise VitqError(f"{flag} {kind!r} is not a quantizer kind (expected one of {kinds})")
+
+
 # ------------------------------------------------------------------------------------------------ threads
 def available_cores() -> int:
     try:
