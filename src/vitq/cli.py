@@ -215,8 +215,8 @@ def cmd_quantize(args) -> int:
             ckpt = checkpoint_default(out.path, args.refine)
             refine_opts["checkpoint_path"] = ckpt
         validate.checkpoint_file(ckpt, f"--{args.refine}-checkpoint-path")
-        if refine_opts.get("select_on_val") and args.val is None:
-            raise VitqError(f"--{args.refine}-select-on-val needs --val DIR (labelled validation images)")
+    if refine_opts.get("select_on_val") and args.val is None:
+        raise VitqError(f"--{args.refine}-select-on-val needs --val DIR (labelled validation images)")
 
     # ---- the model (cheap), then the checks that need it
     torch.manual_seed(args.seed)

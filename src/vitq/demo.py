@@ -226,7 +226,7 @@ def run_demo(out: str | None = None, overwrite: bool = False, quick: bool = Fals
             raise VitqError(f"--methods: unknown method {name!r} (expected some of {', '.join(sorted(METHODS))})")
     methods = list(methods or sorted(METHODS))
     bits = BITS_QUICK if quick else BITS_FULL
-    log.info("vitq demo: output folder %s", out)
+    log.info("demo: writing to %s", out)
 
     torch.manual_seed(seed)
     train_x, train_y, calib_x, test_x, test_y = digits_data(seed)
