@@ -147,7 +147,7 @@ def _ptq4vit_scheme(scheme, options: dict):
                  "weight/input grid search on the Hessian-guided distance, 32 images",
                  add_arguments=_ptq4vit_args, adjust_scheme=_ptq4vit_scheme,
                  validate=lambda o: check_options(o, PTQ4VIT_DEFAULTS, "ptq4vit"),
-                 quick_options={"candidates": 20, "num_calib": 32},
+                 quick_options={"candidates": 10, "rounds": 2, "num_calib": 16},
                  expected_time="DeiT-Tiny, 32 images: 66-81 s on 2 CPU cores with 16 candidates, 2 rounds, 0.2 of "
                                "the token rows (BENCHMARKS.md apq); at the defaults (100 candidates, all rows) "
                                "tens of minutes (not measured); GPU not measured")

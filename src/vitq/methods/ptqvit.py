@@ -745,7 +745,7 @@ def resolve_options(options: dict) -> dict:
 @register_method("ptqvit", "PTQ-ViT (Liu et al. 2021): per-layer Pearson/ranking-aware search of signed per-tensor "
                  "intervals, output bias correction, optional nuclear-norm mixed precision (--mixed-precision)",
                  add_arguments=_add_arguments, adjust_scheme=_adjust_scheme, validate=lambda o: resolve_options(o),
-                 quick_options={"candidates": 10, "rounds": 1, "images": 32, "tokens": 16, "rows": 16, "pairs": 64},
+                 quick_options={"candidates": 8, "rounds": 1, "images": 16, "tokens": 16, "rows": 16, "pairs": 64},
                  expected_time="DeiT-Tiny, 16 images: 5-7 s on 2 CPU cores with 20 candidates, 3 rounds, 16 tokens "
                                "and rows, 128 pairs; mixed precision ~14 s (BENCHMARKS.md ptqvit); at the defaults "
                                "on all images not measured; GPU not measured")
