@@ -34,7 +34,7 @@ def test_quantize_then_evaluate_gives_identical_metrics(setup, capsys):
     tmp, weights, calib, val = setup
     out = tmp / "out"
     assert main(quantize_args(weights, calib, val, out, "--num-calib", "7", "--seed", "3")) == 0
-    assert sorted(os.listdir(out)) == ["config.json", "quant_state.safetensors", "results.json"]
+    assert sorted(os.listdir(out)) == [".vitq-output.json", "config.json", "quant_state.safetensors", "results.json"]
     r = json.loads((out / "results.json").read_text())
     for key in ("model", "weights_sha256", "scheme", "method", "refine", "w_bits", "a_bits", "seed", "calib_files",
                 "transform", "versions", "float", "quant", "timings"):
@@ -86,7 +86,7 @@ def test_bad_input_gives_one_line_errors_and_no_output(setup, capsys):
         "unknown method": [a if a != "fqvit" else "nope" for a in quantize_args(weights, calib, val, out)],
         "unknown model": ["quantize", "--model", "no_such_model", "--calib", str(calib), "--method", "omse",
                           "--out", str(out)],
-        "weights file": quantize_args(tmp / "nope.safetensors", calib, val, out),
+        "--weights": quantize_args(tmp / "nope.safetensors", calib, val, out),
     }
     (tmp / "empty").mkdir(exist_ok=True)
     for expected, argv in cases.items():

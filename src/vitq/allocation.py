@@ -13,6 +13,7 @@ import os
 import re
 
 from vitq.errors import VitqError
+from vitq.state import umask
 
 
 def allocation_from_config(cfg: dict) -> dict:
@@ -80,15 +81,37 @@ def plot_allocation(alloc: dict, path: str) -> None:
     ax.set_title("bit width per block (blue: MSA, orange: MLP)")
     fig.tight_layout()
     tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_plot_path(path: str | None, overwrite: bool) -> None:
+    """--plot must be a new .png path in an existing folder (an existing PNG only with --overwrite)."""
+    from vitq.validate import output_file_for_plot
+
+    if path is None:
+        return
+    output_file_for_plot(path)
+    if os.path.exists(path):
+        if not overwrite:
+            raise VitqError(f"--plot {path} already exists (expected a new path, or pass --overwrite)")
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise VitqError(f"--plot {path} exists and is not a PNG image (expected a new path; --overwrite "
+                                "replaces only a PNG)")
 
 
 def run(args) -> int:
-    from vitq.state import read_config
+    from vitq.validate import state_folder
 
-    cfg = read_config(args.state)
+    check_plot_path(args.plot, args.overwrite)
+    cfg = state_folder(args.state)
     alloc = allocation_from_config(cfg)
     if not alloc["groups"] and not alloc["other"]:
         raise VitqError(f"state {args.state} has no weight quantizers (expected a vitq quantize --out folder)")
@@ -103,4 +126,5 @@ def add_command(subparsers) -> None:
     p = subparsers.add_parser("allocation", help="print / plot the bit width per block MSA and MLP of a saved state")
     p.add_argument("--state", required=True, metavar="DIR", help="a vitq quantize --out folder")
     p.add_argument("--plot", default=None, metavar="FILE", help="also write a bar chart (PNG) to FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot PNG")
     p.set_defaults(func=run)

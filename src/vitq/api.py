@@ -50,7 +50,7 @@ def as_calib(images, batch_size: int = 50, device="cpu", seed: int = 0, progress
     return CalibData(torch.as_tensor(images), batch_size=batch_size, device=device, seed=seed, progress=progress)
 
 
-def calibrate(qmodel: nn.Module, images, method: str = "fqvit", batch_size: int = 50, device="cpu",
+def calibrate(qmodel: nn.Module, images, /, method: str = "fqvit", batch_size: int = 50, device="cpu",
               seed: int = 0, progress: bool = True, **options) -> dict:
     """Fill the quantizers from calibration images ([N, C, H, W] preprocessed, or a CalibData)."""
     entry = get_method(method)
@@ -88,7 +88,7 @@ def _calib_kl(qmodel: nn.Module, float_logits: list[torch.Tensor], calib: CalibD
     return total / len(calib)
 
 
-def refine(qmodel: nn.Module, float_model: nn.Module, images, refiner: str | list[str] = "evolq",
+def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | list[str] = "evolq",
            batch_size: int = 50, device="cpu", seed: int = 0, progress: bool = True, **options) -> dict:
     """Improve an already-calibrated model (e.g. Evol-Q), scored against ``float_model``.
 

@@ -10,6 +10,7 @@ perturbed one to the end run; the block's input is cached). Writes ``landscape.p
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -20,6 +21,7 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.methods.evolq import EPS, FitnessEvaluator, get_vector, infonce_loss, search_space, set_vector
 
+MAX_RADIUS = 1.0  # beyond a 100 % RMS change the scales flip sign and the plot shows only noise
 PNG_FILE = "landscape.png"
 JSON_FILE = "landscape.json"
 
@@ -54,8 +56,10 @@ def compute_landscape(qmodel: nn.Module, float_model: nn.Module, calib: CalibDat
         raise VitqError(f"--dims {dims} is invalid (expected 1 or 2)")
     if steps < 2:
         raise VitqError(f"--steps {steps} is invalid (expected 2 or more)")
-    if not radius > 0:
-        raise VitqError(f"--radius {radius} is invalid (expected a positive relative change, e.g. 0.05)")
+    if not 0 < radius <= MAX_RADIUS:
+        raise VitqError(f"--radius {radius} is invalid (expected a relative change in (0, {MAX_RADIUS}], e.g. 0.05)")
+    if not temperature > 0 or temperature != temperature:
+        raise VitqError(f"--temperature {temperature} is invalid (expected a positive number, e.g. 3)")
     qmodel.eval()
     float_model.eval()
     t0 = time.perf_counter()
@@ -130,6 +134,7 @@ def plot_landscape(result: dict, path: str) -> None:
     if result["dims"] == 1:
         pct = [100 * c for c in coords]
         axes[0].plot(pct, result["infonce"], ".-", lw=1)
+        axes[0].ticklabel_format(axis="y", useOffset=False, style="plain")
         axes[0].set_ylabel(f"infoNCE (T={result['temperature']})")
         axes[1].plot(pct, result["agreement"], ".-", lw=1, color="tab:orange")
         axes[1].set_ylabel("top-1 agreement with float (%)")
@@ -140,7 +145,9 @@ def plot_landscape(result: dict, path: str) -> None:
         ext = [100 * coords[0], 100 * coords[-1], 100 * coords[0], 100 * coords[-1]]
         for ax, key, label in ((axes[0], "infonce", "infoNCE"), (axes[1], "agreement", "agreement (%)")):
             im = ax.imshow(torch.tensor(result[key]).numpy(), origin="lower", extent=ext, aspect="auto")
-            fig.colorbar(im, ax=ax, label=label)
+            bar = fig.colorbar(im, ax=ax, label=label)
+            bar.formatter.set_useOffset(False)
+            bar.update_ticks()
             ax.set_xlabel("direction 2 (%)")
             ax.set_ylabel("direction 1 (%)")
     fig.suptitle(title, fontsize=10)
@@ -149,31 +156,43 @@ def plot_landscape(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
-    """Write PNG and JSON into ``out`` all at once: a temporary folder renamed into place."""
+def write_outputs(result: dict, out, overwrite: bool = False) -> None:
+    """Write PNG and JSON into ``out`` (a path or an OutputDir) all at once: a temporary folder renamed into
+    place."""
     from vitq.state import OutputDir, write_json
 
-    with OutputDir(out, overwrite) as folder:
+    folder = out if isinstance(out, OutputDir) else OutputDir(out, overwrite, command="landscape")
+    with folder:
         plot_landscape(result, folder.file(PNG_FILE))
         write_json(folder.file(JSON_FILE), result)
         folder.commit()
 
 
-def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch_size: int) -> tuple[torch.Tensor,
-                                                                                                   list[str]]:
-    from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch_size: int,
+                records=None) -> tuple[torch.Tensor, list[str]]:
+    import logging
 
-    records = select_records(scan_image_folder(folder, labels="folder"), num, seed)  # labels are not used
-    transform, _ = model_transform(model)
-    loader = make_loader(records, transform, batch_size)
+    from vitq.data import make_loader, model_transform, report_images, scan_image_folder, select_records
+
+    if records is None:
+        records = select_records(scan_image_folder(folder, labels="folder"), num, seed)  # labels are not used
+    transform, desc = model_transform(model)
+    loader = make_loader(records, transform, batch_size, min_size=tuple(desc["input_size"][1:]))
     images = [x for x, _ in loader]
     if not images:
-        raise VitqError(f"--calib {folder}: no readable images")
+        raise VitqError(f"--calib {folder}: none of the {len(records)} images could be read")
+    report_images(loader, "landscape", logging.getLogger("vitq"))
     skipped = set(loader.skipped)
-    return torch.cat(images), [r.path for r in records if r.path not in skipped]
+    used = [r.path for r in records if r.path not in skipped]
+    if num is not None and len(used) < num:
+        logging.getLogger("vitq").warning("landscape uses %d images, fewer than --num-calib %d (%d in %s, %d "
+                                          "unreadable)", len(used), num, len(records), folder, len(skipped))
+    return torch.cat(images), used
 
 
 def add_command(subparsers) -> None:
+    from vitq.validate import add_threads_flag
+
     p = subparsers.add_parser(
         "landscape", help="plot infoNCE and top-1 agreement over perturbed scales of one block",
         description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -191,37 +210,41 @@ def add_command(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder (landscape.png, landscape.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that vitq wrote")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitq import validate
     from vitq.models import create_model, sha256_file
-    from vitq.state import check_output_parent, load, read_config
+    from vitq.state import OutputDir, load
 
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        raise VitqError(f"--out {out} already exists (pass --overwrite to replace it)")
-    check_output_parent(out)
-    if args.num_calib is not None and args.num_calib <= 0:
-        raise VitqError(f"--num-calib {args.num_calib} is invalid (expected a positive number)")
-    if args.batch_size <= 0:
-        raise VitqError(f"--batch-size {args.batch_size} is invalid (expected a positive number)")
-    if not os.path.isdir(args.calib):
-        raise VitqError(f"--calib {args.calib} is not a folder")
+    out_dir = OutputDir(args.out, args.overwrite, command="landscape")
+    out = out_dir.path
+    validate.positive("--batch-size", args.batch_size, none_ok=False)
     steps = args.steps if args.steps is not None else (21 if args.dims == 1 else 9)
+    if not 2 <= steps <= 201:
+        raise VitqError(f"--steps {steps} is invalid (expected 2..201 points per direction)")
+    if not 0 < args.radius <= MAX_RADIUS:
+        raise VitqError(f"--radius {args.radius} is invalid (expected a relative change in (0, {MAX_RADIUS}], "
+                        "e.g. 0.05)")
+    if not args.temperature > 0:
+        raise VitqError(f"--temperature {args.temperature} is invalid (expected a positive number, e.g. 3)")
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise VitqError(f"--device {args.device!r} is invalid (expected cpu, cuda, cuda:0, ...)") from None
-    cfg = read_config(args.state)
+    cfg = validate.state_folder(args.state)
     if cfg.get("model") not in (None, args.model):
-        raise VitqError(f"state {args.state} was made for model {cfg['model']}, not {args.model}")
+        raise VitqError(f"--state {args.state} was made for model {cfg['model']}, not --model {args.model}")
+    validate.weights_file(args.weights)
+    records = validate.image_records("--calib", args.calib, args.num_calib, "--num-calib", args.seed)
     model = create_model(args.model, weights=args.weights, **(cfg.get("model_args") or {}))
     qmodel = load(model, args.state)
     quiet = bool(getattr(args, "quiet", False))
-    images, paths = load_images(args.calib, args.num_calib, args.seed, model, args.batch_size)
+    images, paths = load_images(args.calib, args.num_calib, args.seed, model, args.batch_size, records)
     calib = CalibData(images, batch_size=args.batch_size, device=device, progress=not quiet, seed=args.seed)
     model.to(device)
     qmodel.to(device)
@@ -230,8 +253,16 @@ def run(args: argparse.Namespace) -> int:
     result = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
               "weights_sha256": sha256_file(args.weights) if args.weights else None,
               "state": os.path.abspath(args.state), "scheme": cfg.get("scheme"), "calib": os.path.abspath(args.calib),
+              "threads": getattr(args, "threads", None),
               "calib_images": paths, **result}
-    write_outputs(result, out, overwrite=args.overwrite)
+    bad = sum(1 for v in (result["infonce"] if args.dims == 1 else sum(result["infonce"], []))
+              if not math.isfinite(v))
+    if bad:
+        import logging
+
+        logging.getLogger("vitq").warning("%d of %d landscape points gave a non-finite infoNCE loss (--temperature "
+                                          "%g too small?)", bad, steps ** args.dims, args.temperature)
+    write_outputs(result, out_dir)
     if not quiet:
         print(f"landscape of {result['block']} -> {os.path.join(out, PNG_FILE)}")
     return 0

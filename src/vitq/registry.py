@@ -4,6 +4,13 @@ A *method* fills every quantizer of a prepared model from calibration data; a *r
 already-calibrated model (e.g. Evol-Q). Each entry may add its own command-line flags (named
 ``--<name>-<option>``; they reach the function as keyword ``option``) and may adjust the scheme it needs
 (e.g. a softmax quantizer kind) before the model is prepared.
+
+Optional hooks and facts an entry may carry (all keyword arguments of the register decorators):
+
+- ``validate(options)``: raise ``VitqError`` for bad options (named by their flag, ``--<name>-<option>``);
+  the CLI calls it before loading the model, so a bad option never costs a calibration;
+- ``quick_options``: a smaller setting for quick runs (``vitq demo``); entries without it run their defaults;
+- ``expected_time``: one line on what a run costs (DeiT-Tiny at the defaults on CPU / GPU), for ``vitq methods``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,18 @@ class Entry:
     add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
     adjust_scheme: Callable | None = None  # (Scheme, options) -> Scheme
     defaults: dict = field(default_factory=dict)
+    validate: Callable[[dict], None] | None = None  # raise VitqError for bad options, before any work
+    quick_options: dict = field(default_factory=dict)  # smaller setting for the demo / quick runs
+    expected_time: str = ""  # e.g. "DeiT-Tiny, defaults: ~10 s on 2 CPU cores"
+
+    def flag(self, option: str) -> str:
+        """The command-line flag of an option (``--<name>-<option>``)."""
+        return f"--{self.name}-{option.replace('_', '-')}"
+
+    def check_options(self, options: dict) -> None:
+        """Run the entry's own ``validate`` hook (no-op without one)."""
+        if self.validate is not None:
+            self.validate(dict(options))
 
     def options_from_args(self, args: argparse.Namespace) -> dict:
         """Keyword options from parsed CLI flags ``--<name>-x`` (dest ``<name>_x``), for flags given."""

@@ -41,6 +41,9 @@ def save(qmodel: nn.Module, directory: str | os.PathLike, **extra) -> None:
 def read_config(directory: str | os.PathLike) -> dict:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_FILE)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise VitqError(f"state folder {directory} is a file, not a folder (expected the --out folder of vitq "
+                        "quantize)")
     if not os.path.isdir(directory):
         raise VitqError(f"state folder {directory} does not exist (expected the --out folder of vitq quantize)")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, STATE_FILE)):
@@ -62,20 +65,123 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     cfg = read_config(directory)
     qmodel = prepare(model, Scheme.from_dict(cfg["scheme"]))
     rebuild_quantizers(qmodel, cfg["quantizers"])
-    load_weights(qmodel, os.path.join(os.fspath(directory), STATE_FILE), what="the prepared model")
+    load_weights(qmodel, os.path.join(os.fspath(directory), STATE_FILE), what="the prepared model",
+                 kind="state file")
     return qmodel
 
 
-def check_output_parent(path: str) -> None:
+MARKER_FILE = ".vitq-output.json"
+# names vitq wrote before folders carried a marker: a folder holding only these may be replaced too
+LEGACY_OUTPUT_FILES = frozenset({"results.json", CONFIG_FILE, STATE_FILE, "landscape.png", "landscape.json",
+                                 "table.md", "demo_results.json"})
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str) -> None:
+    """Give ``root`` and everything below it the permissions a plain mkdir/open would have had (temporary
+    folders and files are created private)."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o666 & ~mask)
+
+
+def check_output_parent(path: str, flag: str = "--out") -> None:
     """Refuse an output ``path`` that could not be written: the nearest existing folder above it must be a
     writable folder. Missing folders in between are created by :func:`make_parents` when writing."""
     ancestor = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        raise VitqError(f"--out {path}: {ancestor} is not a folder")
+        raise VitqError(f"{flag} {path}: {ancestor} is not a folder")
     if not os.access(ancestor, os.W_OK):
-        raise VitqError(f"--out {path}: cannot write into {ancestor}")
+        raise VitqError(f"{flag} {path}: cannot write into {ancestor}")
+
+
+def check_not_precious(path: str, flag: str = "--out") -> None:
+    """Refuse an output that is the current folder, one above it, the home folder or the root."""
+    target = os.path.realpath(path)
+    cwd = os.path.realpath(os.getcwd())
+    home = os.path.realpath(os.path.expanduser("~"))
+    if target in (os.path.sep, home) or cwd == target or cwd.startswith(target.rstrip(os.path.sep) + os.path.sep):
+        raise VitqError(f"{flag} {path} is the current folder, a folder above it, the home folder or the root "
+                        "(expected a new folder for the results, e.g. runs/NAME)")
+
+
+def read_marker(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, MARKER_FILE)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "vitq" else None
+
+
+def _legacy_vitq_output(path: str) -> bool:
+    """A folder vitq wrote before folders carried a marker: a state config, demo or landscape record of vitq."""
+    def load(name: str):
+        try:
+            with open(os.path.join(path, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+
+    cfg, demo, land = load(CONFIG_FILE), load("demo_results.json"), load("landscape.json")
+    return ((isinstance(cfg, dict) and cfg.get("format") == "vitq-state-1")
+            or (isinstance(demo, dict) and "float_top1" in demo and "results" in demo)
+            or (isinstance(land, dict) and "perturbation" in land and "infonce" in land))
+
+
+def foreign_entries(path: str) -> list[str]:
+    """What in folder ``path`` vitq did not write (by its marker, or for older folders by the file names vitq
+    uses); empty when the whole folder is vitq's own output."""
+    marker = read_marker(path)
+    if marker:
+        ours = set(marker.get("files", [])) | {MARKER_FILE}
+    else:
+        ours = set(LEGACY_OUTPUT_FILES) if _legacy_vitq_output(path) else set()
+    found = []
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            rel = os.path.relpath(os.path.join(folder, name), path)
+            if name in files and rel in ours:
+                continue
+            if name in dirs and any(o.startswith(rel + os.sep) for o in ours):
+                continue
+            found.append(rel)
+    return sorted(found)
+
+
+def check_replaceable(path: str, flag: str = "--out", command: str | None = None) -> None:
+    """Raise unless ``path`` is a folder that vitq wrote (and nobody has added to since)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise VitqError(f"{flag} {path} exists and is not a folder vitq wrote (expected a new path; --overwrite "
+                        "replaces only vitq's own output folders)")
+    foreign = foreign_entries(path)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise VitqError(f"{flag} {path} holds {foreign[0]!r}{more}, which vitq did not write; --overwrite "
+                        "replaces only vitq's own output folders (expected a new path, or move those files)")
+    marker = read_marker(path)
+    if command is not None and (marker or {}).get("command") not in (None, command):
+        raise VitqError(f"{flag} {path} holds the output of vitq {marker['command']}, not of vitq {command} "
+                        "(expected a new path, or pass --overwrite)")
 
 
 def make_parents(path: str) -> list[str]:
@@ -99,27 +205,50 @@ def remove_created(folders: list[str]) -> None:
 
 
 class OutputDir:
-    """A temporary folder beside the final one; ``commit()`` renames it into place (replacing an existing
-    folder only with --overwrite), and leaving the ``with`` block without committing removes it."""
+    """A temporary folder beside the final one; ``commit()`` writes the marker (what vitq wrote), and renames
+    it into place. An existing folder is replaced only with ``overwrite`` and only if vitq wrote all of it
+    (checked here, before any work, and again just before the replacement); the old folder is removed only
+    after the new one is in place. Leaving the ``with`` block without committing removes the temporary folder.
 
-    def __init__(self, path: str, overwrite: bool):
+    ``command`` names what writes the folder (recorded in the marker). ``replace_own`` lets a command replace
+    its own earlier output without ``overwrite`` (the demo's default folder)."""
+
+    def __init__(self, path: str, overwrite: bool, flag: str = "--out", command: str = "quantize",
+                 replace_own: bool = False):
         self.path = os.path.abspath(path)
-        if os.path.exists(self.path) and not overwrite:
-            raise VitqError(f"output folder {path} already exists (expected a new path, or pass --overwrite)")
-        check_output_parent(path)
+        self.flag, self.command, self.given = flag, command, path
+        check_not_precious(path, flag)
+        if os.path.lexists(self.path):
+            if not overwrite:
+                marker = read_marker(self.path) if os.path.isdir(self.path) else None
+                if not (replace_own and marker and marker.get("command") == command):
+                    raise VitqError(f"{flag} {path} already exists (expected a new path, or pass --overwrite to "
+                                    "replace a folder vitq wrote)")
+            check_replaceable(self.path, flag)
+        check_output_parent(path, flag)
         self.tmp, self.created = None, []
 
     def __enter__(self) -> OutputDir:
         self.created = make_parents(self.path)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
+                                    dir=os.path.dirname(self.path))
         return self
 
     def file(self, name: str) -> str:
         return os.path.join(self.tmp, name)
 
     def commit(self) -> None:
-        if os.path.exists(self.path):
-            old = self.path + f".old{os.getpid()}"
+        from vitq import __version__
+
+        files = sorted(os.path.relpath(os.path.join(d, f), self.tmp) for d, _, fs in os.walk(self.tmp) for f in fs)
+        write_json(self.file(MARKER_FILE), {"written_by": "vitq", "vitq_version": __version__,
+                                            "command": self.command, "files": files})
+        apply_umask(self.tmp)
+        if os.path.lexists(self.path):
+            check_replaceable(self.path, self.flag)  # again: something may have been added during the run
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".old",
+                                   dir=os.path.dirname(self.path))
+            os.rmdir(old)
             os.replace(self.path, old)
             os.replace(self.tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
@@ -133,12 +262,41 @@ class OutputDir:
             remove_created(self.created)
 
 
+def is_vitq_results_file(path: str) -> bool:
+    """True for a JSON file that vitq evaluate/quantize wrote (it records vitq's version and command)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("versions"), dict) and "vitq" in obj["versions"]
+
+
+def check_output_file(path: str, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse a results-file path that exists (unless --overwrite and vitq wrote it), is a folder, or cannot
+    be written."""
+    check_not_precious(path, flag)
+    if os.path.isdir(path):
+        raise VitqError(f"{flag} {path} is a folder (expected the path of a JSON file to write)")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise VitqError(f"{flag} {path} already exists (expected a new path, or pass --overwrite)")
+        if not is_vitq_results_file(path):
+            raise VitqError(f"{flag} {path} exists and is not a results file vitq wrote (expected a new path; "
+                            "--overwrite replaces only vitq's own results)")
+    check_output_parent(path, flag)
+
+
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _json_default(o):

@@ -224,7 +224,12 @@ def _apq_scheme(scheme, options: dict):
 
 @register_method("apq", "APQ-ViT (matmul): PTQ4ViT base, bottom-elimination blockwise calibration on the "
                  "squared-gradient-weighted block-output error, MPQ softmax quantizer", add_arguments=_apq_args,
-                 adjust_scheme=_apq_scheme)
+                 adjust_scheme=_apq_scheme,
+                 validate=lambda o: _check_apq(check_options(o, APQ_DEFAULTS, "apq")),
+                 quick_options={"candidates": 10, "rounds": 2, "bbc_candidates": 3, "num_calib": 16},
+                 expected_time="DeiT-Tiny, 32 images: 129-177 s on 2 CPU cores with 16 candidates, 2 rounds, 0.2 "
+                               "of the token rows, 5 BBC candidates (BENCHMARKS.md apq); at the defaults tens of "
+                               "minutes (not measured); GPU not measured")
 def apq(model: nn.Module, calib: CalibData, **options) -> dict:
     o = check_options(options, APQ_DEFAULTS, "apq")
     _check_apq(o)

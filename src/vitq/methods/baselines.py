@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from vitq.calib import CalibData, forward_all
+from vitq.errors import VitqError
 from vitq.modules import _QWeighted
 from vitq.observers import apply_range, observing, start_error_pass, weight_range
 from vitq.quantizers import PTFQuantizer, quantizers_of
@@ -50,9 +51,17 @@ def calibrate_observed(model: nn.Module, calib: CalibData, act: str, weight: str
     return info
 
 
-@register_method("minmax", "min/max range of every activation (per tensor) and weight (per channel)")
+@register_method("minmax", "min/max range of every activation (per tensor) and weight (per channel)",
+                 expected_time="DeiT-Tiny, 250 images: 6-12 s on 2 CPU cores (BENCHMARKS.md baselines)")
 def minmax(model: nn.Module, calib: CalibData) -> dict:
     return calibrate_observed(model, calib, "minmax", "minmax")
+
+
+def _check_percentile(options: dict) -> None:
+    value = options.get("value", 0.9999)
+    if not isinstance(value, (int, float)) or not 0.5 < value <= 1.0:
+        raise VitqError(f"--percentile-value {value} is out of range (expected a quantile in (0.5, 1], "
+                        "e.g. 0.9999)")
 
 
 def _percentile_args(group) -> None:
@@ -61,20 +70,22 @@ def _percentile_args(group) -> None:
 
 
 @register_method("percentile", "activations clipped at the 99.99th percentile (mean over batches); "
-                 "weights min/max", add_arguments=_percentile_args)
+                 "weights min/max", add_arguments=_percentile_args, validate=_check_percentile,
+                 expected_time="DeiT-Tiny, 250 images: 30-45 s on 2 CPU cores (BENCHMARKS.md baselines)")
 def percentile(model: nn.Module, calib: CalibData, value: float = 0.9999) -> dict:
-    if not 0.5 < value <= 1.0:
-        raise ValueError(f"percentile value {value} must be in (0.5, 1]")
+    _check_percentile({"value": value})
     return calibrate_observed(model, calib, "percentile", "minmax", percentile=value)
 
 
 @register_method("omse", "range shrink factor with the least MSE (1.00..0.11), for activations over all "
-                 "calibration batches and weights per channel")
+                 "calibration batches and weights per channel",
+                 expected_time="DeiT-Tiny, 250 images: 7-10 s on 2 CPU cores (BENCHMARKS.md baselines)")
 def omse(model: nn.Module, calib: CalibData) -> dict:
     return calibrate_observed(model, calib, "omse", "omse")
 
 
 @register_method("fqvit", "FQ-ViT base of Evol-Q: weights min/max per channel with bias correction, "
-                 "activations OMSE, PTF LayerNorm inputs (fq)")
+                 "activations OMSE, PTF LayerNorm inputs (fq)",
+                 expected_time="DeiT-Tiny, 250 images: 7-10 s on 2 CPU cores (BENCHMARKS.md baselines)")
 def fqvit(model: nn.Module, calib: CalibData) -> dict:
     return calibrate_observed(model, calib, "omse", "minmax", weight_correction=True)

@@ -223,9 +223,10 @@ def make_config(options: dict) -> EvolQConfig:
 def _check(cfg: EvolQConfig) -> None:
     def need(ok: bool, what: str, expected: str) -> None:
         if not ok:
-            raise VitqError(f"evolq {what} = {getattr(cfg, what)!r} is invalid (expected {expected})")
+            raise VitqError(f"--evolq-{what.replace('_', '-')} {getattr(cfg, what)!r} is invalid (expected "
+                            f"{expected})")
 
-    need(isinstance(cfg.passes, int) and cfg.passes >= 0, "passes", "an integer >= 0")
+    need(isinstance(cfg.passes, int) and cfg.passes >= 1, "passes", "an integer >= 1")
     need(isinstance(cfg.cycles, int) and cfg.cycles >= 1, "cycles", "an integer >= 1")
     need(isinstance(cfg.population, int) and cfg.population >= 2, "population", "an integer >= 2")
     need(isinstance(cfg.sample, int) and cfg.sample >= 1, "sample", "an integer >= 1")
@@ -426,7 +427,8 @@ def _add_arguments(group) -> None:
                        help="targets: float (default) or int_layernorm = the release's, through its integer "
                             "LayerNorm (the calibrated model with only its LayerNorm-input/PTF quantizers on)")
     group.add_argument("--evolq-checkpoint-path", default=None, metavar="FILE",
-                       help="resume file written after every block (a rerun of the same command continues)")
+                       help="resume file written after every block (default OUT.evolq-ckpt beside --out); a "
+                            "rerun of the same command continues from it; removed after success")
     group.add_argument("--evolq-select-on-val", action="store_true", default=None,
                        help="REPRODUCTION ONLY, as the release: after every block measure top-1 on the --val "
                             "images; every block of pass 0 is saved unconditionally, later blocks only when "
@@ -476,7 +478,11 @@ def split_calibration(calib: CalibData, cfg: EvolQConfig, seed: int) -> tuple[Ca
 @register_refiner("evolq", "Evol-Q / CPT-V: block-wise evolutionary search of quantization scales scored by an "
                   "infoNCE loss against the float model; by default a block's change is kept only if a held-out "
                   "check part of the calibration images does not get worse (METHODS.md §5)",
-                  add_arguments=_add_arguments)
+                  add_arguments=_add_arguments, validate=make_config,
+                  quick_options={"passes": 1, "cycles": 1, "population": 6, "sample": 3},
+                  expected_time="DeiT-Tiny, defaults (10 passes): ~1.5 h on 2 CPU cores over 250 images "
+                                "(extrapolated from 2 passes / 100 images = 430 s); ~40 s on an H100 over 200 "
+                                "images (BENCHMARKS.md evolq sections)")
 def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, val_batches=None,
           on_block_end: Callable[[dict], None] | None = None, **options) -> dict:
     """Refine ``model`` in place. ``val_batches`` (list of (images, labels), or a callable returning an

@@ -53,11 +53,15 @@ def check_options(opts: dict, defaults: dict, method: str) -> dict:
     if unknown:
         raise VitqError(f"method {method}: unknown options {unknown} (expected some of {sorted(defaults)})")
     o = {**defaults, **opts}
+
+    def flag(k: str) -> str:
+        return f"--{method}-{k.replace('_', '-')}"
+
     for k in ("num_calib", "candidates", "rounds", "grad_batch", "mpq_candidates", "bbc_candidates", "bbc_rounds"):
         if k in o and (not isinstance(o[k], int) or o[k] < 1):
-            raise VitqError(f"method {method}: {k}={o[k]!r} (expected a positive integer)")
+            raise VitqError(f"{flag(k)} {o[k]!r} is invalid (expected a positive integer)")
     if not 0.0 < float(o["token_fraction"]) <= 1.0:
-        raise VitqError(f"method {method}: token_fraction={o['token_fraction']} (expected 0 < f <= 1)")
+        raise VitqError(f"{flag('token_fraction')} {o['token_fraction']} is invalid (expected 0 < f <= 1)")
     if not 0.0 <= float(o["alpha"]) < float(o["beta"]):
         raise VitqError(f"method {method}: alpha={o['alpha']}, beta={o['beta']} (expected 0 <= alpha < beta)")
     if not isinstance(o["twin_max_shift"], int) or o["twin_max_shift"] < 0:
@@ -141,7 +145,12 @@ def _ptq4vit_scheme(scheme, options: dict):
 
 @register_method("ptq4vit", "PTQ4ViT (matmul): twin-uniform softmax/GELU quantizers, per-layer alternating "
                  "weight/input grid search on the Hessian-guided distance, 32 images",
-                 add_arguments=_ptq4vit_args, adjust_scheme=_ptq4vit_scheme)
+                 add_arguments=_ptq4vit_args, adjust_scheme=_ptq4vit_scheme,
+                 validate=lambda o: check_options(o, PTQ4VIT_DEFAULTS, "ptq4vit"),
+                 quick_options={"candidates": 10, "rounds": 2, "num_calib": 16},
+                 expected_time="DeiT-Tiny, 32 images: 66-81 s on 2 CPU cores with 16 candidates, 2 rounds, 0.2 of "
+                               "the token rows (BENCHMARKS.md apq); at the defaults (100 candidates, all rows) "
+                               "tens of minutes (not measured); GPU not measured")
 def ptq4vit(model: nn.Module, calib: CalibData, **options) -> dict:
     o = check_options(options, PTQ4VIT_DEFAULTS, "ptq4vit")
     info = {"effective_options": o, "inputs": "float (parallel)",

@@ -958,7 +958,7 @@ def resolve_options(options: dict) -> dict:
         raise VitqError(f"ptqvit: calibration {opts['calibration']!r} (expected one of {', '.join(CALIBRATION_MODES)})")
     for k in ("candidates", "rounds", "tokens", "rows", "mp_candidates", "mp_rounds"):
         if not isinstance(opts[k], int) or opts[k] < 1:
-            raise VitqError(f"ptqvit: {k} = {opts[k]!r} (expected a positive integer)")
+            raise VitqError(f"--ptqvit-{k.replace('_', '-')} {opts[k]!r} is invalid (expected a positive integer)")
     if not 0 < opts["low"] < opts["high"]:
         raise VitqError(f"ptqvit: candidate range [{opts['low']}, {opts['high']}] (expected 0 < low < high)")
     mp = opts["mixed_precision"]
@@ -972,7 +972,11 @@ def resolve_options(options: dict) -> dict:
 
 @register_method("ptqvit", "PTQ-ViT (Liu et al. 2021): per-layer Pearson/ranking-aware search of signed per-tensor "
                  "intervals, output bias correction, optional nuclear-norm mixed precision (--mixed-precision)",
-                 add_arguments=_add_arguments, adjust_scheme=_adjust_scheme)
+                 add_arguments=_add_arguments, adjust_scheme=_adjust_scheme, validate=lambda o: resolve_options(o),
+                 quick_options={"candidates": 8, "rounds": 1, "images": 16, "tokens": 16, "rows": 16, "pairs": 64},
+                 expected_time="DeiT-Tiny, 16 images: 5-7 s on 2 CPU cores with 20 candidates, 3 rounds, 16 tokens "
+                               "and rows, 128 pairs; mixed precision ~14 s (BENCHMARKS.md ptqvit); at the defaults "
+                               "on all images not measured; GPU not measured")
 def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
     opts = resolve_options(options)
     scheme = getattr(model, "vitq_scheme", None)
