@@ -135,7 +135,7 @@ def cmd_quantize(args) -> int:
     scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
                     "--a-bits": args.a_bits, "--attn-bits": args.attn_bits,
                     "--softmax-quantizer": args.softmax_quantizer, "--attn-granularity": args.attn_granularity,
-                    "--override": args.override or None}
+                    "--override": args.override or None, "--gelu-quantizer": args.gelu_quantizer}
     if args.init_state is not None and any(v is not None for v in scheme_flags.values()):
         given = ", ".join(k for k, v in scheme_flags.items() if v is not None)
         raise VitqError(f"--init-state {args.init_state} brings its own scheme and calibration; {given} would be "
@@ -152,7 +152,7 @@ def cmd_quantize(args) -> int:
         a_bits = 8 if args.a_bits is None else args.a_bits
         scheme = Scheme(args.scheme or "fq", w_bits, a_bits, attn_bits=args.attn_bits,
                         softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity or "tensor",
-                        overrides=tuple(Override.parse(o) for o in args.override))
+                        overrides=tuple(Override.parse(o) for o in args.override), gelu_quantizer=args.gelu_quantizer)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
 
@@ -174,6 +174,9 @@ def cmd_quantize(args) -> int:
         cal_info = api.calibrate(qmodel, calib, args.method, **method_opts)
     calibrate_s = time.perf_counter() - t0
     log.info("calibrated in %.1f s", calibrate_s)
+    round_info = api.round_weights(qmodel, calib, how=args.weight_rounding)
+    if args.weight_rounding != "nearest":
+        log.info("weights rounded (%s) in %.1f s", args.weight_rounding, round_info["seconds"])
 
     ref_info, refine_s, ckpt = None, 0.0, None
     if refiner is not None:
@@ -202,14 +205,15 @@ def cmd_quantize(args) -> int:
         "calib_files": [os.path.relpath(r.path, args.calib) for r in calib_records],
         "calib_skipped": calib_skipped, "num_calib": int(images.shape[0]),
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *sys.argv[1:]],
-        "calibration": cal_info, "refinement": ref_info, "float": None, "quant": None,
+        "calibration": cal_info, "weight_rounding": round_info, "refinement": ref_info, "float": None, "quant": None,
     }
     eval_s = 0.0
     if args.val is not None:
         metrics, val_skipped, eval_s = evaluate_on(qmodel, model, args, device, progress)
         results.update({"val_dir": os.path.abspath(args.val), "num_val": metrics["num_images"],
                         "val_skipped": val_skipped, "float": metrics["float"], "quant": metrics["quant"]})
-    results["timings"] = {"calibrate_s": calibrate_s, "refine_s": refine_s, "eval_s": eval_s}
+    results["timings"] = {"calibrate_s": calibrate_s, "round_s": round_info.get("seconds", 0.0), "refine_s": refine_s,
+                          "eval_s": eval_s}
 
     with out:
         save(qmodel.cpu(), out.tmp, model=args.model, model_args=kwargs, weights_sha256=weights_sha,
@@ -255,6 +259,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    from vitq.gptq import ROUNDINGS
     from vitq.quantizers import QUANTIZER_KINDS
     from vitq.registry import METHODS, REFINERS, load_builtin
     from vitq.scheme import SCHEMES
@@ -262,6 +267,7 @@ def cmd_methods(args) -> int:
     load_builtin()
     for title, table in (("schemes", SCHEMES), ("methods", {k: v.description for k, v in METHODS.items()}),
                          ("refiners", {k: v.description for k, v in REFINERS.items()}),
+                         ("weight rounding (--weight-rounding, after --method)", ROUNDINGS),
                          ("quantizer kinds", {k: (v.__doc__ or "").strip().split("\n")[0]
                                               for k, v in QUANTIZER_KINDS.items() if k != "base"})):
         print(f"{title}:")
@@ -316,11 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
     q.add_argument("--attn-bits", type=int, default=None, help="softmax-output bits (default --a-bits)")
     q.add_argument("--softmax-quantizer", default=None, help="quantizer kind for softmax outputs (see vitq methods)")
+    q.add_argument("--gelu-quantizer", default=None, help="quantizer kind for the fc2 input after GELU, e.g. adalog")
     q.add_argument("--attn-granularity", choices=("tensor", "head"), default=None,
                    help="q/k/v quantizers: one scale per tensor (default) or per attention head")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
+    q.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",  # see vitq.gptq
+                   help="after --method: keep nearest rounding (default) or round the weights with GPTQ")
     q.add_argument("--refine", default=None, help="refiner to run after calibration (see vitq methods)")
     q.add_argument("--init-state", default=None, metavar="DIR",
                    help="start from a saved state (a previous --out) instead of calibrating")

@@ -137,7 +137,11 @@ def search_range(obs: Observer, q: Quantizer) -> tuple[float, float]:
 
 
 def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
-    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}."""
+    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}. A kind
+    with its own search (``fit(observer)``, e.g. adalog) runs that instead."""
+    if hasattr(q, "fit"):
+        q.fit(obs)
+        return
     if not hasattr(q, "set_range"):  # parameter-free kinds (log2)
         q.mark_initialized()
         return

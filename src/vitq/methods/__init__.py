@@ -6,5 +6,6 @@ from vitq.methods import (  # noqa: F401
     evolq,
     ptq4vit,
     ptqvit,
+    repq,  # also registers the quantizer kinds logsqrt2, adalog
     softmax_quant,  # quantizer kinds twin, twin_gelu, mpq
 )
