@@ -212,8 +212,7 @@ def cmd_quantize(args) -> int:
         metrics, val_skipped, eval_s = evaluate_on(qmodel, model, args, device, progress)
         results.update({"val_dir": os.path.abspath(args.val), "num_val": metrics["num_images"],
                         "val_skipped": val_skipped, "float": metrics["float"], "quant": metrics["quant"]})
-    results["timings"] = {"calibrate_s": calibrate_s, "round_s": round_info.get("seconds", 0.0), "refine_s": refine_s,
-                          "eval_s": eval_s}
+    results["timings"] = {"calibrate_s": calibrate_s, "refine_s": refine_s, "eval_s": eval_s}
 
     with out:
         save(qmodel.cpu(), out.tmp, model=args.model, model_args=kwargs, weights_sha256=weights_sha,

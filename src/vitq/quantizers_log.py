@@ -8,7 +8,8 @@ b-bit tensor needs exactly b bits per element. Rounding is to the nearest code i
   code k is a log2 code ``k >> 1`` plus a parity bit ``k & 1``; the value is ``2^-(k >> 1)`` times 1 or
   1/√2 (:meth:`LogSqrt2Quantizer.hardware_decode` computes it that way, and :meth:`fake_quant` uses it).
 - ``adalog``: levels ``scale · 2^(-k/r)``; the base ``2^(1/r)`` (buffer ``base_exp`` = r) is searched per layer
-  by :meth:`AdaLogQuantizer.fit` on the observed values (least squared error over ``R_GRID``). For the
+  by :meth:`AdaLogQuantizer.fit` on the observed values (least squared error over ``R_GRID``); levels stop at
+  ``scale·2^-64``. For the
   softmax output the scale stays 1 (1.0 is exact). For signed inputs (post-GELU, the ``fc2`` input) one bit
   selects the side: negative values get ``2^(b-1) - 1`` uniform steps of ``neg_scale`` (GELU's small negative
   tail) and 0, positive values ``2^(b-1)`` log levels under a searched ``scale``.
@@ -26,6 +27,7 @@ from vitq.quantizers import EPS, Quantizer, register_quantizer
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 R_GRID = tuple(round(1.0 + 0.25 * i, 2) for i in range(13))  # r = 1 (log2), 1.25, ..., 4 (base 2^(1/4))
+MAX_DEPTH = 64  # deepest adalog level: scale·2^-64
 SCALE_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # top level as a fraction of the observed max
 
 
@@ -85,10 +87,12 @@ class AdaLogQuantizer(Quantizer):
         return bool(self.neg_scale > 0)
 
     def _codes(self) -> tuple[int, int]:
-        """(largest log code, number of negative uniform steps)."""
+        """(largest log code, number of negative uniform steps). Log levels stop at scale·2^-MAX_DEPTH (deeper
+        ones are useless and underflow float32), so a small base at 8 bits leaves some codes unused."""
+        depth = int(math.floor(MAX_DEPTH * float(self.base_exp)))
         if self.signed:
-            return 2 ** (self.bits - 1) - 1, 2 ** (self.bits - 1) - 1
-        return 2**self.bits - 2, 0
+            return min(2 ** (self.bits - 1) - 1, depth), 2 ** (self.bits - 1) - 1
+        return min(2**self.bits - 2, depth), 0
 
     def _log_part(self, x: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, max_code: int) -> torch.Tensor:
         pos = x > 0
