@@ -104,10 +104,10 @@ def main() -> int:
             return True
         return False
 
-    for name in args.settings:
-        regime, w, a, ref = SETTINGS[name]
-        for seed in args.seeds:
-            cx = calib[seed]
+    for si, seed in enumerate(args.seeds):  # draws outermost: a budget stop still leaves every setting
+        cx = calib[seed]
+        for name in args.settings:
+            regime, w, a, ref = SETTINGS[name]
             if over(f"{name} repq seed {seed}"):
                 continue
             torch.manual_seed(seed)
@@ -137,8 +137,8 @@ def main() -> int:
             t_ada += time.perf_counter() - t0
             record(name, "repq-adalog + GPTQ", seed, t_ada, evaluate(q, val_x, val_y, float_logits))
             del q
-        ref_seeds = args.seeds if ref == "fqvit" else args.seeds[:args.reference_seeds]
-        for seed in ref_seeds:
+            if ref != "fqvit" and si >= args.reference_seeds:
+                continue
             if over(f"{name} {ref} seed {seed}"):
                 continue
             opts = PTQ4VIT_REDUCED if ref == "ptq4vit" else {}

@@ -170,7 +170,7 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
 
 def needs_error_pass(q: Quantizer, how: str) -> bool:
     """Whether setting ``q`` by ``how`` needs the observer's second pass."""
-    return how == "omse" and isinstance(q, (UniformQuantizer, PTFQuantizer))
+    return (how == "omse" and isinstance(q, (UniformQuantizer, PTFQuantizer))) or hasattr(q, "fit")  # fit: adalog
 
 
 def start_error_pass(model: nn.Module, observers: dict[str, Observer], how: str) -> bool:

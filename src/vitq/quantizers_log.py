@@ -8,11 +8,11 @@ b-bit tensor needs exactly b bits per element. Rounding is to the nearest code i
   code k is a log2 code ``k >> 1`` plus a parity bit ``k & 1``; the value is ``2^-(k >> 1)`` times 1 or
   1/√2 (:meth:`LogSqrt2Quantizer.hardware_decode` computes it that way, and :meth:`fake_quant` uses it).
 - ``adalog``: levels ``scale · 2^(-k/r)``; the base ``2^(1/r)`` (buffer ``base_exp`` = r) is searched per layer
-  by :meth:`AdaLogQuantizer.fit` on the observed values (least squared error over ``R_GRID``); levels stop at
-  ``scale·2^-64``. For the
-  softmax output the scale stays 1 (1.0 is exact). For signed inputs (post-GELU, the ``fc2`` input) one bit
-  selects the side: negative values get ``2^(b-1) - 1`` uniform steps of ``neg_scale`` (GELU's small negative
-  tail) and 0, positive values ``2^(b-1)`` log levels under a searched ``scale``.
+  by :meth:`AdaLogQuantizer.fit` (least squared error over every observed value, from the observer's
+  histogram, over ``R_GRID``); levels stop at ``scale·2^-64``. For the softmax output the scale stays 1
+  (1.0 is exact). For signed inputs (post-GELU, the ``fc2`` input) one bit selects the side: negative values
+  get ``2^(b-1) - 1`` uniform steps of ``neg_scale`` (GELU's small negative tail) and 0, positive values
+  ``2^(b-1)`` log levels under a searched ``scale``.
 
 Importing this module registers the kinds (``vitq.methods`` imports it).
 """
@@ -131,10 +131,17 @@ class AdaLogQuantizer(Quantizer):
 
     @torch.no_grad()
     def fit(self, obs) -> dict:
-        """Search the base (and, for non-softmax inputs, the top level) for the least squared error on the
-        observer's sample; the negative side (if any) covers the observed minimum."""
-        x = obs.sample().reshape(-1).float().to(self.scale.device)
+        """Search the base (and, for non-softmax inputs, the top level) for the least squared error over every
+        observed value (the observer's histogram from its second pass); the negative side (if any) covers the
+        observed minimum. Without a histogram only the range is set (base kept)."""
         lo, hi = min(obs.min, 0.0), max(obs.max, EPS)
+        if getattr(obs, "hist", None) is None:
+            self.set_range(lo, hi)
+            return {"base_exp": float(self.base_exp), "scale": float(self.scale)}
+        centres, counts = obs.histogram()
+        keep = counts > 0
+        x = centres[keep].float().to(self.scale.device)
+        wts = counts[keep].double().to(self.scale.device)
         if self.role == "softmax":
             scales = [1.0]
             self.neg_scale.fill_(0.0)
@@ -144,7 +151,8 @@ class AdaLogQuantizer(Quantizer):
         best = None
         for r in R_GRID:
             for s in scales:
-                err = float((self._quant(x, torch.tensor(r), torch.tensor(s), self.neg_scale) - x).pow(2).sum())
+                xq = self._quant(x, torch.tensor(r), torch.tensor(s), self.neg_scale)
+                err = float(((xq - x).double().pow(2) * wts).sum())
                 if best is None or err < best[0]:
                     best = (err, r, s)
         self.base_exp.fill_(best[1])
