@@ -70,6 +70,8 @@ def main() -> int:
                     help="draws for the ptq4vit reference rows (expensive); fqvit uses all seeds")
     ap.add_argument("--adalog-nearest", action="store_true", help="also evaluate the adalog variant before GPTQ")
     ap.add_argument("--budget-min", type=float, default=26.0, help="start no new run after this many minutes")
+    ap.add_argument("--stop-at", default=None, metavar="HH:MM",
+                    help="also start no new run after this UTC wall-clock time (a shared-machine deadline)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -98,13 +100,29 @@ def main() -> int:
         if not args.no_write:
             write(args, runs, skipped, t_start, done=False)
 
+    stop_at = None
+    if args.stop_at:
+        hh, mm = (int(v) for v in args.stop_at.split(":"))
+        now = time.gmtime()
+        stop_at = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+
     def over(label) -> bool:
-        if (time.perf_counter() - t_start) / 60 > args.budget_min:
+        if (time.perf_counter() - t_start) / 60 > args.budget_min or (stop_at is not None and time.time() > stop_at):
             skipped.append(label)
             return True
         return False
 
-    for si, seed in enumerate(args.seeds):  # draws outermost: a budget stop still leaves every setting
+    def reference(name, seed):
+        regime, w, a, ref = SETTINGS[name]
+        if over(f"{name} {ref} seed {seed}"):
+            return
+        opts = PTQ4VIT_REDUCED if ref == "ptq4vit" else {}
+        t0 = time.perf_counter()
+        q = vitq.prepare(model, vitq.Scheme(regime, w, a), method=ref, options=opts)
+        vitq.calibrate(q, calib[seed], method=ref, batch_size=len(calib[seed]), seed=seed, progress=False, **opts)
+        record(name, f"{ref} (reference)", seed, time.perf_counter() - t0, evaluate(q, val_x, val_y, float_logits))
+
+    for seed in args.seeds:  # draws outermost: a budget stop still leaves every setting
         cx = calib[seed]
         for name in args.settings:
             regime, w, a, ref = SETTINGS[name]
@@ -137,18 +155,12 @@ def main() -> int:
             t_ada += time.perf_counter() - t0
             record(name, "repq-adalog + GPTQ", seed, t_ada, evaluate(q, val_x, val_y, float_logits))
             del q
-            if ref != "fqvit" and si >= args.reference_seeds:
-                continue
-            if over(f"{name} {ref} seed {seed}"):
-                continue
-            opts = PTQ4VIT_REDUCED if ref == "ptq4vit" else {}
-            t0 = time.perf_counter()
-            q = vitq.prepare(model, vitq.Scheme(regime, w, a), method=ref, options=opts)
-            vitq.calibrate(q, calib[seed], method=ref, batch_size=len(calib[seed]), seed=seed, progress=False,
-                           **opts)
-            record(name, f"{ref} (reference)", seed, time.perf_counter() - t0,
-                   evaluate(q, val_x, val_y, float_logits))
-            del q
+            if ref == "fqvit":
+                reference(name, seed)
+    for seed in args.seeds[:args.reference_seeds]:  # the expensive ptq4vit references last
+        for name in args.settings:
+            if SETTINGS[name][3] != "fqvit":
+                reference(name, seed)
     if not args.no_write:
         write(args, runs, skipped, t_start, done=True)
     return 0
