@@ -56,7 +56,7 @@ def test_bits_overrides_and_weight_granularity():
     assert q.patch_embed.proj.input_quant.bits == 8  # the image enters at 8 bits by default
 
 
-@pytest.mark.parametrize("bad", [dict(w_bits=9), dict(w_bits=1), dict(a_bits=3), dict(a_bits=16),
+@pytest.mark.parametrize("bad", [dict(w_bits=9), dict(w_bits=1), dict(a_bits=2), dict(a_bits=16),
                                  dict(name="int8"), dict(attn_bits=2)])
 def test_scheme_rejects_bad_settings(bad):
     with pytest.raises(VitqError):

@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from vitq.api import calibrate, prepare, refine  # noqa: E402
+from vitq.api import calibrate, prepare, refine, round_weights  # noqa: E402
 from vitq.errors import VitqError  # noqa: E402
 from vitq.evaluate import evaluate  # noqa: E402
 from vitq.scheme import Override, Scheme  # noqa: E402
 from vitq.state import load, save  # noqa: E402
 
-__all__ = ["Override", "Scheme", "VitqError", "calibrate", "evaluate", "load", "prepare", "refine", "save",
-           "__version__"]
+__all__ = ["Override", "Scheme", "VitqError", "calibrate", "evaluate", "load", "prepare", "refine", "round_weights",
+           "save", "__version__"]

@@ -3,6 +3,7 @@
     qmodel = vitq.prepare(model, vitq.Scheme("fq", w_bits=4, a_bits=8), method="fqvit")
     vitq.calibrate(qmodel, calib_images, method="fqvit")
     vitq.refine(qmodel, model, calib_images, refiner="evolq")      # optional
+    vitq.round_weights(qmodel, calib_images, how="gptq")           # optional: GPTQ weight rounding
     metrics = vitq.evaluate(qmodel, model, val_batches)
     vitq.save(qmodel, "out/"); qmodel2 = vitq.load(model, "out/")
 """
@@ -18,6 +19,7 @@ from torch import nn
 from vitq import prepare as _prepare
 from vitq.calib import CalibData
 from vitq.errors import VitqError
+from vitq.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
 from vitq.registry import get_method, get_refiner
 from vitq.scheme import Scheme
 

@@ -168,7 +168,7 @@ def cmd_quantize(args) -> int:
     scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
                     "--a-bits": args.a_bits, "--attn-bits": args.attn_bits,
                     "--softmax-quantizer": args.softmax_quantizer, "--attn-granularity": args.attn_granularity,
-                    "--override": args.override or None}
+                    "--override": args.override or None, "--gelu-quantizer": args.gelu_quantizer}
     if args.init_state is not None and any(v is not None for v in scheme_flags.values()):
         given = ", ".join(k for k, v in scheme_flags.items() if v is not None)
         raise VitqError(f"--init-state {args.init_state} brings its own scheme and calibration; {given} would be "
@@ -199,7 +199,7 @@ def cmd_quantize(args) -> int:
         a_bits = 8 if args.a_bits is None else args.a_bits
         scheme = Scheme(args.scheme or "fq", w_bits, a_bits, attn_bits=args.attn_bits,
                         softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity or "tensor",
-                        overrides=overrides)
+                        overrides=overrides, gelu_quantizer=args.gelu_quantizer)
         if method.adjust_scheme is not None:
             method.adjust_scheme(scheme, method_opts)  # e.g. a method defined for the other regime
     device = resolve_device(args.device)
@@ -247,6 +247,9 @@ def cmd_quantize(args) -> int:
         cal_info = api.calibrate(qmodel, calib, args.method, **method_opts)
     calibrate_s = time.perf_counter() - t0
     log.info("calibrated in %.1f s", calibrate_s)
+    round_info = api.round_weights(qmodel, calib, how=args.weight_rounding)
+    if args.weight_rounding != "nearest":
+        log.info("weights rounded (%s) in %.1f s", args.weight_rounding, round_info["seconds"])
 
     ref_info, refine_s = None, 0.0
     if chain:
@@ -282,7 +285,8 @@ def cmd_quantize(args) -> int:
         "calib_files": [os.path.relpath(r.path, args.calib) for r in calib_records],
         "calib_skipped": calib_skipped, "num_calib": int(images.shape[0]),
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *args.argv],
-        "calibration": cal_info, "refinement": ref_info, "recipe": recipe_info, "float": None, "quant": None,
+        "calibration": cal_info, "weight_rounding": round_info, "refinement": ref_info, "recipe": recipe_info,
+        "float": None, "quant": None,
     }
     eval_s = 0.0
     if val_records is not None:
@@ -363,6 +367,7 @@ def first_sentence(text: str) -> str:
 def cmd_methods(args) -> int:
     import textwrap
 
+    from vitq.gptq import ROUNDINGS
     from vitq.quantizers import QUANTIZER_KINDS
     from vitq.registry import METHODS, REFINERS, load_builtin
     from vitq.scheme import SCHEMES
@@ -380,6 +385,9 @@ def cmd_methods(args) -> int:
 
     print("schemes:")
     for name, desc in SCHEMES.items():
+        show(name, desc)
+    print("weight rounding (--weight-rounding, after --method):")
+    for name, desc in ROUNDINGS.items():
         show(name, desc)
     for title, table in (("methods (--method)", METHODS), ("refiners (--refine)", REFINERS)):
         print(f"{title}:")
@@ -478,11 +486,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=None, help="activation bits (default 8)")
     q.add_argument("--attn-bits", type=int, default=None, help="softmax-output bits (default --a-bits)")
     q.add_argument("--softmax-quantizer", default=None, help="quantizer kind for softmax outputs (see vitq methods)")
+    q.add_argument("--gelu-quantizer", default=None, help="quantizer kind for the fc2 input after GELU, e.g. adalog")
     q.add_argument("--attn-granularity", choices=("tensor", "head"), default=None,
                    help="q/k/v quantizers: one scale per tensor (default) or per attention head")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
+    q.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",  # see vitq.gptq
+                   help="after --method: keep nearest rounding (default) or round the weights with GPTQ")
     q.add_argument("--refine", default=None,
                    help="refiner, or comma-separated refiners applied in order (e.g. recon,evolq; see vitq methods)")
     q.add_argument("--recipe", default=None, metavar="NAME",

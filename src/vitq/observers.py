@@ -170,7 +170,7 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
 
 def needs_error_pass(q: Quantizer, how: str) -> bool:
     """Whether setting ``q`` by ``how`` needs the observer's second pass."""
-    return how == "omse" and isinstance(q, (UniformQuantizer, PTFQuantizer))
+    return (how == "omse" and isinstance(q, (UniformQuantizer, PTFQuantizer))) or hasattr(q, "fit")  # fit: adalog
 
 
 def start_error_pass(model: nn.Module, observers: dict[str, Observer], how: str) -> bool:
@@ -213,13 +213,17 @@ def search_range(obs: Observer, q: UniformQuantizer) -> tuple[float, float]:
 
 
 def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
-    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}.
+    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}. A kind
+    with its own search (``fit(observer)``, e.g. adalog) runs that instead.
 
     PTF quantizers (the LayerNorm inputs and residual stream of ``fq``): ``minmax`` takes the global min/max
     and gives each channel the finest shift whose grid still covers that channel; ``omse`` follows FQ-ViT:
     global min/max (never shrunk: the rare massive-activation tokens live at the ends of that range) and each
     channel's shift by the lowest squared error over every calibration value.
     """
+    if hasattr(q, "fit"):
+        q.fit(obs)
+        return
     if not hasattr(q, "set_range"):  # parameter-free kinds (log2)
         q.mark_initialized()
         return

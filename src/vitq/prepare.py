@@ -31,6 +31,8 @@ def prepare(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Return a quantization-ready copy of ``model`` (quantizers uncalibrated, i.e. the identity)."""
     qmodel = copy.deepcopy(model).eval()
     _convert(qmodel, "", scheme, in_block=False)
+    if scheme.gelu_quantizer not in (None, "uniform"):
+        _set_gelu_quantizers(qmodel, scheme.gelu_quantizer)
     _check_supported(qmodel)
     qmodel.vitq_scheme = scheme
     return qmodel
@@ -65,6 +67,15 @@ def _convert(module: nn.Module, prefix: str, scheme: Scheme, in_block: bool) -> 
             new = QLayerNorm(child, a)
         if new is not None:
             setattr(module, child_name, new)
+
+
+def _set_gelu_quantizers(model: nn.Module, kind: str) -> None:
+    """Give the input of every MLP's fc2 that follows a GELU (the post-GELU activation) a ``kind`` quantizer."""
+    for m in list(model.modules()):
+        fc2, act = getattr(m, "fc2", None), getattr(m, "act", None)
+        if isinstance(fc2, QLinear) and isinstance(act, nn.GELU):
+            old = fc2.input_quant
+            fc2.input_quant = make_quantizer(kind, old.bits, old.role)
 
 
 def _check_supported(model: nn.Module) -> None:

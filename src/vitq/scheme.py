@@ -21,7 +21,7 @@ SCHEMES = {
               "softmax and LayerNorm in float",
 }
 W_BITS = range(2, 9)
-A_BITS = range(4, 9)
+A_BITS = range(3, 9)
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Scheme:
     softmax_quantizer: str | None = None  # None = "uniform"; log2 / twin / mpq where registered
     attn_granularity: str = "tensor"  # q/k/v quantizers: one scale per "tensor" or per "head"
     overrides: tuple[Override, ...] = field(default_factory=tuple)
+    gelu_quantizer: str | None = None  # fc2 input after GELU; None = "uniform"; adalog / twin_gelu where registered
 
     def __post_init__(self):
         if self.name not in SCHEMES:

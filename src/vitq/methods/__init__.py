@@ -7,5 +7,6 @@ from vitq.methods import (  # noqa: F401
     ptq4vit,
     ptqvit,
     recon,
+    repq,  # also registers the quantizer kinds logsqrt2, adalog
     softmax_quant,  # quantizer kinds twin, twin_gelu, mpq
 )

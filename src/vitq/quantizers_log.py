@@ -1,0 +1,161 @@
+"""Logarithmic quantizer kinds for power-law activations: log√2 (RepQ-ViT) and adaptive-base log (AdaLog's idea).
+
+Both use all ``2^b`` codes strictly: codes ``0 .. 2^b - 2`` are levels and the last code is the value 0, so a
+b-bit tensor needs exactly b bits per element. Rounding is to the nearest code in the log domain (like the
+``log2`` kind), which is monotone non-decreasing and maps every level to itself.
+
+- ``logsqrt2``: levels ``2^(-k/2)`` for post-softmax values in [0, 1] (1.0 is code 0). Hardware form: the
+  code k is a log2 code ``k >> 1`` plus a parity bit ``k & 1``; the value is ``2^-(k >> 1)`` times 1 or
+  1/√2 (:meth:`LogSqrt2Quantizer.hardware_decode` computes it that way, and :meth:`fake_quant` uses it).
+- ``adalog``: levels ``scale · 2^(-k/r)``; the base ``2^(1/r)`` (buffer ``base_exp`` = r) is searched per layer
+  by :meth:`AdaLogQuantizer.fit` (least squared error over every observed value, from the observer's
+  histogram, over ``R_GRID``); levels stop at ``scale·2^-64``. For the softmax output the scale stays 1
+  (1.0 is exact). For signed inputs (post-GELU, the ``fc2`` input) one bit selects the side: negative values
+  get ``2^(b-1) - 1`` uniform steps of ``neg_scale`` (GELU's small negative tail) and 0, positive values
+  ``2^(b-1)`` log levels under a searched ``scale``.
+
+Importing this module registers the kinds (``vitq.methods`` imports it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vitq.quantizers import EPS, Quantizer, register_quantizer
+
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+R_GRID = tuple(round(1.0 + 0.25 * i, 2) for i in range(13))  # r = 1 (log2), 1.25, ..., 4 (base 2^(1/4))
+MAX_DEPTH = 64  # deepest adalog level: scale·2^-64
+SCALE_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # top level as a fraction of the observed max
+
+
+def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    return xq.detach() + (x - x.detach())
+
+
+@register_quantizer("logsqrt2")
+class LogSqrt2Quantizer(Quantizer):
+    """log√2 quantizer for post-softmax values: levels 2^(-k/2), k = 0..2^b-2, last code = 0 (RepQ-ViT).
+
+    Code k = a log2 code (k >> 1) and a parity bit (k & 1). No parameters to calibrate."""
+
+    @property
+    def max_code(self) -> int:
+        return 2**self.bits - 2
+
+    @staticmethod
+    def hardware_decode(code: torch.Tensor) -> torch.Tensor:
+        """Value of integer codes k: a right shift by ``k >> 1`` and, if the parity bit is set, a multiply by 1/√2."""
+        code = code.to(torch.int64)
+        out = torch.pow(2.0, -(code >> 1).to(torch.float32))
+        return torch.where((code & 1) == 1, out * INV_SQRT2, out)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (0..2^b-1; 2^b-1 means the value 0)."""
+        pos = x > 0
+        k = torch.round(-2.0 * torch.log2(torch.where(pos, x, torch.ones_like(x)).float()))
+        k = torch.clamp(k, min=0)
+        zero = (~pos) | (k > self.max_code)
+        return torch.where(zero, torch.full_like(k, self.max_code + 1), k).to(torch.int64)
+
+    def level_set(self) -> torch.Tensor:
+        return torch.cat([self.hardware_decode(torch.arange(self.max_code + 1)), torch.zeros(1)]).unique()
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.encode(x)
+        out = torch.where(code > self.max_code, torch.zeros((), device=x.device),
+                          self.hardware_decode(torch.clamp(code, max=self.max_code)))
+        return _ste(x, out.to(x.dtype))
+
+
+@register_quantizer("adalog")
+class AdaLogQuantizer(Quantizer):
+    """Adaptive-base log quantizer (AdaLog's idea): levels scale·2^(-k/r), base 2^(1/r) searched per layer.
+
+    Signed inputs (post-GELU) add a uniform negative side."""
+
+    def __init__(self, bits: int, role: str):
+        super().__init__(bits, role)
+        self.register_buffer("base_exp", torch.tensor(2.0))  # r: levels 2^(-k/r); r = 2 is log√2
+        self.register_buffer("scale", torch.tensor(1.0))  # the top level
+        self.register_buffer("neg_scale", torch.tensor(0.0))  # 0 = unsigned (softmax); > 0 = signed (post-GELU)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.neg_scale > 0)
+
+    def _codes(self) -> tuple[int, int]:
+        """(largest log code, number of negative uniform steps). Log levels stop at scale·2^-MAX_DEPTH (deeper
+        ones are useless and underflow float32), so a small base at 8 bits leaves some codes unused."""
+        depth = int(math.floor(MAX_DEPTH * float(self.base_exp)))
+        if self.signed:
+            return min(2 ** (self.bits - 1) - 1, depth), 2 ** (self.bits - 1) - 1
+        return min(2**self.bits - 2, depth), 0
+
+    def _log_part(self, x: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, max_code: int) -> torch.Tensor:
+        pos = x > 0
+        ratio = torch.where(pos, x / scale, torch.ones_like(x))
+        k = torch.clamp(torch.round(-r * torch.log2(ratio)), min=0)
+        level = scale * torch.pow(2.0, -k / r)
+        return torch.where(pos & (k <= max_code), level, torch.zeros_like(level))
+
+    def _quant(self, x: torch.Tensor, r, scale, neg_scale) -> torch.Tensor:
+        max_code, neg_steps = self._codes()
+        out = self._log_part(x, r, scale, max_code)
+        if neg_steps:
+            neg = -torch.clamp(torch.round(-x / neg_scale), 0, neg_steps) * neg_scale
+            out = torch.where(x < 0, neg, out)
+        return out
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return _ste(x, self._quant(x.float(), self.base_exp, self.scale, self.neg_scale).to(x.dtype))
+
+    def level_set(self) -> torch.Tensor:
+        max_code, neg_steps = self._codes()
+        k = torch.arange(max_code + 1, dtype=torch.float32, device=self.scale.device)
+        levels = [self.scale * torch.pow(2.0, -k / self.base_exp), torch.zeros(1, device=self.scale.device)]
+        if neg_steps:
+            m = torch.arange(1, neg_steps + 1, dtype=torch.float32, device=self.scale.device)
+            levels.append(-m * self.neg_scale)
+        return torch.cat(levels).unique()
+
+    def set_range(self, lo, hi) -> None:
+        """Without a sample: top level at ``hi`` (softmax: 1), negative steps cover ``lo``; base kept."""
+        hi = max(float(hi), EPS)
+        self.scale.fill_(1.0 if self.role == "softmax" else hi)
+        if self.role != "softmax" and float(lo) < 0:
+            self.neg_scale.fill_(max(-float(lo) / (2 ** (self.bits - 1) - 1), EPS))
+        self.mark_initialized()
+
+    @torch.no_grad()
+    def fit(self, obs) -> dict:
+        """Search the base (and, for non-softmax inputs, the top level) for the least squared error over every
+        observed value (the observer's histogram from its second pass); the negative side (if any) covers the
+        observed minimum. Without a histogram only the range is set (base kept)."""
+        lo, hi = min(obs.min, 0.0), max(obs.max, EPS)
+        if getattr(obs, "hist", None) is None:
+            self.set_range(lo, hi)
+            return {"base_exp": float(self.base_exp), "scale": float(self.scale)}
+        centres, counts = obs.histogram()
+        keep = counts > 0
+        x = centres[keep].float().to(self.scale.device)
+        wts = counts[keep].double().to(self.scale.device)
+        if self.role == "softmax":
+            scales = [1.0]
+            self.neg_scale.fill_(0.0)
+        else:
+            scales = [hi * f for f in SCALE_GRID]
+            self.neg_scale.fill_(max(-lo / (2 ** (self.bits - 1) - 1), EPS) if lo < 0 else 0.0)
+        best = None
+        for r in R_GRID:
+            for s in scales:
+                xq = self._quant(x, torch.tensor(r), torch.tensor(s), self.neg_scale)
+                err = float(((xq - x).double().pow(2) * wts).sum())
+                if best is None or err < best[0]:
+                    best = (err, r, s)
+        self.base_exp.fill_(best[1])
+        self.scale.fill_(best[2])
+        self.mark_initialized()
+        return {"base_exp": best[1], "scale": best[2]}

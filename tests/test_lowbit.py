@@ -1,0 +1,260 @@
+"""Low-bit building blocks: scale reparameterization (exact), log√2 / adaptive-log quantizers, GPTQ rounding."""
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED, TINY, make_image_folder, tiny_images, tiny_model
+from safetensors.torch import save_file
+
+import vitq
+from vitq.api import as_calib
+from vitq.cli import main
+from vitq.errors import VitqError
+from vitq.gptq import gptq_rows, grid_quant
+from vitq.observers import Observer
+from vitq.quantizers import UniformQuantizer, quantizers_of
+from vitq.quantizers_log import R_GRID, AdaLogQuantizer, LogSqrt2Quantizer
+from vitq.reparam import reparameterize, targets
+from vitq.scheme import Scheme
+
+WEIGHTS = SHARED / "models" / "deit_tiny_patch16_224.safetensors"
+DATA = SHARED / "data" / "imagenet-sample"
+
+
+# ------------------------------------------------------------------------------------------ reparameterization
+def _assert_rewrite_exact(model, images, regime):
+    qmodel = vitq.prepare(model, Scheme(regime, 4, 4))  # quantizers uncalibrated: the float function
+    with torch.no_grad():
+        before = qmodel(images)
+    norms_before = {n: lin.weight.clone() for n, (_, lin) in targets(qmodel).items()}
+    info = reparameterize(qmodel, as_calib(images, batch_size=4, progress=False))
+    with torch.no_grad():
+        after = qmodel(images)
+    rel = float((after - before).abs().max() / before.abs().max())
+    assert rel < 1e-5, rel
+    assert info["reparam_layers"] == len(norms_before) > 0
+    # the rewrite really changed the parameters (not a no-op)
+    assert any(not torch.equal(lin.weight, norms_before[n]) for n, (_, lin) in targets(qmodel).items())
+    return qmodel, info
+
+
+@pytest.mark.parametrize("family", ["deit", "swin"])
+@pytest.mark.parametrize("regime", ["fq", "matmul"])
+def test_reparam_leaves_float_outputs_unchanged(family, regime):
+    model = tiny_model(family)
+    # exaggerate a few LayerNorm channels, like the outlier channels of real ViTs
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight[:2] *= 20.0
+                m.bias[:2] += 3.0
+    _, info = _assert_rewrite_exact(model, tiny_images(family, 8), regime)
+    assert info["reparam_r1_max"] > 2.0  # the outlier channels got their own factor
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="../shared with the real DeiT-Tiny is not present")
+def test_reparam_exact_on_real_deit_tiny():
+    from vitq.data import model_transform, scan_image_folder, select_records
+    from vitq.models import create_model
+
+    model = create_model("deit_tiny_patch16_224", weights=WEIGHTS)
+    tf, _ = model_transform(model)
+    recs = select_records(scan_image_folder(DATA / "calib"), 8, 0)
+    images = torch.stack([tf(__import__("PIL.Image", fromlist=["Image"]).open(r.path).convert("RGB")) for r in recs])
+    _, info = _assert_rewrite_exact(model, images, "matmul")
+    assert info["reparam_r1_max"] > 2.0  # DeiT-Tiny's post-LayerNorm outlier channels
+
+
+def test_repq_calibrates_both_regimes_and_records():
+    model, x = tiny_model("deit"), tiny_images("deit", 8)
+    for regime in ("fq", "matmul"):
+        q = vitq.prepare(model, Scheme(regime, 4, 4), method="repq")
+        info = vitq.calibrate(q, x, method="repq", progress=False)
+        assert info["softmax_quantizer"] == "logsqrt2" and info["reparam_layers"] == 4
+        assert all(bool(qq.initialized) for qq in quantizers_of(q).values())
+        with pytest.raises(VitqError, match="repq"):
+            vitq.calibrate(vitq.prepare(model, Scheme(regime, 4, 4), method="repq"), x, method="repq", bogus=1)
+
+
+# ------------------------------------------------------------------------------------------ log quantizers
+def _check_log_quantizer(q, x, levels):
+    y = q.fake_quant(x)
+    xs, order = torch.sort(x)
+    ys = q.fake_quant(xs)
+    assert bool((ys[1:] >= ys[:-1]).all()), "not monotone"
+    assert bool(torch.isin(y, levels).all()), "an output is not a level"
+    assert torch.equal(q.fake_quant(levels), levels), "a level does not map to itself"
+    assert float(y.min()) >= float(levels.min()) and float(y.max()) <= float(levels.max())
+    return y
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_logsqrt2_levels_bounds_monotone(bits):
+    q = LogSqrt2Quantizer(bits, "softmax")
+    levels = q.level_set()
+    assert levels.numel() == 2**bits  # 2^b - 1 levels and 0: exactly b bits
+    assert float(levels.max()) == 1.0 and float(levels.min()) == 0.0
+    expect = torch.pow(torch.tensor(2.0, dtype=torch.float64), -torch.arange(2**bits - 1, dtype=torch.float64) / 2)
+    assert torch.allclose(torch.sort(levels[levels > 0], descending=True).values.double(), expect, rtol=1e-6)
+    x = torch.cat([torch.rand(5000) ** 6, torch.tensor([0.0, 1.0, 1e-30])])
+    y = _check_log_quantizer(q, x, levels)
+    assert float(q.fake_quant(torch.tensor([1.0]))) == 1.0
+    # the hardware form: a log2 code and a parity bit decode to the same value
+    codes = q.encode(x)
+    back = torch.where(codes > q.max_code, torch.zeros(()), q.hardware_decode(codes.clamp(max=q.max_code)))
+    assert torch.equal(back, y)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("r", [1.0, 1.75, 3.5])
+def test_adalog_softmax_levels_bounds_monotone(bits, r):
+    q = AdaLogQuantizer(bits, "softmax")
+    q.base_exp.fill_(r)
+    q.mark_initialized()
+    levels = q.level_set()
+    assert levels.numel() == min(2**bits, int(64 * r) + 2) and float(levels.max()) == 1.0
+    _check_log_quantizer(q, torch.cat([torch.rand(5000) ** 5, torch.tensor([0.0, 1.0])]), levels)
+    assert float(q(torch.tensor([1.0]))) == 1.0
+
+
+def test_adalog_fit_searches_base_and_handles_gelu_negatives():
+    g = torch.Generator().manual_seed(0)
+    soft = torch.softmax(torch.randn(64, 50, generator=g) * 3, -1)
+    q = AdaLogQuantizer(4, "softmax")
+    obs = Observer()
+    obs.update(soft)
+    obs.start_error_pass()
+    obs.update(soft)
+    chosen = q.fit(obs)
+    assert chosen["base_exp"] in R_GRID and bool(q.initialized) and float(q.scale) == 1.0
+    err = float((q.fake_quant(soft) - soft).pow(2).sum())
+    for r in (R_GRID[0], R_GRID[-1]):  # the search is never worse than the grid ends it considered
+        other = AdaLogQuantizer(4, "softmax")
+        other.base_exp.fill_(r)
+        assert err <= float((other.fake_quant(soft) - soft).pow(2).sum()) + 1e-9
+    gelu = torch.nn.functional.gelu(torch.randn(20000, generator=g) * 2)
+    qg = AdaLogQuantizer(4, "linear_input")
+    obs = Observer()
+    obs.update(gelu)
+    obs.start_error_pass()
+    obs.update(gelu)
+    qg.fit(obs)
+    assert qg.signed and float(qg.neg_scale) > 0
+    levels = qg.level_set()
+    assert levels.numel() == 2**4
+    _check_log_quantizer(qg, gelu, levels)
+
+
+def test_scheme_gelu_quantizer_round_trip_and_old_configs():
+    s = Scheme("matmul", 4, 4, softmax_quantizer="adalog", gelu_quantizer="adalog")
+    assert Scheme.from_dict(s.to_dict()) == s
+    old = Scheme("fq", 4, 8).to_dict()
+    del old["gelu_quantizer"]  # a config saved before the field existed
+    assert Scheme.from_dict(old).gelu_quantizer is None
+    q = vitq.prepare(tiny_model("deit"), s)
+    assert q.blocks[0].mlp.fc2.input_quant.kind == "adalog" and q.blocks[0].mlp.fc1.input_quant.kind == "uniform"
+    assert Scheme("matmul", 3, 3).a_bits == 3
+
+
+# ------------------------------------------------------------------------------------------ GPTQ
+def _weight_quantizer(w, bits, signed=True):
+    q = UniformQuantizer(bits, "weight", signed=signed, channel_axis=0, num_channels=w.shape[0])
+    q.set_range(w.min(1).values, w.max(1).values)
+    return q
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gptq_output_error_never_above_nearest(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g,
+                                                                                dtype=torch.float64)  # correlated
+    h = 2 * x.t() @ x / x.shape[0]
+    for bits, signed in ((3, True), (4, False)):
+        quant = grid_quant(_weight_quantizer(w.float(), bits, signed))
+        for act_order in (False, True):
+            qg = gptq_rows(w, h, quant, damp=0.01, act_order=act_order, block_size=16)
+            assert torch.allclose(quant(qg), qg, atol=1e-12)  # on the grid
+            e_gptq = float(((qg - w) @ x.t()).pow(2).sum())
+            e_near = float(((quant(w) - w) @ x.t()).pow(2).sum())
+            assert e_gptq <= e_near, (bits, act_order, e_gptq, e_near)
+
+
+def _reference_gptq(w, h, quant, order):
+    """Hand-written sequential OBQ/GPTQ: round the columns in ``order``; after each, update the remaining
+    columns F by -(w_i - q_i) / [H_F^-1]_ii · [H_F^-1]_i,F with the inverse of the remaining sub-Hessian."""
+    w = w.clone()
+    q = torch.zeros_like(w)
+    remaining = list(order)
+    while remaining:
+        i = remaining[0]
+        hinv = torch.linalg.inv(h[remaining][:, remaining])
+        q[:, i] = quant(w[:, i])
+        err = (w[:, i] - q[:, i]) / hinv[0, 0]
+        for j, col in enumerate(remaining[1:], start=1):
+            w[:, col] -= err * hinv[0, j]
+        remaining = remaining[1:]
+    return q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_gptq_equals_direct_computation_on_three_columns(act_order, block_size):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    x[:, 1] = 0.3 * x[:, 1] + 2.0 * x[:, 0]  # correlated columns: errors are worth compensating
+    x[:, 2] += x[:, 0]
+    h = 2 * x.t() @ x / 50
+    quant = grid_quant(_weight_quantizer(w.float(), 3))
+    got = gptq_rows(w, h, quant, damp=0.0, act_order=act_order, block_size=block_size)
+    order = torch.argsort(torch.diag(h), descending=True).tolist() if act_order else [0, 1, 2]
+    assert torch.allclose(got, _reference_gptq(w, h, quant, order), atol=1e-10)
+    assert not torch.allclose(got, quant(w))  # the compensation did change some code
+
+
+def test_gptq_state_saves_and_reloads_bit_for_bit(tmp_path):
+    model, x = tiny_model("deit"), tiny_images("deit", 12)
+    for regime, method in (("fq", "fqvit"), ("matmul", "repq")):
+        q = vitq.prepare(model, Scheme(regime, 3, 8), method=method)
+        vitq.calibrate(q, x, method=method, progress=False)
+        with torch.no_grad():
+            nearest = q(x)
+        info = vitq.round_weights(q, x, how="gptq", progress=False)
+        assert info["gptq"]["layers_rounded"] == 10  # patch embed, 2 x (qkv, proj, fc1, fc2), head
+        with torch.no_grad():
+            rounded = q(x)
+            ref = model(x)
+        assert float((rounded - ref).pow(2).mean()) < float((nearest - ref).pow(2).mean())
+        for m in q.modules():
+            if hasattr(m, "weight_quant"):
+                assert torch.equal(m.weight_quant(m.weight), m.weight) and not bool(m.weight_correction)
+        vitq.save(q, tmp_path)
+        back = vitq.load(model, tmp_path)
+        with torch.no_grad():
+            assert torch.equal(back(x), rounded)
+        batches = [(x, torch.arange(12) % 10)]
+        assert vitq.evaluate(back, model, batches, progress=False) == vitq.evaluate(q, model, batches, progress=False)
+    with pytest.raises(VitqError, match="weight-rounding"):
+        vitq.round_weights(q, x, how="stochastic")
+
+
+def test_cli_weight_rounding_gptq_recorded_and_reloads(tmp_path):
+    name, kw = TINY["deit"]
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model("deit").state_dict().items()}, str(weights))
+    calib = make_image_folder(tmp_path / "calib", per_class=3, seed=1)
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=2)
+    out = tmp_path / "out"
+    common = ["--model", name, "--model-args", json.dumps(kw), "--weights", str(weights), "--val", str(val),
+              "--batch-size", "4", "--num-workers", "0", "--quiet"]
+    assert main(["quantize", *common, "--calib", str(calib), "--scheme", "matmul", "--w-bits", "3", "--a-bits", "4",
+                 "--method", "repq", "--softmax-quantizer", "adalog", "--gelu-quantizer", "adalog",
+                 "--weight-rounding", "gptq", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["weight_rounding"]["weight_rounding"] == "gptq" and r["weight_rounding"]["gptq"]["layers_rounded"] == 10
+    assert r["calibration"]["reparam_layers"] == 4 and r["scheme_config"]["gelu_quantizer"] == "adalog"
+    assert main(["evaluate", *common, "--state", str(out), "--out", str(tmp_path / "ev.json")]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["quant"] == r["quant"]
