@@ -21,6 +21,16 @@ from vitq.observers import observing
 from vitq.quantizers import quantizers_of
 from vitq.scheme import Scheme
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These searches run many small ops: one thread (two threads on a loaded 2-core machine are far slower)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 FAST = {"aciq": {}, "lapq": {"p_values": "2,4", "max_evals": 30, "loss_images": 8}, "easyquant": {"candidates": 10}}
 
 

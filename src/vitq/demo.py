@@ -24,7 +24,8 @@ BITS_FULL = ((8, 8), (6, 6), (4, 8), (4, 4))
 BITS_QUICK = ((8, 8), (4, 8))
 # the search methods with smaller grids than their defaults, so the whole table takes minutes on a laptop CPU
 DEMO_OPTIONS = {"ptqvit": {"candidates": 20, "rounds": 3}, "ptq4vit": {"candidates": 20},
-                "apq": {"candidates": 20, "bbc_candidates": 5}}
+                "apq": {"candidates": 20, "bbc_candidates": 5}, "easyquant": {"candidates": 20, "rounds": 2},
+                "lapq": {"max_evals": 100, "p_values": "2,3,4"}}
 
 
 def digits_data(seed: int = 0):
