@@ -146,8 +146,8 @@ written; other sessions were running, so times are indicative). One seed (0) per
 seeds (CPU budget); the calibration draw is the same for every row.
 
 Settings (reductions for CPU time are marked *):
-- `minmax`, `omse`, `aciq`: defaults (aciq: Laplace clipping, per-channel weight bits in [2, 8] averaging the
-  scheme's weight bits, weight bias correction).
+- `minmax`, `omse`, `aciq`: defaults (aciq: Laplace clipping of every tensor but the softmax output (min/max),
+  per-channel weight bits in [2, 8] averaging the scheme's weight bits, weight bias correction).
 - `ptqvit`*: candidates {args.ptqvit_candidates} (default 100), at most 3 rounds (default 20), 16 cached tokens
   and 16 query rows per image (defaults 64 / 32), 128 ranking pairs (default 256); per-tensor signed quantizers
   as in the paper.

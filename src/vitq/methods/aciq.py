@@ -21,7 +21,10 @@ Three parts, each recorded in the returned dict (results.json):
 
 Activation quantizers that are not uniform (log2 / twin / MPQ softmax kinds) have nothing to clip and are
 left as their kind defines them; the PTF quantizers of the fq regime get their global range from the fit and
-their per-channel shifts as usual. The softmax output is clipped by ACIQ too unless ``softmax="minmax"``.
+their per-channel shifts as usual. The softmax output is *not* clipped by default (``softmax="minmax"``): the
+attention probabilities are far from a Laplace around their mean (most are near zero, the few large ones carry
+the attention), and clipping them at μ + k·b̂ cut the top-1 agreement of an 8-bit digits ViT (``vitq demo``'s
+model) from 99 % to 84 %; ``softmax="aciq"`` clips them like every other tensor.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ LAPLACE_K = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
 GAUSSIAN_K = {2: 1.71, 3: 2.15, 4: 2.55, 5: 2.94, 6: 3.29, 7: 3.61, 8: 3.92}
 DISTRIBUTIONS = ("laplace", "gaussian")
 DEFAULTS = {"distribution": "laplace", "allocation": True, "min_bits": 2, "max_bits": 8, "bias_corr": True,
-            "softmax": "aciq"}
+            "softmax": "minmax"}
 
 
 def expected_mse(k: float, bits: int, distribution: str) -> float:
@@ -199,7 +202,7 @@ def _add_arguments(group) -> None:
     group.add_argument("--aciq-no-bias-corr", action="store_true", default=None,
                        help="aciq: no weight bias correction (ablation)")
     group.add_argument("--aciq-softmax", choices=("aciq", "minmax"), default=None,
-                       help="aciq: range of the softmax-output quantizer (default aciq: clipped like the others)")
+                       help="aciq: range of the softmax-output quantizer: minmax (default) or aciq (clipped like the others)")
 
 
 @register_method("aciq", "ACIQ (Banner et al.): analytical Laplace/Gaussian clipping of every tensor, per-channel "
