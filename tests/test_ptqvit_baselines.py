@@ -17,7 +17,7 @@ from vitq.errors import VitqError
 from vitq.methods import lapq as lapq_mod
 from vitq.methods.aciq import GAUSSIAN_K, LAPLACE_K, allocate_bits, clip_constant, expected_mse, fit_clip
 from vitq.methods.mixed_quant import MixedUniformQuantizer
-from vitq.observers import observing
+from vitq.observers import observing, start_error_pass
 from vitq.quantizers import quantizers_of
 from vitq.scheme import Scheme
 
@@ -161,6 +161,8 @@ def test_lapq_block_cache_matches_a_full_forward():
     vitq.calibrate(q, calib, "minmax", progress=False)
     with observing(q) as obs:
         q(calib)
+        assert start_error_pass(q, obs, "omse")
+        q(calib)
     clips = lapq_mod._clips(q, obs)
     for c in clips:
         c.init_lp(2.0)
@@ -225,3 +227,23 @@ def test_bad_options_are_one_line_errors(tmp_path):
             vitq.calibrate(q, tiny_images("deit", 4), method, progress=False, **opts)
     assert os.listdir(tmp_path) == []
     assert all(bool(z.initialized) is False for z in quantizers_of(vitq.prepare(model, Scheme("fq", 8, 8))).values())
+
+
+def test_moment_observer_fit_equals_the_fit_of_all_values():
+    from vitq.methods.aciq import MomentObserver
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 5, 6, generator=gen) * torch.arange(1.0, 7.0) for _ in range(3)]
+    for axis, pooled in ((None, False), (-1, False), (-1, True)):
+        obs = MomentObserver(axis, pooled)
+        for b in batches:
+            obs.update(b)
+        obs.start_second_pass()
+        for b in batches:
+            obs.update(b)
+        allx = torch.cat(batches).reshape(-1, 6)
+        rows = allx.reshape(1, -1) if axis is None or pooled else allx.t()
+        for dist in ("laplace", "gaussian"):
+            lo, hi = obs.fit(6, dist)
+            lo2, hi2 = fit_clip(rows, 6, dist)
+            assert torch.allclose(lo, lo2, atol=1e-5) and torch.allclose(hi, hi2, atol=1e-5), (axis, pooled, dist)

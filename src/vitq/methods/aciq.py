@@ -6,10 +6,11 @@ Three parts, each recorded in the returned dict (results.json):
   clipped to [μ − α, μ + α] ∩ [min, max] with α = k(bits)·b̂ (or k(bits)·σ). k is the table of METHODS.md §2
   for 2..8 bits: it minimizes the expected MSE = clipping noise + α²/(3·4^bits) (the rounding noise of 2^bits
   equal bins with a uniform density inside each bin). For other bit widths (allocated channels above 8) k is
-  the numerical minimum of the same expression. Activations are fitted per tensor on the values the float
-  model produces over all calibration images (the observers' seeded random sample); weights per output
-  channel. Each quantizer then covers its clipped range with its own integer grid (uint: 2^b − 1 steps from
-  lo to hi; int: symmetric), which is what the table assumes up to one step at low bit widths.
+  the numerical minimum of the same expression. Activations are fitted per tensor (per head for per-head
+  quantizers) on every value the float model produces over all calibration images (exact moments, two
+  passes); weights per output channel. Each quantizer then covers its clipped range with its own integer
+  grid (uint: 2^b − 1 steps from lo to hi; int: symmetric), which is what the table assumes up to one step at
+  low bit widths.
 - **Per-channel bit allocation for weights** under a fixed average bit width B̄ (the scheme's weight bits):
   ideal bits b_c = B̄ + log2(range_c^(2/3)) − mean_c log2(range_c^(2/3)) (so they average to B̄ exactly),
   rounded to integers in [min_bits, max_bits] by largest remainder so the average stays exactly B̄. The
@@ -74,18 +75,79 @@ def clip_constant(bits: int, distribution: str = "laplace") -> float:
     return float(res.x)
 
 
+def _clip(mu, spread, mn, mx, bits, distribution: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[μ − α, μ + α] ∩ [min, max] with α = k(bits)·spread, elementwise over channels (``bits`` an int or one
+    per channel)."""
+    n = mu.numel()
+    bits_t = torch.as_tensor(bits).reshape(-1).expand(n).tolist()
+    k = torch.tensor([clip_constant(int(b), distribution) for b in bits_t], dtype=mu.dtype, device=mu.device)
+    alpha = k * spread
+    return torch.maximum(mu - alpha, mn).float(), torch.minimum(mu + alpha, mx).float()
+
+
 def fit_clip(x: torch.Tensor, bits: torch.Tensor | int, distribution: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped range (lo, hi) of the rows of ``x`` ([C, n]; one row per channel, or [1, n]) at ``bits`` (an int
     or one per row): [μ − α, μ + α] intersected with the observed [min, max]."""
-    x = x.float()
+    x = x.double()
     mu = x.mean(1)
     spread = (x - mu[:, None]).abs().mean(1) if distribution == "laplace" else x.std(1, unbiased=False)
-    bits_t = torch.as_tensor(bits).reshape(-1).expand(x.shape[0]).tolist()
-    k = torch.tensor([clip_constant(int(b), distribution) for b in bits_t], dtype=torch.float32, device=x.device)
-    alpha = k * spread
-    lo = torch.maximum(mu - alpha, x.min(1).values)
-    hi = torch.minimum(mu + alpha, x.max(1).values)
-    return lo, hi
+    return _clip(mu, spread, x.min(1).values, x.max(1).values, bits, distribution)
+
+
+class MomentObserver:
+    """Exact statistics of every value a quantizer sees over the calibration data, in two passes: count, sum,
+    sum of squares, min and max (per channel along ``channel_axis`` when given), then, once the mean is known,
+    the sum of |x − μ|. ``pooled``: one fit over all channels (PTF), per-channel min/max still kept."""
+
+    def __init__(self, channel_axis: int | None, pooled: bool = False):
+        self.axis, self.pooled = channel_axis, pooled
+        self.n = 0
+        self.s1 = self.s2 = self.mn = self.mx = self.abs_dev = None
+        self.second = False
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().double()
+        if self.axis is None:
+            return x.reshape(-1, 1)
+        x = x.movedim(self.axis, -1)
+        return x.reshape(-1, x.shape[-1])
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        r = self._rows(x)
+        if self.second:
+            mu = self.mean().to(r.device)
+            self.abs_dev = self.abs_dev + (r - mu).abs().sum(0).cpu()
+            return
+        first = self.s1 is None
+        s1, s2, mn, mx = r.sum(0).cpu(), r.pow(2).sum(0).cpu(), r.min(0).values.cpu(), r.max(0).values.cpu()
+        self.n += r.shape[0]
+        self.s1 = s1 if first else self.s1 + s1
+        self.s2 = s2 if first else self.s2 + s2
+        self.mn = mn if first else torch.minimum(self.mn, mn)
+        self.mx = mx if first else torch.maximum(self.mx, mx)
+
+    def start_second_pass(self) -> None:
+        self.second = True
+        self.abs_dev = torch.zeros_like(self.s1)
+
+    def count(self) -> int:
+        return self.n * (self.s1.numel() if self.pooled else 1)
+
+    def mean(self) -> torch.Tensor:
+        return self.s1.sum(0, keepdim=True) / self.count() if self.pooled else self.s1 / self.n
+
+    def fit(self, bits, distribution: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clipped (lo, hi): per channel, or one pair ([1]) when pooled or per tensor."""
+        mu = self.mean()
+        if distribution == "laplace":
+            spread = (self.abs_dev.sum(0, keepdim=True) if self.pooled else self.abs_dev) / self.count()
+        else:
+            s2 = self.s2.sum(0, keepdim=True) if self.pooled else self.s2
+            spread = (s2 / self.count() - mu * mu).clamp_min(0).sqrt()
+        mn = self.mn.min().reshape(1) if self.pooled else self.mn
+        mx = self.mx.max().reshape(1) if self.pooled else self.mx
+        return _clip(mu, spread, mn, mx, bits, distribution)
 
 
 def allocate_bits(ranges: torch.Tensor, avg_bits: int, min_bits: int, max_bits: int) -> torch.Tensor:
@@ -120,28 +182,42 @@ def _channel_rows(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, calib: CalibData, distribution: str, softmax: str) -> dict:
+    """Two float passes with a :class:`MomentObserver` on every activation quantizer that has a range to clip,
+    then each quantizer's clipped range (min/max for the softmax output unless ``softmax="aciq"``, and for
+    kinds without a uniform range)."""
     qs = quantizers_of(model)
-    with observing(model, seed=calib.seed) as observers:
-        forward_all(model, calib, desc="aciq: observe")
+    clip = {n: q for n, q in qs.items() if q.role != "weight" and (
+        isinstance(q, PTFQuantizer) or (isinstance(q, UniformQuantizer) and not (
+            q.role == "softmax" and softmax == "minmax")))}
+    obs = {n: MomentObserver(-1 if isinstance(q, PTFQuantizer) else q.channel_axis, isinstance(q, PTFQuantizer))
+           for n, q in clip.items()}
+    with observing(model, names=[n for n, q in qs.items() if q.role != "weight" and n not in clip]) as others:
+        for n, o in obs.items():
+            qs[n].observer = o
+        try:
+            forward_all(model, calib, desc="aciq: observe")
+            for o in obs.values():
+                o.start_second_pass()
+            for o in others.values():  # the min/max observers need nothing more
+                o.update = lambda x: None
+            forward_all(model, calib, desc="aciq: mean deviations")
+        finally:
+            for n in obs:
+                qs[n].observer = None
+    for n, o in others.items():
+        apply_range(qs[n], o, "minmax")
     clipped = {}
-    for name, obs in observers.items():
+    for name, o in obs.items():
         q = qs[name]
+        lo, hi = o.fit(q.bits, distribution)
         if isinstance(q, PTFQuantizer):
-            lo, hi = fit_clip(obs.sample().reshape(1, -1), q.bits, distribution)
-            q.set_range(float(lo[0]), float(hi[0]), channel_min=obs.channel_min, channel_max=obs.channel_max)
-        elif isinstance(q, UniformQuantizer) and not (q.role == "softmax" and softmax == "minmax"):
-            x = obs.sample()
-            x = x.t() if q.channel_axis is not None else x.reshape(1, -1)  # per-head rows [n, C] -> [C, n]
-            lo, hi = fit_clip(x, q.bits, distribution)
-            if q.channel_axis is None:
-                lo, hi = lo[0], hi[0]
-            q.set_range(lo, hi)
+            q.set_range(float(lo[0]), float(hi[0]), channel_min=o.mn.float(), channel_max=o.mx.float())
+        elif q.channel_axis is None:
+            q.set_range(lo[0], hi[0])
         else:
-            apply_range(q, obs, "minmax")
-            continue
-        full = obs.max - obs.min
-        width = float((hi - lo).max()) if torch.is_tensor(hi) else float(hi - lo)
-        clipped[name] = width / full if full > 0 else 1.0
+            q.set_range(lo, hi)
+        full = float(o.mx.max() - o.mn.min())
+        clipped[name] = round(float((hi - lo).max()) / full, 4) if full > 0 else 1.0
     return clipped
 
 
@@ -202,7 +278,8 @@ def _add_arguments(group) -> None:
     group.add_argument("--aciq-no-bias-corr", action="store_true", default=None,
                        help="aciq: no weight bias correction (ablation)")
     group.add_argument("--aciq-softmax", choices=("aciq", "minmax"), default=None,
-                       help="aciq: range of the softmax-output quantizer: minmax (default) or aciq (clipped like the others)")
+                       help="aciq: range of the softmax-output quantizer: minmax (default) or aciq (clipped like the "
+                            "others)")
 
 
 @register_method("aciq", "ACIQ (Banner et al.): analytical Laplace/Gaussian clipping of every tensor, per-channel "
@@ -221,10 +298,10 @@ def aciq(model: nn.Module, calib: CalibData, **options) -> dict:
             "clipping": f"{o['distribution']} fit, alpha = k(bits) * "
                         + ("mean|x - mu|" if o["distribution"] == "laplace" else "std")
                         + ", range [mu - alpha, mu + alpha] within the observed [min, max]; activations per tensor "
-                          "on a seeded sample of all calibration batches, weights per output channel",
+                          "over every calibration value (two passes), weights per output channel",
             "activation_clip_ratio": clipped,
             "weight_channels": n, "average_weight_bits": avg,
             "allocation": ("bits_c = B + log2(range_c^(2/3)) - mean log2(range^(2/3)), largest-remainder "
                            f"rounding within [{o['min_bits']}, {o['max_bits']}], average exactly B per layer")
             if o["allocation"] else "off",
-            "weight_bias_correction": o["bias_corr"], "layers": layers, "calibration_passes": 1}
+            "weight_bias_correction": o["bias_corr"], "layers": layers, "calibration_passes": 2}

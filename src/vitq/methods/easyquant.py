@@ -38,7 +38,7 @@ from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_weights
 from vitq.methods.hessian import Grids, Knob, linear_grid, make_knob
 from vitq.methods.ptqvit import Layer, _chunks, _record, _run, _segments, _weight_matrix, find_layers, float_mode
-from vitq.observers import apply_range, observing
+from vitq.observers import apply_range, observing, start_error_pass
 from vitq.quantizers import quantizers_of
 from vitq.registry import register_method
 
@@ -226,8 +226,11 @@ def easyquant(model: nn.Module, calib: CalibData, **options) -> dict:
     layers = find_layers(model)
     searched = {id(q) for la in layers for q in (la.a_quant, la.b_quant)}
     qs = quantizers_of(model)
-    with observing(model, seed=calib.seed) as observers:  # one float pass over all calibration images
+    with observing(model, seed=calib.seed) as observers:  # float pass(es) over all calibration images
         forward_all(model, calib, desc="easyquant: observe")
+        rest = {n: obs for n, obs in observers.items() if id(qs[n]) not in searched}
+        if start_error_pass(model, rest, o["fq_init"]):  # OMSE of the unsearched fq quantizers sees every value
+            forward_all(model, calib, desc="easyquant: observe errors")
     for n, obs in observers.items():
         apply_range(qs[n], obs, "minmax" if id(qs[n]) in searched else o["fq_init"])
     calibrate_weights(model, "minmax", correction=False)

@@ -1,10 +1,11 @@
 """LAPQ, loss-aware post-training quantization (Nahshan et al.; METHODS.md §2).
 
-1. **Lp initialization.** One float pass observes every activation quantizer over all calibration images.
+1. **Lp initialization.** Float passes observe every activation quantizer over all calibration images.
    For each p of a small sweep (default 2, 2.5, 3, 3.5, 4), every clipping range is set to the shrink factor
    of its observed range (1.00, 0.99, ..., 0.11, as OMSE) that minimizes Σ|x − x̂|^p: activations per tensor on
    the observers' seeded sample, weights per output channel on the weights. The p whose initialization gives
-   the lowest task loss is kept (all losses recorded).
+   the lowest task loss is kept (all losses recorded). Activations use the observers' histograms of every
+   value (second pass); PTF quantizers (fq) use FQ-ViT's rule for every p (see :class:`Clip`).
 2. **Joint Powell step.** ``scipy.optimize.minimize(method="Powell")`` over a vector of multiplicative factors
    on the Lp ranges, starting at 1: one factor per activation quantizer with a range (uniform, per tensor or
    per head; PTF: its global range, shifts re-chosen) and one per weighted layer (scaling the ranges of all of
@@ -24,7 +25,6 @@ evaluations; Ctrl-C raises ``KeyboardInterrupt`` out of the method (the CLI writ
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -36,7 +36,7 @@ from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.methods.baselines import weighted_modules
 from vitq.methods.hessian import float_mode
-from vitq.observers import OMSE_FACTORS, apply_range, observing
+from vitq.observers import OMSE_FACTORS, apply_range, observing, start_error_pass
 from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
 from vitq.registry import register_method
 from vitq.trunk import Trunk
@@ -52,61 +52,62 @@ class _Budget(Exception):
 
 # -- Lp-optimal clipping -----------------------------------------------------------------------------------------
 
-def _lp_uniform(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float) -> torch.Tensor:
-    """Σ|x − x̂|^p per row of x [C, n] for the ranges lo, hi [C] (the quantizer's integer grid)."""
-    scale, zero = q.params_for_range(lo, hi)
+def _lp_uniform(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w·|x − x̂|^p per row of x [C, n] for the ranges lo, hi [C] (the quantizer's integer grid); ``weights``
+    are histogram counts when x holds bin centres."""
+    scale, zero = q.params_for_range(lo.float(), hi.float())
     scale, zero = scale.reshape(-1, 1).to(x), zero.reshape(-1, 1).to(x)
     xq = (torch.clamp(torch.round(x / scale) + zero, q.qmin, q.qmax) - zero) * scale
-    return (xq - x).abs().pow(p).sum(1)
+    err = (xq - x).abs().pow(p)
+    return (err * weights if weights is not None else err).sum(1)
 
 
-def lp_factors(q: UniformQuantizer, x: torch.Tensor, p: float) -> torch.Tensor:
-    """Per row of x [C, n], the shrink factor of its [min, max] with the least Lp error."""
-    lo, hi = x.min(1).values, x.max(1).values
-    errs = torch.stack([_lp_uniform(q, x, lo * f, hi * f, p) for f in OMSE_FACTORS])  # [F, C]
-    return torch.tensor(OMSE_FACTORS)[errs.argmin(0).cpu()]
-
-
-def _lp_ptf(q: PTFQuantizer, obs, p: float) -> float:
-    rows = obs.sample().to(q.scale.device)
-    best, best_f = math.inf, 1.0
-    for f in OMSE_FACTORS:
-        q.set_range(obs.min * f, obs.max * f, channel_min=obs.channel_min, channel_max=obs.channel_max)
-        err = float((q.fake_quant(rows) - rows).abs().pow(p).sum())
-        if err < best:
-            best, best_f = err, f
-    return best_f
+def lp_factors(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of x [C, n], the shrink factor of [lo, hi] (OMSE's factors) with the least Lp error."""
+    errs = torch.stack([_lp_uniform(q, x, lo * f, hi * f, p, weights) for f in OMSE_FACTORS])  # [F, C]
+    return torch.tensor(OMSE_FACTORS, dtype=lo.dtype)[errs.argmin(0).cpu()]
 
 
 class Clip:
-    """One optimized variable: a quantizer whose range is ``factor`` times its Lp-initialized range."""
+    """One optimized variable: a quantizer whose range is ``factor`` times its Lp-initialized range.
+
+    Weights: Lp per output channel over the weight values. Uniform activations: Lp per tensor (per head) over
+    every calibration value, from the observer's histogram (second pass). PTF quantizers: FQ-ViT's rule
+    (global min/max, each channel's shift by least squared error over every value) for any p; the factor then
+    scales the global range with the shifts kept."""
 
     def __init__(self, name: str, q, weight: torch.Tensor | None, obs=None):
         self.name, self.q, self.weight, self.obs = name, q, weight, obs
-        self.lo = self.hi = None  # the Lp range the factor multiplies
-
-    def rows(self) -> torch.Tensor:
-        if self.weight is not None:
-            w = self.weight.detach().float()
-            return w.reshape(w.shape[0], -1) if self.q.channel_axis is not None else w.reshape(1, -1)
-        x = self.obs.sample()
-        return x.t() if self.q.channel_axis is not None else x.reshape(1, -1)
+        self.lo = self.hi = self.shift = None  # the Lp range the factor multiplies
 
     def init_lp(self, p: float) -> None:
-        if isinstance(self.q, PTFQuantizer):
-            f = _lp_ptf(self.q, self.obs, p)
-            self.lo, self.hi = torch.tensor(self.obs.min * f), torch.tensor(self.obs.max * f)
+        q = self.q
+        if isinstance(q, PTFQuantizer):
+            apply_range(q, self.obs, "omse")
+            self.lo, self.hi, self.shift = self.obs.min, self.obs.max, q.shift.clone()
             return
-        x = self.rows().to(self.q.scale.device)
-        f = lp_factors(self.q, x, p).to(x.device)
-        self.lo, self.hi = x.min(1).values * f, x.max(1).values * f
-        if self.q.channel_axis is None:
+        if self.weight is not None:
+            w = self.weight.detach().double()
+            x = w.reshape(w.shape[0], -1) if q.channel_axis is not None else w.reshape(1, -1)
+            weights, lo, hi = None, x.min(1).values, x.max(1).values
+        else:
+            x, weights = self.obs.histogram()
+            if q.channel_axis is None:
+                x, weights = x.reshape(1, -1), weights.reshape(1, -1)
+                lo, hi = torch.tensor([self.obs.min], dtype=x.dtype), torch.tensor([self.obs.max], dtype=x.dtype)
+            else:
+                lo, hi = self.obs.channel_min.to(x.dtype), self.obs.channel_max.to(x.dtype)
+        f = lp_factors(q, x, lo, hi, p, weights)
+        self.lo, self.hi = (lo * f).float(), (hi * f).float()
+        if q.channel_axis is None:
             self.lo, self.hi = self.lo[0], self.hi[0]
 
     def apply(self, factor: float) -> None:
         if isinstance(self.q, PTFQuantizer):
-            self.q.set_range(float(self.lo) * factor, float(self.hi) * factor, channel_min=self.obs.channel_min,
-                             channel_max=self.obs.channel_max)
+            self.q.set_range(self.lo * factor, self.hi * factor)
+            self.q.shift.copy_(self.shift)
         else:
             self.q.set_range(self.lo * factor, self.hi * factor)
 
@@ -260,6 +261,8 @@ def lapq(model: nn.Module, calib: CalibData, **options) -> dict:
     t0 = time.perf_counter()
     with observing(model, seed=calib.seed) as observers:
         forward_all(model, calib, desc="lapq: observe")
+        if start_error_pass(model, observers, "omse"):  # histograms of every value (PTF: shift errors)
+            forward_all(model, calib, desc="lapq: observe errors")
     clips = _clips(model, observers)
     images = calib.images[:o["loss_images"]]
     batches = [images[i:i + calib.batch_size].to(calib.device) for i in range(0, len(images), calib.batch_size)]
