@@ -84,15 +84,19 @@ def main() -> int:
     if args.only:
         keep = set(args.only.split(","))
         settings = [s for s in SETTINGS if f"{s[0]}-w{s[1]}a{s[2]}" in keep]
-    plan = [(s, m) for s in settings for m in args.methods.split(",")]
+    plan = [(s, m, {}) for s in settings for m in args.methods.split(",")]
+    if ("matmul", 4, 8) in settings and "aciq" in args.methods.split(","):  # aciq ablations, last
+        plan += [(("matmul", 4, 8), "aciq", {"no_allocation": True}),
+                 (("matmul", 4, 8), "aciq", {"activations": "minmax"})]
     rows, notes, skipped = [], [], []
     float_top1 = float("nan")
-    for (regime, w, a), method in plan:
+    for (regime, w, a), method, extra in plan:
         label = f"{regime} W{w}A{a}"
+        name = method + "".join(f" {k}={v}" for k, v in extra.items())
         if (time.perf_counter() - t_start) / 60 > args.budget_min:
-            skipped.append(f"{method} {label}")
+            skipped.append(f"{name} {label}")
             continue
-        o = opts.get(method, {})
+        o = {**opts.get(method, {}), **extra}
         q = vitq.prepare(model, vitq.Scheme(regime, w, a), method=method, options=o)
         info = vitq.calibrate(q, calib_x, method, batch_size=len(calib_x), progress=False, **o)
         m = Metrics()
@@ -100,7 +104,7 @@ def main() -> int:
             for i in range(0, len(val_x), 50):
                 m.update(float_logits[i:i + 50], q(val_x[i:i + 50]), val_y[i:i + 50])
         r = m.result()
-        rows.append([label, method, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
+        rows.append([label, name, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
                      round(info["seconds"], 1)])
         if method == "lapq":
             notes.append(f"- lapq {label}: p = {info['p']} (sweep losses "
@@ -110,7 +114,7 @@ def main() -> int:
         if method == "easyquant":
             notes.append(f"- easyquant {label}: mean layer cosine {info['mean_init_cosine']:.4f} -> "
                          f"{info['mean_cosine']:.4f} over {len(info['layers'])} layers")
-        if method == "aciq":
+        if method == "aciq" and not extra:
             mins = min(min(v["bits"]) for v in info["layers"].values())
             maxs = max(max(v["bits"]) for v in info["layers"].values())
             notes.append(f"- aciq {label}: weight channel bits {mins}..{maxs}, average "
@@ -147,7 +151,9 @@ seeds (CPU budget); the calibration draw is the same for every row.
 
 Settings (reductions for CPU time are marked *):
 - `minmax`, `omse`, `aciq`: defaults (aciq: Laplace clipping of every tensor but the softmax output (min/max),
-  per-channel weight bits in [2, 8] averaging the scheme's weight bits, weight bias correction).
+  per-channel weight bits in [2, 8] averaging the scheme's weight bits, weight bias correction). Two aciq
+  ablations at matmul W4A8: `no_allocation=True` (every channel at 4 bits) and `activations=minmax` (ACIQ on
+  the weights only).
 - `ptqvit`*: candidates {args.ptqvit_candidates} (default 100), at most 3 rounds (default 20), 16 cached tokens
   and 16 query rows per image (defaults 64 / 32), 128 ranking pairs (default 256); per-tensor signed quantizers
   as in the paper.

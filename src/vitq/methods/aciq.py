@@ -48,7 +48,7 @@ LAPLACE_K = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
 GAUSSIAN_K = {2: 1.71, 3: 2.15, 4: 2.55, 5: 2.94, 6: 3.29, 7: 3.61, 8: 3.92}
 DISTRIBUTIONS = ("laplace", "gaussian")
 DEFAULTS = {"distribution": "laplace", "allocation": True, "min_bits": 2, "max_bits": 8, "bias_corr": True,
-            "softmax": "minmax"}
+            "softmax": "minmax", "activations": "aciq"}
 
 
 def expected_mse(k: float, bits: int, distribution: str) -> float:
@@ -181,12 +181,13 @@ def _channel_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, calib: CalibData, distribution: str, softmax: str) -> dict:
+def calibrate_activations(model: nn.Module, calib: CalibData, distribution: str, softmax: str,
+                          enabled: bool = True) -> dict:
     """Two float passes with a :class:`MomentObserver` on every activation quantizer that has a range to clip,
     then each quantizer's clipped range (min/max for the softmax output unless ``softmax="aciq"``, and for
     kinds without a uniform range)."""
     qs = quantizers_of(model)
-    clip = {n: q for n, q in qs.items() if q.role != "weight" and (
+    clip = {n: q for n, q in qs.items() if enabled and q.role != "weight" and (
         isinstance(q, PTFQuantizer) or (isinstance(q, UniformQuantizer) and not (
             q.role == "softmax" and softmax == "minmax")))}
     obs = {n: MomentObserver(-1 if isinstance(q, PTFQuantizer) else q.channel_axis, isinstance(q, PTFQuantizer))
@@ -258,8 +259,9 @@ def resolve_options(options: dict) -> dict:
         o["bias_corr"] = False
     if o["distribution"] not in DISTRIBUTIONS:
         raise VitqError(f"--aciq-distribution {o['distribution']!r} (expected one of {', '.join(DISTRIBUTIONS)})")
-    if o["softmax"] not in ("aciq", "minmax"):
-        raise VitqError(f"--aciq-softmax {o['softmax']!r} (expected aciq or minmax)")
+    for k in ("softmax", "activations"):
+        if o[k] not in ("aciq", "minmax"):
+            raise VitqError(f"--aciq-{k} {o[k]!r} (expected aciq or minmax)")
     for k in ("min_bits", "max_bits"):
         if not isinstance(o[k], int) or not 1 <= o[k] <= 16:
             raise VitqError(f"--aciq-{k.replace('_', '-')} {o[k]!r} (expected an integer 1..16)")
@@ -280,13 +282,16 @@ def _add_arguments(group) -> None:
     group.add_argument("--aciq-softmax", choices=("aciq", "minmax"), default=None,
                        help="aciq: range of the softmax-output quantizer: minmax (default) or aciq (clipped like the "
                             "others)")
+    group.add_argument("--aciq-activations", choices=("aciq", "minmax"), default=None,
+                       help="aciq: clip activations analytically (default) or keep their min/max (ablation: ACIQ "
+                            "on the weights only)")
 
 
 @register_method("aciq", "ACIQ (Banner et al.): analytical Laplace/Gaussian clipping of every tensor, per-channel "
                  "weight bit allocation at a fixed average, weight bias correction", add_arguments=_add_arguments)
 def aciq(model: nn.Module, calib: CalibData, **options) -> dict:
     o = resolve_options(options)
-    clipped = calibrate_activations(model, calib, o["distribution"], o["softmax"])
+    clipped = calibrate_activations(model, calib, o["distribution"], o["softmax"], o["activations"] == "aciq")
     layers = calibrate_weights(model, o["distribution"], o["allocation"], o["min_bits"], o["max_bits"],
                                o["bias_corr"])
     n = sum(v["channels"] for v in layers.values())

@@ -17,6 +17,8 @@ from vitq.quantizers import EPS, UniformQuantizer, register_quantizer, round_ste
 
 @register_quantizer("uniform_mixed")
 class MixedUniformQuantizer(UniformQuantizer):
+    """Per-channel uniform quantizer with one bit width per channel (buffer ``channel_bits``; ACIQ allocation)."""
+
     def __init__(self, bits: int, role: str, signed: bool = False, channel_axis: int = 0, num_channels: int = 1):
         if channel_axis is None:
             raise ValueError("uniform_mixed needs a channel axis (one bit width per channel)")
