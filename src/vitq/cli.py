@@ -25,7 +25,7 @@ from vitq.state import OutputDir, check_output_parent, make_parents
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.families")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -281,7 +281,8 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
-        p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
+        p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224, or hf:DIR (a "
+                       "Hugging Face ViT/DeiT save_pretrained folder); see vitq models")
         p.add_argument("--weights", default=None, help="local weights file (.safetensors or .pth) with timm key names")
         p.add_argument("--model-args", default=None, metavar="JSON",
                        help="extra timm.create_model arguments, e.g. '{\"num_classes\": 10}' (evaluate: default "
