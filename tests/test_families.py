@@ -249,8 +249,8 @@ def test_evolq_refines_a_cnn(request):
                       sample=2)
     blocks = info["search_space"]["quantizers_per_block"]
     assert list(blocks) == list(reversed(UNITS["resnet"]))
-    assert blocks["layer1.0"] == ["layer1.0.conv1.weight_quant", "layer1.0.conv2.weight_quant"]
-    assert blocks["layer2.0"][-1] == "layer2.0.downsample.0.weight_quant"
+    assert blocks["layer1.1"] == ["layer1.1.conv1.weight_quant", "layer1.1.conv2.weight_quant"]
+    assert blocks["layer2.0"] == [f"layer2.0.{c}.weight_quant" for c in ("conv1", "conv2", "downsample.0")]
     assert info["fitness"]["final"] <= info["fitness"]["initial"] + 1e-9
 
 
@@ -345,8 +345,12 @@ def test_cli_quantize_evaluate_reload(request, tmp_path, fam):
     if fam == "hf_vit":
         model_flags = ["--model", f"hf:{request.getfixturevalue('hf_dirs')['hf_vit']}"]
     else:
+        from safetensors.torch import save_file
+
         name, kw, _ = TINY_TIMM[fam]
-        model_flags = ["--model", name, "--model-args", json.dumps(kw)]
+        model, _ = build(fam)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+        model_flags = ["--model", name, "--model-args", json.dumps(kw), "--weights", str(tmp_path / "w.safetensors")]
     out = tmp_path / "out"
     assert _cli("quantize", *model_flags, "--calib", str(folder), "--val", str(folder), "--method", "minmax",
                 "--w-bits", "8", "--a-bits", "8", "--out", str(out)) == 0

@@ -159,14 +159,16 @@ def convert(model: nn.Module, scheme) -> None:
         if new is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, new)
+    def res(bits: int) -> Quantizer | None:
+        return make_quantizer("uniform", bits, "residual") if scheme.fully_quantized else None
+
     for name, m in list(model.named_modules()):
-        _, a, _ = scheme.bits_for(name)
-        res = (lambda: make_quantizer("uniform", a, "residual")) if scheme.fully_quantized else (lambda: None)
+        a = scheme.bits_for(name)[1]
         new = None
         if type(m) is levit.LevitBlock:
-            new = QLevitBlock(m, res(), res())
+            new = QLevitBlock(m, res(a), res(a))
         elif type(m) is levit.LevitDownsample:
-            new = QLevitDownsample(m, res())
+            new = QLevitDownsample(m, res(a))
         if new is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, new)
