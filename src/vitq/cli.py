@@ -24,7 +24,7 @@ from vitq.state import OutputDir, make_parents, remove_created
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes", "vitq.families")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -415,7 +415,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     from vitq.validate import add_threads_flag
 
     if model:
-        p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
+        p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224, or hf:DIR (a "
+                       "Hugging Face ViT/DeiT save_pretrained folder); see vitq models")
         p.add_argument("--weights", default=None, help="local weights file (.safetensors or .pth) with timm key names")
         p.add_argument("--model-args", default=None, metavar="JSON",
                        help="extra timm.create_model arguments, e.g. '{\"num_classes\": 10}' (evaluate: default "

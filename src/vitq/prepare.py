@@ -29,11 +29,14 @@ def _timm_classes():
 
 def prepare(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Return a quantization-ready copy of ``model`` (quantizers uncalibrated, i.e. the identity)."""
+    from vitq.families import family_of
+
     qmodel = copy.deepcopy(model).eval()
-    _convert(qmodel, "", scheme, in_block=False)
+    family = family_of(qmodel)
+    family.convert(qmodel, scheme)
     if scheme.gelu_quantizer not in (None, "uniform"):
         _set_gelu_quantizers(qmodel, scheme.gelu_quantizer)
-    _check_supported(qmodel)
+    _check_supported(qmodel, family.float_ok)
     qmodel.vitq_scheme = scheme
     return qmodel
 
@@ -78,11 +81,13 @@ def _set_gelu_quantizers(model: nn.Module, kind: str) -> None:
             fc2.input_quant = make_quantizer(kind, old.bits, old.role)
 
 
-def _check_supported(model: nn.Module) -> None:
+def _check_supported(model: nn.Module, float_ok: tuple[str, ...] = ()) -> None:
+    """Refuse, by name, what the conversion left unquantized: attention and block modules, and any module
+    holding weights, unless it is a quantized module (``vitq_quantized``) or a known float-ok holder."""
     qtypes = (QLinear, QConv2d, QLayerNorm, Quantizer)
     for name, m in model.named_modules():
         cls = type(m).__name__
-        if isinstance(m, qtypes):
+        if isinstance(m, qtypes) or getattr(type(m), "vitq_quantized", False) or cls in float_ok:
             continue
         if "Attention" in cls and not isinstance(m, (QAttention, QWindowAttention)):
             raise VitqError(f"unsupported attention module {name} ({cls}); supported: timm Attention, WindowAttention")

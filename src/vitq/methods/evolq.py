@@ -265,6 +265,10 @@ def search_space(unit_name: str, block: nn.Module, groups: Iterable[str]) -> lis
         paths += ["attn.qkv.weight_quant", "attn.proj.weight_quant"]
     if "mlp" in groups:
         paths += ["mlp.fc1.weight_quant", "mlp.fc2.weight_quant"]
+    from vitq.families import search_paths  # CNN, LeViT and HF units: their family's rule
+
+    family_paths = search_paths(block, groups)
+    paths = family_paths if family_paths is not None else paths
     for p in paths:
         try:
             q = block.get_submodule(p)

@@ -1,0 +1,245 @@
+"""Hugging Face ``transformers`` ViT and DeiT (``ViTForImageClassification``, ``DeiTForImageClassification``) as
+a second model source: ``--model hf:DIR`` loads a folder written by ``save_pretrained`` (model and image
+processor), wrapped in :class:`HFImageClassifier` so it returns logits like a timm model, with the image
+processor's preprocessing expressed as a timm data config.
+
+Quantized modules are built from HF's own modules (no model code copied, no ``forward`` patched):
+:class:`QHFAttention` from ``ViTAttention``/``DeiTAttention`` (reusing q_proj, k_proj, v_proj, o_proj, the head
+count and scaling) and :class:`QHFLayer` from ``ViTLayer``/``DeiTLayer``. What is quantized under each scheme
+is what the timm ViT family quantizes. ``transformers`` is an optional extra: ``pip install -e '.[hf]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from vitq.errors import VitqError
+from vitq.families import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.families.common import swap_weighted
+from vitq.modules import QLayerNorm
+from vitq.quantizers import PTFQuantizer, Quantizer, make_quantizer
+
+SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification")
+_ATTENTION = ("ViTAttention", "DeiTAttention")
+_LAYER = ("ViTLayer", "DeiTLayer")
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes of the image processor's ``resample``
+INSTALL_HINT = "pip install -e '.[hf]'"
+
+
+def _hf_class(module: nn.Module, names: tuple[str, ...]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.")
+
+
+class HFImageClassifier(nn.Module):
+    """A Hugging Face image classifier that takes preprocessed images and returns logits (as timm models do).
+    ``pretrained_cfg`` is its image processor's preprocessing in timm's terms, so vitq.data builds the
+    same transform for it as for a timm model."""
+
+    def __init__(self, hf_model: nn.Module, pretrained_cfg: dict):
+        super().__init__()
+        if type(hf_model).__name__ not in SUPPORTED:
+            raise VitqError(f"Hugging Face model class {type(hf_model).__name__} is not supported (expected one "
+                            f"of {', '.join(SUPPORTED)})")
+        self.hf = hf_model
+        self.pretrained_cfg = dict(pretrained_cfg)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.hf.base_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=x).logits
+
+
+def data_config(path: str, image_size) -> dict:
+    """The image processor config of a save_pretrained folder as a timm data config (input size,
+    interpolation, crop_pct, crop_mode, mean, std)."""
+    cfg_path = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(cfg_path):
+        raise VitqError(f"--model hf:{path}: no preprocessor_config.json (save the image processor with "
+                        "save_pretrained into the same folder)")
+    with open(cfg_path) as f:
+        p = json.load(f)
+
+    def bad(what: str) -> VitqError:
+        return VitqError(f"{cfg_path}: {what} is not supported by vitq's preprocessing")
+
+    if p.get("do_rescale", True) and abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise bad(f"rescale_factor {p.get('rescale_factor')} (expected 1/255)")
+    if not p.get("do_resize", True):
+        raise bad("do_resize false")
+    resample = p.get("resample", 2)
+    if resample not in _RESAMPLE:
+        raise bad(f"resample {resample}")
+    size = p.get("size", {})
+    hw = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    crop = p.get("crop_size") if p.get("do_center_crop", False) else None
+    if "height" in size and "width" in size:
+        resize, mode = (int(size["height"]), int(size["width"])), "squash"
+    elif "shortest_edge" in size:
+        resize, mode = (int(size["shortest_edge"]),) * 2, "center"
+    else:
+        raise bad(f"size {size}")
+    out = (int(crop["height"]), int(crop["width"])) if crop else resize
+    if tuple(out) != tuple(int(v) for v in hw) or out[0] != out[1] or resize[0] != resize[1]:
+        raise bad(f"size {size} / crop_size {crop} for a model of image size {hw} (expected square sizes that "
+                  "give the model's image size)")
+    normalize = p.get("do_normalize", True)
+    return {"input_size": (3, out[0], out[1]), "interpolation": _RESAMPLE[resample],
+            "crop_pct": out[0] / resize[0], "crop_mode": mode,
+            "mean": tuple(p.get("image_mean", (0.5,) * 3)) if normalize else (0.0,) * 3,
+            "std": tuple(p.get("image_std", (0.5,) * 3)) if normalize else (1.0,) * 3}
+
+
+def load_hf(path: str) -> HFImageClassifier:
+    """``hf:DIR``: a ViT/DeiT image classifier and its image processor config saved with save_pretrained."""
+    try:
+        import transformers
+    except ImportError:
+        raise VitqError(f"--model hf:{path} needs the transformers package ({INSTALL_HINT})") from None
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise VitqError(f"--model hf:{path}: expected a folder written by save_pretrained (with config.json)")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # unknown architecture, unreadable weights
+        raise VitqError(f"--model hf:{path} could not be loaded ({type(e).__name__}: {str(e)[:160]})") from None
+    return HFImageClassifier(model.eval(), data_config(path, model.config.image_size)).eval()
+
+
+class QHFAttention(nn.Module):
+    """Built from HF ``ViTAttention`` / ``DeiTAttention`` (eager attention computed here, with q/k/v, score
+    and softmax quantizers as in :class:`vitq.modules.QAttention`). Returns (output, None) like HF's."""
+
+    vitq_quantized = True
+
+    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
+                 per_head: bool = False):
+        super().__init__()
+        if getattr(attn, "is_causal", False):
+            raise VitqError(f"causal {type(attn).__name__} is not supported")
+        self.num_heads, self.head_dim, self.scaling = attn.num_attention_heads, attn.head_dim, attn.scaling
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        heads = {"channel_axis": 1, "num_channels": self.num_heads} if per_head else {}  # [B, H, N, D]
+        self.q_quant = make_quantizer("uniform", a_bits, "q", **heads)
+        self.k_quant = make_quantizer("uniform", a_bits, "k", **heads)
+        self.v_quant = make_quantizer("uniform", a_bits, "v", **heads)
+        self.score_quant = make_quantizer("uniform", a_bits, "scores") if fully_quantized else nn.Identity()
+        self.softmax_quant = make_quantizer(softmax_kind, softmax_bits, "softmax")
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if attention_mask is not None:
+            raise VitqError("attention masks are not supported by the quantized HF attention")
+        B, N, _ = hidden_states.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = self.q_quant(heads(self.q_proj(hidden_states)))
+        k = self.k_quant(heads(self.k_proj(hidden_states)))
+        v = self.v_quant(heads(self.v_proj(hidden_states)))
+        attn = self.softmax_quant(self.score_quant((q @ k.transpose(-2, -1)) * self.scaling).softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+        return self.o_proj(out), None
+
+
+class QHFLayer(nn.Module):
+    """Built from HF ``ViTLayer`` / ``DeiTLayer`` (pre-norm block). In the fq regime the residual stream is
+    quantized (PTF) where it enters each LayerNorm, and the quantized value also feeds the skip."""
+
+    vitq_quantized = True
+
+    def __init__(self, layer: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
+        super().__init__()
+        for name in ("attention", "layernorm_before", "layernorm_after", "mlp", "dropout"):
+            setattr(self, name, getattr(layer, name))
+        self.res_quant1 = res_quant1 if res_quant1 is not None else nn.Identity()
+        self.res_quant2 = res_quant2 if res_quant2 is not None else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        x = self.res_quant1(hidden_states)
+        attn, _ = self.attention(self.layernorm_before(x), attention_mask)
+        x = x + self.dropout(attn)
+        x = self.res_quant2(x)
+        return x + self.dropout(self.mlp(self.layernorm_after(x)))
+
+
+def detect(model: nn.Module) -> bool:
+    return isinstance(model, HFImageClassifier)
+
+
+def _layers(base: nn.Module) -> tuple[str, nn.ModuleList]:
+    if isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return "layers", base.layers
+    encoder = getattr(base, "encoder", None)
+    if encoder is not None and isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return "encoder.layer", encoder.layer
+    raise VitqError(f"{type(base).__name__}: no transformer layers found (this transformers version is not "
+                    "supported)")
+
+
+def convert(model: HFImageClassifier, scheme) -> None:
+    base = model.base
+    base_name = f"hf.{model.hf.base_model_prefix}"
+    lname, layers = _layers(base)
+    per_head = scheme.attn_granularity == "head"
+    for i, layer in enumerate(layers):
+        name = f"{base_name}.{lname}.{i}"
+        if not _hf_class(layer, _LAYER) or not _hf_class(layer.attention, _ATTENTION):
+            raise VitqError(f"unsupported Hugging Face layer {name} ({type(layer).__name__}); supported: "
+                            f"{', '.join(_LAYER)} with {', '.join(_ATTENTION)}")
+        _, a, s = scheme.bits_for(f"{name}.attention")
+        layer.attention = QHFAttention(layer.attention, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
+        _, a, _ = scheme.bits_for(name)
+        r1 = r2 = None
+        if scheme.fully_quantized:
+            r1 = PTFQuantizer(a, "residual", num_channels=layer.layernorm_before.normalized_shape[0])
+            r2 = PTFQuantizer(a, "residual", num_channels=layer.layernorm_after.normalized_shape[0])
+        layers[i] = QHFLayer(layer, r1, r2)
+    if scheme.fully_quantized and isinstance(getattr(base, "layernorm", None), nn.LayerNorm):
+        base.layernorm = QLayerNorm(base.layernorm, scheme.bits_for(f"{base_name}.layernorm")[1])
+    image = {f"{base_name}.embeddings.patch_embeddings.projection"}
+    swap_weighted(model, scheme, image_layers=image)
+
+
+def trunk(model: HFImageClassifier) -> TrunkParts:
+    base = model.base
+    lname, layers = _layers(base)
+    prefix = f"hf.{model.hf.base_model_prefix}.{lname}"
+
+    def tail(h: torch.Tensor) -> torch.Tensor:  # both supported heads classify the first ([CLS]) token
+        return model.hf.classifier(base.layernorm(h)[:, 0, :])
+
+    return TrunkParts(stem=base.embeddings, units=[(f"{prefix}.{i}", m) for i, m in enumerate(layers)], tail=tail,
+                      is_block=lambda m: hasattr(m, "attention"))
+
+
+def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
+    """HF layers: ``attn`` = q/k/v/o projection weight scales, ``mlp`` = fc1/fc2."""
+    if not isinstance(unit, QHFLayer):
+        return None
+    paths = []
+    if "attn" in groups:
+        paths += weight_quantizer_paths(unit.attention, "attention.")
+    if "mlp" in groups:
+        paths += weight_quantizer_paths(unit.mlp, "mlp.")
+    return paths
+
+
+register_family(Family(
+    name="hf-vit",
+    description="Hugging Face transformers ViTForImageClassification / DeiTForImageClassification "
+                f"(--model hf:DIR, a save_pretrained folder; {INSTALL_HINT}); one trunk unit per layer",
+    detect=detect, convert=convert, trunk=trunk, search_paths=search_paths,
+    float_ok=("ViTEmbeddings", "DeiTEmbeddings"),
+    quantizes={
+        "fq": "as timm-vit: weights per output channel (uint), every linear input, q/k/v, attention scores, "
+              "softmax output, LayerNorm inputs and the residual stream (PTF)",
+        "matmul": "as timm-vit: weights per output channel (int), every linear input, q/k/v and softmax output; "
+                  "softmax and LayerNorm in float",
+    },
+))

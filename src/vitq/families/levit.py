@@ -1,0 +1,217 @@
+"""timm LeViT (``levit_*``): convolutional stem, attention with learned attention biases, subsampling
+attention between stages, linear/conv + BatchNorm layers, Hardswish.
+
+Preparation folds every BatchNorm (``ConvNorm``/``LinearNorm`` into their layer, the head's ``NormLinear``
+BatchNorm into the linear after it), then builds :class:`QLevitAttention` / :class:`QLevitAttentionDownsample`
+from timm's modules (reusing their layers, biases and index tables) and swaps every Conv2d/Linear for its
+quantized version. q, k, v and the softmax output are quantized (per tensor, or per head), the attention bias
+is added to the scores in float, and under ``fq`` the scores (bias included) and the residual stream at the
+input of each residual branch (per tensor: LeViT has no LayerNorm, so no PTF) are quantized too. Hardswish
+stays in float. The ``use_conv`` variants (``levit_conv_*``) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vitq.errors import VitqError
+from vitq.families import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.families.common import example_input, swap_weighted
+from vitq.families.fold import fold_batchnorms
+from vitq.quantizers import Quantizer, make_quantizer
+
+
+def _levit():
+    from timm.models import levit
+
+    return levit
+
+
+class _QLevitCore(nn.Module):
+    """Quantizers and the attention product shared by both LeViT attention kinds."""
+
+    vitq_quantized = True
+
+    def _init_core(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool,
+                   softmax_kind: str, per_head: bool):
+        if attn.use_conv:
+            raise VitqError(f"{type(attn).__name__} with use_conv=True (levit_conv_*) is not supported; "
+                            "expected a levit_* model")
+        self.num_heads, self.key_dim, self.val_dim = attn.num_heads, attn.key_dim, attn.val_dim
+        self.val_attn_dim, self.scale = attn.val_attn_dim, attn.scale
+        self.proj = attn.proj
+        self.attention_biases = attn.attention_biases
+        self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs.clone(), persistent=False)
+        heads = {"channel_axis": 1, "num_channels": attn.num_heads} if per_head else {}  # [B, H, N, D]
+        self.q_quant = make_quantizer("uniform", a_bits, "q", **heads)
+        self.k_quant = make_quantizer("uniform", a_bits, "k", **heads)
+        self.v_quant = make_quantizer("uniform", a_bits, "v", **heads)
+        self.score_quant = make_quantizer("uniform", a_bits, "scores") if fully_quantized else nn.Identity()
+        self.softmax_quant = make_quantizer(softmax_kind, softmax_bits, "softmax")
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, H, Nq, D], k/v [B, H, N, D] → projected output [B, Nq, C]."""
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        scores = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+        attn = self.softmax_quant(self.score_quant(scores).softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], self.val_attn_dim)
+        return self.proj(x)
+
+
+class QLevitAttention(_QLevitCore):
+    """Built from timm's LeViT ``Attention``: qkv (LinearNorm, BN folded), heads split into q, k, v."""
+
+    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
+                 per_head: bool = False):
+        super().__init__()
+        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind, per_head)
+        self.qkv = attn.qkv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
+        return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+class QLevitAttentionDownsample(_QLevitCore):
+    """Built from timm's LeViT ``AttentionDownsample``: queries from the subsampled tokens (``q``: subsample
+    then LinearNorm), keys and values from all tokens (``kv``)."""
+
+    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
+                 per_head: bool = False):
+        super().__init__()
+        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind, per_head)
+        self.kv, self.q = attn.kv, attn.q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+        q = self.q(x).view(B, -1, self.num_heads, self.key_dim)
+        return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+class QLevitBlock(nn.Module):
+    """Built from timm's ``LevitBlock``; under fq the residual stream is quantized where each branch starts."""
+
+    vitq_quantized = True
+
+    def __init__(self, block: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
+        super().__init__()
+        for name in ("attn", "drop_path1", "mlp", "drop_path2"):
+            setattr(self, name, getattr(block, name))
+        self.res_quant1 = res_quant1 if res_quant1 is not None else nn.Identity()
+        self.res_quant2 = res_quant2 if res_quant2 is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res_quant1(x)
+        x = x + self.drop_path1(self.attn(x))
+        x = self.res_quant2(x)
+        return x + self.drop_path2(self.mlp(x))
+
+
+class QLevitDownsample(nn.Module):
+    """Built from timm's ``LevitDownsample`` (subsampling attention, then a residual MLP)."""
+
+    vitq_quantized = True
+
+    def __init__(self, block: nn.Module, res_quant: Quantizer | None):
+        super().__init__()
+        for name in ("attn_downsample", "mlp", "drop_path"):
+            setattr(self, name, getattr(block, name))
+        self.res_quant = res_quant if res_quant is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res_quant(self.attn_downsample(x))
+        return x + self.drop_path(self.mlp(x))
+
+
+def detect(model: nn.Module) -> bool:
+    return type(model).__module__ == "timm.models.levit"
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The resolution the model was built for: first attention's token grid times the stem's stride."""
+    levit = _levit()
+    attn = next((m for m in model.modules() if isinstance(m, (levit.Attention, levit.AttentionDownsample))), None)
+    if attn is None:
+        raise VitqError("LeViT model without attention modules")
+    stride = math.prod(m.stride[0] for m in model.stem.modules() if isinstance(m, nn.Conv2d))
+    return attn.resolution[0] * stride, attn.resolution[1] * stride
+
+
+def convert(model: nn.Module, scheme) -> None:
+    levit = _levit()
+    if getattr(model, "use_conv", False):
+        raise VitqError(f"{type(model).__name__} with use_conv=True (levit_conv_*) is not supported; "
+                        "expected a levit_* model")
+    info = fold_batchnorms(model, example_input(input_size(model)))
+    per_head = scheme.attn_granularity == "head"
+    for name, m in list(model.named_modules()):
+        _, a, s = scheme.bits_for(name)
+        new = None
+        if type(m) is levit.Attention:
+            new = QLevitAttention(m, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
+        elif type(m) is levit.AttentionDownsample:
+            new = QLevitAttentionDownsample(m, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
+        if new is not None:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+    def res(bits: int) -> Quantizer | None:
+        return make_quantizer("uniform", bits, "residual") if scheme.fully_quantized else None
+
+    for name, m in list(model.named_modules()):
+        a = scheme.bits_for(name)[1]
+        new = None
+        if type(m) is levit.LevitBlock:
+            new = QLevitBlock(m, res(a), res(a))
+        elif type(m) is levit.LevitDownsample:
+            new = QLevitDownsample(m, res(a))
+        if new is not None:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+    swap_weighted(model, scheme, image_layers=set(info["reads_image"]))
+
+
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    units = []
+    for i, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, nn.Identity):
+            units.append((f"stages.{i}.downsample", stage.downsample))
+        units += [(f"stages.{i}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
+    return units
+
+
+def trunk(model: nn.Module) -> TrunkParts:
+    return TrunkParts(stem=lambda x: model.stem(x).flatten(2).transpose(1, 2), units=_units(model),
+                      tail=model.forward_head, is_block=lambda m: hasattr(m, "attn") or hasattr(m, "attn_downsample"))
+
+
+def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
+    """LeViT units: ``attn`` = the weight scales of the (subsampling) attention, ``mlp`` = those of the MLP."""
+    if not isinstance(unit, (QLevitBlock, QLevitDownsample)):
+        return None
+    attn = "attn" if isinstance(unit, QLevitBlock) else "attn_downsample"
+    paths = []
+    if "attn" in groups:
+        paths += weight_quantizer_paths(getattr(unit, attn), f"{attn}.")
+    if "mlp" in groups:
+        paths += weight_quantizer_paths(unit.mlp, "mlp.")
+    return paths
+
+
+register_family(Family(
+    name="timm-levit",
+    description="timm LeViT (levit_*; not levit_conv_*): BatchNorms folded, attention with learned "
+                "attention biases, subsampling attention; one trunk unit per block and per subsampling block",
+    detect=detect, convert=convert, trunk=trunk, search_paths=search_paths, input_size=input_size,
+    quantizes={
+        "fq": "weights per output channel (uint), every conv/linear input, q/k/v, attention scores (bias "
+              "included), softmax output, and the residual stream per tensor (no LayerNorm, so no PTF); "
+              "Hardswish in float",
+        "matmul": "weights per output channel (int), every conv/linear input, q/k/v and softmax output; "
+                  "scores, softmax and Hardswish in float",
+    },
+))
