@@ -25,7 +25,7 @@ from vitq.state import OutputDir, check_output_parent, make_parents
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.export")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
