@@ -7,7 +7,7 @@ from conftest import TINY, tiny_images, tiny_model
 
 import vitq
 from vitq.methods.baselines import weighted_modules
-from vitq.observers import Observer, apply_range, weight_range
+from vitq.observers import OMSE_FACTORS, Observer, apply_range, weight_range
 from vitq.quantizers import UniformQuantizer, quantizers_of
 from vitq.registry import METHODS, load_builtin
 from vitq.scheme import Scheme
@@ -58,18 +58,73 @@ def test_observer_sees_all_batches_and_ranges():
     assert torch.isclose(q.scale, torch.tensor(5.0 / 255))
 
 
-def test_omse_never_worse_than_minmax_on_its_sample():
+def _observe_twice(obs: Observer, batches, q=None) -> None:
+    """Both observer passes over the same data: ranges first, then the errors the searches need."""
+    for b in batches:
+        obs.update(b)
+    obs.start_error_pass(q)
+    for b in batches:
+        obs.update(b)
+
+
+def test_omse_never_worse_than_minmax_on_all_values():
     torch.manual_seed(0)
+    batches = [torch.randn(4000) ** 3 for _ in range(3)]  # heavy tails: clipping pays off
     obs = Observer()
-    for _ in range(3):
-        obs.update(torch.randn(4000) ** 3)  # heavy tails: clipping pays off
+    _observe_twice(obs, batches)
+    x = torch.cat(batches)
     errs = {}
     for how in ("minmax", "omse"):
         q = UniformQuantizer(4, "x")
         apply_range(q, obs, how)
-        s = obs.sample()
-        errs[how] = float((q(s) - s).pow(2).sum())
+        errs[how] = float((q(x) - x).pow(2).sum())
     assert errs["omse"] < errs["minmax"]
+
+
+def test_omse_histogram_search_matches_the_exact_search():
+    """The histogram over every value picks the shrink factor an exact search over all values picks."""
+    torch.manual_seed(1)
+    batches = [torch.randn(20000) * torch.rand(20000) ** 4 * 6 for _ in range(2)]
+    obs = Observer()
+    _observe_twice(obs, batches)
+    q = UniformQuantizer(6, "x")
+    apply_range(q, obs, "omse")
+    x = torch.cat(batches)
+    exact = []
+    for f in OMSE_FACTORS:
+        ref = UniformQuantizer(6, "x")
+        ref.set_range(x.min() * f, x.max() * f)
+        exact.append(float((ref(x) - x).pow(2).sum()))
+    got = float((q(x) - x).pow(2).sum())
+    assert got <= min(exact) * 1.01
+
+
+def test_residual_quantizers_follow_the_fqvit_rule():
+    """fq residual / LayerNorm-input (PTF) quantizers: global min/max over every calibration value, so a rare
+    massive-activation token is never clipped, and each channel's shift has the lowest squared error over all
+    values. The old sampled OMSE shrank the range whenever the sample missed the rare token."""
+    model = tiny_model("deit")
+    calib = tiny_images("deit", 16, seed=1)
+    with torch.no_grad():  # one token of one image carries a massive activation in the residual stream
+        model.pos_embed[0, 3, 5] += 60.0
+    q = vitq.prepare(model, Scheme("fq", 8, 8))
+    info = vitq.calibrate(q, calib, "omse", batch_size=8, progress=False)
+    assert "FQ-ViT rule" in info["ptf"] and info["calibration_passes"] == 2
+    rq = q.blocks[0].res_quant1
+    captured = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    with torch.no_grad():
+        model(calib)
+    hook.remove()
+    x = captured[0].reshape(-1, captured[0].shape[-1])
+    lo, hi = float(x.min()), float(x.max())
+    scale, zero = rq.global_params(lo, hi)
+    assert torch.isclose(rq.scale, torch.tensor(scale)) and float(rq.zero_point) == zero
+    assert (rq.qmax - zero) * scale >= hi * (1 - 1e-6)  # the outlier token lies inside the range
+    errs = torch.stack([((torch.clamp(torch.round(x / (scale * 2.0**-k)) + zero, rq.qmin, rq.qmax) - zero)
+                         * scale * 2.0**-k - x).pow(2).sum(0) for k in range(rq.max_shift + 1)])
+    assert torch.equal(rq.shift, errs.argmin(0).float())
+    assert len(set(rq.shift.tolist())) > 1  # the outlier channel keeps shift 0, quiet channels shift finer
 
 
 def test_percentile_is_mean_of_batch_percentiles():

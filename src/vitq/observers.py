@@ -1,8 +1,13 @@
-"""Range estimation from calibration data: min/max, percentile and OMSE, over *all* calibration batches.
+"""Range estimation from calibration data: min/max, percentile and OMSE, over *every value* of *all*
+calibration batches.
 
-An :class:`Observer` is attached to a quantizer inside :func:`observing`; it keeps the running min/max, a
-seeded random sample of the values it saw (whole rows for PTF quantizers, so each channel keeps its values),
-and, when asked, per-batch percentiles. The range functions then turn that record into quantizer parameters.
+An :class:`Observer` is attached to a quantizer inside :func:`observing`. The first pass over the calibration
+images records the running min/max (per channel too, where the quantizer has channels) and, when asked,
+per-batch percentiles. Range searches need a second pass (:func:`observe_errors`), in which the observer, now
+knowing the whole range, accumulates what the search needs from every value: a fine histogram (per channel
+where the quantizer has channels) for OMSE, and for a PTF quantizer each channel's squared error at each
+power-of-two shift (FQ-ViT's rule). Nothing is sampled, so a range no longer depends on a random draw, and
+the rare outlier tokens of the residual stream are never missed.
 """
 
 from __future__ import annotations
@@ -17,48 +22,60 @@ from vitq.quantizers import PTFQuantizer, Quantizer, UniformQuantizer, quantizer
 
 # OMSE shrink factors 1.00, 0.99, ..., 0.11 of the observed range (METHODS.md §1)
 OMSE_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
+HIST_BINS = 4096  # per tensor (or per channel) over its observed range: 16 bins per 8-bit step, 256 per 4-bit step
 
 
 class Observer:
-    """``channel_axis`` None: per-tensor statistics and a flat sample. Otherwise statistics per channel along
-    that axis too, and the sample keeps whole rows (all channels of one position) so per-channel searches see
-    each channel's own values."""
+    """``channel_axis`` None: per-tensor statistics. Otherwise statistics per channel along that axis too.
+    ``ptf``: the observer of a PTF quantizer (its second pass collects per-channel shift errors)."""
 
-    def __init__(self, channel_axis: int | None = None, per_batch: int = 2**15, percentile: float | None = None,
-                 seed: int = 0, channel_percentile: bool = False):
+    def __init__(self, channel_axis: int | None = None, percentile: float | None = None,
+                 channel_percentile: bool = False, ptf: bool = False):
         self.channel_axis = channel_axis
         self.channel_percentile = channel_percentile and channel_axis is not None
-        self.per_batch = per_batch
         self.percentile = percentile
-        self.gen = torch.Generator().manual_seed(seed)
+        self.ptf = ptf
         self.min = float("inf")
         self.max = float("-inf")
         self.channel_min: torch.Tensor | None = None  # exact per-channel range (channel_axis only)
         self.channel_max: torch.Tensor | None = None
-        self.samples: list[torch.Tensor] = []
         self.pct_lo: list = []  # per batch: floats, or per-channel tensors
         self.pct_hi: list = []
         self.batches = 0
+        # second pass (see start_error_pass)
+        self.error_pass = False
+        self.hist: torch.Tensor | None = None  # [bins] or [C, bins] counts over [hist_lo, hist_hi]
+        self.hist_lo: torch.Tensor | None = None
+        self.hist_hi: torch.Tensor | None = None
+        self.shift_errors: torch.Tensor | None = None  # PTF: [max_shift + 1, C] summed squared errors
+        self._ptf_params: tuple | None = None
 
     @property
-    def rows(self) -> bool:
+    def per_channel(self) -> bool:
         return self.channel_axis is not None
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [n, C] (channels last) for per-channel statistics, or flat."""
+        if not self.per_channel:
+            return x.reshape(-1)
+        flat = x.movedim(self.channel_axis, -1)
+        return flat.reshape(-1, flat.shape[-1])
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
+        if self.error_pass:
+            self._accumulate(x)
+            return
         self.batches += 1
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
-        if self.rows:
-            flat = x.movedim(self.channel_axis, -1)
-            flat = flat.reshape(-1, flat.shape[-1])
+        flat = self._rows(x)
+        if self.per_channel:
             cmin, cmax = flat.min(0).values.cpu(), flat.max(0).values.cpu()
             first = self.channel_min is None
             self.channel_min = cmin if first else torch.minimum(self.channel_min, cmin)
             self.channel_max = cmax if first else torch.maximum(self.channel_max, cmax)
-        else:
-            flat = x.reshape(-1)
         if self.percentile is not None:  # per channel, or over the whole tensor
             v = flat if self.channel_percentile else x.reshape(-1)
             n = v.shape[0]
@@ -67,14 +84,57 @@ class Observer:
             hi, lo = v.kthvalue(k_hi, dim=0).values.cpu(), v.kthvalue(k_lo, dim=0).values.cpu()
             self.pct_hi.append(hi if self.channel_percentile else float(hi))
             self.pct_lo.append(lo if self.channel_percentile else float(lo))
-        take = max(1, self.per_batch // flat.shape[-1]) if self.rows else self.per_batch
-        if flat.shape[0] > take:
-            idx = torch.randint(flat.shape[0], (take,), generator=self.gen).to(flat.device)
-            flat = flat[idx]
-        self.samples.append(flat.cpu())
 
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples)
+    # ------------------------------------------------------------------------------------ second pass
+    def start_error_pass(self, q: Quantizer | None = None) -> None:
+        """Switch to the second pass: the range is now known, so histograms (or PTF shift errors) can be
+        accumulated exactly. ``q`` (a PTFQuantizer) fixes the global scale the shifts are measured against."""
+        if self.batches == 0:
+            raise ValueError("the observer has seen no data (run the first pass before the error pass)")
+        self.error_pass = True
+        if self.ptf:
+            if not isinstance(q, PTFQuantizer):
+                raise ValueError("a PTF observer's error pass needs its PTFQuantizer")
+            scale, zero = q.global_params(self.min, self.max)
+            self._ptf_params = (scale, zero, q.qmin, q.qmax, q.max_shift)
+            self.shift_errors = torch.zeros(q.max_shift + 1, self.channel_min.numel(), dtype=torch.float64)
+        elif self.per_channel:
+            self.hist_lo, self.hist_hi = self.channel_min.clone(), self.channel_max.clone()
+            self.hist = torch.zeros(self.channel_min.numel(), HIST_BINS, dtype=torch.float64)
+        else:
+            self.hist_lo, self.hist_hi = torch.tensor(self.min), torch.tensor(self.max)
+            self.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        flat = self._rows(x)
+        if self.ptf:
+            scale, zero, qmin, qmax, max_shift = self._ptf_params
+            for k in range(max_shift + 1):
+                s = scale * 2.0**-k
+                xq = (torch.clamp(torch.round(flat / s) + zero, qmin, qmax) - zero) * s
+                self.shift_errors[k] += (xq - flat).pow(2).sum(0).double().cpu()
+            return
+        lo, hi = self.hist_lo.to(flat.device), self.hist_hi.to(flat.device)
+        width = torch.clamp((hi - lo) / HIST_BINS, min=1e-12)
+        idx = torch.clamp(((flat - lo) / width).long(), 0, HIST_BINS - 1)
+        if self.per_channel:
+            offset = torch.arange(flat.shape[1], device=flat.device) * HIST_BINS
+            counts = torch.bincount((idx + offset).reshape(-1), minlength=flat.shape[1] * HIST_BINS)
+            self.hist += counts.view(flat.shape[1], HIST_BINS).double().cpu()
+        else:
+            self.hist += torch.bincount(idx, minlength=HIST_BINS).double().cpu()
+
+    def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin centres, counts), each [bins] or [C, bins]."""
+        if self.hist is None:
+            raise ValueError("OMSE needs the observer's second pass (vitq.observers.observe_errors)")
+        steps = (torch.arange(HIST_BINS, dtype=torch.float64) + 0.5) / HIST_BINS
+        lo, hi = self.hist_lo.double(), self.hist_hi.double()
+        if self.per_channel:
+            centres = lo[:, None] + (hi - lo)[:, None] * steps
+        else:
+            centres = lo + (hi - lo) * steps
+        return centres, self.hist
 
 
 def _observer_axis(q: Quantizer) -> int | None:
@@ -83,18 +143,23 @@ def _observer_axis(q: Quantizer) -> int | None:
     return getattr(q, "channel_axis", None)
 
 
+def make_observer(q: Quantizer, percentile: float | None = None) -> Observer:
+    axis = _observer_axis(q)
+    return Observer(channel_axis=axis, percentile=percentile, ptf=isinstance(q, PTFQuantizer),
+                    channel_percentile=isinstance(q, UniformQuantizer) and axis is not None)
+
+
 @contextmanager
 def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: float | None = None,
               seed: int = 0) -> Iterator[dict[str, Observer]]:
     """Attach a fresh observer to each chosen quantizer (default: every non-weight quantizer); while inside,
-    those quantizers pass values through unchanged. Yields {name: observer}."""
+    those quantizers pass values through unchanged. Yields {name: observer}. (``seed`` is kept for callers;
+    nothing is sampled any more.)"""
     qs = quantizers_of(model)
     chosen = list(names) if names is not None else [n for n, q in qs.items() if q.role != "weight"]
     obs = {}
-    for i, n in enumerate(chosen):
-        axis = _observer_axis(qs[n])
-        obs[n] = Observer(channel_axis=axis, percentile=percentile, seed=seed + i,
-                          channel_percentile=isinstance(qs[n], UniformQuantizer) and axis is not None)
+    for n in chosen:
+        obs[n] = make_observer(qs[n], percentile)
         qs[n].observer = obs[n]
     try:
         yield obs
@@ -103,41 +168,58 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
             qs[n].observer = None
 
 
-def _uniform_error(x: torch.Tensor, q: UniformQuantizer, lo, hi) -> torch.Tensor:
-    """Sum of squared fake-quantization error of x for the parameters that cover [lo, hi]. With per-channel
-    lo/hi of shape [C] and x of shape [C, n], the error is per channel."""
+def needs_error_pass(q: Quantizer, how: str) -> bool:
+    """Whether setting ``q`` by ``how`` needs the observer's second pass."""
+    return how == "omse" and isinstance(q, (UniformQuantizer, PTFQuantizer))
+
+
+def start_error_pass(model: nn.Module, observers: dict[str, Observer], how: str) -> bool:
+    """Switch the observers that need it to their second pass; returns whether any did (then run the model
+    over the calibration data once more, still inside :func:`observing`)."""
+    qs = quantizers_of(model)
+    started = False
+    for name, obs in observers.items():
+        if needs_error_pass(qs[name], how) and obs.batches:
+            obs.start_error_pass(qs[name])
+            started = True
+    return started
+
+
+def _fake_quant_uniform(x: torch.Tensor, q: UniformQuantizer, lo, hi) -> torch.Tensor:
     scale, zero = q.params_for_range(lo, hi)
+    scale, zero = scale.to(x), zero.to(x)
     if scale.dim() == 1:
         scale, zero = scale[:, None], zero[:, None]
-    xq = (torch.clamp(torch.round(x / scale) + zero, q.qmin, q.qmax) - zero) * scale
-    return (xq - x).pow(2).sum(-1)
+    return (torch.clamp(torch.round(x / scale) + zero, q.qmin, q.qmax) - zero) * scale
 
 
-def _ptf_error(obs: Observer, q: PTFQuantizer, lo: float, hi: float) -> float:
-    """Error of a PTF quantizer set to [lo, hi] (with its per-channel shifts) on the observed sample rows."""
-    q.set_range(lo, hi, channel_min=obs.channel_min, channel_max=obs.channel_max)
-    rows = obs.sample().to(q.scale.device)  # samples are kept on the CPU, the quantizer may sit on a GPU
-    return float((q.fake_quant(rows) - rows).pow(2).sum())
+def _uniform_error(x: torch.Tensor, q: UniformQuantizer, lo, hi, weights: torch.Tensor | None = None):
+    """Sum of squared fake-quantization error of x (optionally weighted, e.g. histogram counts) for the
+    parameters that cover [lo, hi]. With per-channel lo/hi of shape [C] and x of shape [C, n], per channel."""
+    err = (_fake_quant_uniform(x, q, lo, hi) - x).pow(2)
+    if weights is not None:
+        err = err * weights
+    return err.sum(-1)
 
 
-def search_range(obs: Observer, q: Quantizer) -> tuple[float, float]:
-    """OMSE: shrink the observed [min, max] by each factor of OMSE_FACTORS, keep the one with the lowest
-    squared error on the observed sample."""
-    best, best_f = None, 1.0
-    lo, hi = obs.min, obs.max
-    x = obs.sample()
-    for f in OMSE_FACTORS:
-        if isinstance(q, PTFQuantizer):
-            err = _ptf_error(obs, q, lo * f, hi * f)
-        else:
-            err = float(_uniform_error(x.reshape(-1), q, torch.tensor(lo * f), torch.tensor(hi * f)))
-        if best is None or err < best:
-            best, best_f = err, f
-    return lo * best_f, hi * best_f
+def search_range(obs: Observer, q: UniformQuantizer) -> tuple[float, float]:
+    """OMSE (per tensor): shrink the observed [min, max] by each factor of OMSE_FACTORS and keep the one with
+    the lowest squared error over every observed value (the second pass's histogram)."""
+    centres, counts = obs.histogram()
+    errs = [float(_uniform_error(centres, q, torch.tensor(obs.min * f), torch.tensor(obs.max * f), counts))
+            for f in OMSE_FACTORS]
+    f = OMSE_FACTORS[min(range(len(errs)), key=errs.__getitem__)]
+    return obs.min * f, obs.max * f
 
 
 def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
-    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}."""
+    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}.
+
+    PTF quantizers (the LayerNorm inputs and residual stream of ``fq``): ``minmax`` takes the global min/max
+    and gives each channel the finest shift whose grid still covers that channel; ``omse`` follows FQ-ViT:
+    global min/max (never shrunk: the rare massive-activation tokens live at the ends of that range) and each
+    channel's shift by the lowest squared error over every calibration value.
+    """
     if not hasattr(q, "set_range"):  # parameter-free kinds (log2)
         q.mark_initialized()
         return
@@ -151,6 +233,11 @@ def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
             raise ValueError("percentile range needs an observer created with percentile=...")
         lo, hi = sum(obs.pct_lo) / len(obs.pct_lo), sum(obs.pct_hi) / len(obs.pct_hi)
     elif how == "omse":
+        if isinstance(q, PTFQuantizer):
+            if obs.shift_errors is None:
+                raise ValueError("the PTF shift search needs the observer's second pass (observe_errors)")
+            q.set_range(obs.min, obs.max, channel_errors=obs.shift_errors)
+            return
         lo, hi = search_range(obs, q)
     else:
         raise ValueError(f"unknown range estimator {how!r}")
@@ -169,16 +256,19 @@ def _apply_channel_range(q: UniformQuantizer, obs: Observer, how: str) -> None:
             raise ValueError("percentile range needs an observer created with percentile=...")
         lo, hi = torch.stack(obs.pct_lo).mean(0), torch.stack(obs.pct_hi).mean(0)
     elif how == "omse":
-        lo, hi = _omse_channels(q, obs.sample().t(), obs.channel_min, obs.channel_max)
+        centres, counts = obs.histogram()
+        lo, hi = _omse_channels(q, centres, obs.channel_min.double(), obs.channel_max.double(), counts)
     else:
         raise ValueError(f"unknown range estimator {how!r}")
-    q.set_range(lo, hi)
+    q.set_range(lo.float(), hi.float())
 
 
-def _omse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """OMSE per channel: x is [C, n]; each channel keeps its own best shrink factor."""
-    errs = torch.stack([_uniform_error(x, q, lo * f, hi * f) for f in OMSE_FACTORS])  # [F, C]
-    f = torch.tensor(OMSE_FACTORS, device=x.device)[errs.argmin(0)]
+def _omse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   weights: torch.Tensor | None = None):
+    """OMSE per channel: x is [C, n] (values, or histogram centres with ``weights`` = counts); each channel
+    keeps its own best shrink factor."""
+    errs = torch.stack([_uniform_error(x, q, lo * f, hi * f, weights) for f in OMSE_FACTORS])  # [F, C]
+    f = torch.tensor(OMSE_FACTORS, device=x.device, dtype=lo.dtype)[errs.argmin(0)]
     return lo * f, hi * f
 
 

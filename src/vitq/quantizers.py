@@ -170,33 +170,34 @@ class PTFQuantizer(Quantizer):
         q = torch.clamp(round_ste(x / s) + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * s
 
-    def set_range(self, lo, hi, rows: torch.Tensor | None = None, channel_min: torch.Tensor | None = None,
-                  channel_max: torch.Tensor | None = None) -> None:
-        """Global scale from [lo, hi], then a shift per channel: with the channel's observed range, the finest
-        shift whose grid still covers it (never clips a channel's own values, e.g. a rare class-token
-        outlier); else, with sample ``rows`` ([n, C]), the shift with the lowest L2 error (FQ-ViT's rule)."""
-        lo = min(float(lo), 0.0)
-        hi = max(float(hi), 0.0)
+    def global_params(self, lo, hi) -> tuple[float, float]:
+        """The global (shift 0) scale and zero point that cover [lo, hi], zero included."""
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
         scale = max((hi - lo) / (self.qmax - self.qmin), EPS)
-        zero = min(max(round(self.qmin - lo / scale), self.qmin), self.qmax)
+        return scale, min(max(round(self.qmin - lo / scale), self.qmin), self.qmax)
+
+    def set_range(self, lo, hi, channel_min: torch.Tensor | None = None, channel_max: torch.Tensor | None = None,
+                  channel_errors: torch.Tensor | None = None) -> None:
+        """Global scale from [lo, hi], then a shift per channel: with ``channel_errors`` ([max_shift + 1, C],
+        each channel's squared error at each shift over the calibration data, see
+        :class:`vitq.observers.Observer`), the shift with the lowest error (FQ-ViT's rule); else, with the
+        channel's observed range, the finest shift whose grid still covers it (never clips a channel)."""
+        scale, zero = self.global_params(lo, hi)
         self.scale.fill_(scale)
         self.zero_point.fill_(zero)
         self.shift.zero_()
-        if channel_min is not None and channel_max is not None:
+        if channel_errors is not None:
+            if tuple(channel_errors.shape) != (self.max_shift + 1, self.shift.numel()):
+                raise ValueError(f"channel_errors of shape {tuple(channel_errors.shape)} (expected "
+                                 f"{(self.max_shift + 1, self.shift.numel())})")
+            self.shift.copy_(channel_errors.argmin(0).to(self.shift))
+        elif channel_min is not None and channel_max is not None:
             cmin = channel_min.to(self.shift.device, torch.float32)
             cmax = channel_max.to(self.shift.device, torch.float32)
             for k in range(1, self.max_shift + 1):
                 s = scale * 2.0**-k
                 fits = ((self.qmin - zero) * s <= cmin) & ((self.qmax - zero) * s >= cmax)
                 self.shift.copy_(torch.where(fits, torch.full_like(self.shift, k), self.shift))
-        elif rows is not None and rows.numel() > 0:
-            rows = rows.to(self.shift.device, torch.float32)
-            errs = []
-            for k in range(self.max_shift + 1):
-                s = scale * 2.0**-k
-                q = torch.clamp(torch.round(rows / s) + zero, self.qmin, self.qmax)
-                errs.append(((q - zero) * s - rows).pow(2).sum(0))
-            self.shift.copy_(torch.stack(errs).argmin(0).to(self.shift))
         self.mark_initialized()
 
 

@@ -1,7 +1,8 @@
 """Observer-only baselines (METHODS.md §2): MinMax, Percentile, OMSE, and the FQ-ViT base that Evol-Q refines.
 
-All four make one float pass over the calibration set with every activation quantizer observing (values
-pass through unquantized), then set each quantizer from what it saw over *all* batches. Weights are
+All four make a float pass over the calibration set with every activation quantizer observing (values
+pass through unquantized), then set each quantizer from what it saw over *all* batches; OMSE and the PTF
+shift choice make a second pass that sees every value (see :mod:`vitq.observers`). Weights are
 calibrated from the weights themselves, per output channel.
 """
 
@@ -11,8 +12,8 @@ from torch import nn
 
 from vitq.calib import CalibData, forward_all
 from vitq.modules import _QWeighted
-from vitq.observers import apply_range, observing, weight_range
-from vitq.quantizers import quantizers_of
+from vitq.observers import apply_range, observing, start_error_pass, weight_range
+from vitq.quantizers import PTFQuantizer, quantizers_of
 from vitq.registry import register_method
 
 
@@ -30,13 +31,20 @@ def calibrate_observed(model: nn.Module, calib: CalibData, act: str, weight: str
                        percentile: float | None = None, weight_correction: bool = False) -> dict:
     """Observe every activation quantizer over the calibration set in float, then set ranges."""
     qs = quantizers_of(model)
+    passes = 1
     with observing(model, percentile=percentile, seed=calib.seed) as observers:
-        forward_all(model, calib, desc=f"observe ({act})")
-    for name, obs in observers.items():
+        forward_all(model, calib, desc=f"observe ranges ({act})")
+        if start_error_pass(model, observers, act):  # range searches see every value of every batch
+            forward_all(model, calib, desc=f"observe errors ({act} search)")
+            passes = 2
+    for name, obs in calib.bar(observers.items(), f"set ranges ({act})", len(observers)):
         apply_range(qs[name], obs, act)
     calibrate_weights(model, weight, weight_correction)
     info = {"activations": act, "weights": weight, "weight_bias_correction": weight_correction,
-            "calibration_passes": 1}
+            "calibration_passes": passes}
+    if act == "omse" and any(isinstance(q, PTFQuantizer) for q in qs.values()):
+        info["ptf"] = ("FQ-ViT rule: global min/max of all calibration values, each channel's power-of-two "
+                       "shift by the lowest squared error over all of them")
     if percentile is not None:
         info["percentile"] = percentile
     return info
