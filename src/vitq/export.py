@@ -4,7 +4,8 @@ Each uniform quantizer becomes a QDQ pair with its own scale and zero point (per
 8-bit codes as int8/uint8; narrower activations clip to their code range first). Weights are stored as their
 integer codes feeding a DequantizeLinear (INT4/UINT4 at opset >= 21 for weights of 4 bits or fewer, otherwise
 int8/uint8 codes restricted to the narrower range), so the file is small. PTF quantizers (FQ-ViT's LayerNorm
-inputs) are uniform per channel with one zero point, so they are QDQ pairs too (per-axis, on the last axis).
+inputs) are uniform per channel with one zero point, so they are QDQ pairs too (a per-tensor pair with scale 1
+between a division and a multiplication by the channel scales).
 Every other kind (log2, twin, MPQ, ...) is exported as the float operations of its own ``fake_quant``, which
 compute exactly the same values; :func:`export` lists them.
 
@@ -127,6 +128,21 @@ class ExportQDQ(nn.Module):
         return _QDQFn.apply(x, self.scale, self.zero, self.dq_scale, lo, hi, axis, self.qmin, self.qmax)
 
 
+class ExportPTF(nn.Module):
+    """A PTF quantizer (per-channel scale ``s_c``, one zero point) as ``x / s_c`` -> a per-tensor QDQ pair with
+    scale 1 -> ``· s_c``: the same values as its fake_quant, and per-tensor QDQ kernels are the fast ones."""
+
+    def __init__(self, q: PTFQuantizer, factor: float = 1.0):
+        super().__init__()
+        self.register_buffer("channel_scale", q.channel_scale().detach().float().clone())
+        self.qdq = ExportQDQ(torch.ones(()), q.zero_point.detach().clone(), q.qmin, q.qmax, False, None)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qdq(x / self.channel_scale) * self.channel_scale
+        return y * self.factor if self.factor != 1.0 else y
+
+
 class FloatFakeQuant(nn.Module):
     """A quantizer kind without a QDQ form: its own fake quantization traced as float operations (times an
     optional factor, the attention scale for q)."""
@@ -209,9 +225,7 @@ def _activation(name: str, q: Quantizer | nn.Module, plan: Plan, factor: float =
     if how == "float":
         return FloatFakeQuant(q, factor)
     if isinstance(q, PTFQuantizer):
-        s = q.channel_scale().detach()
-        z = q.zero_point.detach().expand_as(s)
-        return ExportQDQ(s, z, q.qmin, q.qmax, False, axis=-1, dq_factor=factor)
+        return ExportPTF(q, factor)
     return ExportQDQ(q.scale, q.zero_point, q.qmin, q.qmax, q.signed, q.channel_axis, dq_factor=factor)
 
 
