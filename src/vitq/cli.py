@@ -24,7 +24,8 @@ from vitq.state import OutputDir, make_parents, remove_created
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes", "vitq.families")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes", "vitq.families",
+                                     "vitq.export")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,259 @@
+"""Exported vitq models (ONNX QDQ) on the real DeiT-Tiny in onnxruntime and OpenVINO: accuracy against the float
+model and against vitq's own fake-quantized model, file size, and latency as a ratio to the float model in the
+same runtime, with onnxruntime's own quantize_static / quantize_dynamic as reference rows from the same run.
+
+Run it under the shared lock: ``flock /tmp/vitq-cpu.lock python -m benchmarks.bench_export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from common import (  # noqa: E402
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    VAL_DIR,
+    batched_logits,
+    command,
+    environment,
+    load_images,
+    table,
+    write_section,
+)
+
+import vitq  # noqa: E402
+from vitq.data import model_transform  # noqa: E402
+from vitq.evaluate import Metrics  # noqa: E402
+from vitq.export import export  # noqa: E402
+from vitq.models import create_model  # noqa: E402
+
+THREADS = 2
+VITQ_CONFIGS = [  # label, scheme, w bits, a bits, method
+    ("vitq matmul W8A8", "matmul", 8, 8, "omse"),
+    ("vitq fq W8A8", "fq", 8, 8, "fqvit"),
+    ("vitq matmul W6A6", "matmul", 6, 6, "omse"),
+    ("vitq matmul W4A8 (INT4 weights)", "matmul", 4, 8, "omse"),
+    ("vitq matmul W4A4 (INT4 weights)", "matmul", 4, 4, "omse"),
+]
+
+
+def ort_session(path, optimized: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    so.log_severity_level = 3
+    if optimized:
+        so.optimized_model_filepath = optimized
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return lambda x: s.run(None, {name: x})[0]
+
+
+def ov_session(path, precision: str = "f32"):
+    import openvino as ov
+
+    core = ov.Core()
+    cfg = {"INFERENCE_NUM_THREADS": THREADS, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+    req = compiled.create_infer_request()
+    return lambda x: np.array(req.infer([x])[0])
+
+
+def fused_ops(path, tmp) -> dict:
+    """Node types of onnxruntime's optimized graph that tell whether QDQ groups became integer kernels."""
+    import onnx
+
+    opt = os.path.join(tmp, "opt.onnx")
+    ort_session(path, opt)
+    counts = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+    os.remove(opt)
+    keys = ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulInteger",
+            "QLinearSoftmax", "MatMul", "Gemm", "DequantizeLinear", "QuantizeLinear")
+    return {k: counts[k] for k in keys if counts[k]}
+
+
+def calib_reader(calib_x: np.ndarray, batch: int = 16):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib_x[i:i + batch]} for i in range(0, len(calib_x), batch)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return Reader()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-calib", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5, help="alternated timing rounds")
+    ap.add_argument("--reps1", type=int, default=10, help="batch-1 calls per timing")
+    ap.add_argument("--num-val", type=int, default=None, help="smoke runs only (the section needs all 500)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    tmp = tempfile.mkdtemp(prefix="vitq-bench-export.")
+
+    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
+    tf, _ = model_transform(model)
+    calib_x, _ = load_images(CALIB_DIR, args.num_calib, tf)
+    val_x, val_y = load_images(VAL_DIR, args.num_val, tf)
+    float_logits = batched_logits(model, val_x)
+    print(f"data ready ({time.perf_counter() - t_start:.0f}s)", flush=True)
+
+    files = {"float": os.path.join(tmp, "float.onnx")}
+    torch.onnx.export(model, (val_x[:1],), files["float"], dynamo=False, opset_version=20, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    fake_logits, infos, calib_s = {}, {}, {}
+    for label, scheme, w, a, method in VITQ_CONFIGS:
+        t0 = time.perf_counter()
+        q = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method)
+        vitq.calibrate(q, calib_x, method=method, progress=False)
+        calib_s[label] = time.perf_counter() - t0
+        fake_logits[label] = batched_logits(q, val_x)
+        files[label] = os.path.join(tmp, f"m{len(files)}.onnx")
+        infos[label] = export(q, files[label], float_model=model)
+        print(f"{label}: calibrated {calib_s[label]:.0f}s, exported {infos[label]['file_bytes'] / 1e6:.2f} MB "
+              f"({time.perf_counter() - t_start:.0f}s)", flush=True)
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    ref_static = "ort quantize_static (QDQ, u8 act, s8 per-channel W, MatMul/Gemm/Conv, MinMax)"
+    ref_dynamic = "ort quantize_dynamic (u8 act per batch, s8 W)"
+    files[ref_static] = os.path.join(tmp, "static.onnx")
+    quantize_static(files["float"], files[ref_static], calib_reader(calib_x.numpy()), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"], calibrate_method=CalibrationMethod.MinMax)
+    files[ref_dynamic] = os.path.join(tmp, "dynamic.onnx")
+    quantize_dynamic(files["float"], files[ref_dynamic], weight_type=QuantType.QInt8)
+    print(f"reference quantizations done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+
+    names = list(files)
+    results = {n: {"MB": os.path.getsize(files[n]) / 1e6} for n in names}
+    for n in names:
+        results[n]["ops"] = fused_ops(files[n], tmp)
+    xs = val_x.numpy()
+    lat = {}
+    for runtime in ("onnxruntime", "openvino"):
+        runners = {n: (ort_session(files[n]) if runtime == "onnxruntime" else ov_session(files[n])) for n in names}
+        if runtime == "openvino":
+            runners["OpenVINO float, default precision (bf16 here)"] = ov_session(files["float"], precision="")
+        for n, run in runners.items():
+            logits = torch.from_numpy(np.concatenate([run(xs[i:i + 50]) for i in range(0, len(xs), 50)]))
+            m = Metrics()
+            m.update(float_logits, logits, val_y)
+            r = m.result()["quant"]
+            res = results.setdefault(n, {"MB": os.path.getsize(files["float"]) / 1e6, "ops": {}})
+            res[runtime] = {"top1": r["top1"], "agreement": r["agreement"], "kl": r["kl"]}
+            if n in fake_logits:
+                same = logits.argmax(1) == fake_logits[n].argmax(1)
+                res[runtime]["agree_fake"] = 100.0 * float(same.float().mean())
+        print(f"{runtime}: accuracy done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+        b1, b32 = xs[:1].copy(), xs[:32].copy()
+        times = {n: ([], []) for n in runners}
+        for run in runners.values():  # warm-up
+            run(b1)
+            run(b32)
+        for _ in range(args.rounds):
+            for n, run in runners.items():
+                t0 = time.perf_counter()
+                for _ in range(args.reps1):
+                    run(b1)
+                times[n][0].append((time.perf_counter() - t0) / args.reps1)
+                t0 = time.perf_counter()
+                run(b32)
+                times[n][1].append(time.perf_counter() - t0)
+        med = {n: (statistics.median(t1), statistics.median(t32)) for n, (t1, t32) in times.items()}
+        for n in runners:
+            lat[(runtime, n)] = {"ms1": 1e3 * med[n][0], "ms32": 1e3 * med[n][1],
+                                 "x1": med["float"][0] / med[n][0], "x32": med["float"][1] / med[n][1]}
+        print(f"{runtime}: latency done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+
+    text = render(args, results, lat, infos, calib_s, float_logits, val_y, load_before, os.getloadavg(),
+                  time.perf_counter() - t_start)
+    print(text)
+    if not args.no_write and args.num_val is None:
+        write_section("export", text)
+    return 0
+
+
+def render(args, results, lat, infos, calib_s, float_logits, val_y, load_before, load_after, seconds) -> str:
+    float_top1 = 100.0 * float((float_logits.argmax(1) == val_y).float().mean())
+    lines = [
+        "## ONNX QDQ export (`vitq export`) on DeiT-Tiny: onnxruntime and OpenVINO",
+        "",
+        f"Command: `flock /tmp/vitq-cpu.lock {command()}`",
+        "",
+        environment(),
+        "",
+        f"onnxruntime {_version('onnxruntime')}, OpenVINO {_version('openvino')}, onnx {_version('onnx')}; "
+        f"{THREADS} threads everywhere (torch, onnxruntime intra_op_num_threads, OpenVINO INFERENCE_NUM_THREADS). "
+        f"Load average (1/5/15 min) {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f} at the start, "
+        f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} at the end: the lock keeps other benchmarks "
+        "out, but other people's tests may have run on the 2 cores at the same time, so the speed ratios are noisy.",
+        "",
+        f"Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); all 500 images of val/ (float top-1 "
+        f"{float_top1:.2f} %). vitq models calibrated on {args.num_calib} images of calib/ (seed 0) with `omse` "
+        "(`matmul`) or `fqvit` (`fq`), cheap one-pass observer methods (a few seconds each), exported with "
+        "`vitq.export` at opset 21. The reference rows quantize the float ONNX file with onnxruntime's own tools "
+        f"(quantize_static calibrated on the same {args.num_calib} images). NNCF is not installed in this "
+        "environment, so its reference row is skipped. Float ONNX: torch.onnx TorchScript exporter, opset 20.",
+        "",
+        "Agreement = top-1 agreement with the float PyTorch model; vs fake-quant = with vitq's own fake-quantized "
+        "PyTorch model; KL = mean KL(float ‖ model). Speed = float latency / model latency in the same runtime "
+        f"(median of {args.rounds} alternated rounds; batch 1: {args.reps1} calls per round; batch 32: one call); "
+        "OpenVINO runs with INFERENCE_PRECISION_HINT f32 (the int8 parts stay int8), plus its default-precision "
+        "float row for reference.",
+        "",
+    ]
+    for runtime in ("onnxruntime", "openvino"):
+        rows = []
+        for n, r in results.items():
+            if runtime not in r:
+                continue
+            m, t = r[runtime], lat[(runtime, n)]
+            rows.append([n, f"{m['top1']:.1f}", f"{m['agreement']:.1f}", f"{m['kl']:.4f}",
+                         f"{m['agree_fake']:.1f}" if "agree_fake" in m else "-", f"{r['MB']:.2f}",
+                         f"{t['ms1']:.1f} / {t['ms32']:.0f}", f"{t['x1']:.2f} / {t['x32']:.2f}"])
+        lines += [f"### {runtime}", "", table(["model", "top-1", "agreement", "KL", "vs fake-quant", "file MB",
+                                               "ms batch 1 / 32", "speed ×float, batch 1 / 32"], rows), ""]
+    lines += ["### What onnxruntime made of each graph (node counts of its optimized graph)", ""]
+    lines += [f"- {n}: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()) for n, r in results.items() if r["ops"]]
+    lines += ["", "Export details:", ""]
+    for n, info in infos.items():
+        lines.append(f"- {n}: {len(info['quantizers_qdq'])} quantizers as QDQ, {len(info['quantizers_float'])} as "
+                     f"float ops ({', '.join(info['float_kinds']) or 'none'}); weights {info['weight_storage']}; "
+                     f"calibration {calib_s[n]:.0f} s")
+    lines += ["", f"Whole script: {seconds / 60:.1f} min."]
+    return "\n".join(lines)
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "missing"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
