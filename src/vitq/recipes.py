@@ -51,7 +51,7 @@ class Recipe:
 FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is not --DEST
 
 # the reduced CPU setting of the benchmark (BENCHMARKS.md "recon" section states it)
-RECON_CPU = {"recon_iters": 60, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
+RECON_CPU = {"recon_iters": 40, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
 EVOLQ_CPU = {"evolq_passes": 1}
 
 RECIPES: tuple[Recipe, ...] = (
