@@ -109,6 +109,12 @@ def main() -> None:
                 print(f"seed {seed} {key} {pipeline or 'base'}: top-1 {r['top1']:.2f} agreement "
                       f"{r['agreement']:.2f} KL {r['kl']:.4f} step {record['step_seconds']:.0f} s", flush=True)
 
+            if not args.no_write:  # after every configuration, so a cut-off run leaves what it measured
+                report(args, runs, float_top1, len(val_x), t_start, partial=True)
+    report(args, runs, float_top1, len(val_x), t_start, partial=False)
+
+
+def report(args, runs: dict, float_top1: float, num_val: int, t_start: float, partial: bool) -> None:
     rows, measured = [], {}
     for key, pipes in runs.items():
         scheme, w, a, method = key.split(":")
@@ -134,6 +140,7 @@ def main() -> None:
     md = [
         "## Block reconstruction (recon), chains and recipes on the real DeiT-Tiny (issue 11)",
         "",
+        *(["**Partial: the run was cut off after the configurations shown.**", ""] if partial else []),
         f"Command: `{command()}`  ",
         f"{environment()}  ",
         f"Whole script: {total_min:.1f} min.",
@@ -148,7 +155,7 @@ def main() -> None:
         f"**{args.seeds} calibration draw(s)** (seed 0{'..' + str(args.seeds - 1) if args.seeds > 1 else ''}"
         f"{'' if args.seeds > 1 else '; one seed only, so no ± std'}). {args.threads} torch threads.",
         "",
-        f"Evaluation: all {len(val_x)} images of `val/` (float top-1 {float_top1:.2f}). Drop = float top-1 − "
+        f"Evaluation: all {num_val} images of `val/` (float top-1 {float_top1:.2f}). Drop = float top-1 − "
         "quant top-1; agreement = top-1 agreement with float (%); KL = mean KL(float ‖ quant) in nats; calib "
         "KL gain = the step's decrease of KL(float ‖ quant) on the calibration images; step s = wall time of "
         "that step (calibration, reconstruction or search); total s = calibration plus every step so far; kept "
@@ -170,7 +177,9 @@ def main() -> None:
             json.dump({"args": vars(args), "float_top1": float_top1, "runs": runs}, f, indent=1, default=str)
         plot(runs)
         write_section("recon", text)
-    print(f"done in {total_min:.1f} min", flush=True)
+    print(f"{'partial' if partial else 'done'} after {total_min:.1f} min", flush=True)
+
+
 
 
 def plot(runs: dict) -> None:

@@ -28,7 +28,7 @@ def _args(*argv):
 
 def test_recipe_expands_to_the_documented_flags():
     r = recipes.by_name("fq-fqvit-recon-evolq")
-    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "60",
+    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "40",
                                  "--recon-batch-size", "4", "--recon-lr", "0.01", "--recon-scale-lr", "0.004",
                                  "--num-calib", "50", "--evolq-passes", "1"]
     assert r.as_flags("cuda") == ["--method", "fqvit", "--refine", "recon,evolq"]
@@ -46,7 +46,7 @@ def test_apply_fills_only_unset_flags():
     assert args.recon_iters == 5 and info["overridden_by_flags"] == {"recon_iters": 5}
     args = _args("--recipe", "fq-fqvit-recon", "--refine", "evolq", "--method", "omse")
     info = recipes.apply_recipe(args)
-    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 60
+    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 40
     assert set(info["overridden_by_flags"]) == {"refine", "method"}
 
 

@@ -51,7 +51,7 @@ class Recipe:
 FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is not --DEST
 
 # the reduced CPU setting of the benchmark (BENCHMARKS.md "recon" section states it)
-RECON_CPU = {"recon_iters": 60, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
+RECON_CPU = {"recon_iters": 40, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
 EVOLQ_CPU = {"evolq_passes": 1}
 
 RECIPES: tuple[Recipe, ...] = (
@@ -75,7 +75,17 @@ RECIPES: tuple[Recipe, ...] = (
 
 WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"
 # (recipe, w_bits, a_bits) -> measured on DeiT-Tiny, all 500 val images, CPU setting; from bench_recon.py
-MEASURED: dict[tuple[str, int, int], dict] = {}
+# (python -m benchmarks.bench_recon, 2026-11-23, one calibration draw; cost = wall seconds of calibration + refiners
+# on 2 shared CPU cores)
+MEASURED: dict[tuple[str, int, int], dict] = {
+    ("matmul-ptq4vit", 4, 4): {"agreement": 59.6, "top1": 54.2, "kl": 0.8985, "seconds": 507.6, "where": WHERE},
+    ("matmul-ptq4vit-recon", 4, 4): {"agreement": 70.6, "top1": 63.8, "kl": 0.6142, "seconds": 537.9, "where": WHERE},
+    ("matmul-ptq4vit-recon-evolq", 4, 4): {"agreement": 67.8, "top1": 61.6, "kl": 0.6216, "seconds": 590.4,
+                                           "where": WHERE},
+    ("fq-fqvit", 4, 8): {"agreement": 85.4, "top1": 73.4, "kl": 0.1875, "seconds": 3.3, "where": WHERE},
+    ("fq-fqvit-recon", 4, 8): {"agreement": 87.2, "top1": 76.8, "kl": 0.1185, "seconds": 39.2, "where": WHERE},
+    ("fq-fqvit-recon-evolq", 4, 8): {"agreement": 87.4, "top1": 76.6, "kl": 0.1165, "seconds": 83.6, "where": WHERE},
+}
 
 
 def by_name(name: str) -> Recipe:

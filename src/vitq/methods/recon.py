@@ -77,7 +77,7 @@ class ReconConfig:
         return dataclasses.asdict(self)
 
 
-CPU_SETTING = {"iters": 60, "batch": 4, "lr": 1e-2, "scale_lr": 4e-3}  # documented cheaper setting
+CPU_SETTING = {"iters": 40, "batch": 4, "lr": 1e-2, "scale_lr": 4e-3}  # documented cheaper setting
 FIELDS = {f.name for f in dataclasses.fields(ReconConfig)}
 
 
@@ -474,7 +474,7 @@ def _state_checksum(model: nn.Module) -> float:
 
 def _add_arguments(group) -> None:
     group.add_argument("--recon-iters", type=int, default=None, metavar="N",
-                       help="optimisation steps per block (20000 as BRECQ/QDrop, for a GPU; CPU: 60)")
+                       help="optimisation steps per block (20000 as BRECQ/QDrop, for a GPU; CPU: 40)")
     group.add_argument("--recon-batch-size", dest="recon_batch", type=int, default=None, metavar="N",
                        help="calibration images per step (32; CPU: 4)")
     group.add_argument("--recon-lr", type=float, default=None, metavar="LR",
