@@ -316,6 +316,8 @@ def lapq(model: nn.Module, calib: CalibData, **options) -> dict:
         stopped = "evaluation cap"
     finally:
         bar.close()
+    if n[0] >= o["max_evals"]:  # scipy may stop at its own maxfev before our guard raises
+        stopped = "evaluation cap"
     ev(best["x"])  # write the best point seen back into the quantizers
     factors = {c.name: float(f) for c, f in zip(clips, best["x"])}
     info.update({"final_loss": best["f"], "evaluations": n[0], "stopped": stopped,
