@@ -189,7 +189,7 @@ class Plan:
     def decide(self, name: str, q: Quantizer) -> str:
         if not bool(q.initialized):
             how = "identity"
-        elif isinstance(q, UniformQuantizer):
+        elif type(q) is UniformQuantizer:  # subclasses (e.g. uniform_mixed: bits per channel) have no QDQ form
             ok = _integral(q.zero_point) and q.bits <= 8
             how = "qdq" if ok else "float"
             if ok and q.channel_axis is not None and self.opset < MIN_OPSET:
