@@ -278,7 +278,8 @@ def test_ctrl_c_keeps_a_visible_checkpoint_and_the_rerun_resumes(world, capsys, 
 
     w = world
     out = tmp_path / "run"
-    argv = quantize(tmp_path, w["weights"], w["calib"], None, out, "--refine", "evolq", "--evolq-mode", "faithful", "--evolq-passes", "2",
+    argv = quantize(tmp_path, w["weights"], w["calib"], None, out, "--refine", "evolq", "--evolq-mode", "faithful",
+                    "--evolq-passes", "2",
                     "--evolq-cycles", "1", "--evolq-population", "4", "--evolq-sample", "2")
     real = vitq.api.refine
 
