@@ -305,3 +305,32 @@ def _json_default(o):
     if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)
+
+
+def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict, fmt: str) -> None:
+    """A refiner's resumable checkpoint: tensors plus JSON ``meta`` in one safetensors file, written to a temporary
+    file and renamed, so a kill never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp,
+              metadata={"format": fmt, "meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a checkpoint written by :func:`write_checkpoint` in format ``fmt``; ``what`` names the
+    refiner in errors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            md = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise VitqError(f"{what} checkpoint {path} could not be read ({type(e).__name__}); delete it to start "
+                        "again") from None
+    if md.get("format") != fmt:
+        raise VitqError(f"{path} is not a {what} checkpoint (format {md.get('format')!r})")
+    return tensors, json.loads(md["meta"])

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import time
@@ -66,6 +65,7 @@ from vitq.errors import VitqError
 from vitq.precision import full_float32
 from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
 from vitq.registry import register_refiner
+from vitq.state import read_checkpoint, write_checkpoint
 from vitq.trunk import Trunk
 
 EPS = 1e-8
@@ -353,29 +353,11 @@ def search_block(evaluator: FitnessEvaluator, unit: int, qs: list[tuple[str, Uni
 # --------------------------------------------------------------------------------------------- checkpoint
 
 def _write_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp,
-              metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_checkpoint(path, tensors, meta, CHECKPOINT_FORMAT)
 
 
 def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            md = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise VitqError(f"evolq checkpoint {path} could not be read ({type(e).__name__}); delete it to "
-                        "start the search again") from None
-    if md.get("format") != CHECKPOINT_FORMAT:
-        raise VitqError(f"{path} is not an evolq checkpoint (format {md.get('format')!r})")
-    return tensors, json.loads(md["meta"])
+    return read_checkpoint(path, CHECKPOINT_FORMAT, "evolq")
 
 
 # ------------------------------------------------------------------------------------------------ refiner

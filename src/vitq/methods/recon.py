@@ -34,7 +34,6 @@ bit for bit where an uninterrupted one does (on one thread).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -50,6 +49,7 @@ from vitq.errors import VitqError
 from vitq.modules import _QWeighted
 from vitq.quantizers import EPS, Quantizer, UniformQuantizer
 from vitq.registry import register_refiner
+from vitq.state import read_checkpoint, write_checkpoint
 from vitq.trunk import Trunk
 
 CHECKPOINT_FORMAT = "vitq-recon-ckpt-1"
@@ -444,28 +444,11 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
 
 
 def _write_checkpoint(path: str, model: nn.Module, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, tmp, metadata={"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_checkpoint(path, model.state_dict(), meta, CHECKPOINT_FORMAT)
 
 
 def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            md = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise VitqError(f"recon checkpoint {path} could not be read ({type(e).__name__}); delete it to start "
-                        "again") from None
-    if md.get("format") != CHECKPOINT_FORMAT:
-        raise VitqError(f"{path} is not a recon checkpoint (format {md.get('format')!r})")
-    return tensors, json.loads(md["meta"])
+    return read_checkpoint(path, CHECKPOINT_FORMAT, "recon")
 
 
 def _state_checksum(model: nn.Module) -> float:
