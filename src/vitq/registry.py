@@ -91,3 +91,18 @@ def get_refiner(name: str) -> Entry:
 def load_builtin() -> None:
     """Import the built-in method and refiner modules (they register themselves)."""
     import vitq.methods  # noqa: F401
+
+
+def merge_options(name: str, options: dict, defaults: dict, negated: dict[str, str] | None = None) -> dict:
+    """A method's options over its ``defaults``: unknown keys are refused; a value of None means "not given";
+    ``negated`` maps a switch-off flag (``no_ranking``) to the option it sets False (``ranking``)."""
+    negated = negated or {}
+    unknown = set(options) - set(defaults) - set(negated)
+    if unknown:
+        raise VitqError(f"{name}: unknown options {sorted(unknown)} (expected some of {sorted(defaults)})")
+    merged = dict(defaults)
+    merged.update({k: v for k, v in options.items() if k in defaults and v is not None})
+    for flag, key in negated.items():
+        if options.get(flag):
+            merged[key] = False
+    return merged

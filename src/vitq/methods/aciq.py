@@ -41,7 +41,7 @@ from vitq.methods.baselines import weighted_modules
 from vitq.methods.mixed_quant import MixedUniformQuantizer
 from vitq.observers import apply_range, observing
 from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
-from vitq.registry import register_method
+from vitq.registry import merge_options, register_method
 
 # α / b̂ (Laplace) and α / σ (Gaussian) for 2..8 bits (METHODS.md §2)
 LAPLACE_K = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
@@ -248,15 +248,7 @@ def calibrate_weights(model: nn.Module, distribution: str, allocation: bool, min
 
 
 def resolve_options(options: dict) -> dict:
-    unknown = set(options) - set(DEFAULTS) - {"no_allocation", "no_bias_corr"}
-    if unknown:
-        raise VitqError(f"aciq: unknown options {sorted(unknown)} (expected some of {sorted(DEFAULTS)})")
-    o = dict(DEFAULTS)
-    o.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
-    if options.get("no_allocation"):
-        o["allocation"] = False
-    if options.get("no_bias_corr"):
-        o["bias_corr"] = False
+    o = merge_options("aciq", options, DEFAULTS, {"no_allocation": "allocation", "no_bias_corr": "bias_corr"})
     if o["distribution"] not in DISTRIBUTIONS:
         raise VitqError(f"--aciq-distribution {o['distribution']!r} (expected one of {', '.join(DISTRIBUTIONS)})")
     for k in ("softmax", "activations"):

@@ -40,7 +40,7 @@ from vitq.methods.hessian import Grids, Knob, linear_grid, make_knob
 from vitq.methods.ptqvit import Layer, _chunks, _record, _run, _segments, _weight_matrix, find_layers, float_mode
 from vitq.observers import apply_range, observing, start_error_pass
 from vitq.quantizers import quantizers_of
-from vitq.registry import register_method
+from vitq.registry import merge_options, register_method
 
 DEFAULTS = {"candidates": 100, "rounds": 3, "low": 0.5, "high": 1.2, "search_images": None, "tokens": 64,
             "rows": 32, "fq_init": "omse"}
@@ -176,11 +176,7 @@ def _calibrate_sequential(model: nn.Module, calib: CalibData, layers: list[Layer
 
 
 def resolve_options(options: dict) -> dict:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise VitqError(f"easyquant: unknown options {sorted(unknown)} (expected some of {sorted(DEFAULTS)})")
-    o = dict(DEFAULTS)
-    o.update({k: v for k, v in options.items() if v is not None})
+    o = merge_options("easyquant", options, DEFAULTS)
     for k in ("candidates", "rounds", "tokens", "rows"):
         if not isinstance(o[k], int) or o[k] < 1:
             raise VitqError(f"--easyquant-{k} {o[k]!r} (expected a positive integer)")

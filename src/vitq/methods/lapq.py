@@ -38,7 +38,7 @@ from vitq.methods.baselines import weighted_modules
 from vitq.methods.hessian import float_mode
 from vitq.observers import OMSE_FACTORS, apply_range, observing, start_error_pass
 from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
-from vitq.registry import register_method
+from vitq.registry import merge_options, register_method
 from vitq.trunk import Trunk
 
 DEFAULTS = {"p_values": (2.0, 2.5, 3.0, 3.5, 4.0), "max_evals": 500, "loss_images": 32, "loss": "kl",
@@ -203,13 +203,7 @@ def _clips(model: nn.Module, observers: dict) -> list[Clip]:
 
 
 def resolve_options(options: dict) -> dict:
-    unknown = set(options) - set(DEFAULTS) - {"no_joint"}
-    if unknown:
-        raise VitqError(f"lapq: unknown options {sorted(unknown)} (expected some of {sorted(DEFAULTS)})")
-    o = dict(DEFAULTS)
-    o.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
-    if options.get("no_joint"):
-        o["joint"] = False
+    o = merge_options("lapq", options, DEFAULTS, {"no_joint": "joint"})
     if isinstance(o["p_values"], str):
         try:
             o["p_values"] = tuple(float(v) for v in o["p_values"].split(","))

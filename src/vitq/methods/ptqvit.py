@@ -51,7 +51,7 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.modules import QAttention, QConv2d, QLinear, QWindowAttention, _QWeighted
 from vitq.quantizers import EPS, Quantizer, UniformQuantizer, int_range, quantizers_of
-from vitq.registry import register_method
+from vitq.registry import merge_options, register_method
 from vitq.trunk import Trunk
 
 DEFAULTS = {
@@ -934,17 +934,8 @@ def _add_arguments(group) -> None:
 
 
 def resolve_options(options: dict) -> dict:
-    unknown = set(options) - set(DEFAULTS) - {"no_ranking", "no_bias_corr", "mp_no_check"}
-    if unknown:
-        raise VitqError(f"ptqvit: unknown options {sorted(unknown)} (expected some of {sorted(DEFAULTS)})")
-    opts = dict(DEFAULTS)
-    opts.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
-    if options.get("no_ranking"):
-        opts["ranking"] = False
-    if options.get("no_bias_corr"):
-        opts["bias_corr"] = False
-    if options.get("mp_no_check"):
-        opts["mp_check"] = False
+    opts = merge_options("ptqvit", options, DEFAULTS,
+                         {"no_ranking": "ranking", "no_bias_corr": "bias_corr", "mp_no_check": "mp_check"})
     if opts["weight_granularity"] not in WEIGHT_GRANULARITIES:
         raise VitqError(f"ptqvit: weight granularity {opts['weight_granularity']!r} "
                         f"(expected one of {', '.join(WEIGHT_GRANULARITIES)})")
