@@ -205,8 +205,8 @@ Cells are mean ± std over the draws (n = column `n`); drop = float top-1 − me
 agreement with float (%); KL = mean KL(float ‖ quant) in nats; calib s = wall seconds of calibration (+ GPTQ where
 named) on 2 shared CPU cores (indicative only).
 
-Configs: `repq` = `--method repq` (reparameterization + log√2 softmax + OMSE activations + per-channel OMSE
-weights); `+ GPTQ` = `--weight-rounding gptq` (damp 0.01, act-order, block 128) on the same calibration, same
+Configs: `repq` = `--method repq` (reparameterization + log√2 softmax with a searched scale + `mse` activation
+ranges (each end clipped on its own) + per-channel OMSE weights); `+ GPTQ` = `--weight-rounding gptq` (damp 0.01, act-order, block 128) on the same calibration, same
 images; `repq-adalog + GPTQ` = `--method repq --softmax-quantizer adalog --gelu-quantizer adalog --weight-rounding
 gptq`. Reference rows: the best existing method of the setting in BENCHMARKS.md that fits the budget: `ptq4vit`
 at the apq section's reduced search (candidates 16, 2 rounds, 20 % of token rows; `apq` was 1.2 points better at

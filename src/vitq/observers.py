@@ -22,6 +22,9 @@ from vitq.quantizers import PTFQuantizer, Quantizer, UniformQuantizer, quantizer
 
 # OMSE shrink factors 1.00, 0.99, ..., 0.11 of the observed range (METHODS.md §1)
 OMSE_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
+# "mse" search: each end of the range scaled by 1, ..., 0.01 (geometric), the two ends searched in turn
+MSE_FACTORS = tuple(0.01 ** (i / 99) for i in range(100))
+MSE_ROUNDS = 2  # upper end, lower end, upper, lower: rounds of the coordinate search
 HIST_BINS = 4096  # per tensor (or per channel) over its observed range: 16 bins per 8-bit step, 256 per 4-bit step
 
 
@@ -170,7 +173,7 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
 
 def needs_error_pass(q: Quantizer, how: str) -> bool:
     """Whether setting ``q`` by ``how`` needs the observer's second pass."""
-    return (how == "omse" and isinstance(q, (UniformQuantizer, PTFQuantizer))) or hasattr(q, "fit")  # fit: adalog
+    return (how in ("omse", "mse") and isinstance(q, (UniformQuantizer, PTFQuantizer))) or hasattr(q, "fit")  # fit: adalog
 
 
 def start_error_pass(model: nn.Module, observers: dict[str, Observer], how: str) -> bool:
@@ -213,7 +216,7 @@ def search_range(obs: Observer, q: UniformQuantizer) -> tuple[float, float]:
 
 
 def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
-    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse}. A kind
+    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse, mse}. A kind
     with its own search (``fit(observer)``, e.g. adalog) runs that instead.
 
     PTF quantizers (the LayerNorm inputs and residual stream of ``fq``): ``minmax`` takes the global min/max
@@ -236,13 +239,18 @@ def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
         if not obs.pct_hi:
             raise ValueError("percentile range needs an observer created with percentile=...")
         lo, hi = sum(obs.pct_lo) / len(obs.pct_lo), sum(obs.pct_hi) / len(obs.pct_hi)
-    elif how == "omse":
+    elif how == "omse" or (how == "mse" and isinstance(q, PTFQuantizer)):  # PTF: the FQ-ViT rule for both
         if isinstance(q, PTFQuantizer):
             if obs.shift_errors is None:
                 raise ValueError("the PTF shift search needs the observer's second pass (observe_errors)")
             q.set_range(obs.min, obs.max, channel_errors=obs.shift_errors)
             return
         lo, hi = search_range(obs, q)
+    elif how == "mse":
+        centres, counts = obs.histogram()
+        lo, hi = _mse_channels(q, centres[None], torch.tensor([obs.min], dtype=torch.float64),
+                               torch.tensor([obs.max], dtype=torch.float64), counts[None])
+        lo, hi = float(lo[0]), float(hi[0])
     else:
         raise ValueError(f"unknown range estimator {how!r}")
     if isinstance(q, PTFQuantizer):
@@ -262,6 +270,9 @@ def _apply_channel_range(q: UniformQuantizer, obs: Observer, how: str) -> None:
     elif how == "omse":
         centres, counts = obs.histogram()
         lo, hi = _omse_channels(q, centres, obs.channel_min.double(), obs.channel_max.double(), counts)
+    elif how == "mse":
+        centres, counts = obs.histogram()
+        lo, hi = _mse_channels(q, centres, obs.channel_min.double(), obs.channel_max.double(), counts)
     else:
         raise ValueError(f"unknown range estimator {how!r}")
     q.set_range(lo.float(), hi.float())
@@ -276,6 +287,29 @@ def _omse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: t
     return lo * f, hi * f
 
 
+def _mse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  weights: torch.Tensor | None = None):
+    """Least squared error per channel with the two ends of the range clipped independently: x is [C, n]
+    (histogram centres with ``weights`` = counts, or values). Coordinate search: the upper end over
+    ``hi·MSE_FACTORS`` with the lower end fixed, then the lower end over ``lo·MSE_FACTORS``, MSE_ROUNDS times.
+    Unlike OMSE (both ends shrunk by one factor, down to 0.11), a long one-sided tail (post-GELU: [-0.17, 40])
+    can be clipped hard without clipping the short side. Signed (symmetric) quantizers search one bound."""
+    lo, hi = lo.clone(), hi.clone()
+    factors = torch.tensor(MSE_FACTORS, dtype=lo.dtype, device=lo.device)
+    if q.signed:
+        bound = torch.maximum(-lo, hi)
+        errs = torch.stack([_uniform_error(x, q, -bound * f, bound * f, weights) for f in MSE_FACTORS])
+        bound = bound * factors[errs.argmin(0)]
+        return -bound, bound
+    lo0, hi0 = lo.clone(), hi.clone()
+    for _ in range(MSE_ROUNDS):
+        errs = torch.stack([_uniform_error(x, q, lo, hi0 * f, weights) for f in MSE_FACTORS])
+        hi = hi0 * factors[errs.argmin(0)]
+        errs = torch.stack([_uniform_error(x, q, lo0 * f, hi, weights) for f in MSE_FACTORS])
+        lo = lo0 * factors[errs.argmin(0)]
+    return lo, hi
+
+
 @torch.no_grad()
 def weight_range(q: UniformQuantizer, w: torch.Tensor, how: str) -> None:
     """Per-channel (or per-tensor) weight parameters from the weight itself: minmax or OMSE per channel."""
@@ -287,6 +321,8 @@ def weight_range(q: UniformQuantizer, w: torch.Tensor, how: str) -> None:
     lo, hi = x.min(1).values, x.max(1).values
     if how == "omse":
         lo, hi = _omse_channels(q, x, lo, hi)
+    elif how == "mse":
+        lo, hi = _mse_channels(q, x, lo, hi)
     elif how != "minmax":
         raise ValueError(f"unknown weight range estimator {how!r}")
     if q.channel_axis is None:

@@ -4,9 +4,10 @@ Both use all ``2^b`` codes strictly: codes ``0 .. 2^b - 2`` are levels and the l
 b-bit tensor needs exactly b bits per element. Rounding is to the nearest code in the log domain (like the
 ``log2`` kind), which is monotone non-decreasing and maps every level to itself.
 
-- ``logsqrt2``: levels ``2^(-k/2)`` for post-softmax values in [0, 1] (1.0 is code 0). Hardware form: the
-  code k is a log2 code ``k >> 1`` plus a parity bit ``k & 1``; the value is ``2^-(k >> 1)`` times 1 or
-  1/√2 (:meth:`LogSqrt2Quantizer.hardware_decode` computes it that way, and :meth:`fake_quant` uses it).
+- ``logsqrt2``: levels ``scale · 2^(-k/2)`` for post-softmax values in [0, 1] (scale 1 by default, so 1.0 is
+  code 0; searched per layer by :meth:`LogSqrt2Quantizer.fit`). Hardware form: the code k is a log2 code
+  ``k >> 1`` plus a parity bit ``k & 1``; the value is ``2^-(k >> 1)`` times 1 or 1/√2, times the layer's
+  scale (:meth:`LogSqrt2Quantizer.hardware_decode` computes it that way, and :meth:`fake_quant` uses it).
 - ``adalog``: levels ``scale · 2^(-k/r)``; the base ``2^(1/r)`` (buffer ``base_exp`` = r) is searched per layer
   by :meth:`AdaLogQuantizer.fit` (least squared error over every observed value, from the observer's
   histogram, over ``R_GRID``); levels stop at ``scale·2^-64``. For the softmax output the scale stays 1
@@ -28,6 +29,7 @@ from vitq.quantizers import EPS, Quantizer, register_quantizer
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 R_GRID = tuple(round(1.0 + 0.25 * i, 2) for i in range(13))  # r = 1 (log2), 1.25, ..., 4 (base 2^(1/4))
 MAX_DEPTH = 64  # deepest adalog level: scale·2^-64
+LOGSQRT2_SCALES = tuple(2.0 ** (-j / 4) for j in range(17))  # logsqrt2 top level: 1, 2^-1/4, ..., 1/16
 SCALE_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # top level as a fraction of the observed max
 
 
@@ -37,9 +39,21 @@ def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
 
 @register_quantizer("logsqrt2")
 class LogSqrt2Quantizer(Quantizer):
-    """log√2 quantizer for post-softmax values: levels 2^(-k/2), k = 0..2^b-2, last code = 0 (RepQ-ViT).
+    """log√2 quantizer for post-softmax values: levels scale·2^(-k/2), k = 0..2^b-2, last code = 0 (RepQ-ViT).
 
-    Code k = a log2 code (k >> 1) and a parity bit (k & 1). No parameters to calibrate."""
+    Code k = a log2 code (k >> 1) and a parity bit (k & 1); ``scale`` (one per layer, default 1 so that 1.0 is
+    a level) multiplies the decoded value, i.e. it folds into the dequantization of the ``attn @ v`` product.
+    :meth:`fit` searches it over ``LOGSQRT2_SCALES`` for the least squared error over every observed value:
+    at 4 bits the levels 1 .. 2^-7 stop above the typical attention weight of a 197-token image (≈ 0.005), and
+    a top level below 1 trades the rare near-1 weights for resolution where most weights are."""
+
+    def __init__(self, bits: int, role: str):
+        super().__init__(bits, role)
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "scale", torch.tensor(1.0))  # a state saved before the scale existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def max_code(self) -> int:
@@ -47,27 +61,50 @@ class LogSqrt2Quantizer(Quantizer):
 
     @staticmethod
     def hardware_decode(code: torch.Tensor) -> torch.Tensor:
-        """Value of integer codes k: a right shift by ``k >> 1`` and, if the parity bit is set, a multiply by 1/√2."""
+        """Value of integer codes k (scale 1): a right shift by ``k >> 1`` and, if the parity bit is set, a
+        multiply by 1/√2."""
         code = code.to(torch.int64)
         out = torch.pow(2.0, -(code >> 1).to(torch.float32))
         return torch.where((code & 1) == 1, out * INV_SQRT2, out)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Integer codes (0..2^b-1; 2^b-1 means the value 0)."""
+        scale = self.scale if scale is None else scale
         pos = x > 0
-        k = torch.round(-2.0 * torch.log2(torch.where(pos, x, torch.ones_like(x)).float()))
+        k = torch.round(-2.0 * torch.log2(torch.where(pos, x / scale, torch.ones_like(x)).float()))
         k = torch.clamp(k, min=0)
         zero = (~pos) | (k > self.max_code)
         return torch.where(zero, torch.full_like(k, self.max_code + 1), k).to(torch.int64)
 
     def level_set(self) -> torch.Tensor:
-        return torch.cat([self.hardware_decode(torch.arange(self.max_code + 1)), torch.zeros(1)]).unique()
+        levels = self.hardware_decode(torch.arange(self.max_code + 1, device=self.scale.device)) * self.scale
+        return torch.cat([levels, torch.zeros(1, device=self.scale.device)]).unique()
+
+    def _quant(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        code = self.encode(x, scale)
+        value = self.hardware_decode(torch.clamp(code, max=self.max_code)).to(scale.device) * scale
+        return torch.where(code > self.max_code, torch.zeros((), device=x.device), value)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        code = self.encode(x)
-        out = torch.where(code > self.max_code, torch.zeros((), device=x.device),
-                          self.hardware_decode(torch.clamp(code, max=self.max_code)))
-        return _ste(x, out.to(x.dtype))
+        return _ste(x, self._quant(x, self.scale).to(x.dtype))
+
+    @torch.no_grad()
+    def fit(self, obs) -> dict:
+        """Search ``scale`` over LOGSQRT2_SCALES for the least squared error over every observed value (the
+        observer's histogram from its second pass). Without a histogram the scale stays 1."""
+        if getattr(obs, "hist", None) is None:
+            self.mark_initialized()
+            return {"scale": float(self.scale)}
+        centres, counts = obs.histogram()
+        keep = counts > 0
+        x = centres[keep].float().to(self.scale.device)
+        wts = counts[keep].double().to(self.scale.device)
+        errs = [float(((self._quant(x, torch.tensor(s, device=x.device)) - x).double().pow(2) * wts).sum())
+                for s in LOGSQRT2_SCALES]
+        best = LOGSQRT2_SCALES[min(range(len(errs)), key=errs.__getitem__)]
+        self.scale.fill_(best)
+        self.mark_initialized()
+        return {"scale": best}
 
 
 @register_quantizer("adalog")

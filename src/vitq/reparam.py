@@ -2,7 +2,7 @@
 
 The inputs of ``qkv`` and ``fc1`` come straight from a LayerNorm and have a few channels with much larger
 ranges than the rest. Calibrated per channel (asymmetric: scale ``s_c``, zero point ``z_c`` from the channel's
-observed [min, max]), they would need a per-channel activation quantizer. Instead, with ``s̃ = mean(s)``,
+observed [min, max], widened to include 0), they would need a per-channel activation quantizer. Instead, with ``s̃ = mean(s)``,
 ``z̃ = mean(z)``, ``r1 = s / s̃`` and ``r2 = z - z̃``, the LayerNorm's affine parameters become
 
     γ' = γ / r1,   β' = (β + s·r2) / r1
@@ -79,7 +79,11 @@ def fold(norm: nn.LayerNorm, linear: QLinear, lo: torch.Tensor, hi: torch.Tensor
     """Fold the per-channel grid of [lo, hi] into ``norm`` and ``linear`` (in place, exact in real arithmetic;
     computed in float64). Returns summary statistics of the factors."""
     dev, dt = linear.weight.device, linear.weight.dtype
-    lo, hi = lo.to(dev, torch.float64), hi.to(dev, torch.float64)
+    # every channel's range includes 0, as every uniform quantizer's range does: the zero points then lie in
+    # [0, LEVELS]. Without it a near-constant channel (γ ≈ 0: the real DeiT-Tiny has some) gets a tiny width,
+    # a zero point of ~1e5 that dominates the mean z̃, and one per-tensor grid that fits no channel.
+    lo = lo.to(dev, torch.float64).clamp(max=0.0)
+    hi = hi.to(dev, torch.float64).clamp(min=0.0)
     width = (hi - lo).clamp_min(0.0)
     width = torch.maximum(width, 1e-6 * width.max().clamp_min(1e-12))  # a constant channel keeps a finite scale
     s = width / LEVELS

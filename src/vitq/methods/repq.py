@@ -7,8 +7,11 @@ Steps (each recorded in the returned dict, i.e. results.json):
    ``fc1`` input and folds the per-channel scales and zero points into the LayerNorm and the linear layer
    (an exact rewrite of the float model), so one per-tensor quantizer serves those inputs;
 2. one float pass observes every activation quantizer of the rewritten model; uniform quantizers get the
-   ``act`` range (default OMSE over all calibration batches), parameter-free kinds (``logsqrt2``) are marked
-   calibrated, searched kinds (``adalog``) search their base on the observed values;
+   ``act`` range (default ``mse``: the least squared error over every calibration value, the lower and upper
+   ends clipped independently, as RepQ-ViT's per-end percentile search does; FQ-ViT's ``omse`` shrinks both
+   ends by one factor, which on the post-GELU ``fc2`` input [-0.17, 40] clips away GELU's whole negative side
+   and stops at 0.11 of the max), searched kinds (``logsqrt2``'s scale, ``adalog``'s base) search on the
+   observed values;
 3. weights: per output channel, the OMSE-searched range (``weights="omse"``; ``minmax`` also accepted).
 
 The softmax quantizer is ``logsqrt2`` unless the scheme names another kind; ``--softmax-quantizer adalog
@@ -30,12 +33,13 @@ from vitq.methods.baselines import calibrate_observed
 from vitq.registry import register_method
 from vitq.reparam import reparameterize
 
-REPQ_DEFAULTS = {"act": "omse", "weights": "omse", "reparam": True}
+REPQ_DEFAULTS = {"act": "mse", "weights": "omse", "reparam": True}
 
 
 def _repq_args(group) -> None:
-    group.add_argument("--repq-act", dest="repq_act", choices=("omse", "minmax"), default=None,
-                       help="repq: range of the uniform activation quantizers (default omse)")
+    group.add_argument("--repq-act", dest="repq_act", choices=("mse", "omse", "minmax"), default=None,
+                       help="repq: range of the uniform activation quantizers (default mse: least squared error, "
+                       "each end of the range clipped on its own)")
     group.add_argument("--repq-no-reparam", dest="repq_reparam", action="store_const", const=False, default=None,
                        help="repq: skip the scale reparameterization (ablation)")
 
@@ -47,17 +51,17 @@ def _repq_scheme(scheme, options: dict):
 
 
 @register_method("repq", "RepQ-ViT style (both regimes): post-LayerNorm scales folded into LayerNorm and "
-                 "qkv/fc1 (exact rewrite), log√2 softmax (default), OMSE activations, per-channel OMSE weights",
+                 "qkv/fc1 (exact rewrite), log√2 softmax with a searched scale (default), activations by least "
+                 "squared error with each range end clipped on its own, per-channel OMSE weights",
                  add_arguments=_repq_args, adjust_scheme=_repq_scheme)
 def repq(model: nn.Module, calib: CalibData, **options) -> dict:
     unknown = sorted(set(options) - set(REPQ_DEFAULTS))
     if unknown:
         raise VitqError(f"method repq: unknown options {unknown} (expected some of {sorted(REPQ_DEFAULTS)})")
     o = {**REPQ_DEFAULTS, **options}
-    if o["act"] not in ("omse", "minmax"):
-        raise VitqError(f"method repq: act={o['act']!r} (expected omse or minmax)")
-    if o["weights"] not in ("omse", "minmax"):
-        raise VitqError(f"method repq: weights={o['weights']!r} (expected omse or minmax)")
+    for key in ("act", "weights"):
+        if o[key] not in ("mse", "omse", "minmax"):
+            raise VitqError(f"method repq: {key}={o[key]!r} (expected mse, omse or minmax)")
     info = {"effective_options": o}
     t0 = time.perf_counter()
     if o["reparam"]:
