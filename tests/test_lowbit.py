@@ -67,6 +67,35 @@ def test_reparam_exact_on_real_deit_tiny():
     assert info["reparam_r1_max"] > 2.0  # DeiT-Tiny's post-LayerNorm outlier channels
 
 
+def test_reparam_near_constant_channel_keeps_the_tensor_centred():
+    """A LayerNorm channel with γ ≈ 0 (the real DeiT-Tiny has some) must not drag the shared zero point: after the
+    fold every value of X' lies within one mean channel range of 0, so the per-tensor grid holds 0 and the
+    rounding error of the widened weight columns is not multiplied by a large constant offset."""
+    from vitq.modules import QLinear
+    from vitq.reparam import LEVELS, fold
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    lin = QLinear(torch.nn.Linear(16, 8), 8, 8, True)  # quantizers uncalibrated: the float function
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(16, generator=g))
+        norm.weight[0], norm.bias[0] = 1e-7, 0.8  # near-constant channel far from 0
+        norm.weight[1] *= 20.0  # an outlier channel
+    x = torch.randn(64, 16, generator=g)
+    with torch.no_grad():
+        h = norm(x)
+        before = lin(h)
+        lo, hi = h.min(0).values, h.max(0).values
+        mean_width = float((hi.clamp(min=0) - lo.clamp(max=0)).mean())
+        stats = fold(norm, lin, lo, hi)
+        h2 = norm(x)
+        after = torch.nn.functional.linear(h2.double(), lin.weight.double(), lin.bias.double())
+    assert float((after - before.double()).abs().max()) < 1e-4 * float(before.abs().max())
+    assert float(h2.abs().max()) <= mean_width * (1 + 1e-4), (float(h2.abs().max()), mean_width)
+    assert stats["r1_max"] > 2.0 and LEVELS == 255
+
+
 def test_repq_calibrates_both_regimes_and_records():
     model, x = tiny_model("deit"), tiny_images("deit", 8)
     for regime in ("fq", "matmul"):
@@ -105,6 +134,33 @@ def test_logsqrt2_levels_bounds_monotone(bits):
     codes = q.encode(x)
     back = torch.where(codes > q.max_code, torch.zeros(()), q.hardware_decode(codes.clamp(max=q.max_code)))
     assert torch.equal(back, y)
+
+
+def test_logsqrt2_scale_search_and_old_states():
+    g = torch.Generator().manual_seed(1)
+    soft = torch.softmax(torch.randn(64, 197, generator=g) * 1.5, -1)  # mostly ≈ 1/197: below 4-bit's 2^-7
+    obs = Observer()
+    obs.update(soft)
+    obs.start_error_pass()
+    obs.update(soft)
+    q = LogSqrt2Quantizer(4, "softmax")
+    chosen = q.fit(obs)
+    from vitq.quantizers_log import LOGSQRT2_SCALES
+
+    assert chosen["scale"] in LOGSQRT2_SCALES and chosen["scale"] < 1.0 and bool(q.initialized)
+    unit = LogSqrt2Quantizer(4, "softmax")
+    unit.mark_initialized()
+    err = float((q.fake_quant(soft) - soft).pow(2).sum())
+    assert err < float((unit.fake_quant(soft) - soft).pow(2).sum())
+    levels = q.level_set()
+    assert levels.numel() == 16 and abs(float(levels.max()) - chosen["scale"]) < 1e-6
+    _check_log_quantizer(q, soft.flatten(), levels)
+    # a state saved before the scale existed loads with scale 1
+    old = {k: v for k, v in unit.state_dict().items() if k != "scale"}
+    fresh = LogSqrt2Quantizer(4, "softmax")
+    fresh.scale.fill_(0.3)
+    fresh.load_state_dict(old)
+    assert float(fresh.scale) == 1.0
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -258,3 +314,43 @@ def test_cli_weight_rounding_gptq_recorded_and_reloads(tmp_path):
     assert r["calibration"]["reparam_layers"] == 4 and r["scheme_config"]["gelu_quantizer"] == "adalog"
     assert main(["evaluate", *common, "--state", str(out), "--out", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["quant"] == r["quant"]
+
+
+# ------------------------------------------------------------------------------------------ mse range search
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_mse_range_search_keeps_the_short_side_and_beats_omse(bits):
+    """Post-GELU-like values ([-0.17, long positive tail]): the per-end search keeps GELU's negative side,
+    clips the tail, and its squared error is never above OMSE's or min/max's on the values it searched."""
+    from vitq.observers import apply_range
+
+    g = torch.Generator().manual_seed(bits)
+    pre = torch.randn(50000, generator=g)
+    pre[:4] = pre[:4].abs() * 15 + 10  # a few massive activations, as in real ViT MLPs
+    x = torch.nn.functional.gelu(pre)
+    obs = Observer()
+    obs.update(x)
+    obs.start_error_pass()
+    obs.update(x)
+    errs = {}
+    for how in ("mse", "omse", "minmax"):
+        q = UniformQuantizer(bits, "linear_input")
+        apply_range(q, obs, how)
+        errs[how] = float((q.fake_quant(x) - x).pow(2).sum())
+        if how == "mse":
+            lo = float(-q.zero_point * q.scale)
+            hi = float((q.qmax - q.zero_point) * q.scale)
+    assert errs["mse"] <= errs["omse"] * (1 + 1e-5) and errs["mse"] <= errs["minmax"] * (1 + 1e-5), errs
+    if bits <= 4:
+        assert hi < float(x.max()) * 0.5  # the long tail is clipped
+    if bits >= 4:
+        assert lo < -0.05  # GELU's negative side is kept
+    # signed (symmetric) quantizers search one bound
+    w = torch.randn(8, 300, generator=g) * torch.rand(8, 1, generator=g)
+    q = UniformQuantizer(bits, "weight", signed=True, channel_axis=0, num_channels=8)
+    from vitq.observers import weight_range
+
+    weight_range(q, w, "mse")
+    e_mse = (q.fake_quant(w) - w).pow(2).sum(1)
+    weight_range(q, w, "minmax")
+    e_mm = (q.fake_quant(w) - w).pow(2).sum(1)
+    assert bool((e_mse <= e_mm * (1 + 1e-5)).all())

@@ -22,8 +22,8 @@ from vitq.quantizers import PTFQuantizer, Quantizer, UniformQuantizer, quantizer
 
 # OMSE shrink factors 1.00, 0.99, ..., 0.11 of the observed range (METHODS.md §1)
 OMSE_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
-# "mse" search: each end of the range scaled by 1, ..., 0.01 (geometric), the two ends searched in turn
-MSE_FACTORS = tuple(0.01 ** (i / 99) for i in range(100))
+# "mse" search: each end of the range scaled by the OMSE factors, then on geometrically down to 0.01
+MSE_FACTORS = OMSE_FACTORS + tuple(0.11 * (0.01 / 0.11) ** (i / 50) for i in range(1, 51))
 MSE_ROUNDS = 2  # upper end, lower end, upper, lower: rounds of the coordinate search
 HIST_BINS = 4096  # per tensor (or per channel) over its observed range: 16 bins per 8-bit step, 256 per 4-bit step
 
@@ -290,11 +290,12 @@ def _omse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: t
 def _mse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                   weights: torch.Tensor | None = None):
     """Least squared error per channel with the two ends of the range clipped independently: x is [C, n]
-    (histogram centres with ``weights`` = counts, or values). Coordinate search: the upper end over
-    ``hi·MSE_FACTORS`` with the lower end fixed, then the lower end over ``lo·MSE_FACTORS``, MSE_ROUNDS times.
-    Unlike OMSE (both ends shrunk by one factor, down to 0.11), a long one-sided tail (post-GELU: [-0.17, 40])
-    can be clipped hard without clipping the short side. Signed (symmetric) quantizers search one bound."""
-    lo, hi = lo.clone(), hi.clone()
+    (histogram centres with ``weights`` = counts, or values). Starts from OMSE's answer (both ends shrunk by
+    one factor), then a coordinate search: the upper end over ``hi·MSE_FACTORS`` with the lower end fixed,
+    then the lower end over ``lo·MSE_FACTORS``, MSE_ROUNDS times. Each step's candidates include the current
+    end, so the error never rises above OMSE's (nor min/max's). Unlike OMSE, a long one-sided tail
+    (post-GELU: [-0.17, 40]) can be clipped hard, below 0.11 of the max, without clipping the short side.
+    Signed (symmetric) quantizers search one bound."""
     factors = torch.tensor(MSE_FACTORS, dtype=lo.dtype, device=lo.device)
     if q.signed:
         bound = torch.maximum(-lo, hi)
@@ -302,6 +303,7 @@ def _mse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: to
         bound = bound * factors[errs.argmin(0)]
         return -bound, bound
     lo0, hi0 = lo.clone(), hi.clone()
+    lo, hi = _omse_channels(q, x, lo0, hi0, weights)
     for _ in range(MSE_ROUNDS):
         errs = torch.stack([_uniform_error(x, q, lo, hi0 * f, weights) for f in MSE_FACTORS])
         hi = hi0 * factors[errs.argmin(0)]
