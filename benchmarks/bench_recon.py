@@ -82,13 +82,20 @@ def main() -> None:
     for seed in range(args.seeds):
         calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
         for spec in args.configs.split(","):
-            scheme, bits, method = spec.split(":")
+            scheme, bits, method_spec = spec.split(":")
             w, a = map(int, bits.split("/"))
-            key = f"{scheme}:{w}:{a}:{method}"
+            key = f"{scheme}:{w}:{a}:{method_spec}"
+            method, *extras = method_spec.split("+")  # e.g. repq+adalog+gptq
+            unknown = set(extras) - {"adalog", "gptq"}
+            if unknown:
+                raise SystemExit(f"--configs {spec}: unknown suffix {sorted(unknown)} (expected +adalog, +gptq)")
+            kinds = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"} if "adalog" in extras else {}
             calib = CalibData(calib_x, batch_size=args.batch_size, progress=False, seed=seed)
-            q = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method)
+            q = vitq.prepare(model, vitq.Scheme(scheme, w, a, **kinds), method=method)
             t0 = time.perf_counter()
             vitq.calibrate(q, calib, method, seed=seed)
+            if "gptq" in extras:
+                vitq.round_weights(q, calib, how="gptq", seed=seed, progress=False)
             cost = time.perf_counter() - t0
             record = {"seconds": cost, "step_seconds": cost}
             chain = []
@@ -119,11 +126,11 @@ def report(args, runs: dict, float_top1: float, num_val: int, t_start: float, pa
     for key, pipes in runs.items():
         scheme, w, a, method = key.split(":")
         for pipeline, recs in pipes.items():
-            recipe = RECIPE_OF[pipeline].format(scheme=scheme, method=method)
+            recipe = RECIPE_OF[pipeline].format(scheme=scheme, method=method.replace("+", "-"))
             step = [r["step_seconds"] for r in recs]
             kl_cal = [r["calib_kl"]["before"] - r["calib_kl"]["after"] for r in recs if "calib_kl" in r]
             kept = sum(len(r["info"]["pieces_kept_start"]) for r in recs if pipeline.endswith("recon"))
-            rows.append([f"{scheme} W{w}A{a}", f"{method}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}",
+            rows.append([f"{scheme} W{w}A{a}", f"{method.replace('+', ' + ')}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}",
                          mean_std([r["top1"] for r in recs]), mean_std([float_top1 - r["top1"] for r in recs]),
                          mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], 4),
                          mean_std(kl_cal, 4) if kl_cal else "-", mean_std(step, 0),
