@@ -54,17 +54,22 @@ FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is
 RECON_CPU = {"recon_iters": 40, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
 EVOLQ_CPU = {"evolq_passes": 1}
 
+GPTQ = {"weight_rounding": "gptq"}
+ADALOG_GPTQ = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weight_rounding": "gptq"}
+
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("fq-repq-gptq-recon", "fq", "repq", ("recon",), flags={"weight_rounding": "gptq"}, cpu_flags=RECON_CPU,
-           note="RepQ-ViT with GPTQ weight rounding, then block reconstruction (issue 10; unmeasured)"),
+    Recipe("fq-repq-gptq-recon", "fq", "repq", ("recon",), flags=GPTQ, cpu_flags=RECON_CPU,
+           note="RepQ-ViT with GPTQ weight rounding, then block reconstruction"),
+    Recipe("fq-repq-gptq", "fq", "repq", flags=GPTQ, note="RepQ-ViT with GPTQ weight rounding (calibration only)"),
     Recipe("fq-fqvit-recon-evolq", "fq", "fqvit", ("recon", "evolq"), cpu_flags={**RECON_CPU, **EVOLQ_CPU},
            note="FQ-ViT base, block reconstruction, then Evol-Q (faithful)"),
     Recipe("fq-fqvit-recon", "fq", "fqvit", ("recon",), cpu_flags=RECON_CPU,
            note="FQ-ViT base, then block reconstruction"),
     Recipe("fq-fqvit", "fq", "fqvit", note="FQ-ViT base alone (calibration only)"),
-    Recipe("matmul-repq-gptq-recon", "matmul", "repq", ("recon",), flags={"weight_rounding": "gptq"},
-           cpu_flags=RECON_CPU, note="RepQ-ViT with GPTQ weight rounding, then block reconstruction (issue 10; "
-                                     "unmeasured)"),
+    Recipe("matmul-repq-adalog-gptq-recon", "matmul", "repq", ("recon",), flags=ADALOG_GPTQ, cpu_flags=RECON_CPU,
+           note="RepQ-ViT, adaptive-log softmax and post-GELU quantizers, GPTQ, then block reconstruction"),
+    Recipe("matmul-repq-adalog-gptq", "matmul", "repq", flags=ADALOG_GPTQ,
+           note="RepQ-ViT, adaptive-log softmax and post-GELU quantizers, GPTQ (calibration only)"),
     Recipe("matmul-ptq4vit-recon-evolq", "matmul", "ptq4vit", ("recon", "evolq"),
            cpu_flags={**RECON_CPU, **EVOLQ_CPU},
            note="PTQ4ViT base (twin softmax/GELU kept), block reconstruction, then Evol-Q (faithful)"),
