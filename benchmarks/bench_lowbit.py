@@ -206,9 +206,10 @@ agreement with float (%); KL = mean KL(float ‖ quant) in nats; calib s = wall 
 named) on 2 shared CPU cores (indicative only).
 
 Configs: `repq` = `--method repq` (reparameterization + log√2 softmax with a searched scale + `mse` activation
-ranges (each end clipped on its own) + per-channel OMSE weights); `+ GPTQ` = `--weight-rounding gptq` (damp 0.01, act-order, block 128) on the same calibration, same
-images; `repq-adalog + GPTQ` = `--method repq --softmax-quantizer adalog --gelu-quantizer adalog --weight-rounding
-gptq`. Reference rows: the best existing method of the setting in BENCHMARKS.md that fits the budget: `ptq4vit`
+ranges (each end clipped on its own) + per-channel OMSE weights); `+ GPTQ` = `--weight-rounding gptq` (damp 0.01,
+act-order, block 128) on the same calibration, same images; `repq-adalog + GPTQ` = `--method repq
+--softmax-quantizer adalog --gelu-quantizer adalog --weight-rounding gptq`. Reference rows: the best existing method
+of the setting in BENCHMARKS.md that fits the budget: `ptq4vit`
 at the apq section's reduced search (candidates 16, 2 rounds, 20 % of token rows; `apq` was 1.2 points better at
 W4A4 there but twice as slow), on the first {args.reference_seeds} draw(s) only (reduction for CPU time); `fqvit`
 for `fq` (all draws). Every layer, head and patch embedding included, is quantized at the setting's bits (image

@@ -130,7 +130,8 @@ def report(args, runs: dict, float_top1: float, num_val: int, t_start: float, pa
             step = [r["step_seconds"] for r in recs]
             kl_cal = [r["calib_kl"]["before"] - r["calib_kl"]["after"] for r in recs if "calib_kl" in r]
             kept = sum(len(r["info"]["pieces_kept_start"]) for r in recs if pipeline.endswith("recon"))
-            rows.append([f"{scheme} W{w}A{a}", f"{method.replace('+', ' + ')}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}",
+            steps = method.replace("+", " + ") + (" + " + pipeline.replace(",", " + ") if pipeline else "")
+            rows.append([f"{scheme} W{w}A{a}", steps,
                          mean_std([r["top1"] for r in recs]), mean_std([float_top1 - r["top1"] for r in recs]),
                          mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], 4),
                          mean_std(kl_cal, 4) if kl_cal else "-", mean_std(step, 0),

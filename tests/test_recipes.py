@@ -40,10 +40,14 @@ def test_recipe_expands_to_the_documented_flags():
 
 
 def test_apply_fills_only_unset_flags():
-    args = _args("--recipe", "best", "--scheme", "matmul", "--w-bits", "4", "--a-bits", "4", "--recon-iters", "5")
+    args = _args("--recipe", "best", "--scheme", "matmul", "--w-bits", "4", "--a-bits", "4")
     info = recipes.apply_recipe(args)
     assert info["name"].startswith("matmul-") and args.method == info["applied"]["method"]
+    assert info["overridden_by_flags"] == {} and info["applied"] == recipes.by_name(info["name"]).settings("cpu")
+    args = _args("--recipe", "matmul-repq-adalog-gptq-recon", "--scheme", "matmul", "--recon-iters", "5")
+    info = recipes.apply_recipe(args)
     assert args.recon_iters == 5 and info["overridden_by_flags"] == {"recon_iters": 5}
+    assert args.weight_rounding == "gptq" and args.gelu_quantizer == "adalog"  # flags whose CLI default is unset
     args = _args("--recipe", "fq-fqvit-recon", "--refine", "evolq", "--method", "omse")
     info = recipes.apply_recipe(args)
     assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 40

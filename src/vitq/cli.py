@@ -248,6 +248,7 @@ def cmd_quantize(args) -> int:
         cal_info = api.calibrate(qmodel, calib, args.method, **method_opts)
     calibrate_s = time.perf_counter() - t0
     log.info("calibrated in %.1f s", calibrate_s)
+    args.weight_rounding = args.weight_rounding or "nearest"  # None: neither the flag nor a recipe set it
     round_info = api.round_weights(qmodel, calib, how=args.weight_rounding)
     if args.weight_rounding != "nearest":
         log.info("weights rounded (%s) in %.1f s", args.weight_rounding, round_info["seconds"])
@@ -494,7 +495,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
-    q.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",  # see vitq.gptq
+    # see vitq.gptq; default None so that a recipe can set it
+    q.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
                    help="after --method: keep nearest rounding (default) or round the weights with GPTQ")
     q.add_argument("--refine", default=None,
                    help="refiner, or comma-separated refiners applied in order (e.g. recon,evolq; see vitq methods)")

@@ -173,7 +173,8 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
 
 def needs_error_pass(q: Quantizer, how: str) -> bool:
     """Whether setting ``q`` by ``how`` needs the observer's second pass."""
-    return (how in ("omse", "mse") and isinstance(q, (UniformQuantizer, PTFQuantizer))) or hasattr(q, "fit")  # fit: adalog
+    searched = how in ("omse", "mse") and isinstance(q, (UniformQuantizer, PTFQuantizer))
+    return searched or hasattr(q, "fit")  # fit: adalog, logsqrt2
 
 
 def start_error_pass(model: nn.Module, observers: dict[str, Observer], how: str) -> bool:

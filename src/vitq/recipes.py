@@ -60,7 +60,8 @@ ADALOG_GPTQ = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weigh
 RECIPES: tuple[Recipe, ...] = (
     Recipe("fq-repq-gptq-recon", "fq", "repq", ("recon",), flags=GPTQ, cpu_flags=RECON_CPU,
            note="RepQ-ViT with GPTQ weight rounding, then block reconstruction"),
-    Recipe("fq-repq-gptq", "fq", "repq", flags=GPTQ, note="RepQ-ViT with GPTQ weight rounding (calibration only)"),
+    Recipe("fq-repq-gptq", "fq", "repq", flags=GPTQ, cpu_flags={"num_calib": RECON_CPU["num_calib"]},
+           note="RepQ-ViT with GPTQ weight rounding (calibration only)"),
     Recipe("fq-fqvit-recon-evolq", "fq", "fqvit", ("recon", "evolq"), cpu_flags={**RECON_CPU, **EVOLQ_CPU},
            note="FQ-ViT base, block reconstruction, then Evol-Q (faithful)"),
     Recipe("fq-fqvit-recon", "fq", "fqvit", ("recon",), cpu_flags=RECON_CPU,
@@ -69,6 +70,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("matmul-repq-adalog-gptq-recon", "matmul", "repq", ("recon",), flags=ADALOG_GPTQ, cpu_flags=RECON_CPU,
            note="RepQ-ViT, adaptive-log softmax and post-GELU quantizers, GPTQ, then block reconstruction"),
     Recipe("matmul-repq-adalog-gptq", "matmul", "repq", flags=ADALOG_GPTQ,
+           cpu_flags={"num_calib": RECON_CPU["num_calib"]},
            note="RepQ-ViT, adaptive-log softmax and post-GELU quantizers, GPTQ (calibration only)"),
     Recipe("matmul-ptq4vit-recon-evolq", "matmul", "ptq4vit", ("recon", "evolq"),
            cpu_flags={**RECON_CPU, **EVOLQ_CPU},
@@ -80,16 +82,29 @@ RECIPES: tuple[Recipe, ...] = (
 
 WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"
 # (recipe, w_bits, a_bits) -> measured on DeiT-Tiny, all 500 val images, CPU setting; from bench_recon.py
-# (python -m benchmarks.bench_recon, 2026-11-23, one calibration draw; cost = wall seconds of calibration + refiners
-# on 2 shared CPU cores)
+# (the command in that section, 2026-11-23, one calibration draw; cost = wall seconds of calibration + refiners on
+# 2 shared CPU cores)
 MEASURED: dict[tuple[str, int, int], dict] = {
-    ("matmul-ptq4vit", 4, 4): {"agreement": 59.6, "top1": 54.2, "kl": 0.8985, "seconds": 507.6, "where": WHERE},
-    ("matmul-ptq4vit-recon", 4, 4): {"agreement": 70.6, "top1": 63.8, "kl": 0.6142, "seconds": 537.9, "where": WHERE},
-    ("matmul-ptq4vit-recon-evolq", 4, 4): {"agreement": 67.8, "top1": 61.6, "kl": 0.6216, "seconds": 590.4,
+    ("matmul-repq-adalog-gptq", 4, 4): {"agreement": 76.2, "top1": 69.0, "kl": 0.4031, "seconds": 23.6, "where": WHERE},
+    ("matmul-repq-adalog-gptq-recon", 4, 4): {"agreement": 75.4, "top1": 68.2, "kl": 0.3986, "seconds": 54.7,
+                                              "where": WHERE},
+    ("matmul-repq-adalog-gptq-recon-evolq", 4, 4): {"agreement": 74.2, "top1": 67.2, "kl": 0.4002, "seconds": 110.3,
+                                                    "where": WHERE},
+    ("fq-repq-gptq", 4, 8): {"agreement": 88.8, "top1": 75.6, "kl": 0.1038, "seconds": 24.1, "where": WHERE},
+    ("fq-repq-gptq-recon", 4, 8): {"agreement": 89.0, "top1": 75.6, "kl": 0.1021, "seconds": 58.8, "where": WHERE},
+    ("fq-repq-gptq-recon-evolq", 4, 8): {"agreement": 89.4, "top1": 75.2, "kl": 0.1053, "seconds": 121.8,
+                                         "where": WHERE},
+    ("fq-repq-gptq", 3, 8): {"agreement": 73.2, "top1": 66.8, "kl": 0.4747, "seconds": 21.9, "where": WHERE},
+    ("fq-repq-gptq-recon", 3, 8): {"agreement": 74.2, "top1": 67.4, "kl": 0.479, "seconds": 58.0, "where": WHERE},
+    ("fq-repq-gptq-recon-evolq", 3, 8): {"agreement": 73.8, "top1": 67.0, "kl": 0.4708, "seconds": 102.8,
+                                         "where": WHERE},
+    ("fq-fqvit", 4, 8): {"agreement": 85.4, "top1": 73.4, "kl": 0.1875, "seconds": 3.9, "where": WHERE},
+    ("fq-fqvit-recon", 4, 8): {"agreement": 87.2, "top1": 76.8, "kl": 0.1185, "seconds": 36.2, "where": WHERE},
+    ("fq-fqvit-recon-evolq", 4, 8): {"agreement": 87.4, "top1": 76.6, "kl": 0.1165, "seconds": 65.0, "where": WHERE},
+    ("matmul-ptq4vit", 4, 4): {"agreement": 59.6, "top1": 54.2, "kl": 0.8985, "seconds": 456.3, "where": WHERE},
+    ("matmul-ptq4vit-recon", 4, 4): {"agreement": 70.6, "top1": 63.8, "kl": 0.6142, "seconds": 484.7, "where": WHERE},
+    ("matmul-ptq4vit-recon-evolq", 4, 4): {"agreement": 68.8, "top1": 61.6, "kl": 0.6182, "seconds": 519.8,
                                            "where": WHERE},
-    ("fq-fqvit", 4, 8): {"agreement": 85.4, "top1": 73.4, "kl": 0.1875, "seconds": 3.3, "where": WHERE},
-    ("fq-fqvit-recon", 4, 8): {"agreement": 87.2, "top1": 76.8, "kl": 0.1185, "seconds": 39.2, "where": WHERE},
-    ("fq-fqvit-recon-evolq", 4, 8): {"agreement": 87.4, "top1": 76.6, "kl": 0.1165, "seconds": 83.6, "where": WHERE},
 }
 
 

@@ -2,8 +2,8 @@
 
 The inputs of ``qkv`` and ``fc1`` come straight from a LayerNorm and have a few channels with much larger
 ranges than the rest. Calibrated per channel (asymmetric: scale ``s_c``, zero point ``z_c`` from the channel's
-observed [min, max], widened to include 0), they would need a per-channel activation quantizer. Instead, with ``s̃ = mean(s)``,
-``z̃ = mean(z)``, ``r1 = s / s̃`` and ``r2 = z - z̃``, the LayerNorm's affine parameters become
+observed [min, max], widened to include 0), they would need a per-channel activation quantizer. Instead, with
+``s̃ = mean(s)``, ``z̃ = mean(z)``, ``r1 = s / s̃`` and ``r2 = z - z̃``, the LayerNorm's affine parameters become
 
     γ' = γ / r1,   β' = (β + s·r2) / r1
 
