@@ -33,6 +33,13 @@ LOGSQRT2_SCALES = tuple(2.0 ** (-j / 4) for j in range(17))  # logsqrt2 top leve
 SCALE_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # top level as a fraction of the observed max
 
 
+def _observed_values(obs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-empty bins of an observer's histogram (second pass): (bin centres, counts) on ``device``."""
+    centres, counts = obs.histogram()
+    keep = counts > 0
+    return centres[keep].float().to(device), counts[keep].double().to(device)
+
+
 def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return xq.detach() + (x - x.detach())
 
@@ -95,10 +102,7 @@ class LogSqrt2Quantizer(Quantizer):
         if getattr(obs, "hist", None) is None:
             self.mark_initialized()
             return {"scale": float(self.scale)}
-        centres, counts = obs.histogram()
-        keep = counts > 0
-        x = centres[keep].float().to(self.scale.device)
-        wts = counts[keep].double().to(self.scale.device)
+        x, wts = _observed_values(obs, self.scale.device)
         errs = [float(((self._quant(x, torch.tensor(s, device=x.device)) - x).double().pow(2) * wts).sum())
                 for s in LOGSQRT2_SCALES]
         best = LOGSQRT2_SCALES[min(range(len(errs)), key=errs.__getitem__)]
@@ -175,10 +179,7 @@ class AdaLogQuantizer(Quantizer):
         if getattr(obs, "hist", None) is None:
             self.set_range(lo, hi)
             return {"base_exp": float(self.base_exp), "scale": float(self.scale)}
-        centres, counts = obs.histogram()
-        keep = counts > 0
-        x = centres[keep].float().to(self.scale.device)
-        wts = counts[keep].double().to(self.scale.device)
+        x, wts = _observed_values(obs, self.scale.device)
         if self.role == "softmax":
             scales = [1.0]
             self.neg_scale.fill_(0.0)
