@@ -2,14 +2,18 @@
 minmax, omse and ptqvit at the same setting: matmul W8A8, W6A6, W4A8, W4A4 and fq W8A8, W4A8.
 
 Lean by design (2 shared CPU cores): val images decoded once, float logits computed once, one seed, reduced
-searches (stated in the section); rows run in priority order (matmul W4A8 first) and the section is rewritten
-after every row, so a run stopped by its time budget still leaves honest partial results.
+searches (stated in the section); rows run in priority order (matmul W4A8 first). Every finished row is kept in
+``benchmarks/ptqvit_baselines_rows.json`` with the commit that ran it, and the section is rewritten from the kept
+rows after every row: a run stopped by its time budget leaves honest partial results, and the next run with the
+same settings runs only the rows still missing (``--fresh`` starts over).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,8 +40,11 @@ from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
 from vitq.models import create_model  # noqa: E402
 
+ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_baselines_rows.json"
 SETTINGS = [("matmul", 4, 8), ("matmul", 8, 8), ("matmul", 6, 6), ("matmul", 4, 4), ("fq", 8, 8), ("fq", 4, 8)]
 METHODS = ["minmax", "omse", "ptqvit", "aciq", "easyquant", "lapq"]
+ACIQ_ABLATIONS = [(("matmul", 4, 8), "aciq", {"no_allocation": True}),
+                  (("matmul", 4, 8), "aciq", {"activations": "minmax"})]
 # PTQ-ViT paper (Liu et al. 2021), Table 1: EasyQuant on DeiT-S / DeiT-B (their regime, not ours); float top-1
 # of those checkpoints from the DeiT paper
 PAPER_EASYQUANT = [("DeiT-S", 79.8, "W6A6", 73.26), ("DeiT-S", 79.8, "W8A8", 76.59),
@@ -66,6 +73,7 @@ def main() -> int:
     ap.add_argument("--lapq-evals", type=int, default=150)
     ap.add_argument("--lapq-images", type=int, default=16)
     ap.add_argument("--lapq-p", default="2,3,4")
+    ap.add_argument("--fresh", action="store_true", help=f"forget the rows kept in {ROWS_FILE.name}")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -86,13 +94,24 @@ def main() -> int:
         settings = [s for s in SETTINGS if f"{s[0]}-w{s[1]}a{s[2]}" in keep]
     plan = [(s, m, {}) for s in settings for m in args.methods.split(",")]
     if ("matmul", 4, 8) in settings and "aciq" in args.methods.split(","):  # aciq ablations, last
-        plan += [(("matmul", 4, 8), "aciq", {"no_allocation": True}),
-                 (("matmul", 4, 8), "aciq", {"activations": "minmax"})]
-    rows, notes, skipped = [], [], []
-    float_top1 = float("nan")
+        plan += ACIQ_ABLATIONS
+    settings_used = {k: getattr(args, k) for k in ("num_calib", "ptqvit_candidates", "eq_candidates", "eq_rounds",
+                                                   "eq_tokens", "lapq_evals", "lapq_images", "lapq_p")}
+    kept = {"settings": settings_used, "rows": {}}
+    if ROWS_FILE.exists() and not args.fresh:
+        kept = json.loads(ROWS_FILE.read_text())
+        if kept["settings"] != settings_used:
+            raise SystemExit(f"{ROWS_FILE} holds rows run with {kept['settings']}, not {settings_used}: use the same "
+                             "settings or --fresh")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROWS_FILE.parent).stdout.strip() or "?"
+    full_plan = [(s, m, {}) for s in SETTINGS for m in METHODS] + ACIQ_ABLATIONS
+    skipped = []
     for (regime, w, a), method, extra in plan:
         label = f"{regime} W{w}A{a}"
         name = method + "".join(f" {k}={v}" for k, v in extra.items())
+        if f"{label} | {name}" in kept["rows"]:
+            continue
         if (time.perf_counter() - t_start) / 60 > args.budget_min:
             skipped.append(f"{name} {label}")
             continue
@@ -104,41 +123,53 @@ def main() -> int:
             for i in range(0, len(val_x), 50):
                 m.update(float_logits[i:i + 50], q(val_x[i:i + 50]), val_y[i:i + 50])
         r = m.result()
-        rows.append([label, name, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
-                     round(info["seconds"], 1)])
+        note = None
         if method == "lapq":
-            notes.append(f"- lapq {label}: p = {info['p']} (sweep losses "
-                         f"{ {k: round(v, 4) for k, v in info['p_sweep_loss'].items()} }), loss {info['init_loss']:.4f}"
-                         f" -> {info['final_loss']:.4f} after {info['evaluations']} evaluations ({info['stopped']}), "
-                         f"{info['changed_factors']} of {info['variables']} factors moved")
+            note = (f"- lapq {label}: p = {info['p']} (sweep losses "
+                    f"{ {k: round(v, 4) for k, v in info['p_sweep_loss'].items()} }), loss {info['init_loss']:.4f}"
+                    f" -> {info['final_loss']:.4f} after {info['evaluations']} evaluations ({info['stopped']}), "
+                    f"{info['changed_factors']} of {info['variables']} factors moved")
         if method == "easyquant":
-            notes.append(f"- easyquant {label}: mean layer cosine {info['mean_init_cosine']:.4f} -> "
-                         f"{info['mean_cosine']:.4f} over {len(info['layers'])} layers")
+            note = (f"- easyquant {label}: mean layer cosine {info['mean_init_cosine']:.4f} -> "
+                    f"{info['mean_cosine']:.4f} over {len(info['layers'])} layers")
         if method == "aciq" and not extra:
             mins = min(min(v["bits"]) for v in info["layers"].values())
             maxs = max(max(v["bits"]) for v in info["layers"].values())
-            notes.append(f"- aciq {label}: weight channel bits {mins}..{maxs}, average "
-                         f"{info['average_weight_bits']:.3f}")
-        print(rows[-1], f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
-        float_top1 = r["float"]["top1"]
+            note = f"- aciq {label}: weight channel bits {mins}..{maxs}, average {info['average_weight_bits']:.3f}"
+        kept["float_top1"] = r["float"]["top1"]
+        kept["rows"][f"{label} | {name}"] = {
+            "row": [label, name, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
+                    round(info["seconds"], 1), f"{commit} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"],
+            "note": note}
+        print(kept["rows"][f"{label} | {name}"]["row"], f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
         if not args.no_write:
-            write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), done=False)
+            ROWS_FILE.write_text(json.dumps(kept, indent=1) + "\n")
+            write(args, kept, full_plan, len(calib_x), len(val_x))
+    if skipped:
+        print(f"not run (time budget): {', '.join(skipped)}", flush=True)
     if not args.no_write:
-        write(args, rows, notes, skipped, plan, float_top1, len(calib_x), len(val_x), done=True)
+        write(args, kept, full_plan, len(calib_x), len(val_x))
     return 0
 
 
-def write(args, rows, notes, skipped, plan, float_top1, n_calib, n_val, done: bool) -> None:
-    status = ("complete" if not skipped else f"stopped by the time budget; not run: {', '.join(skipped)}") \
-        if done else f"PARTIAL (in progress, {len(rows)} of {len(plan)} rows)"
+def write(args, kept, full_plan, n_calib, n_val) -> None:
+    order = [f"{r[0]} W{r[1]}A{r[2]} | " + m + "".join(f" {k}={v}" for k, v in e.items()) for (r, m, e) in full_plan]
+    done = [k for k in order if k in kept["rows"]]
+    missing = [k.replace(" | ", ": ") for k in order if k not in kept["rows"]]
+    status = "complete" if not missing else (f"partial, {len(done)} of {len(order)} rows; not run yet: "
+                                             f"{', '.join(missing)}")
+    float_top1 = kept.get("float_top1", float("nan"))
     paper = [[f"{net} (paper, other model)", bits, f"{top1:.2f}", f"{top1 - fl:+.2f}"]
              for net, fl, bits, top1 in PAPER_EASYQUANT]
     ours = []
-    for r in rows:
-        ours.append([*r[:2], r[2], f"{r[2] - float_top1:+.2f}", r[3], r[4], r[5]])
+    for k in done:
+        r = kept["rows"][k]["row"]
+        ours.append([*r[:2], r[2], f"{r[2] - float_top1:+.2f}", r[3], r[4], r[5], r[6]])
+    notes = [kept["rows"][k]["note"] for k in done if kept["rows"][k]["note"]]
     md = f"""## Baselines of PTQ-ViT: EasyQuant, ACIQ, LAPQ on DeiT-Tiny (issue 14)
 
-Command: `{command()}`
+Command (rows are kept in `benchmarks/{ROWS_FILE.name}` across runs with the same settings; the run column names
+the commit and UTC time of each row's run): `{command()}`
 
 {environment()}
 
@@ -155,8 +186,9 @@ Settings (reductions for CPU time are marked *):
   ablations at matmul W4A8: `no_allocation=True` (every channel at 4 bits) and `activations=minmax` (ACIQ on
   the weights only).
 - `ptqvit`*: candidates {args.ptqvit_candidates} (default 100), at most 3 rounds (default 20), 16 cached tokens
-  and 16 query rows per image (defaults 64 / 32), 128 ranking pairs (default 256); per-tensor signed quantizers
-  as in the paper.
+  and 16 query rows per image (defaults 64 / 32), 128 ranking pairs (default 256); otherwise its defaults
+  (per-output-channel weights with one searched factor, unsigned softmax output; the PTQ-ViT section has the
+  paper's per-tensor form).
 - `easyquant`*: grid [0.5Δ, 1.2Δ] with {args.eq_candidates} points (default 100), at most {args.eq_rounds}
   alternations (default 3), {args.eq_tokens} cached tokens and 16 query rows per image (defaults 64 / 32).
 - `lapq`*: p swept over {{{args.lapq_p}}} (default 2, 2.5, 3, 3.5, 4); Powell capped at {args.lapq_evals} loss
@@ -166,7 +198,7 @@ Settings (reductions for CPU time are marked *):
 
 Status: {status}.
 
-{table(["setting", "method", "top-1 %", "Δ float", "agreement %", "KL", "calib s"], ours)}
+{table(["setting", "method", "top-1 %", "Δ float", "agreement %", "KL", "calib s", "run"], ours)}
 
 {chr(10).join(notes)}
 
