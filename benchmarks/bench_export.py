@@ -47,6 +47,8 @@ THREADS = 2
 VITQ_CONFIGS = [  # label, scheme, w bits, a bits, how: "recipe NAME" or "method NAME"
     ("vitq matmul W8A8, best recipe", "matmul", 8, 8, "recipe best"),
     ("vitq matmul W8A8, omse", "matmul", 8, 8, "method omse"),
+    ("vitq matmul W8A8, repq, uniform softmax (every quantizer QDQ)", "matmul", 8, 8,
+     "method repq --softmax-quantizer uniform"),
     ("vitq fq W8A8, best recipe", "fq", 8, 8, "recipe best"),
     ("vitq matmul W6A6, best recipe", "matmul", 6, 6, "recipe best"),
     ("vitq matmul W4A8 (INT4 weights), best recipe", "matmul", 4, 8, "recipe best"),
@@ -97,10 +99,10 @@ def quantize_cli(model, scheme: str, w: int, a: int, how: str, out: str, num_cal
     from vitq.cli import main as vitq_main
     from vitq.state import load
 
-    kind, name = how.split()
+    kind, name, *extra = how.split()
     argv = ["quantize", "--model", "deit_tiny_patch16_224", "--weights", str(DEIT_WEIGHTS), "--calib", str(CALIB_DIR),
             "--scheme", scheme, "--w-bits", str(w), "--a-bits", str(a), "--out", out, "--threads", str(THREADS),
-            "--quiet", f"--{kind}", name]
+            "--quiet", f"--{kind}", name, *extra]
     if kind == "method":
         argv += ["--num-calib", str(num_calib)]
     if vitq_main(argv) != 0:
@@ -108,7 +110,7 @@ def quantize_cli(model, scheme: str, w: int, a: int, how: str, out: str, num_cal
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     rec = res.get("recipe") or {}
-    what = f"recipe {rec['name']}" if rec else f"method {name}"
+    what = f"recipe {rec['name']}" if rec else " ".join(["method", name, *extra])
     return load(model, out).eval(), f"{what}, {res['num_calib']} calibration images"
 
 
