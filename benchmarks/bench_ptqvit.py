@@ -12,9 +12,7 @@ results.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,10 @@ from common import (  # noqa: E402
     batched_logits,
     command,
     environment,
+    git_commit,
     load_images,
+    load_kept_rows,
+    save_kept_rows,
     table,
     write_section,
 )
@@ -122,15 +123,9 @@ def main() -> int:
         plan = [p for p in plan if p[0] in wanted]
     settings = {k: getattr(args, k) for k in ("num_calib", "candidates", "rounds", "tokens", "rows", "pairs",
                                               "mp_candidates")}
-    kept = {"settings": settings, "rows": {}}
-    if ROWS_FILE.exists() and not args.fresh:
-        kept = json.loads(ROWS_FILE.read_text())
-        if kept["settings"] != settings:
-            raise SystemExit(f"{ROWS_FILE} holds rows run with {kept['settings']}, not {settings}: use the same "
-                             "settings or --fresh")
+    kept = load_kept_rows(ROWS_FILE, settings, args.fresh)
     skipped = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROWS_FILE.parent).stdout.strip() or "?"
+    commit = git_commit()
     for label, bits, method, opts in plan:
         if (time.perf_counter() - t_start) / 60 > args.budget_min:
             skipped.append(label)
@@ -159,9 +154,7 @@ def main() -> int:
         print(row, f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
         if not args.no_write:
             kept["rows"][label] = {"row": row, "note": note, "float_top1": r["float"]["top1"]}
-            tmp = ROWS_FILE.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(kept, indent=1))
-            os.replace(tmp, ROWS_FILE)
+            save_kept_rows(ROWS_FILE, kept)
             write(args, kept, skipped, full_plan, len(calib_x), len(val_x), done=False)
     if not args.no_write:
         write(args, kept, skipped, full_plan, len(calib_x), len(val_x), done=True)

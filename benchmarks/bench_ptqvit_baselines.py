@@ -11,9 +11,7 @@ same settings runs only the rows still missing (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,10 @@ from common import (  # noqa: E402
     batched_logits,
     command,
     environment,
+    git_commit,
     load_images,
+    load_kept_rows,
+    save_kept_rows,
     table,
     write_section,
 )
@@ -97,14 +98,8 @@ def main() -> int:
         plan += ACIQ_ABLATIONS
     settings_used = {k: getattr(args, k) for k in ("num_calib", "ptqvit_candidates", "eq_candidates", "eq_rounds",
                                                    "eq_tokens", "lapq_evals", "lapq_images", "lapq_p")}
-    kept = {"settings": settings_used, "rows": {}}
-    if ROWS_FILE.exists() and not args.fresh:
-        kept = json.loads(ROWS_FILE.read_text())
-        if kept["settings"] != settings_used:
-            raise SystemExit(f"{ROWS_FILE} holds rows run with {kept['settings']}, not {settings_used}: use the same "
-                             "settings or --fresh")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROWS_FILE.parent).stdout.strip() or "?"
+    kept = load_kept_rows(ROWS_FILE, settings_used, args.fresh)
+    commit = git_commit()
     full_plan = [(s, m, {}) for s in SETTINGS for m in METHODS] + ACIQ_ABLATIONS
     skipped = []
     for (regime, w, a), method, extra in plan:
@@ -143,7 +138,7 @@ def main() -> int:
             "note": note}
         print(kept["rows"][f"{label} | {name}"]["row"], f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
         if not args.no_write:
-            ROWS_FILE.write_text(json.dumps(kept, indent=1) + "\n")
+            save_kept_rows(ROWS_FILE, kept)
             write(args, kept, full_plan, len(calib_x), len(val_x))
     if skipped:
         print(f"not run (time budget): {', '.join(skipped)}", flush=True)

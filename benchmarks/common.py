@@ -3,11 +3,13 @@ BENCHMARKS.md (between markers, so each script owns its section and reruns repla
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,31 @@ def command() -> str:
     """How this script was invoked, as ``python -m benchmarks.NAME ARGS`` (run from the repository root)."""
     module = os.path.splitext(os.path.relpath(sys.argv[0], ROOT))[0].replace(os.sep, ".")
     return "python -m " + " ".join(shlex.quote(a) for a in [module, *sys.argv[1:]])
+
+
+def load_kept_rows(path: Path, settings: dict, fresh: bool) -> dict:
+    """The rows a benchmark kept from earlier runs with the same ``settings`` (``{"settings", "rows"}``); a file
+    written with other settings stops the run unless ``fresh`` (start over)."""
+    if not path.exists() or fresh:
+        return {"settings": settings, "rows": {}}
+    kept = json.loads(path.read_text())
+    if kept["settings"] != settings:
+        raise SystemExit(f"{path} holds rows run with {kept['settings']}, not {settings}: use the same settings or "
+                         "--fresh")
+    return kept
+
+
+def save_kept_rows(path: Path, kept: dict) -> None:
+    """Write the kept rows whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(kept, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    """The short commit of the checkout the benchmark runs from ("?" outside git)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() or "?"
 
 
 def median_time(fn, repeats: int = 3) -> float:
