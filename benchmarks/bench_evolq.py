@@ -7,6 +7,9 @@ calibrate and search on calib/, evaluate on all of val/; the search and check fi
 
     python -m benchmarks.bench_evolq [--num-calib N] [--passes P] [--modes faithful,checked]
         [--configs fq:4/8:fqvit,fq:3/8:fqvit] [--issue-row] [--landscape] [--threads N] [--no-write]
+
+``--seeds 0,1,2`` instead runs every config and mode once per seed (calibration order, search/check split and
+search) and writes the "evolq-seeds" section: the change against the base as mean ± std over the seeds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 
 import torch
@@ -88,6 +92,8 @@ def main() -> None:
     p.add_argument("--modes", default="faithful,checked")
     p.add_argument("--configs", default="fq:4/8:fqvit,fq:3/8:fqvit")
     p.add_argument("--seed", type=int, default=0, help="calibration-subset, split and search seed")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: the seed-spread table instead (section "
+                                                 "evolq-seeds)")
     p.add_argument("--issue-row", action="store_true", help="also issue 15's setting: fq W4A8 fqvit, 64 images, "
                                                              "1 pass, faithful and checked")
     p.add_argument("--landscape", action="store_true", help="also the landscape figure (first config)")
@@ -110,6 +116,9 @@ def main() -> None:
     with full_float32():
         float_logits = batched_logits(model, val_x)
     float_top1 = metrics(float_logits, float_logits, val_y)["top1"]
+    if args.seeds:
+        seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, modes, t_start)
+        return
 
     rows, details, landscape, curves = [], {}, None, []
     with full_float32():
@@ -210,6 +219,68 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_section("evolq", text)
+    print(f"done in {total_min:.1f} min", flush=True)
+
+
+def _pm(values, fmt: str) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt.lstrip('+'))}"
+
+
+def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, modes, t_start) -> None:
+    """Every config and mode once per seed; mean ± std of the result and of its change against the base."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per: dict = {}
+    records: dict = {}
+    with full_float32():
+        for seed in seeds:
+            calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
+            for spec in args.configs.split(","):
+                scheme, bits, method = spec.split(":")
+                w, a = map(int, bits.split("/"))
+                _, runs, _, _ = run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method, modes,
+                                           args.passes, seed)
+                records[f"{scheme} W{w}A{a} {method} seed {seed}"] = runs
+                b = runs["base"]["metrics"]
+                for mode in modes:
+                    m, info = runs[mode]["metrics"], runs[mode]["info"]
+                    d = per.setdefault((f"{scheme} W{w}A{a}", f"{method} + evolq {mode}"), [])
+                    d.append({"seed": seed, "base_agree": b["agreement"], "base_kl": b["kl"],
+                              "agree": m["agreement"], "kl": m["kl"], "d_agree": m["agreement"] - b["agreement"],
+                              "d_kl": m["kl"] - b["kl"], "rejected": (info.get("check") or {}).get("rejected_steps"),
+                              "search_s": info["search_seconds"]})
+    rows = []
+    for (tag, name), d in per.items():
+        rows.append([tag, name, len(d), _pm([x["base_agree"] for x in d], ".2f"), _pm([x["agree"] for x in d], ".2f"),
+                     _pm([x["d_agree"] for x in d], "+.2f"), _pm([x["base_kl"] for x in d], ".4f"),
+                     _pm([x["kl"] for x in d], ".4f"), _pm([x["d_kl"] for x in d], "+.4f"),
+                     " / ".join(f"{x['d_agree']:+.1f}, {x['d_kl']:+.4f}" for x in d),
+                     " / ".join("-" if x["rejected"] is None else str(x["rejected"]) for x in d),
+                     f"{statistics.mean(x['search_s'] for x in d):.0f}"])
+    total_min = (time.perf_counter() - t_start) / 60
+    md = "\n".join([
+        "## Evol-Q: spread over seeds (issue 15)",
+        "",
+        f"Command: `{command()}`  ",
+        f"{environment()}  ",
+        f"Whole script: {total_min:.1f} min. Seeds {', '.join(map(str, seeds))}: each seed sets the calibration draw "
+        f"({args.num_calib} of the 250 `calib/` images, in a seeded order that the base calibration follows), the "
+        f"search/check split and the search. Same reductions and settings as the section above "
+        f"({args.passes} pass(es), {args.threads} torch thread(s)); evaluation on all {len(val_x)} `val/` images "
+        f"(float top-1 {float_top1:.2f}), full float32. Values are mean ± sample std over the seeds; "
+        "Δ = run − its own base; rejected = block steps undone by the check (checked mode).",
+        "",
+        table(["scheme", "method", "seeds", "base agreement", "agreement", "Δ agree", "base KL", "KL", "Δ KL",
+               "per seed Δ agree, Δ KL", "rejected", "search s (mean)"], rows),
+        "",
+        "Per-run records: `benchmarks/figures/evolq_seed_runs.json`.",
+    ])
+    print(md)
+    if not args.no_write:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        with open(FIGURES / "evolq_seed_runs.json", "w") as f:
+            json.dump(records, f, indent=1, default=str)
+        write_section("evolq-seeds", md)
     print(f"done in {total_min:.1f} min", flush=True)
 
 

@@ -73,8 +73,11 @@ def main() -> int:
 
     search = {"candidates": args.candidates, "rounds": args.rounds, "tokens": args.tokens, "rows": args.rows,
               "pairs": args.pairs, "mp_candidates": args.mp_candidates}
-    tensor = dict(search, weight_granularity="tensor", softmax_signed=True)
-    signed = dict(search, softmax_signed=True)
+    # every non-default row keeps the signed symmetric input grid it was run with (the default before
+    # --ptqvit-input-grid asymmetric became it)
+    sym = dict(search, input_grid="symmetric")
+    tensor = dict(sym, weight_granularity="tensor", softmax_signed=True)
+    signed = dict(sym, softmax_signed=True)
     plan = [
         ("ptqvit W6A6", 6, "ptqvit", search),
         ("omse W6A6", 6, "omse", {}),
@@ -94,7 +97,7 @@ def main() -> int:
         plan.append((f"percentile W{bits}A{bits}", bits, "percentile", {}))
     # the first per-channel search (each step also tries every channel's own factor by its output error), kept as
     # the option channel_search="own"; the ablations were run with it
-    own = dict(search, channel_search="own", softmax_signed=True)
+    own = dict(sym, channel_search="own", softmax_signed=True)
     plan += [
         ("ptqvit W6A6 own-channel", 6, "ptqvit", own),
         ("ptqvit W4A4 own-channel", 4, "ptqvit", own),
@@ -113,6 +116,13 @@ def main() -> int:
         ("ptqvit W8A8 signed softmax", 8, "ptqvit", signed),
         ("ptqvit MP6 signed softmax", 6, "ptqvit", dict(signed, mixed_precision=6)),
         ("ptqvit MP8 signed softmax", 8, "ptqvit", dict(signed, mixed_precision=8)),
+    ]
+    plan += [  # the defaults before the asymmetric input grid (signed symmetric linear-layer inputs)
+        ("ptqvit W6A6 symmetric inputs", 6, "ptqvit", sym),
+        ("ptqvit W8A8 symmetric inputs", 8, "ptqvit", sym),
+        ("ptqvit W4A4 symmetric inputs", 4, "ptqvit", sym),
+        ("ptqvit MP6 symmetric inputs", 6, "ptqvit", dict(sym, mixed_precision=6)),
+        ("ptqvit MP8 symmetric inputs", 8, "ptqvit", dict(sym, mixed_precision=8)),
     ]
     full_plan = list(plan)
     if args.only:
@@ -217,7 +227,9 @@ omse use their defaults (per-channel min/max and OMSE weights, per-tensor activa
 W9/W10 modules in MP8 are allowed only through mixed precision (quantizers rebuilt with those bits).
 
 Rows: `ptqvit` uses its defaults except the reductions above: per-output-channel weights, one searched factor
-of every channel's max shared by the channels; "per-tensor W" is `--ptqvit-weight-granularity tensor` (the
+of every channel's max shared by the channels, linear-layer inputs on an unsigned grid with a zero point
+(`--ptqvit-input-grid asymmetric`); every other row uses the paper's signed symmetric inputs ("symmetric
+inputs": the defaults before that change); "per-tensor W" is `--ptqvit-weight-granularity tensor` (the
 paper's form, the only one before issue 15); "own-channel" is `--ptqvit-channel-search own` (each weight step
 also tries every channel's own factor, chosen by that channel's output error: the first per-channel version,
 which the ablation rows use). Softmax output: unsigned by default; every "per-tensor W", "first version",

@@ -45,7 +45,9 @@ ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_baselines_rows.json"
 SETTINGS = [("matmul", 4, 8), ("matmul", 8, 8), ("matmul", 6, 6), ("matmul", 4, 4), ("fq", 8, 8), ("fq", 4, 8)]
 METHODS = ["minmax", "omse", "ptqvit", "aciq", "easyquant", "lapq"]
 ACIQ_ABLATIONS = [(("matmul", 4, 8), "aciq", {"no_allocation": True}),
-                  (("matmul", 4, 8), "aciq", {"activations": "minmax"})]
+                  (("matmul", 4, 8), "aciq", {"activations": "minmax"}),
+                  (("matmul", 4, 8), "aciq", {"distribution": "gaussian"}),
+                  (("matmul", 8, 8), "aciq", {"activations": "minmax"})]
 # PTQ-ViT paper (Liu et al. 2021), Table 1: EasyQuant on DeiT-S / DeiT-B (their regime, not ours); float top-1
 # of those checkpoints from the DeiT paper
 PAPER_EASYQUANT = [("DeiT-S", 79.8, "W6A6", 73.26), ("DeiT-S", 79.8, "W8A8", 76.59),
@@ -94,8 +96,8 @@ def main() -> int:
         keep = set(args.only.split(","))
         settings = [s for s in SETTINGS if f"{s[0]}-w{s[1]}a{s[2]}" in keep]
     plan = [(s, m, {}) for s in settings for m in args.methods.split(",")]
-    if ("matmul", 4, 8) in settings and "aciq" in args.methods.split(","):  # aciq ablations, last
-        plan += ACIQ_ABLATIONS
+    if "aciq" in args.methods.split(","):  # aciq ablations, last
+        plan += [a for a in ACIQ_ABLATIONS if a[0] in settings]
     settings_used = {k: getattr(args, k) for k in ("num_calib", "ptqvit_candidates", "eq_candidates", "eq_rounds",
                                                    "eq_tokens", "lapq_evals", "lapq_images", "lapq_p")}
     kept = load_kept_rows(ROWS_FILE, settings_used, args.fresh)
@@ -177,9 +179,9 @@ seeds (CPU budget); the calibration draw is the same for every row.
 
 Settings (reductions for CPU time are marked *):
 - `minmax`, `omse`, `aciq`: defaults (aciq: Laplace clipping of every tensor but the softmax output (min/max),
-  per-channel weight bits in [2, 8] averaging the scheme's weight bits, weight bias correction). Two aciq
-  ablations at matmul W4A8: `no_allocation=True` (every channel at 4 bits) and `activations=minmax` (ACIQ on
-  the weights only).
+  per-channel weight bits in [2, 8] averaging the scheme's weight bits, weight bias correction). aciq
+  ablations: `no_allocation=True` (every channel at the scheme's bits), `activations=minmax` (ACIQ on the
+  weights only: activations keep their min/max) and `distribution=gaussian` (Gaussian fit and constants).
 - `ptqvit`*: candidates {args.ptqvit_candidates} (default 100), at most 3 rounds (default 20), 16 cached tokens
   and 16 query rows per image (defaults 64 / 32), 128 ranking pairs (default 256); otherwise its defaults
   (per-output-channel weights with one searched factor, unsigned softmax output; the PTQ-ViT section has the

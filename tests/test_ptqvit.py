@@ -14,6 +14,7 @@ import vitq  # noqa: E402
 from vitq.allocation import add_command, allocation_from_config  # noqa: E402
 from vitq.errors import VitqError  # noqa: E402
 from vitq.methods import ptqvit as P  # noqa: E402
+from vitq.methods import ptqvit_mp as MP  # noqa: E402
 from vitq.quantizers import UniformQuantizer, quantizers_of  # noqa: E402
 from vitq.registry import get_method  # noqa: E402
 
@@ -95,6 +96,47 @@ def test_sym_quant_matches_uniform_quantizer():
         assert stacked.shape == (2, 50) and torch.equal(stacked[0], q(x))
 
 
+def test_sym_quant_with_zero_point_matches_uniform_quantizer():
+    x = torch.randn(50) * 3
+    q = UniformQuantizer(4, "linear_input", signed=False)
+    q.scale.fill_(0.37)
+    q.zero_point.fill_(5)
+    q.mark_initialized()
+    assert torch.equal(q(x), P.sym_quant(x, 0.37, 4, False, zero_point=5))
+    assert torch.equal(P.sym_quant(x, torch.tensor([0.37, 0.5]), 4, False, zero_point=5)[0], q(x))
+
+
+def _fc2_problem(model, grid: str, bits: int = 4):
+    """fc2 of block 0 (its input is a GELU output, >= -0.17) with a searched input of the given grid."""
+    qm = vitq.prepare(model, vitq.Scheme("matmul", bits, bits), method="ptqvit")
+    opts = P.resolve_options(dict(FAST, calibration="parallel", bias_corr=False, input_grid=grid))
+    layers = P.find_layers(qm)
+    fc2 = next(la for la in layers if la.name == "blocks.0.mlp.fc2")
+    P._swap_layer_quantizers(fc2, weight_granularity="channel", input_grid=grid)
+    with P._Recorder([fc2], "float", opts, torch.Generator().manual_seed(0), stop=False), P.float_mode(qm):
+        qm(images())
+    prob = P._problem(fc2, "float", opts, torch.Generator().manual_seed(0))
+    return fc2, prob, prob.search(opts["candidates"], opts["rounds"], bias_corr=False)
+
+
+def test_asymmetric_input_grid_on_a_gelu_output(deit):
+    """An input that is almost non-negative (post-GELU): the asymmetric grid puts its zero point near the bottom
+    (all codes but a few on the positive side), scores higher than the signed symmetric grid at 4 bits, and the
+    written quantizer reproduces the objective the search scored."""
+    _, p_sym, r_sym = _fc2_problem(deit, "symmetric")
+    fc2, p_asym, r_asym = _fc2_problem(deit, "asymmetric")
+    store_min = float(p_asym.A.min())
+    assert store_min < 0 and r_sym["a_zero"] == 0
+    assert 0 < r_asym["a_zero"] <= 3  # GELU's floor -0.17 is a few steps below zero
+    assert r_asym["objective"] > r_sym["objective"]
+    P._write(fc2, r_asym)
+    q = fc2.a_quant
+    assert not q.signed and int(q.zero_point) == r_asym["a_zero"]
+    assert torch.equal(q(p_asym.A), P.sym_quant(p_asym.A, r_asym["a_scale"], 4, False, r_asym["a_zero"]))
+    with pytest.raises(VitqError, match="input grid"):
+        P.resolve_options({"input_grid": "both"})
+
+
 # ----------------------------------------------------------------------------------------- search
 
 @pytest.mark.parametrize("bias_corr,granularity,search", [(True, "channel", "shared"), (False, "channel", "own"),
@@ -115,7 +157,8 @@ def test_search_never_worse_than_init(deit, bias_corr, granularity, search):
     assert info["mean_objective"] > info["mean_init_objective"]
     assert info["options"]["calibration"] == "sequential"
     for name, q in quantizers_of(qm).items():
-        assert isinstance(q, UniformQuantizer) and q.signed == (q.role != "softmax"), name
+        unsigned = q.role in ("softmax", "linear_input", "image")  # softmax [0, 1]; asymmetric layer inputs
+        assert isinstance(q, UniformQuantizer) and q.signed == (not unsigned), name
         per_channel = granularity == "channel" and name.endswith("weight_quant")
         assert q.channel_axis == (0 if per_channel else None), name
         assert bool(q.initialized), name
@@ -259,14 +302,14 @@ def test_cli_arguments_follow_the_registry_contract():
 
 def test_allocation_is_optimal_and_meets_budget_bruteforce():
     g = torch.Generator().manual_seed(5)
-    cand = P.mp_candidates(6)
-    assert cand == [4, 5, 6, 7, 8] and P.mp_candidates(8) == [6, 7, 8, 9, 10]
+    cand = MP.mp_candidates(6)
+    assert cand == [4, 5, 6, 7, 8] and MP.mp_candidates(8) == [6, 7, 8, 9, 10]
     sizes = [300, 120, 500, 80]
     # errors that fall with more bits, with random module sensitivities
     omega = [[float(torch.rand((), generator=g) * 2.0 ** (-2 * b) * 1e3) for b in cand] for _ in sizes]
     for target in (5.0, 6.0, 6.5):
         budget = target * sum(sizes)
-        got = P.solve_allocation(omega, sizes, cand, budget)
+        got = MP.solve_allocation(omega, sizes, cand, budget)
         best_cost = float("inf")
         for combo in itertools.product(range(len(cand)), repeat=len(sizes)):
             if sum(n * cand[k] for n, k in zip(sizes, combo)) <= budget:
@@ -276,7 +319,7 @@ def test_allocation_is_optimal_and_meets_budget_bruteforce():
         assert sum(n * cand[k] for n, k in zip(sizes, got)) <= budget
         assert abs(sum(omega[m][k] for m, k in enumerate(got)) - best_cost) <= 1e-9 * max(1.0, best_cost)
     with pytest.raises(VitqError, match="budget"):
-        P.solve_allocation(omega, sizes, cand, 3.0 * sum(sizes))
+        MP.solve_allocation(omega, sizes, cand, 3.0 * sum(sizes))
 
 
 def test_mixed_precision_save_load_roundtrip(deit, tmp_path):
@@ -285,7 +328,7 @@ def test_mixed_precision_save_load_roundtrip(deit, tmp_path):
     mp = info["mixed_precision"]
     assert set(mp["bits"]) == {"blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"}
     assert mp["average_weight_bits"] <= 8 + 1e-9
-    summary = P.weight_bits_summary(qm)
+    summary = MP.weight_bits_summary(qm)
     assert abs(summary["model_size_mb"] - mp["model_size_mb"]) < 1e-9
     assert abs(summary["average_weight_bits"] - mp["average_weight_bits"]) < 1e-9
     for name, bits in mp["bits"].items():
@@ -324,10 +367,10 @@ def test_save_load_roundtrip_plain(deit, tmp_path):
 def test_relative_sensitivity_puts_msa_and_mlp_on_one_scale():
     raw_qk = [1000.0, 3000.0, 400.0, 600.0]  # MSA (QK^T) norms ~5x the MLP output norms
     parts = ["msa", "msa", "mlp", "mlp"]
-    rel = P.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "relative")
+    rel = MP.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "relative")
     assert rel == pytest.approx([0.5, 1.5, 0.8, 1.2])
-    assert P.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "raw") == raw_qk
-    assert P.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "softmax") == [30.0, 90.0, 400.0, 600.0]
+    assert MP.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "raw") == raw_qk
+    assert MP.module_sensitivity(raw_qk, [30.0, 90.0, 400.0, 600.0], parts, "softmax") == [30.0, 90.0, 400.0, 600.0]
 
 
 @pytest.mark.parametrize("sensitivity", ["relative", "softmax"])
@@ -358,7 +401,7 @@ def test_allocation_no_worse_than_uniform(deit, sensitivity):
 def test_allocation_falls_back_to_uniform(deit, monkeypatch):
     """A program answer worse than uniform (here: every module at the lowest width, forced) is replaced by the
     uniform allocation, and the record says why."""
-    monkeypatch.setattr(P, "solve_allocation", lambda omega, sizes, cand, budget: [0] * len(sizes))
+    monkeypatch.setattr(MP, "solve_allocation", lambda omega, sizes, cand, budget: [0] * len(sizes))
     qm = vitq.prepare(deit, vitq.Scheme("matmul", 6, 6), method="ptqvit")
     info = vitq.calibrate(qm, images(), "ptqvit", batch_size=8, progress=False, mixed_precision=6, **FAST)
     mp = info["mixed_precision"]

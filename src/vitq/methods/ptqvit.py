@@ -1,14 +1,20 @@
 """PTQ-ViT (Liu et al., NeurIPS 2021; METHODS.md §3): similarity- and ranking-aware interval search, output
 bias correction and nuclear-norm mixed precision.
 
-Every searched tensor uses a signed symmetric quantizer: the weight and the input of each linear layer (patch
-embedding, qkv, proj, fc1, fc2, head, Swin patch merging) and both inputs of the two attention matmuls (q and k
-of QKᵀ, softmax output and v of attn·V). Inputs are per tensor (one Δ). The softmax output lies in [0, 1], so
-by default its quantizer is unsigned with zero point 0 (all 2^b codes on [0, 1]); ``softmax_signed=True`` gives
-the paper's signed form, which wastes half the codes (W6A6 agreement on DeiT-Tiny val 79.4 % signed, 86.0 %
-unsigned, BENCHMARKS.md ptqvit section). Weights are per output channel by default
-(``weight_granularity='channel'``) or per tensor as in the paper (``'tensor'``): on DeiT-Tiny one Δ per weight
-tensor loses to every per-channel baseline at W6 and collapses at W4 (BENCHMARKS.md, ptqvit section, both shown).
+The paper gives every searched tensor a signed symmetric quantizer: the weight and the input of each linear layer
+(patch embedding, qkv, proj, fc1, fc2, head, Swin patch merging) and both inputs of the two attention matmuls (q
+and k of QKᵀ, softmax output and v of attn·V). Inputs are per tensor (one Δ). Two inputs waste codes that way,
+and by default get an unsigned grid instead: the softmax output, in [0, 1], gets zero point 0 (all 2^b codes on
+[0, 1]; ``softmax_signed=True`` gives the paper's form: W6A6 agreement on DeiT-Tiny val 79.4 % signed, 86.0 %
+unsigned), and every linear layer's input gets a zero point that covers its observed [min, max]
+(``input_grid='asymmetric'``; ``'symmetric'`` is the paper's). The post-GELU input of fc2 lies in [−0.17, max],
+so a signed grid leaves almost half its codes unused (W6A6 KL 0.205 symmetric, 0.184 asymmetric; BENCHMARKS.md
+ptqvit section). The searched candidates scale the asymmetric grid about zero (Δ₀ = (max − min) / (2^b − 1),
+zero point round(−min / Δ₀) fixed), the same one-parameter search as the paper's.
+
+Weights are per output channel by default (``weight_granularity='channel'``) or per tensor as in the paper
+(``'tensor'``): on DeiT-Tiny one Δ per weight tensor loses to every per-channel baseline at W6 and collapses at
+W4 (BENCHMARKS.md, ptqvit section, both shown).
 
 Per layer, with Δ₀ = max|·| / qmax for each operand (per weight row for per-channel weights), the two Δ are
 searched alternately over C values spread linearly in [0.5Δ₀, 1.2Δ₀] (the "weight" side first: W, or k / v for
@@ -50,7 +56,7 @@ from torch import nn
 from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.modules import QAttention, QConv2d, QLinear, QWindowAttention, _QWeighted
-from vitq.quantizers import EPS, Quantizer, UniformQuantizer, int_range, quantizers_of
+from vitq.quantizers import EPS, UniformQuantizer, int_range, quantizers_of
 from vitq.registry import merge_options, register_method
 from vitq.trunk import Trunk
 
@@ -61,28 +67,32 @@ DEFAULTS = {
     "images": None, "tokens": 64, "rows": 32, "softmax_signed": False,
     "mixed_precision": None, "mp_candidates": 20, "mp_rounds": 1, "mp_images": None, "mp_check": True,
     "fq_init": "omse", "chunk_elements": 2**23, "weight_granularity": "channel", "mp_sensitivity": "relative",
-    "channel_search": "shared",
+    "channel_search": "shared", "input_grid": "asymmetric",
 }
 CALIBRATION_MODES = ("sequential", "parallel")
 WEIGHT_GRANULARITIES = ("channel", "tensor")
 MP_SENSITIVITIES = ("relative", "raw", "softmax")
 CHANNEL_SEARCHES = ("shared", "own")
+INPUT_GRIDS = ("symmetric", "asymmetric")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # objective pieces (pure functions, tested directly)
 
-def sym_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, signed: bool = True) -> torch.Tensor:
-    """Zero-point-free fake quantization, identical to a per-tensor UniformQuantizer with zero point 0 (signed
-    symmetric, or unsigned [0, (2^b − 1)·s]). A 1-D ``scale`` of C candidates gives a stacked result
-    [C, *x.shape]."""
+def sym_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, signed: bool = True,
+              zero_point: int = 0) -> torch.Tensor:
+    """Fake quantization identical to a per-tensor UniformQuantizer: signed symmetric, or unsigned with codes
+    0..2^b − 1 and ``zero_point`` (0: the grid [0, (2^b − 1)·s]). A 1-D ``scale`` of C candidates gives a stacked
+    result [C, *x.shape]."""
     lo, hi = int_range(bits, signed)
     s = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     if s.dim() == 1:
         s = s.view(-1, *([1] * x.dim()))
         x = x.unsqueeze(0)
-    q = torch.div(x, s)
-    return q.round_().clamp_(lo, hi).mul_(s)
+    q = torch.div(x, s).round_()
+    if zero_point:
+        return q.add_(zero_point).clamp_(lo, hi).sub_(zero_point).mul_(s)
+    return q.clamp_(lo, hi).mul_(s)
 
 
 def pearson(out_hat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -199,10 +209,14 @@ class _Recorder:
             layer.idx = torch.arange(n) if n <= keep else torch.randperm(n, generator=self.gen)[:keep].sort().values
         return layer.idx
 
-    def _store(self, layer: Layer, side: str, x: torch.Tensor, full_absmax: torch.Tensor) -> None:
-        store = layer.cache.setdefault(self.tag, {"A": [], "B": [], "amax_A": 0.0, "amax_B": 0.0})
+    def _store(self, layer: Layer, side: str, x: torch.Tensor, full: torch.Tensor) -> None:
+        store = layer.cache.setdefault(self.tag, {"A": [], "B": [], "amax_A": 0.0, "amax_B": 0.0, "min_A": 0.0,
+                                                  "max_A": 0.0})
         store[side].append(x.detach().float())
-        store[f"amax_{side}"] = max(store[f"amax_{side}"], float(full_absmax))
+        store[f"amax_{side}"] = max(store[f"amax_{side}"], float(full.abs().max()))
+        if side == "A":  # the full tensor's range, for an asymmetric input grid
+            store["min_A"] = min(store["min_A"], float(full.min()))
+            store["max_A"] = max(store["max_A"], float(full.max()))
         self.pending.discard((layer.name, side))
         if self.stop and not self.pending:
             raise _Stop
@@ -210,7 +224,6 @@ class _Recorder:
     def _hook(self, layer: Layer, side: str):
         def hook(_module, args):
             x = args[0].detach()
-            amax = x.abs().max()
             if layer.kind == "linear":
                 t = _tokens_of(layer, x.float())
                 t = t[:, self._idx(layer, t.shape[1], self.opts["tokens"]).to(t.device)]
@@ -218,7 +231,7 @@ class _Recorder:
                 t = x[:, :, self._idx(layer, x.shape[2], self.opts["rows"]).to(x.device)]
             else:  # k or v, all tokens
                 t = x
-            self._store(layer, side, t, amax)
+            self._store(layer, side, t, x)
         return hook
 
     def __enter__(self):
@@ -279,7 +292,8 @@ class LayerProblem:
     def __init__(self, layer: Layer, A: torch.Tensor, B: torch.Tensor, A_float: torch.Tensor,
                  B_float: torch.Tensor, a_bits: int, b_bits: int, amax_a: float, amax_b: float, opts: dict,
                  pairs: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None,
-                 attn_scale: float = 1.0, a_signed: bool = True, b_signed: bool = True):
+                 attn_scale: float = 1.0, a_signed: bool = True, b_signed: bool = True,
+                 a_range: tuple[float, float] | None = None):
         self.layer, self.kind = layer, layer.kind
         self.a_signed, self.b_signed = a_signed, b_signed
         self.A, self.B = A, B
@@ -293,6 +307,12 @@ class LayerProblem:
             self.target4 = self.apply(A_float.unsqueeze(0), B_float.unsqueeze(0), self.bias0)[0]
         self.target = self.target4.reshape(self.target4.shape[0], -1)
         self.a0 = max(amax_a / int_range(a_bits, a_signed)[1], EPS)
+        self.a_zero = 0
+        if a_range is not None:  # asymmetric A grid: Δ₀ covers [min, max] ∋ 0; candidates scale it about zero,
+            lo, hi = min(a_range[0], 0.0), max(a_range[1], 0.0)  # so the zero point stays round(−min / Δ₀)
+            qmax = int_range(a_bits, False)[1]
+            self.a0 = max((hi - lo) / qmax, EPS)
+            self.a_zero = int(min(max(round(-lo / self.a0), 0), qmax))
         # per-output-channel weights: Δ₀ per row of the weight matrix (B is [out, in]); else one Δ₀
         self.b_channel = self.kind == "linear" and getattr(layer.b_quant, "channel_axis", None) is not None
         if self.b_channel:
@@ -328,7 +348,7 @@ class LayerProblem:
         return b.unsqueeze(0) if isinstance(b, torch.Tensor) else torch.tensor([b])
 
     def _quant_a(self, scales: torch.Tensor) -> torch.Tensor:
-        return sym_quant(self.A, scales, self.a_bits, self.a_signed)
+        return sym_quant(self.A, scales, self.a_bits, self.a_signed, self.a_zero)
 
     def score(self, out_hat: torch.Tensor) -> torch.Tensor:
         """Objective per candidate for outputs [c, S, ...]."""
@@ -437,8 +457,9 @@ class LayerProblem:
         self.bias = best["bias"]
         b_best = best["b"]
         factor = float((b_best / self.b0).mean()) if self.b_channel else b_best / self.b0
-        return {"a_scale": best["a"], "b_scale": b_best, "b_factor": factor, "b_search": best["how"],
-                "objective": best["objective"], "init_objective": init, "rounds": done, "bias": best["bias"]}
+        return {"a_scale": best["a"], "a_zero": self.a_zero, "b_scale": b_best, "b_factor": factor,
+                "b_search": best["how"], "objective": best["objective"], "init_objective": init, "rounds": done,
+                "bias": best["bias"]}
 
 
 def _same(x, y) -> bool:
@@ -451,13 +472,17 @@ def _same(x, y) -> bool:
 # model-level driver
 
 def _swap_layer_quantizers(layer: Layer, a_bits: int | None = None, b_bits: int | None = None,
-                           softmax_signed: bool = True, weight_granularity: str = "tensor") -> None:
-    """Give a layer signed symmetric quantizers (bits kept unless given; the softmax output may be unsigned with
-    zero point 0 when ``softmax_signed`` is False): per tensor, except the weight of a linear layer when
-    ``weight_granularity`` is 'channel' (one Δ per output channel)."""
+                           softmax_signed: bool = True, weight_granularity: str = "tensor",
+                           input_grid: str = "symmetric") -> None:
+    """Give a layer signed symmetric quantizers (bits kept unless given): per tensor, except the weight of a
+    linear layer when ``weight_granularity`` is 'channel' (one Δ per output channel). The softmax output is
+    unsigned with zero point 0 when ``softmax_signed`` is False; a linear layer's input is unsigned with a zero
+    point (set by the search) when ``input_grid`` is 'asymmetric'."""
     for (parent, attr), bits in ((layer.a_attr, a_bits), (layer.b_attr, b_bits)):
         old = getattr(parent, attr)
         signed = softmax_signed if old.role == "softmax" else True
+        if layer.kind == "linear" and attr == "input_quant" and input_grid == "asymmetric":
+            signed = False
         per_channel = {}
         if layer.kind == "linear" and attr == "weight_quant" and weight_granularity == "channel":
             per_channel = {"channel_axis": 0, "num_channels": layer.module.weight.shape[0]}
@@ -468,12 +493,12 @@ def _swap_layer_quantizers(layer: Layer, a_bits: int | None = None, b_bits: int 
 
 
 def _write(layer: Layer, res: dict) -> None:
-    for q, s in ((layer.a_quant, res["a_scale"]), (layer.b_quant, res["b_scale"])):
+    for q, s, z in ((layer.a_quant, res["a_scale"], res.get("a_zero", 0)), (layer.b_quant, res["b_scale"], 0)):
         if isinstance(s, torch.Tensor):
             q.scale.copy_(s.reshape(q.scale.shape).to(q.scale))
         else:
             q.scale.fill_(s)
-        q.zero_point.zero_()
+        q.zero_point.fill_(z)
         q.mark_initialized()
     if res.get("bias") is not None:
         with torch.no_grad():
@@ -530,9 +555,10 @@ def _problem(layer: Layer, tag_input: str, opts: dict, pairs_gen: torch.Generato
             layer.cache["pairs"] = sample_pairs(B.shape[-2], opts["pairs"], pairs_gen)
         pairs = layer.cache["pairs"]
     scale = float(layer.module.scale) if layer.kind == "qk" else 1.0
+    a_range = (cur["min_A"], cur["max_A"]) if layer.kind == "linear" and not layer.a_quant.signed else None
     return LayerProblem(layer, cur["A"], B, fl["A"], Bf, layer.a_quant.bits, layer.b_quant.bits, cur["amax_A"],
                         amax_b, opts, pairs, bias, attn_scale=scale, a_signed=layer.a_quant.signed,
-                        b_signed=layer.b_quant.signed)
+                        b_signed=layer.b_quant.signed, a_range=a_range)
 
 
 def _chunks(calib: CalibData, n: int | None) -> list[torch.Tensor]:
@@ -563,7 +589,7 @@ def _calibrate_all(model: nn.Module, calib: CalibData, layers: list[Layer], opts
             _write(layer, res)
             b_scale = res["b_scale"]
             trace.append({"layer": layer.name, "kind": layer.kind, "a_bits": layer.a_quant.bits,
-                          "b_bits": layer.b_quant.bits, "a_scale": res["a_scale"],
+                          "b_bits": layer.b_quant.bits, "a_scale": res["a_scale"], "a_zero": res["a_zero"],
                           "b_scale": None if isinstance(b_scale, torch.Tensor) else b_scale,
                           "b_factor": res["b_factor"], "b_search": res["b_search"],
                           "init_objective": res["init_objective"], "objective": res["objective"],
@@ -576,290 +602,6 @@ def _calibrate_all(model: nn.Module, calib: CalibData, layers: list[Layer], opts
         if not sequential:
             h_q = h_f
     return trace
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# mixed precision
-
-def mp_candidates(target: int) -> list[int]:
-    """Candidate bit widths for an average target (paper: {4..8} for 6, {6..10} for 8)."""
-    return list(range(target - 2, target + 3))
-
-
-def solve_allocation(omega: list[list[float]], sizes: list[int], cand_bits: list[int], budget_bits: float) -> list[int]:
-    """Exact choice of one bit width per module minimizing Σ Ω[m][k] subject to Σ sizes[m]·bits ≤ budget_bits,
-    as a 0/1 integer program solved by ``scipy.optimize.milp``. Returns the index into ``cand_bits`` per
-    module."""
-    import numpy as np
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    M, K = len(sizes), len(cand_bits)
-    c = np.asarray(omega, dtype=float).reshape(-1)
-    scale = max(float(np.abs(c).max()), 1e-30)
-    eq = np.zeros((M, M * K))
-    for m in range(M):
-        eq[m, m * K:(m + 1) * K] = 1.0
-    size_row = np.array([sizes[m] * cand_bits[k] for m in range(M) for k in range(K)], dtype=float)
-    cons = [LinearConstraint(eq, 1.0, 1.0), LinearConstraint(size_row[None, :], -np.inf, float(budget_bits))]
-    res = milp(c / scale, constraints=cons, integrality=np.ones(M * K), bounds=Bounds(0, 1))
-    if res.status != 0 or res.x is None:
-        raise VitqError(f"mixed precision: no allocation meets the size budget ({res.message}); "
-                        "expected a target at least the smallest candidate bit width")
-    x = np.round(res.x).reshape(M, K)
-    return [int(np.argmax(x[m])) for m in range(M)]
-
-
-def _module_groups(model: nn.Module, layers: list[Layer]) -> list[dict]:
-    """Per transformer block, its MSA and MLP as units of the allocation."""
-    trunk = Trunk(model)
-    groups = []
-    for _, bname, block in trunk.blocks():
-        for part, mod_attr in (("msa", "attn"), ("mlp", "mlp")):
-            prefix = f"{bname}.{mod_attr}."
-            ls = [la for la in layers if la.name.startswith(prefix)]
-            groups.append({"name": f"{bname}.{mod_attr}", "part": part, "block": block,
-                           "module": getattr(block, mod_attr), "layers": ls,
-                           "weights": sum(la.module.weight.numel() for la in ls if la.kind == "linear")})
-    return groups
-
-
-def _io_hook(rec: dict):
-    def hook(_module, args, kwargs, out):
-        rec["x"].append((args, kwargs))
-        rec["y"].append(out)
-    return hook
-
-
-def _nuc_hook(rec: dict, key: str, heads: str):
-    def hook(_module, args):
-        # a map per head [S, H, N, N]: nuclear norm per head, then the sum or the mean over heads -> [S]
-        n = torch.linalg.matrix_norm(args[0].float(), ord="nuc")
-        rec[key].append(n.sum(1) if heads == "sum" else n.mean(1))
-    return hook
-
-
-def module_sensitivity(raw_qk: list[float], raw_softmax: list[float], parts: list[str], mode: str) -> list[float]:
-    """σ per module from its nuclear norms (MLP modules: the output's; MSA modules: the QKᵀ scores' in
-    ``raw_qk``, the post-softmax map's in ``raw_softmax``).
-
-    ``relative`` (default): each module's nuclear norm (QKᵀ scores for an MSA, the paper's attention map; the
-    output for an MLP) divided by the mean of that norm over the model's modules of the same kind. The nuclear
-    norms of attention scores and of MLP features have no common unit (on DeiT-Tiny the QKᵀ norms are 1.1–4.8×
-    the MLP ones, the old softmax-map norms 9–14× smaller), so only their relative size within a kind can carry
-    the paper's signal: which blocks are more sensitive than the others. Both errors ‖Ŷ − Y‖² are measured on
-    the module output that is added to the residual stream, so with a σ of mean 1 per kind Ω compares MSA and MLP
-    error on one scale. ``raw``: the unnormalised nuclear norms (QKᵀ / output). ``softmax``: the first version
-    (sum over heads of the post-softmax map's nuclear norm; starved the MSAs of bits)."""
-    if mode == "softmax":
-        return list(raw_softmax)
-    if mode == "raw":
-        return list(raw_qk)
-    out = []
-    for s, p in zip(raw_qk, parts):
-        same = [r for r, q in zip(raw_qk, parts) if q == p]
-        out.append(s / max(sum(same) / len(same), 1e-30))
-    return out
-
-
-def _kl_to_float(logits: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """Mean KL(float ‖ quant) of the softmax outputs over all images."""
-    total, n = 0.0, 0
-    for q, f in zip(logits, ref):
-        lp_f, lp_q = F.log_softmax(f.float(), -1), F.log_softmax(q.float(), -1)
-        total += float((lp_f.exp() * (lp_f - lp_q)).sum())
-        n += f.shape[0]
-    return total / max(n, 1)
-
-
-def _composed_kl(model: nn.Module, images: list[torch.Tensor], ref: list[torch.Tensor], groups: list[dict],
-                 variants: list[dict], bits: list[int]) -> float:
-    """KL to float of the model whose modules use, together, the quantizers their Ω was measured with at the
-    given bit widths (every other quantizer passes through)."""
-    saved = []
-    for g, var, b in zip(groups, variants, bits):
-        for la in g["layers"]:
-            saved.append((la, getattr(*la.a_attr), getattr(*la.b_attr)))
-            a_q, b_q = var[b][la.name]
-            setattr(*la.a_attr, a_q)
-            setattr(*la.b_attr, b_q)
-    try:
-        with _only_quantizing(model, [la for g in groups for la in g["layers"]]):
-            out = [model(x) for x in images]
-    finally:
-        for la, a_q, b_q in saved:
-            setattr(*la.a_attr, a_q)
-            setattr(*la.b_attr, b_q)
-    return _kl_to_float(out, ref)
-
-
-@torch.no_grad()
-def _allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict, target: int) -> dict:
-    """Sensitivity σ (nuclear norms), Ω per module and bit width (from a reduced search on float inputs), the
-    exact allocation under the size budget, and the check against the uniform allocation of the same size.
-
-    Check (``mp_check``, default on): the uniform allocation (every module at the target bits) is feasible, so
-    the program's optimum has Σ Ω no larger than its (verified; a solver failure would fall back). Ω is a proxy,
-    though, so the two allocations are also compared on the model: every module takes the quantizers its Ω was
-    measured with, all modules at once, and the KL(float ‖ quant) of the logits on the allocation images decides;
-    the uniform allocation is used when the chosen one is worse. Both figures and the outcome are recorded."""
-    trunk = Trunk(model)
-    groups = _module_groups(model, layers)
-    cand = mp_candidates(target)
-    grouped = {id(la) for g in groups for la in g["layers"]}
-    fixed = [la for la in layers if la.kind == "linear" and id(la) not in grouped]
-    fixed_bits = sum(la.module.weight.numel() * la.b_quant.bits for la in fixed)
-    fixed_n = sum(la.module.weight.numel() for la in fixed)
-    sizes = [g["weights"] for g in groups]
-    budget = target * (sum(sizes) + fixed_n) - fixed_bits
-    gen = torch.Generator().manual_seed(calib.seed + 7)
-    pairs_gen = torch.Generator().manual_seed(calib.seed + 8)
-    n_img = opts["mp_images"] if opts["mp_images"] is not None else opts["images"]
-    images = _chunks(calib, n_img)
-    with float_mode(model):
-        h = _run(trunk.stem, images)
-    by_block = {id(g["block"]): [] for g in groups}
-    for g in groups:
-        by_block[id(g["block"])].append(g)
-    errors, raw_qk, raw_softmax, variants = [], [], [], []
-    for _name, unit in calib.bar(trunk.units, "ptqvit allocation", len(trunk.units)):
-        gs = by_block.get(id(unit), [])
-        if not gs:
-            with float_mode(model):
-                h = _run(unit, h)
-            continue
-        io: dict[str, dict] = {g["name"]: {"x": [], "y": [], "qk": [], "softmax": []} for g in gs}
-        hooks = []
-        for g in gs:
-            rec = io[g["name"]]
-            hooks.append(g["module"].register_forward_hook(_io_hook(rec), with_kwargs=True))
-            if g["part"] == "msa":
-                hooks.append(g["module"].score_quant.register_forward_pre_hook(_nuc_hook(rec, "qk", "mean")))
-                hooks.append(g["module"].softmax_quant.register_forward_pre_hook(_nuc_hook(rec, "softmax", "sum")))
-        try:
-            with float_mode(model):
-                seg_layers = [la for g in gs for la in g["layers"]]
-                h_next = _record(unit, h, seg_layers, "float", opts, gen, stop=False)
-        finally:
-            for hk in hooks:
-                hk.remove()
-        for g in gs:
-            rec = io[g["name"]]
-            xs, ys = rec["x"], rec["y"]
-            if g["part"] == "msa":
-                raw_qk.append(float(torch.cat(rec["qk"]).mean()))
-                raw_softmax.append(float(torch.cat(rec["softmax"]).mean()))
-            else:
-                y = torch.cat(ys).float()
-                s = float(torch.linalg.matrix_norm(y.reshape(y.shape[0], -1, y.shape[-1]), ord="nuc").mean())
-                raw_qk.append(s)
-                raw_softmax.append(s)
-            row, var = [], {}
-            for bits in cand:
-                saved = {}
-                for la in g["layers"]:
-                    saved[la.name] = (getattr(*la.a_attr), getattr(*la.b_attr))
-                    _swap_layer_quantizers(la, bits, bits, opts["softmax_signed"], opts["weight_granularity"])
-                for la in g["layers"]:
-                    prob = _problem(la, "float", opts, pairs_gen)
-                    res = prob.search(opts["mp_candidates"], opts["mp_rounds"], bias_corr=False)
-                    res["bias"] = None
-                    _write(la, res)
-                err = 0.0
-                for (args, kwargs), y in zip(xs, ys):
-                    with _only_quantizing(model, g["layers"]):
-                        err += float((g["module"](*args, **kwargs) - y).float().pow(2).sum())
-                row.append(err / sum(y.shape[0] for y in ys))
-                var[bits] = {la.name: (getattr(*la.a_attr), getattr(*la.b_attr)) for la in g["layers"]}
-                for la in g["layers"]:
-                    a_old, b_old = saved[la.name]
-                    setattr(*la.a_attr, a_old)
-                    setattr(*la.b_attr, b_old)
-            errors.append(row)
-            variants.append(var)
-            for la in g["layers"]:
-                la.cache.clear()
-                la.idx = None
-        h = h_next
-    sigma = module_sensitivity(raw_qk, raw_softmax, [g["part"] for g in groups], opts["mp_sensitivity"])
-    omega = [[s * e for e in row] for s, row in zip(sigma, errors)]
-    choice = solve_allocation(omega, sizes, cand, budget)
-    chosen_bits = [cand[k] for k in choice]
-    omega_total = sum(omega[m][k] for m, k in enumerate(choice))
-    check: dict = {"kl_check": bool(opts["mp_check"]), "omega_chosen": omega_total}
-    uniform_ok = target in cand and target * sum(sizes) <= budget * (1 + 1e-12)
-    fallback = None
-    if uniform_ok:
-        k_u = cand.index(target)
-        check["omega_uniform"] = sum(row[k_u] for row in omega)
-        if omega_total > check["omega_uniform"] * (1 + 1e-9):
-            fallback = "the program's allocation has a larger sum of Omega than uniform (solver failure)"
-        if opts["mp_check"]:
-            with float_mode(model):
-                ref = [model(x) for x in images]
-            check["kl_chosen"] = _composed_kl(model, images, ref, groups, variants, chosen_bits)
-            check["kl_uniform"] = _composed_kl(model, images, ref, groups, variants, [target] * len(groups))
-            if fallback is None and check["kl_chosen"] > check["kl_uniform"]:
-                fallback = "the program's allocation gives a larger KL to float than uniform on the allocation images"
-    else:
-        check["note"] = ("the uniform allocation at the target exceeds the size budget (layers outside the blocks "
-                         "have more bits than the target): nothing to compare with")
-    check["fallback_to_uniform"] = fallback is not None
-    check["reason"] = fallback or ("the program's allocation is no worse than uniform" if uniform_ok else "")
-    ilp_bits = {g["name"]: b for g, b in zip(groups, chosen_bits)}
-    if fallback is not None:
-        choice = [cand.index(target)] * len(groups)
-    bits = {g["name"]: cand[k] for g, k in zip(groups, choice)}
-    for g in groups:
-        for la in g["layers"]:
-            _swap_layer_quantizers(la, bits[g["name"]], bits[g["name"]], opts["softmax_signed"],
-                                   opts["weight_granularity"])
-    total_bits = fixed_bits + sum(sizes[i] * cand[k] for i, k in enumerate(choice))
-    total_n = fixed_n + sum(sizes)
-    sigma_defs = {
-        "relative": "nuclear norm (MSA: of the QK^T scores per head, mean over heads; MLP: of the output [N, C]), "
-                    "mean over images, divided by its mean over the model's modules of the same kind",
-        "raw": "nuclear norm (MSA: of the QK^T scores per head, mean over heads; MLP: of the output [N, C]), mean "
-               "over images",
-        "softmax": "MSA: mean over images of the sum over heads of the nuclear norm of the softmax attention map; "
-                   "MLP: mean over images of the nuclear norm of the MLP output [N, C]",
-    }
-    return {"target_bits": target, "candidate_bits": cand, "bits": bits, "program_bits": ilp_bits,
-            "check": check,
-            "sensitivity": opts["mp_sensitivity"],
-            "sensitivity_nuclear_norm": {g["name"]: s for g, s in zip(groups, sigma)},
-            "nuclear_norm_qk_or_output": {g["name"]: s for g, s in zip(groups, raw_qk)},
-            "nuclear_norm_softmax_or_output": {g["name"]: s for g, s in zip(groups, raw_softmax)},
-            "output_error": {g["name"]: dict(zip(map(str, cand), row)) for g, row in zip(groups, errors)},
-            "omega": {g["name"]: dict(zip(map(str, cand), row)) for g, row in zip(groups, omega)},
-            "module_weights": {g["name"]: n for g, n in zip(groups, sizes)},
-            "fixed_layers": {la.name: la.b_quant.bits for la in fixed},
-            "average_weight_bits": total_bits / total_n,
-            "model_size_mb": total_bits / 8 / 1e6,
-            "budget_size_mb": target * total_n / 8 / 1e6,
-            "solver": "scipy.optimize.milp (0/1 program, exact)",
-            "activations": "each module's linear and matmul inputs use its bit width too",
-            "sigma_definition": sigma_defs[opts["mp_sensitivity"]],
-            "omega_definition": "sigma * mean over images of ||Y_hat - Y||^2 of the module output on float inputs, "
-                                "after a reduced search (mp_candidates, mp_rounds, no bias correction) at that "
-                                "bit width with only that module quantized"}
-
-
-class _only_quantizing:
-    """Inside, only the quantizers of the given layers act; every other quantizer passes through."""
-
-    def __init__(self, model: nn.Module, layers: list[Layer]):
-        keep = {id(q) for la in layers for q in (la.a_quant, la.b_quant)}
-        self.qs = [q for q in quantizers_of(model).values() if id(q) not in keep]
-
-    def __enter__(self):
-        self.saved = [q.observer for q in self.qs]
-        for q in self.qs:
-            q.observer = _PassThrough()
-
-    def __exit__(self, *exc):
-        for q, o in zip(self.qs, self.saved):
-            q.observer = o
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -903,6 +645,10 @@ def _add_arguments(group) -> None:
                        help="ptqvit: quantize the softmax output with a signed symmetric quantizer as the paper does "
                             "(default: unsigned with zero point 0, since it lies in [0, 1]; the signed grid wastes "
                             "half its codes)")
+    group.add_argument("--ptqvit-input-grid", dest="ptqvit_input_grid", choices=INPUT_GRIDS, default=None,
+                       help="ptqvit: grid of every linear layer's input, per tensor: unsigned with a zero point "
+                            "covering the observed [min, max], scaled about zero by the search (asymmetric, default: "
+                            "the post-GELU fc2 input uses all codes) or signed symmetric (symmetric, the paper's)")
     group.add_argument("--ptqvit-channel-search", dest="ptqvit_channel_search", choices=CHANNEL_SEARCHES,
                        default=None,
                        help="ptqvit per-channel weights: one factor of every channel's max shared by all channels "
@@ -942,6 +688,8 @@ def resolve_options(options: dict) -> dict:
     if opts["channel_search"] not in CHANNEL_SEARCHES:
         raise VitqError(f"ptqvit: per-channel weight search {opts['channel_search']!r} "
                         f"(expected one of {', '.join(CHANNEL_SEARCHES)})")
+    if opts["input_grid"] not in INPUT_GRIDS:
+        raise VitqError(f"ptqvit: input grid {opts['input_grid']!r} (expected one of {', '.join(INPUT_GRIDS)})")
     if opts["mp_sensitivity"] not in MP_SENSITIVITIES:
         raise VitqError(f"ptqvit: mixed-precision sensitivity {opts['mp_sensitivity']!r} "
                         f"(expected one of {', '.join(MP_SENSITIVITIES)})")
@@ -961,8 +709,9 @@ def resolve_options(options: dict) -> dict:
     return opts
 
 
-@register_method("ptqvit", "PTQ-ViT (Liu et al. 2021): per-layer Pearson/ranking-aware search of signed per-tensor "
-                 "intervals, output bias correction, optional nuclear-norm mixed precision (--mixed-precision)",
+@register_method("ptqvit", "PTQ-ViT (Liu et al. 2021): per-layer Pearson/ranking-aware search of per-tensor "
+                 "input and per-channel weight intervals, output bias correction, optional nuclear-norm mixed "
+                 "precision (--mixed-precision)",
                  add_arguments=_add_arguments, adjust_scheme=_adjust_scheme, validate=lambda o: resolve_options(o),
                  quick_options={"candidates": 8, "rounds": 1, "images": 16, "tokens": 16, "rows": 16, "pairs": 64},
                  expected_time="DeiT-Tiny, 16 images: 5-7 s on 2 CPU cores with 20 candidates, 3 rounds, 16 tokens "
@@ -982,10 +731,13 @@ def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
                                       f"{opts['fq_init']} over all calibration images (not searched)")
     layers = find_layers(model)
     for la in layers:
-        _swap_layer_quantizers(la, softmax_signed=opts["softmax_signed"], weight_granularity=opts["weight_granularity"])
+        _swap_layer_quantizers(la, softmax_signed=opts["softmax_signed"], weight_granularity=opts["weight_granularity"],
+                               input_grid=opts["input_grid"])
     if opts["mixed_precision"] is not None:
         t1 = time.perf_counter()
-        info["mixed_precision"] = _allocate(model, calib, layers, opts, opts["mixed_precision"])
+        from vitq.methods.ptqvit_mp import allocate
+
+        info["mixed_precision"] = allocate(model, calib, layers, opts, opts["mixed_precision"])
         info["mixed_precision"]["seconds"] = time.perf_counter() - t1
     layers = find_layers(model)
     t2 = time.perf_counter()
@@ -1004,7 +756,9 @@ def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
                        if opts["weight_granularity"] == "tensor" else
                        "signed symmetric: per output channel for the weights of linear layers, per tensor for every "
                        "searched input (and q, k, softmax output, v)")
-                      + ("" if opts["softmax_signed"] else " (softmax output unsigned)"),
+                      + ("" if opts["softmax_signed"] else " (softmax output unsigned)")
+                      + ("" if opts["input_grid"] == "symmetric" else
+                         " (linear-layer inputs unsigned with a zero point: asymmetric per tensor)"),
         "weight_search": ("one interval per weight tensor on the grid [low, high] x max|W| / qmax"
                           if opts["weight_granularity"] == "tensor" else
                           "per output channel c, intervals f * max|W_c| / qmax with one f shared by all channels on "
@@ -1030,14 +784,3 @@ def ptqvit(model: nn.Module, calib: CalibData, **options) -> dict:
     })
     info["total_seconds_inner"] = time.perf_counter() - t0
     return info
-
-
-def weight_bits_summary(model: nn.Module) -> dict:
-    """Average weight bits and size (MB, 10^6 bytes) of the quantized weights of a model."""
-    total_bits = total_n = 0
-    for m in model.modules():
-        if isinstance(m, _QWeighted) and isinstance(m.weight_quant, Quantizer):
-            total_bits += m.weight.numel() * m.weight_quant.bits
-            total_n += m.weight.numel()
-    return {"average_weight_bits": total_bits / max(total_n, 1), "model_size_mb": total_bits / 8 / 1e6,
-            "weights": total_n}
