@@ -78,10 +78,18 @@ def main() -> int:
     ap.add_argument("--lapq-p", default="2,3,4")
     ap.add_argument("--fresh", action="store_true", help=f"forget the rows kept in {ROWS_FILE.name}")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the section from the kept rows")
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(0)
     opts = options(args)
+    settings_used = {k: getattr(args, k) for k in ("num_calib", "ptqvit_candidates", "eq_candidates", "eq_rounds",
+                                                   "eq_tokens", "lapq_evals", "lapq_images", "lapq_p")}
+    full_plan = [(s, m, {}) for s in SETTINGS for m in METHODS] + ACIQ_ABLATIONS
+    if args.render:
+        kept = load_kept_rows(ROWS_FILE, settings_used, False)
+        write(args, kept, full_plan, args.num_calib, kept["num_val"])
+        return 0
 
     model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
     tf, _ = model_transform(model)
@@ -98,11 +106,8 @@ def main() -> int:
     plan = [(s, m, {}) for s in settings for m in args.methods.split(",")]
     if "aciq" in args.methods.split(","):  # aciq ablations, last
         plan += [a for a in ACIQ_ABLATIONS if a[0] in settings]
-    settings_used = {k: getattr(args, k) for k in ("num_calib", "ptqvit_candidates", "eq_candidates", "eq_rounds",
-                                                   "eq_tokens", "lapq_evals", "lapq_images", "lapq_p")}
     kept = load_kept_rows(ROWS_FILE, settings_used, args.fresh)
     commit = git_commit()
-    full_plan = [(s, m, {}) for s in SETTINGS for m in METHODS] + ACIQ_ABLATIONS
     skipped = []
     for (regime, w, a), method, extra in plan:
         label = f"{regime} W{w}A{a}"
@@ -133,7 +138,7 @@ def main() -> int:
             mins = min(min(v["bits"]) for v in info["layers"].values())
             maxs = max(max(v["bits"]) for v in info["layers"].values())
             note = f"- aciq {label}: weight channel bits {mins}..{maxs}, average {info['average_weight_bits']:.3f}"
-        kept["float_top1"] = r["float"]["top1"]
+        kept["float_top1"], kept["num_val"] = r["float"]["top1"], len(val_x)
         kept["rows"][f"{label} | {name}"] = {
             "row": [label, name, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
                     round(info["seconds"], 1), f"{commit} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"],
@@ -161,12 +166,13 @@ def write(args, kept, full_plan, n_calib, n_val) -> None:
     ours = []
     for k in done:
         r = kept["rows"][k]["row"]
-        ours.append([*r[:2], r[2], f"{r[2] - float_top1:+.2f}", r[3], r[4], r[5], r[6]])
+        ours.append([*r[:2], r[2], f"{r[2] - float_top1:+.2f}", r[3], f"{r[4]:.4f}", r[5], r[6]])
     notes = [kept["rows"][k]["note"] for k in done if kept["rows"][k]["note"]]
     md = f"""## Baselines of PTQ-ViT: EasyQuant, ACIQ, LAPQ on DeiT-Tiny (issue 14)
 
-Command (rows are kept in `benchmarks/{ROWS_FILE.name}` across runs with the same settings; the run column names
-the commit and UTC time of each row's run): `{command()}`
+Command (rows are kept in `benchmarks/{ROWS_FILE.name}` across runs with the same settings, and a rerun runs
+only the missing ones; the run column names the commit and UTC time of each row's run):
+`python -m benchmarks.bench_ptqvit_baselines` (this text written by `{command()}`)
 
 {environment()}
 
@@ -184,8 +190,8 @@ Settings (reductions for CPU time are marked *):
   weights only: activations keep their min/max) and `distribution=gaussian` (Gaussian fit and constants).
 - `ptqvit`*: candidates {args.ptqvit_candidates} (default 100), at most 3 rounds (default 20), 16 cached tokens
   and 16 query rows per image (defaults 64 / 32), 128 ranking pairs (default 256); otherwise its defaults
-  (per-output-channel weights with one searched factor, unsigned softmax output; the PTQ-ViT section has the
-  paper's per-tensor form).
+  (per-output-channel weights with one searched factor, unsigned softmax output, asymmetric linear-layer inputs;
+  the PTQ-ViT section has the paper's per-tensor signed form).
 - `easyquant`*: grid [0.5Δ, 1.2Δ] with {args.eq_candidates} points (default 100), at most {args.eq_rounds}
   alternations (default 3), {args.eq_tokens} cached tokens and 16 query rows per image (defaults 64 / 32).
 - `lapq`*: p swept over {{{args.lapq_p}}} (default 2, 2.5, 3, 3.5, 4); Powell capped at {args.lapq_evals} loss
