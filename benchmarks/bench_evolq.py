@@ -31,7 +31,10 @@ from benchmarks.common import (
     batched_logits,
     command,
     environment,
+    git_commit,
     load_images,
+    load_kept_rows,
+    save_kept_rows,
     table,
     write_section,
 )
@@ -43,6 +46,7 @@ from vitq.models import create_model
 from vitq.precision import full_float32
 
 FIGURES = ROOT / "benchmarks" / "figures"
+SEED_ROWS = ROOT / "benchmarks" / "evolq_seed_rows.json"
 # issue 15's report of the old code (fq W4A8 fqvit -> --refine evolq --evolq-passes 1, 64 images): quoted, not re-run
 ISSUE_BEFORE = {"base": (84.8, 0.194), "evolq": (82.0, 0.203)}
 
@@ -93,7 +97,9 @@ def main() -> None:
     p.add_argument("--configs", default="fq:4/8:fqvit,fq:3/8:fqvit")
     p.add_argument("--seed", type=int, default=0, help="calibration-subset, split and search seed")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: the seed-spread table instead (section "
-                                                 "evolq-seeds)")
+                                                 "evolq-seeds; finished runs are kept in "
+                                                 f"{SEED_ROWS.name} and not run again)")
+    p.add_argument("--fresh", action="store_true", help=f"--seeds: forget the runs kept in {SEED_ROWS.name}")
     p.add_argument("--issue-row", action="store_true", help="also issue 15's setting: fq W4A8 fqvit, 64 images, "
                                                              "1 pass, faithful and checked")
     p.add_argument("--landscape", action="store_true", help="also the landscape figure (first config)")
@@ -228,29 +234,52 @@ def _pm(values, fmt: str) -> str:
 
 
 def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, modes, t_start) -> None:
-    """Every config and mode once per seed; mean ± std of the result and of its change against the base."""
+    """Every config and mode once per seed; mean ± std of the result and of its change against the base. Each
+    finished (config, mode, seed) is kept in SEED_ROWS with the settings it ran with, so a later run with more
+    seeds or configs runs only what is missing."""
     seeds = [int(s) for s in args.seeds.split(",")]
-    per: dict = {}
-    records: dict = {}
+    settings = {"num_calib": args.num_calib, "passes": args.passes, "num_val": len(val_x)}
+    kept = load_kept_rows(SEED_ROWS, settings, args.fresh)
+    commit = git_commit()
+    specs = args.configs.split(",")
+
+    def key(spec, mode, seed):
+        return f"{spec} | {mode} | seed {seed}"
+
     with full_float32():
         for seed in seeds:
-            calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
-            for spec in args.configs.split(","):
+            calib_x = None
+            for spec in specs:
+                if all(key(spec, mode, seed) in kept["rows"] for mode in modes):
+                    continue
+                if calib_x is None:
+                    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
                 scheme, bits, method = spec.split(":")
                 w, a = map(int, bits.split("/"))
                 _, runs, _, _ = run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method, modes,
                                            args.passes, seed)
-                records[f"{scheme} W{w}A{a} {method} seed {seed}"] = runs
                 b = runs["base"]["metrics"]
                 for mode in modes:
                     m, info = runs[mode]["metrics"], runs[mode]["info"]
-                    d = per.setdefault((f"{scheme} W{w}A{a}", f"{method} + evolq {mode}"), [])
-                    d.append({"seed": seed, "base_agree": b["agreement"], "base_kl": b["kl"],
-                              "agree": m["agreement"], "kl": m["kl"], "d_agree": m["agreement"] - b["agreement"],
-                              "d_kl": m["kl"] - b["kl"], "rejected": (info.get("check") or {}).get("rejected_steps"),
-                              "search_s": info["search_seconds"]})
+                    kept["rows"][key(spec, mode, seed)] = {
+                        "seed": seed, "base_agree": b["agreement"], "base_kl": b["kl"], "agree": m["agreement"],
+                        "kl": m["kl"], "d_agree": m["agreement"] - b["agreement"], "d_kl": m["kl"] - b["kl"],
+                        "rejected": (info.get("check") or {}).get("rejected_steps"),
+                        "search_s": info["search_seconds"], "run": f"{commit} {time.strftime('%Y-%m-%d %H:%M')}",
+                        "info": json.loads(json.dumps(info, default=str))}
+                if not args.no_write:
+                    save_kept_rows(SEED_ROWS, kept)
+    per: dict = {}
+    for spec in specs:
+        scheme, bits, method = spec.split(":")
+        w, a = bits.split("/")
+        for mode in modes:
+            per[(f"{scheme} W{w}A{a}", f"{method} + evolq {mode}")] = [
+                kept["rows"][key(spec, mode, seed)] for seed in seeds if key(spec, mode, seed) in kept["rows"]]
     rows = []
     for (tag, name), d in per.items():
+        if not d:
+            continue
         rows.append([tag, name, len(d), _pm([x["base_agree"] for x in d], ".2f"), _pm([x["agree"] for x in d], ".2f"),
                      _pm([x["d_agree"] for x in d], "+.2f"), _pm([x["base_kl"] for x in d], ".4f"),
                      _pm([x["kl"] for x in d], ".4f"), _pm([x["d_kl"] for x in d], "+.4f"),
@@ -261,7 +290,8 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
     md = "\n".join([
         "## Evol-Q: spread over seeds (issue 15)",
         "",
-        f"Command: `{command()}`  ",
+        f"Command: `{command()}` (runs kept from earlier invocations with the same settings are not rerun; "
+        "each record names its commit)  ",
         f"{environment()}  ",
         f"Whole script: {total_min:.1f} min. Seeds {', '.join(map(str, seeds))}: each seed sets the calibration draw "
         f"({args.num_calib} of the 250 `calib/` images, in a seeded order that the base calibration follows), the "
@@ -273,13 +303,11 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
         table(["scheme", "method", "seeds", "base agreement", "agreement", "Δ agree", "base KL", "KL", "Δ KL",
                "per seed Δ agree, Δ KL", "rejected", "search s (mean)"], rows),
         "",
-        "Per-run records: `benchmarks/figures/evolq_seed_runs.json`.",
+        f"Per-run records (with the commit that ran each, and the search's own record): `benchmarks/"
+        f"{SEED_ROWS.name}`.",
     ])
     print(md)
     if not args.no_write:
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        with open(FIGURES / "evolq_seed_runs.json", "w") as f:
-            json.dump(records, f, indent=1, default=str)
         write_section("evolq-seeds", md)
     print(f"done in {total_min:.1f} min", flush=True)
 
