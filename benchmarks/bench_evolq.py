@@ -265,7 +265,8 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
                         "seed": seed, "base_agree": b["agreement"], "base_kl": b["kl"], "agree": m["agreement"],
                         "kl": m["kl"], "d_agree": m["agreement"] - b["agreement"], "d_kl": m["kl"] - b["kl"],
                         "rejected": (info.get("check") or {}).get("rejected_steps"),
-                        "search_s": info["search_seconds"], "run": f"{commit} {time.strftime('%Y-%m-%d %H:%M')}",
+                        "search_s": info["search_seconds"],
+                        "run": f"{commit} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
                         "info": json.loads(json.dumps(info, default=str))}
                 if not args.no_write:
                     save_kept_rows(SEED_ROWS, kept)
