@@ -213,10 +213,11 @@ class _Recorder:
         store = layer.cache.setdefault(self.tag, {"A": [], "B": [], "amax_A": 0.0, "amax_B": 0.0, "min_A": 0.0,
                                                   "max_A": 0.0})
         store[side].append(x.detach().float())
-        store[f"amax_{side}"] = max(store[f"amax_{side}"], float(full.abs().max()))
+        mn, mx = (float(v) for v in torch.aminmax(full))  # one pass; |x|max follows from the two ends
+        store[f"amax_{side}"] = max(store[f"amax_{side}"], -mn, mx)
         if side == "A":  # the full tensor's range, for an asymmetric input grid
-            store["min_A"] = min(store["min_A"], float(full.min()))
-            store["max_A"] = max(store["max_A"], float(full.max()))
+            store["min_A"] = min(store["min_A"], mn)
+            store["max_A"] = max(store["max_A"], mx)
         self.pending.discard((layer.name, side))
         if self.stop and not self.pending:
             raise _Stop
