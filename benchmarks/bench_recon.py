@@ -1,16 +1,22 @@
-"""Block reconstruction on the real DeiT-Tiny (issue 11): base method alone, + recon, + recon + evolq, for each
-configuration; calibrate/reconstruct/search on calib/, evaluate on all of val/. The defaults are the reduced CPU
-setting of the recipes (vitq.recipes.RECON_CPU); the written section states every reduction.
+"""Block reconstruction on the real DeiT-Tiny (issue 11): the leaderboard of base method alone, + recon, + recon +
+evolq, for each configuration and calibration draw; calibrate/reconstruct/search on calib/, evaluate on all of
+val/. The defaults are the reduced CPU setting of the recipes (vitq.recipes.RECON_CPU); the written section
+states every reduction.
 
-    python -m benchmarks.bench_recon [--configs matmul:4/4:ptq4vit,fq:4/8:fqvit] [--num-calib N]
-        [--recon-iters N] [--recon-batch N] [--evolq-passes P] [--seeds S] [--threads N] [--no-write]
+Each finished (configuration, draw) is kept in benchmarks/recon_rows.json, so a rerun (or a run cut off and
+started again) does only what is missing; the section, the figure and the recipe numbers
+(src/vitq/recipes_measured.py, read by ``--recipe best``) are rewritten from all kept runs.
+
+    python -m benchmarks.bench_recon [--configs fq:4/8:fqvit,matmul:4/4:repq+adalog+gptq] [--seeds 0,1,2]
+        [--num-calib N] [--recon-iters N] [--recon-batch N] [--evolq-passes P] [--threads N] [--fresh]
+        [--render] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import textwrap
 import time
 
 import torch
@@ -25,6 +31,8 @@ from benchmarks.common import (
     command,
     environment,
     load_images,
+    load_kept_rows,
+    save_kept_rows,
     table,
     write_section,
 )
@@ -32,9 +40,13 @@ from vitq.calib import CalibData
 from vitq.data import model_transform
 from vitq.evaluate import Metrics
 from vitq.models import create_model
-from vitq.recipes import RECON_CPU
+from vitq.recipes import EVOLQ_CPU, RECIPES, RECON_CPU, rank
 
 FIGURES = ROOT / "benchmarks" / "figures"
+DEFAULT_CONFIGS = ",".join([
+    "fq:8/8:repq+gptq", "fq:8/8:fqvit", "fq:4/8:repq+gptq", "fq:4/8:fqvit", "fq:3/8:repq+gptq", "fq:3/8:fqvit",
+    "matmul:8/8:repq+adalog+gptq", "matmul:6/6:repq+adalog+gptq", "matmul:4/4:repq+adalog+gptq",
+    "matmul:3/3:repq+adalog+gptq"])
 RECIPE_OF = {"": "{scheme}-{method}", "recon": "{scheme}-{method}-recon",
              "recon,evolq": "{scheme}-{method}-recon-evolq"}
 
@@ -51,152 +63,247 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+ROWS = ROOT / "benchmarks" / "recon_rows.json"
+MEASURED_FILE = ROOT / "src" / "vitq" / "recipes_measured.py"
+REGIME_ORDER = {"fq": 0, "matmul": 1}
+
+
+def parse_spec(spec: str) -> tuple[str, int, int, str, list[str]]:
+    scheme, bits, method_spec = spec.split(":")
+    w, a = map(int, bits.split("/"))
+    method, *extras = method_spec.split("+")  # e.g. repq+adalog+gptq
+    unknown = set(extras) - {"adalog", "gptq"}
+    if unknown:
+        raise SystemExit(f"--configs {spec}: unknown suffix {sorted(unknown)} (expected +adalog, +gptq)")
+    return scheme, w, a, method_spec, extras
+
+
+def run_one(model, calib_x, spec: str, seed: int, args, float_logits, val_x, val_y) -> dict:
+    """Base calibration, + recon, + recon + evolq for one configuration and calibration draw."""
+    scheme, w, a, method_spec, extras = parse_spec(spec)
+    method = method_spec.split("+")[0]
+    kinds = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"} if "adalog" in extras else {}
+    calib = CalibData(calib_x, batch_size=args.batch_size, progress=False, seed=seed)
+    q = vitq.prepare(model, vitq.Scheme(scheme, w, a, **kinds), method=method)
+    t0 = time.perf_counter()
+    vitq.calibrate(q, calib, method, seed=seed)
+    if "gptq" in extras:
+        vitq.round_weights(q, calib, how="gptq", seed=seed, progress=False)
+    cost = time.perf_counter() - t0
+    out, record, chain = {}, {"seconds": cost, "step_seconds": cost}, []
+    recon_opts = {"iters": args.recon_iters, "batch": args.recon_batch, "lr": args.recon_lr,
+                  "scale_lr": args.recon_scale_lr}
+    for name, opts in ((None, None), ("recon", recon_opts), ("evolq", {"passes": args.evolq_passes})):
+        if name is not None:
+            info = vitq.refine(q, model, calib, name, batch_size=args.batch_size, seed=seed, progress=False, **opts)
+            chain.append(name)
+            cost += info["seconds"]
+            record = {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"]}
+            if name == "recon":
+                record["pieces_kept_start"] = info["pieces_kept_start"]
+                record["trace"] = [{k: e.get(k) for k in ("piece", "mse_before", "mse_learned", "mse_after",
+                                                          "kept_start", "seconds")} for e in info["trace"]]
+        t0 = time.perf_counter()
+        r = metrics(float_logits, batched_logits(q, val_x), val_y)
+        record.update({"eval_seconds": time.perf_counter() - t0, **r})
+        out[",".join(chain)] = record
+        print(f"seed {seed} {spec} {','.join(chain) or 'base'}: top-1 {r['top1']:.2f} agreement "
+              f"{r['agreement']:.2f} KL {r['kl']:.4f} step {record['step_seconds']:.0f} s", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default="matmul:4/4:ptq4vit,fq:4/8:fqvit")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="comma-separated scheme:W/A:method[+adalog][+gptq]")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration draws")
     p.add_argument("--num-calib", type=int, default=RECON_CPU["num_calib"])
     p.add_argument("--batch-size", type=int, default=50, help="calibration / evolq batch (the CLI default)")
     p.add_argument("--recon-iters", type=int, default=RECON_CPU["recon_iters"])
     p.add_argument("--recon-batch", type=int, default=RECON_CPU["recon_batch"])
     p.add_argument("--recon-lr", type=float, default=RECON_CPU["recon_lr"])
     p.add_argument("--recon-scale-lr", type=float, default=RECON_CPU["recon_scale_lr"])
-    p.add_argument("--evolq-passes", type=int, default=1)
-    p.add_argument("--seeds", type=int, default=1, help="calibration draws (seeds 0..S-1)")
+    p.add_argument("--evolq-passes", type=int, default=EVOLQ_CPU["evolq_passes"])
     p.add_argument("--num-val", type=int, default=None, help="val images (default all 500; fewer for a smoke run)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md and figures/ alone")
+    p.add_argument("--fresh", action="store_true", help=f"forget the runs kept in {ROWS.name}")
+    p.add_argument("--render", action="store_true", help="only rewrite the section (and recipe numbers) from the "
+                                                          "kept runs")
+    p.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md, the kept runs, the "
+                                                           "figure and the recipe numbers alone")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    transform, _ = model_transform(model)
-    val_x, val_y = load_images(VAL_DIR, args.num_val, transform)
-    float_logits = batched_logits(model, val_x)
-    float_top1 = metrics(float_logits, float_logits, val_y)["top1"]
-    recon_opts = {"iters": args.recon_iters, "batch": args.recon_batch, "lr": args.recon_lr,
-                  "scale_lr": args.recon_scale_lr}
-    evolq_opts = {"passes": args.evolq_passes}
-
-    runs: dict[str, dict[str, list[dict]]] = {}  # config -> pipeline -> one record per seed
-    for seed in range(args.seeds):
-        calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
-        for spec in args.configs.split(","):
-            scheme, bits, method_spec = spec.split(":")
-            w, a = map(int, bits.split("/"))
-            key = f"{scheme}:{w}:{a}:{method_spec}"
-            method, *extras = method_spec.split("+")  # e.g. repq+adalog+gptq
-            unknown = set(extras) - {"adalog", "gptq"}
-            if unknown:
-                raise SystemExit(f"--configs {spec}: unknown suffix {sorted(unknown)} (expected +adalog, +gptq)")
-            kinds = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"} if "adalog" in extras else {}
-            calib = CalibData(calib_x, batch_size=args.batch_size, progress=False, seed=seed)
-            q = vitq.prepare(model, vitq.Scheme(scheme, w, a, **kinds), method=method)
-            t0 = time.perf_counter()
-            vitq.calibrate(q, calib, method, seed=seed)
-            if "gptq" in extras:
-                vitq.round_weights(q, calib, how="gptq", seed=seed, progress=False)
-            cost = time.perf_counter() - t0
-            record = {"seconds": cost, "step_seconds": cost}
-            chain = []
-            for name, opts in ((None, None), ("recon", recon_opts), ("evolq", evolq_opts)):
-                if name is not None:
-                    info = vitq.refine(q, model, calib, name, batch_size=args.batch_size, seed=seed, progress=False,
-                                       **opts)
-                    chain.append(name)
-                    cost += info["seconds"]
-                    record = {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"],
-                              "info": info}
-                t0 = time.perf_counter()
-                r = metrics(float_logits, batched_logits(q, val_x), val_y)
-                record.update({"seed": seed, "num_calib": len(calib_x), "eval_seconds": time.perf_counter() - t0,
-                               **r})
-                pipeline = ",".join(chain)
-                runs.setdefault(key, {}).setdefault(pipeline, []).append(record)
-                print(f"seed {seed} {key} {pipeline or 'base'}: top-1 {r['top1']:.2f} agreement "
-                      f"{r['agreement']:.2f} KL {r['kl']:.4f} step {record['step_seconds']:.0f} s", flush=True)
-
-            if not args.no_write:  # after every configuration, so a cut-off run leaves what it measured
-                report(args, runs, float_top1, len(val_x), t_start, partial=True)
-    report(args, runs, float_top1, len(val_x), t_start, partial=False)
+    settings = {k: getattr(args, k) for k in ("num_calib", "batch_size", "recon_iters", "recon_batch", "recon_lr",
+                                              "recon_scale_lr", "evolq_passes", "num_val")}
+    fresh_run = args.no_write and not args.render  # a --no-write run neither reads nor writes the kept runs
+    kept = {"settings": settings, "rows": {}} if fresh_run else load_kept_rows(ROWS, settings, args.fresh)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    specs = args.configs.split(",")
+    for spec in specs:
+        parse_spec(spec)
+    if not args.render:
+        model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
+        transform, _ = model_transform(model)
+        val_x, val_y = load_images(VAL_DIR, args.num_val, transform)
+        float_logits = batched_logits(model, val_x)
+        kept["float_top1"] = metrics(float_logits, float_logits, val_y)["top1"]
+        kept["num_val"] = len(val_x)
+        for seed in seeds:
+            calib_x = None
+            for spec in specs:
+                if f"{spec}|{seed}" in kept["rows"]:
+                    continue
+                if calib_x is None:
+                    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
+                kept["rows"][f"{spec}|{seed}"] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                  "command": command(),
+                                                  "pipelines": run_one(model, calib_x, spec, seed, args,
+                                                                       float_logits, val_x, val_y)}
+                if not args.no_write:
+                    save_kept_rows(ROWS, kept)
+                    report(args, kept, t_start, partial=True)
+    report(args, kept, t_start, partial=False)
 
 
-def report(args, runs: dict, float_top1: float, num_val: int, t_start: float, partial: bool) -> None:
-    rows, measured = [], {}
-    for key, pipes in runs.items():
-        scheme, w, a, method = key.split(":")
-        for pipeline, recs in pipes.items():
-            recipe = RECIPE_OF[pipeline].format(scheme=scheme, method=method.replace("+", "-"))
+def setting_order(spec: str) -> tuple:
+    scheme, w, a, method_spec, _ = parse_spec(spec)
+    return REGIME_ORDER.get(scheme, 9), -a, -w
+
+
+def report(args, kept: dict, t_start: float, partial: bool) -> None:
+    runs: dict[str, dict[str, list[dict]]] = {}  # spec -> pipeline -> one record per seed
+    seeds_of: dict[str, list[int]] = {}
+    for key, row in kept["rows"].items():
+        spec, seed = key.rsplit("|", 1)
+        seeds_of.setdefault(spec, []).append(int(seed))
+        for pipeline, rec in row["pipelines"].items():
+            runs.setdefault(spec, {}).setdefault(pipeline, []).append(rec)
+    if not runs:
+        print("no kept runs to report")
+        return
+    float_top1, num_val = kept["float_top1"], kept["num_val"]
+    rows, measured, steps_of = [], {}, {}
+    for spec in sorted(runs, key=setting_order):
+        scheme, w, a, method_spec, _ = parse_spec(spec)
+        for pipeline, recs in runs[spec].items():
+            recipe = RECIPE_OF[pipeline].format(scheme=scheme, method=method_spec.replace("+", "-"))
             step = [r["step_seconds"] for r in recs]
             kl_cal = [r["calib_kl"]["before"] - r["calib_kl"]["after"] for r in recs if "calib_kl" in r]
-            kept = sum(len(r["info"]["pieces_kept_start"]) for r in recs if pipeline.endswith("recon"))
-            steps = method.replace("+", " + ") + (" + " + pipeline.replace(",", " + ") if pipeline else "")
-            rows.append([f"{scheme} W{w}A{a}", steps,
-                         mean_std([r["top1"] for r in recs]), mean_std([float_top1 - r["top1"] for r in recs]),
+            steps = method_spec.replace("+", " + ") + (" + " + pipeline.replace(",", " + ") if pipeline else "")
+            agree, top1 = statistics.mean(r["agreement"] for r in recs), statistics.mean(r["top1"] for r in recs)
+            rows.append([f"{scheme} W{w}A{a}", steps, len(recs), mean_std([r["top1"] for r in recs]),
+                         f"{float_top1 - top1:.2f}",
                          mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], 4),
                          mean_std(kl_cal, 4) if kl_cal else "-", mean_std(step, 0),
                          mean_std([r["seconds"] for r in recs], 0),
-                         kept if pipeline.endswith("recon") else "-"])
-            measured[(recipe, int(w), int(a))] = {
-                "agreement": round(statistics.mean(r["agreement"] for r in recs), 2),
-                "top1": round(statistics.mean(r["top1"] for r in recs), 2),
+                         "/".join(str(len(r["pieces_kept_start"])) for r in recs) if pipeline == "recon" else "-"])
+            steps_of[(recipe, w, a)] = steps
+            measured[(recipe, w, a)] = {
+                "agreement": round(agree, 2), "top1": round(top1, 2),
                 "kl": round(statistics.mean(r["kl"] for r in recs), 4),
-                "seconds": round(statistics.mean(r["seconds"] for r in recs), 1)}
-
+                "seconds": round(statistics.mean(r["seconds"] for r in recs), 1), "draws": len(recs)}
+    best = best_rows(measured)
     total_min = (time.perf_counter() - t_start) / 60
-    recipes_literal = "\n".join(f"    {k!r}: {{**{v!r}, \"where\": WHERE}}," for k, v in measured.items())
+    compute_min = sum(max(r["seconds"] for r in row["pipelines"].values())
+                      + sum(r["eval_seconds"] for r in row["pipelines"].values()) for row in kept["rows"].values()) / 60
+    s = kept["settings"]
+    draws = sorted({n for v in seeds_of.values() for n in v})
     md = [
         "## Block reconstruction (recon), chains and recipes on the real DeiT-Tiny (issue 11)",
         "",
         *(["**Partial: the run was cut off after the configurations shown.**", ""] if partial else []),
-        f"Command: `{command()}`  ",
+        "Commands (each runs only what `benchmarks/" + ROWS.name + "` lacks; `--render` rewrites this section "
+        "from it): " + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", "?") for r in kept["rows"].values()))
+        + "  ",
         f"{environment()}  ",
-        f"Whole script: {total_min:.1f} min.",
+        f"{len(kept['rows'])} runs (configuration × draw), {compute_min:.0f} min of calibration, refinement and "
+        "evaluation in all. Every row ran on the 2 CPU cores of this machine (no GPU was lent).",
         "",
-        f"**Reduced for CPU time:** {args.num_calib} of the 250 `calib/` images (BRECQ/QDrop: 1,024), used for the "
-        f"base calibration, the reconstruction and the Evol-Q search alike; recon **{args.recon_iters} steps per "
-        f"piece** (BRECQ/QDrop: 20,000) on mini-batches of {args.recon_batch} images (BRECQ: 32), AdaRound "
-        f"learning rate {args.recon_lr:g} (BRECQ 1e-3, raised because of the few steps), step-size learning "
-        f"rate {args.recon_scale_lr:g} relative to each step size (BRECQ: 4e-5 absolute, about 1e-3 relative); "
+        f"**Reduced for CPU time:** {s['num_calib']} of the 250 `calib/` images (BRECQ/QDrop: 1,024), used for the "
+        f"base calibration, the reconstruction and the Evol-Q search alike; recon **{s['recon_iters']} steps per "
+        f"piece** (BRECQ/QDrop: 20,000) on mini-batches of {s['recon_batch']} images (BRECQ: 32), AdaRound "
+        f"learning rate {s['recon_lr']:g} (BRECQ 1e-3, raised because of the few steps), step-size learning "
+        f"rate {s['recon_scale_lr']:g} relative to each step size (BRECQ: 4e-5 absolute, about 1e-3 relative); "
         f"regulariser weight 0.01, warm-up 20 %, β 20 → 2, QDrop probability 0.5 as the defaults. Evol-Q "
-        f"faithful with **{args.evolq_passes} pass(es)** (default 10), batches of {args.batch_size}. "
-        f"**{args.seeds} calibration draw(s)** (seed 0{'..' + str(args.seeds - 1) if args.seeds > 1 else ''}"
-        f"{'' if args.seeds > 1 else '; one seed only, so no ± std'}). {args.threads} torch threads.",
+        f"(default checked mode) with **{s['evolq_passes']} pass(es)** (default 10), batches of "
+        f"{s['batch_size']}. Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
+        "a row has. Base methods alone at other settings: sections lowbit, baselines, ptqvit and apq.",
         "",
-        f"Evaluation: all {num_val} images of `val/` (float top-1 {float_top1:.2f}). Drop = float top-1 − "
-        "quant top-1; agreement = top-1 agreement with float (%); KL = mean KL(float ‖ quant) in nats; calib "
-        "KL gain = the step's decrease of KL(float ‖ quant) on the calibration images; step s = wall time of "
-        "that step (calibration, reconstruction or search); total s = calibration plus every step so far; kept "
-        "= pieces (of 14: stem, 12 blocks, head) where the learned state was worse on the calibration images "
-        "and the start was kept. Selection never used the val labels.",
+        f"Evaluation: all {num_val} images of `val/` (float top-1 {float_top1:.2f}). Cells are mean ± std over "
+        "the draws. Drop = float top-1 − mean quant top-1; agreement = top-1 agreement with float (%); KL = mean "
+        "KL(float ‖ quant) in nats; calib KL gain = the step's decrease of KL(float ‖ quant) on the calibration "
+        "images; step s = wall time of that step (calibration, reconstruction or search); total s = calibration "
+        "plus every step so far; kept = per draw, pieces (of 14: stem, 12 blocks, head) where the learned state "
+        "was worse on the calibration images and the start was kept. Selection never used the val labels.",
         "",
-        table(["config", "pipeline", "top-1", "drop", "agreement", "KL", "calib KL gain", "step s", "total s",
-               "kept"], rows),
+        table(["config", "pipeline", "n", "top-1", "drop", "agreement", "KL", "calib KL gain", "step s",
+               "total s", "kept"], rows),
         "",
-        "Per-piece traces (MSE before → after, seconds): `benchmarks/figures/recon_runs.json`. The recipe table "
-        "(`vitq recipes`) takes its numbers from this run.",
+        "Best row per setting, which `--recipe best` picks (highest mean agreement; ties: lower KL, then cheaper): "
+        + "; ".join(f"{sch} W{w}A{a}: {steps_of[(name, w, a)]} = recipe `{name}` "
+                    f"({measured[(name, w, a)]['agreement']:.2f})"
+                    for (sch, w, a), name in sorted(best.items(), key=lambda kv: (REGIME_ORDER.get(kv[0][0], 9),
+                                                                                   -kv[0][2], -kv[0][1]))) + ".",
+        "",
+        f"Per-piece traces (MSE before → after, seconds): `benchmarks/{ROWS.name}`. Figure: "
+        "`benchmarks/figures/recon_agreement.png`.",
     ]
     text = "\n".join(md)
     print(text)
-    print("MEASURED entries for vitq.recipes:\n" + recipes_literal)
     if not args.no_write:
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        with open(FIGURES / "recon_runs.json", "w") as f:
-            json.dump({"args": vars(args), "float_top1": float_top1, "runs": runs}, f, indent=1, default=str)
         plot(runs)
         write_section("recon", text)
+        write_measured(measured, s)
     print(f"{'partial' if partial else 'done'} after {total_min:.1f} min", flush=True)
 
 
+def best_rows(measured: dict) -> dict:
+    """(scheme, w, a) -> the recipe --recipe best picks from these measurements (vitq.recipes.rank)."""
+    index = {r.name: i for i, r in enumerate(RECIPES)}
+    missing = sorted({name for name, _, _ in measured} - set(index))
+    if missing:
+        raise SystemExit(f"rows without a recipe in vitq.recipes.RECIPES: {missing} (add them, or --recipe best "
+                         "cannot reproduce the leaderboard)")
+    best = {}
+    for (name, w, a), m in measured.items():
+        r = RECIPES[index[name]]
+        key = (r.scheme, w, a)
+        if key not in best or rank(m, index[name]) > rank(measured[(best[key], w, a)], index[best[key]]):
+            best[key] = name
+    return best
+
+
+def write_measured(measured: dict, settings: dict) -> None:
+    """The recipe numbers (vitq.recipes_measured), generated from the kept runs."""
+    setting = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
+    lines = ['"""Measured recipe numbers: generated by ``python -m benchmarks.bench_recon`` from',
+             "``benchmarks/recon_rows.json`` (BENCHMARKS.md, section recon). Do not edit by hand.",
+             "",
+             "DeiT-Tiny, all val images, the CPU setting of the recipes:",
+             *textwrap.wrap(setting, 116),
+             "agreement and top-1 in %, KL in nats, seconds = wall time of calibration and refiners on 2 CPU cores;",
+             "each value is the mean over the calibration draws (draws = how many).",
+             '"""',
+             "",
+             'WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"',
+             "",
+             "MEASURED: dict[tuple[str, int, int], dict] = {"]
+    for (recipe, w, a), v in sorted(measured.items()):
+        values = ", ".join(f'"{k}": {x!r}' for k, x in v.items())
+        lines += [f'    ("{recipe}", {w}, {a}):', f"        {{{values}, \"where\": WHERE}},"]
+    lines.append("}")
+    MEASURED_FILE.write_text("\n".join(lines) + "\n")
 
 
 def plot(runs: dict) -> None:
     """Agreement against weight bits per pipeline, one line per regime and pipeline (>= 2 bit widths only)."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for key, pipes in runs.items():
-        scheme, w, a, method = key.split(":")
+    for spec, pipes in runs.items():
+        scheme, w, a, method, _ = parse_spec(spec)
         for pipeline, recs in pipes.items():
-            label = f"{scheme} A{a} {method}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}"
+            acts = "W=A" if scheme == "matmul" else f"A{a}"
+            label = f"{scheme} {acts} {method}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}"
             series.setdefault(label, []).append((int(w), statistics.mean(r["agreement"] for r in recs)))
     if max(len(v) for v in series.values()) < 2:
         return

@@ -28,7 +28,7 @@ def _args(*argv):
 
 def test_recipe_expands_to_the_documented_flags():
     r = recipes.by_name("fq-fqvit-recon-evolq")
-    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "40",
+    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "200",
                                  "--recon-batch-size", "4", "--recon-lr", "0.01", "--recon-scale-lr", "0.004",
                                  "--num-calib", "50", "--evolq-passes", "1"]
     assert r.as_flags("cuda") == ["--method", "fqvit", "--refine", "recon,evolq"]
@@ -44,13 +44,13 @@ def test_apply_fills_only_unset_flags():
     info = recipes.apply_recipe(args)
     assert info["name"].startswith("matmul-") and args.method == info["applied"]["method"]
     assert info["overridden_by_flags"] == {} and info["applied"] == recipes.by_name(info["name"]).settings("cpu")
-    args = _args("--recipe", "matmul-repq-adalog-gptq-recon", "--scheme", "matmul", "--recon-iters", "5")
+    args = _args("--recipe", "matmul-repq-adalog-recon", "--scheme", "matmul", "--recon-iters", "5")
     info = recipes.apply_recipe(args)
     assert args.recon_iters == 5 and info["overridden_by_flags"] == {"recon_iters": 5}
-    assert args.weight_rounding == "gptq" and args.gelu_quantizer == "adalog"  # flags whose CLI default is unset
+    assert args.gelu_quantizer == "adalog" and args.softmax_quantizer == "adalog"  # CLI default unset
     args = _args("--recipe", "fq-fqvit-recon", "--refine", "evolq", "--method", "omse")
     info = recipes.apply_recipe(args)
-    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 40
+    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 200
     assert set(info["overridden_by_flags"]) == {"refine", "method"}
 
 
@@ -85,7 +85,7 @@ def test_recipes_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     for r in recipes.RECIPES:
         assert r.name in out
-    assert "skipped" not in out.split("fq-repq-gptq-recon", 1)[1].split("\n\n", 1)[0]  # repq and GPTQ are here
+    assert "skipped" not in out.split("fq-repq-recon", 1)[1].split("\n\n", 1)[0]  # repq is here
     assert "--recipe best for fq W4A8:" in out
     n_measured = sum(1 for k in recipes.MEASURED)
     assert out.count("unmeasured") + n_measured >= len(recipes.RECIPES)

@@ -101,6 +101,19 @@ def test_hardened_weights_lie_exactly_on_the_grid(scheme):
     assert checked > 0
 
 
+def test_weights_already_on_the_grid_are_counted_and_warned_about(caplog):
+    q, model, images = _calibrated(scheme="matmul")
+    info = _recon(q, model, images, iters=2)
+    assert sum(e["layers_on_grid"] for e in info["trace"]) == 0  # round-to-nearest start: weights off the grid
+    q, model, images = _calibrated(scheme="matmul")
+    vitq.round_weights(q, images, how="gptq", progress=False)
+    n_layers = sum(1 for m in q.modules() if isinstance(m, _QWeighted))
+    with caplog.at_level("WARNING", logger="vitq"):
+        info = _recon(q, model, images, iters=2)
+    assert sum(e["layers_on_grid"] for e in info["trace"]) == n_layers
+    assert "already on the quantizer grid" in caplog.text
+
+
 def test_learns_rounding_and_step_sizes_but_not_other_kinds():
     q, model, images = _calibrated(scheme="matmul", method="ptq4vit")  # twin softmax / GELU quantizers
     before = {k: v.clone() for k, v in q.state_dict().items()}

@@ -2,13 +2,13 @@
 ``vitq quantize --recipe best``.
 
 A recipe fills only what the user left unset (explicit flags win). ``best`` picks, for the requested regime and
-bits, the usable recipe with the highest measured top-1 agreement with the float model at exactly those bits;
-where nothing was measured it takes the first usable recipe of the regime in table order (the order we expect
-from the measurements at other bits) and says so. A recipe that needs a method, refiner, quantizer kind or
-flag this installation lacks is skipped with the reason.
+bits, the usable recipe with the highest measured top-1 agreement with the float model at exactly those bits
+(ties: lower KL, then cheaper; :func:`rank`); where nothing was measured it takes the first usable recipe of
+the regime in table order (the order we expect from the measurements at other bits) and says so. A recipe that
+needs a method, refiner, quantizer kind or flag this installation lacks is skipped with the reason.
 
-Every number in :data:`MEASURED` comes from ``benchmarks/bench_recon.py`` (BENCHMARKS.md, section "recon");
-nothing is filled in by hand from elsewhere.
+Every number in :data:`MEASURED` comes from ``benchmarks/bench_recon.py`` (BENCHMARKS.md, section "recon"),
+which generates :mod:`vitq.recipes_measured` from its kept runs; nothing is filled in by hand.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vitq.errors import VitqError
+from vitq.recipes_measured import MEASURED
 
 log = logging.getLogger("vitq")
 
@@ -51,61 +52,45 @@ class Recipe:
 FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is not --DEST
 
 # the reduced CPU setting of the benchmark (BENCHMARKS.md "recon" section states it)
-RECON_CPU = {"recon_iters": 40, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
+RECON_CPU = {"recon_iters": 200, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
 EVOLQ_CPU = {"evolq_passes": 1}
 
+ADALOG = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"}
 GPTQ = {"weight_rounding": "gptq"}
-ADALOG_GPTQ = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weight_rounding": "gptq"}
+CALIB_CPU = {"num_calib": RECON_CPU["num_calib"]}
 
+
+def _family(scheme: str, method: str, base_name: str, flags: dict, what: str) -> tuple[Recipe, ...]:
+    """A base (method and flags) alone, + recon, + recon + evolq: the three pipelines of the benchmark."""
+    name = f"{scheme}-{base_name}"
+    return (
+        Recipe(f"{name}-recon", scheme, method, ("recon",), flags=flags, cpu_flags=RECON_CPU,
+               note=f"{what}, then block reconstruction"),
+        Recipe(f"{name}-recon-evolq", scheme, method, ("recon", "evolq"), flags=flags,
+               cpu_flags={**RECON_CPU, **EVOLQ_CPU}, note=f"{what}, block reconstruction, then Evol-Q"),
+        Recipe(name, scheme, method, flags=flags, cpu_flags=CALIB_CPU, note=f"{what} (calibration only)"),
+    )
+
+
+# One recipe per pipeline of the benchmark (BENCHMARKS.md, recon section), so --recipe best can pick any row.
+# Order within a regime: the fallback of --recipe best where nothing was measured at the bits asked is the first
+# usable recipe of the regime. GPTQ before recon is measured but not preferred: GPTQ leaves every weight on its
+# grid, where AdaRound can move it one level in one direction only (see vitq.methods.recon).
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("fq-repq-gptq-recon", "fq", "repq", ("recon",), flags=GPTQ, cpu_flags=RECON_CPU,
-           note="RepQ-ViT with GPTQ weight rounding, then block reconstruction"),
-    Recipe("fq-repq-gptq", "fq", "repq", flags=GPTQ, cpu_flags={"num_calib": RECON_CPU["num_calib"]},
-           note="RepQ-ViT with GPTQ weight rounding (calibration only)"),
-    Recipe("fq-fqvit-recon-evolq", "fq", "fqvit", ("recon", "evolq"), cpu_flags={**RECON_CPU, **EVOLQ_CPU},
-           note="FQ-ViT base, block reconstruction, then Evol-Q (faithful)"),
-    Recipe("fq-fqvit-recon", "fq", "fqvit", ("recon",), cpu_flags=RECON_CPU,
-           note="FQ-ViT base, then block reconstruction"),
-    Recipe("fq-fqvit", "fq", "fqvit", note="FQ-ViT base alone (calibration only)"),
-    Recipe("matmul-repq-adalog-gptq-recon", "matmul", "repq", ("recon",), flags=ADALOG_GPTQ, cpu_flags=RECON_CPU,
-           note="RepQ-ViT, adaptive-log softmax and post-GELU quantizers, GPTQ, then block reconstruction"),
-    Recipe("matmul-repq-adalog-gptq", "matmul", "repq", flags=ADALOG_GPTQ,
-           cpu_flags={"num_calib": RECON_CPU["num_calib"]},
-           note="RepQ-ViT, adaptive-log softmax and post-GELU quantizers, GPTQ (calibration only)"),
-    Recipe("matmul-ptq4vit-recon-evolq", "matmul", "ptq4vit", ("recon", "evolq"),
-           cpu_flags={**RECON_CPU, **EVOLQ_CPU},
-           note="PTQ4ViT base (twin softmax/GELU kept), block reconstruction, then Evol-Q (faithful)"),
-    Recipe("matmul-ptq4vit-recon", "matmul", "ptq4vit", ("recon",), cpu_flags=RECON_CPU,
-           note="PTQ4ViT base, then block reconstruction"),
-    Recipe("matmul-ptq4vit", "matmul", "ptq4vit", note="PTQ4ViT base alone (calibration only)"),
+    *_family("fq", "repq", "repq", {}, "RepQ-ViT"),
+    *_family("fq", "fqvit", "fqvit", {}, "FQ-ViT"),
+    *_family("fq", "repq", "repq-gptq", GPTQ, "RepQ-ViT with GPTQ weight rounding"),
+    *_family("matmul", "repq", "repq-adalog", ADALOG,
+             "RepQ-ViT with adaptive-log softmax and post-GELU quantizers"),
+    *_family("matmul", "repq", "repq-adalog-gptq", {**ADALOG, **GPTQ},
+             "RepQ-ViT with adaptive-log softmax and post-GELU quantizers and GPTQ weight rounding"),
 )
 
-WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"
-# (recipe, w_bits, a_bits) -> measured on DeiT-Tiny, all 500 val images, CPU setting; from bench_recon.py
-# (the command in that section, 2026-11-23, one calibration draw; cost = wall seconds of calibration + refiners on
-# 2 shared CPU cores)
-MEASURED: dict[tuple[str, int, int], dict] = {
-    ("matmul-repq-adalog-gptq", 4, 4): {"agreement": 76.2, "top1": 69.0, "kl": 0.4031, "seconds": 23.6, "where": WHERE},
-    ("matmul-repq-adalog-gptq-recon", 4, 4): {"agreement": 75.4, "top1": 68.2, "kl": 0.3986, "seconds": 54.7,
-                                              "where": WHERE},
-    ("matmul-repq-adalog-gptq-recon-evolq", 4, 4): {"agreement": 74.2, "top1": 67.2, "kl": 0.4002, "seconds": 110.3,
-                                                    "where": WHERE},
-    ("fq-repq-gptq", 4, 8): {"agreement": 88.8, "top1": 75.6, "kl": 0.1038, "seconds": 24.1, "where": WHERE},
-    ("fq-repq-gptq-recon", 4, 8): {"agreement": 89.0, "top1": 75.6, "kl": 0.1021, "seconds": 58.8, "where": WHERE},
-    ("fq-repq-gptq-recon-evolq", 4, 8): {"agreement": 89.4, "top1": 75.2, "kl": 0.1053, "seconds": 121.8,
-                                         "where": WHERE},
-    ("fq-repq-gptq", 3, 8): {"agreement": 73.2, "top1": 66.8, "kl": 0.4747, "seconds": 21.9, "where": WHERE},
-    ("fq-repq-gptq-recon", 3, 8): {"agreement": 74.2, "top1": 67.4, "kl": 0.479, "seconds": 58.0, "where": WHERE},
-    ("fq-repq-gptq-recon-evolq", 3, 8): {"agreement": 73.8, "top1": 67.0, "kl": 0.4708, "seconds": 102.8,
-                                         "where": WHERE},
-    ("fq-fqvit", 4, 8): {"agreement": 85.4, "top1": 73.4, "kl": 0.1875, "seconds": 3.9, "where": WHERE},
-    ("fq-fqvit-recon", 4, 8): {"agreement": 87.2, "top1": 76.8, "kl": 0.1185, "seconds": 36.2, "where": WHERE},
-    ("fq-fqvit-recon-evolq", 4, 8): {"agreement": 87.4, "top1": 76.6, "kl": 0.1165, "seconds": 65.0, "where": WHERE},
-    ("matmul-ptq4vit", 4, 4): {"agreement": 59.6, "top1": 54.2, "kl": 0.8985, "seconds": 456.3, "where": WHERE},
-    ("matmul-ptq4vit-recon", 4, 4): {"agreement": 70.6, "top1": 63.8, "kl": 0.6142, "seconds": 484.7, "where": WHERE},
-    ("matmul-ptq4vit-recon-evolq", 4, 4): {"agreement": 68.8, "top1": 61.6, "kl": 0.6182, "seconds": 519.8,
-                                           "where": WHERE},
-}
+
+def rank(measured: dict, index: int) -> tuple:
+    """How --recipe best orders measured recipes: highest agreement, then lowest KL, then cheapest, then the
+    table's order (``index``). The benchmark names its best rows with the same key."""
+    return measured["agreement"], -measured.get("kl", 0.0), -measured.get("seconds", 0.0), -index
 
 
 def by_name(name: str) -> Recipe:
@@ -162,7 +147,7 @@ def choose(name: str, scheme: str, w_bits: int, a_bits: int, dests: set[str] | N
     measured = [(MEASURED[(r.name, w_bits, a_bits)], i, r) for i, r in enumerate(usable)
                 if (r.name, w_bits, a_bits) in MEASURED]
     if measured:
-        m, _, best = max(measured, key=lambda t: (t[0]["agreement"], -t[1]))
+        m, _, best = max(measured, key=lambda t: rank(t[0], t[1]))
         return best, f"highest measured agreement at {scheme} W{w_bits}A{a_bits} ({m['agreement']:.2f} %)"
     return usable[0], f"nothing measured at {scheme} W{w_bits}A{a_bits}: first usable recipe of the table"
 

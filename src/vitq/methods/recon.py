@@ -34,6 +34,7 @@ bit for bit where an uninterrupted one does (on one thread).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -52,6 +53,7 @@ from vitq.registry import register_refiner
 from vitq.state import read_checkpoint, write_checkpoint
 from vitq.trunk import Trunk
 
+log = logging.getLogger("vitq")
 CHECKPOINT_FORMAT = "vitq-recon-ckpt-1"
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 
@@ -121,6 +123,8 @@ class Rounding:
         self.qmin, self.qmax = q.qmin, q.qmax
         x = w / self.scale
         self.floor = torch.floor(x)
+        # a weight already on its grid (GPTQ, an earlier recon) can move one level in one direction only
+        self.on_grid = float(((x - torch.round(x)).abs() < 1e-3).float().mean())
         rest = (x - self.floor).clamp(1e-4, 1.0 - 1e-4)
         self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
 
@@ -370,7 +374,8 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
     n = xq.shape[0]
     roundings = [Rounding(m) for _, m in p.weighted] if cfg.learn_weights else []
     scales = [q for _, q in p.scales] if cfg.learn_scales else []
-    entry = {"piece": p.name, "layers": len(roundings), "step_sizes": len(scales), "mse_before": before}
+    entry = {"piece": p.name, "layers": len(roundings), "step_sizes": len(scales), "mse_before": before,
+             "layers_on_grid": sum(r.on_grid > 0.5 for r in roundings)}
     if cfg.iters == 0 or (not roundings and not scales):
         entry.update({"mse_after": before, "kept_start": False, "iters": 0, "seconds": time.perf_counter() - t0})
         return entry
@@ -536,6 +541,11 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData,
                     on_block_end({"piece": p.name, "index": i})
     finally:
         bar.close()
+    on_grid = sum(e.get("layers_on_grid", 0) for e in state["trace"])
+    if on_grid:
+        log.warning("recon: %d layer(s) started with their weights already on the quantizer grid (GPTQ or an "
+                    "earlier recon): AdaRound can move each such weight by one level in one direction only; "
+                    "reconstruct from round-to-nearest (no --weight-rounding gptq) for the full search", on_grid)
     return {
         "config": {**cfg.to_dict(), "seed": seed},
         "num_calib": len(calib),
