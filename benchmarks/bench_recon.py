@@ -43,10 +43,10 @@ from vitq.models import create_model
 from vitq.recipes import EVOLQ_CPU, RECIPES, RECON_CPU, rank
 
 FIGURES = ROOT / "benchmarks" / "figures"
-DEFAULT_CONFIGS = ",".join([
-    "fq:8/8:repq+gptq", "fq:8/8:fqvit", "fq:4/8:repq+gptq", "fq:4/8:fqvit", "fq:3/8:repq+gptq", "fq:3/8:fqvit",
-    "matmul:8/8:repq+adalog+gptq", "matmul:6/6:repq+adalog+gptq", "matmul:4/4:repq+adalog+gptq",
-    "matmul:3/3:repq+adalog+gptq"])
+DEFAULT_CONFIGS = ",".join([  # the leaderboard: RepQ-ViT (RTN) and FQ-ViT bases, and the GPTQ bases as a comparison
+    "fq:8/8:repq", "fq:4/8:repq", "fq:4/8:fqvit", "fq:4/8:repq+gptq", "fq:3/8:repq", "fq:3/8:fqvit",
+    "matmul:8/8:repq+adalog", "matmul:6/6:repq+adalog", "matmul:4/4:repq+adalog", "matmul:4/4:repq+adalog+gptq",
+    "matmul:3/3:repq+adalog"])
 RECIPE_OF = {"": "{scheme}-{method}", "recon": "{scheme}-{method}-recon",
              "recon,evolq": "{scheme}-{method}-recon-evolq"}
 
@@ -297,29 +297,34 @@ def write_measured(measured: dict, settings: dict) -> None:
 
 
 def plot(runs: dict) -> None:
-    """Agreement against weight bits per pipeline, one line per regime and pipeline (>= 2 bit widths only)."""
-    series: dict[str, list[tuple[int, float]]] = {}
+    """Agreement against weight bits: one panel per regime, a colour per base, a line style per pipeline."""
+    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
     for spec, pipes in runs.items():
         scheme, w, a, method, _ = parse_spec(spec)
         for pipeline, recs in pipes.items():
-            acts = "W=A" if scheme == "matmul" else f"A{a}"
-            label = f"{scheme} {acts} {method}{' + ' + pipeline.replace(',', ' + ') if pipeline else ''}"
-            series.setdefault(label, []).append((int(w), statistics.mean(r["agreement"] for r in recs)))
-    if max(len(v) for v in series.values()) < 2:
-        return
+            series.setdefault((scheme, method, pipeline), []).append(
+                (int(w), statistics.mean(r["agreement"] for r in recs)))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("weight bits")
-    ax.set_ylabel("top-1 agreement with float (%)")
-    ax.set_title("DeiT-Tiny, 500 val images")
-    ax.legend(fontsize=7)
+    schemes = sorted({k[0] for k in series}, key=lambda sch: REGIME_ORDER.get(sch, 9))
+    methods = sorted({k[1] for k in series})
+    styles = {"": ":", "recon": "-", "recon,evolq": "--"}
+    fig, axes = plt.subplots(1, len(schemes), figsize=(5.5 * len(schemes), 4.2), squeeze=False)
+    for ax, scheme in zip(axes[0], schemes, strict=True):
+        for (sch, method, pipeline), pts in sorted(series.items()):
+            if sch != scheme:
+                continue
+            pts.sort()
+            label = method + (" + " + pipeline.replace(",", " + ") if pipeline else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=styles.get(pipeline, "-."),
+                    color=f"C{methods.index(method)}", label=label)
+        ax.set_xlabel("weight bits" + (" (activations 8 bits)" if scheme == "fq" else " (activations: the same)"))
+        ax.set_ylabel("top-1 agreement with float (%)")
+        ax.set_title(f"DeiT-Tiny, {scheme}, 500 val images")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(FIGURES / "recon_agreement.png", dpi=120)
 
