@@ -173,10 +173,8 @@ def setting_order(spec: str) -> tuple:
 
 def report(args, kept: dict, t_start: float, partial: bool) -> None:
     runs: dict[str, dict[str, list[dict]]] = {}  # spec -> pipeline -> one record per seed
-    seeds_of: dict[str, list[int]] = {}
     for key, row in kept["rows"].items():
-        spec, seed = key.rsplit("|", 1)
-        seeds_of.setdefault(spec, []).append(int(seed))
+        spec = key.rsplit("|", 1)[0]
         for pipeline, rec in row["pipelines"].items():
             runs.setdefault(spec, {}).setdefault(pipeline, []).append(rec)
     if not runs:
@@ -208,7 +206,7 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
     compute_min = sum(max(r["seconds"] for r in row["pipelines"].values())
                       + sum(r["eval_seconds"] for r in row["pipelines"].values()) for row in kept["rows"].values()) / 60
     s = kept["settings"]
-    draws = sorted({n for v in seeds_of.values() for n in v})
+    draws = sorted({int(key.rsplit("|", 1)[1]) for key in kept["rows"]})
     md = [
         "## Block reconstruction (recon), chains and recipes on the real DeiT-Tiny (issue 11)",
         "",
