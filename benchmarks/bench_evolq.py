@@ -34,6 +34,7 @@ from benchmarks.common import (
     git_commit,
     load_images,
     load_kept_rows,
+    parse_config,
     save_kept_rows,
     table,
     write_section,
@@ -129,8 +130,7 @@ def main() -> None:
     rows, details, landscape, curves = [], {}, None, []
     with full_float32():
         for spec in args.configs.split(","):
-            scheme, bits, method = spec.split(":")
-            w, a = map(int, bits.split("/"))
+            scheme, w, a, method = parse_config(spec)
             r, runs, base, calib = run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method,
                                               modes, args.passes, args.seed)
             rows += r
@@ -254,8 +254,7 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
                     continue
                 if calib_x is None:
                     calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
-                scheme, bits, method = spec.split(":")
-                w, a = map(int, bits.split("/"))
+                scheme, w, a, method = parse_config(spec)
                 _, runs, _, _ = run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method, modes,
                                            args.passes, seed)
                 b = runs["base"]["metrics"]
@@ -272,8 +271,7 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
                     save_kept_rows(SEED_ROWS, kept)
     per: dict = {}
     for spec in specs:
-        scheme, bits, method = spec.split(":")
-        w, a = bits.split("/")
+        scheme, w, a, method = parse_config(spec)
         for mode in modes:
             per[(f"{scheme} W{w}A{a}", f"{method} + evolq {mode}")] = [
                 kept["rows"][key(spec, mode, seed)] for seed in seeds if key(spec, mode, seed) in kept["rows"]]

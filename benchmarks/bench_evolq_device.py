@@ -31,6 +31,7 @@ from benchmarks.common import (
     command,
     environment,
     load_images,
+    parse_config,
     table,
     write_section,
 )
@@ -108,8 +109,7 @@ def _search(args) -> None:
             "passes": args.passes, "tf32": False, "configs": {}}
     t_start = time.perf_counter()
     for spec in args.configs.split(","):
-        scheme, bits, method = spec.split(":")
-        w, a = map(int, bits.split("/"))
+        scheme, w, a, method = parse_config(spec)
         tag = f"{scheme}_W{w}A{a}_{method}"
         calib = CalibData(calib_x, batch_size=args.batch_size, device=device, progress=False)
         base = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method).to(device)

@@ -32,6 +32,7 @@ from benchmarks.common import (
     environment,
     load_images,
     load_kept_rows,
+    parse_config,
     save_kept_rows,
     table,
     write_section,
@@ -69,8 +70,7 @@ REGIME_ORDER = {"fq": 0, "matmul": 1}
 
 
 def parse_spec(spec: str) -> tuple[str, int, int, str, list[str]]:
-    scheme, bits, method_spec = spec.split(":")
-    w, a = map(int, bits.split("/"))
+    scheme, w, a, method_spec = parse_config(spec)
     method, *extras = method_spec.split("+")  # e.g. repq+adalog+gptq
     unknown = set(extras) - {"adalog", "gptq"}
     if unknown:

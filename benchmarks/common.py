@@ -64,6 +64,16 @@ def command() -> str:
     return "python -m " + " ".join(shlex.quote(a) for a in [module, *sys.argv[1:]])
 
 
+def parse_config(spec: str) -> tuple[str, int, int, str]:
+    """``scheme:W/A:method`` (a benchmark's --configs entry, e.g. ``fq:4/8:fqvit``) as (scheme, w, a, method)."""
+    try:
+        scheme, bits, method = spec.split(":")
+        w, a = map(int, bits.split("/"))
+    except ValueError:
+        raise SystemExit(f"--configs {spec!r}: expected scheme:W/A:method, e.g. fq:4/8:fqvit") from None
+    return scheme, w, a, method
+
+
 def load_kept_rows(path: Path, settings: dict, fresh: bool) -> dict:
     """The rows a benchmark kept from earlier runs with the same ``settings`` (``{"settings", "rows"}``); a file
     written with other settings stops the run unless ``fresh`` (start over)."""
