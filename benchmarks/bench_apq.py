@@ -24,7 +24,7 @@ from common import CALIB_DIR, DEIT_WEIGHTS, ROOT, VAL_DIR, command, environment,
 import vitq  # noqa: E402
 from vitq.data import make_loader, model_transform, scan_image_folder, select_records  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models import create_model, sha256_file  # noqa: E402
+from vitq.models.loading import create_model, sha256_file  # noqa: E402
 
 # METHODS.md §4: APQ-ViT, ImageNet top-1, matmul regime. Float DeiT-T 72.21 is the full-precision number
 # the PTQ4ViT/APQ-ViT tables use (not in METHODS.md; our reference for the published drop).

@@ -26,8 +26,8 @@ from vitq.evaluate import Metrics
 from vitq.methods.apq import APQ_DEFAULTS, bbc_search
 from vitq.methods.hessian import Grids, layerwise_search, linear_grid
 from vitq.methods.ptq4vit import check_options, grids_from, setup
-from vitq.models import create_model
-from vitq.trunk import Trunk
+from vitq.models.loading import create_model
+from vitq.models.trunk import Trunk
 
 VARIANTS = {  # name -> BBC options (on top of the apq defaults)
     "old": {"bbc_target": "float", "bbc_guard": False},  # the interpretation before issue 15

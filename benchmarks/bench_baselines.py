@@ -24,7 +24,7 @@ from benchmarks.common import (
 from vitq.calib import CalibData
 from vitq.data import model_transform
 from vitq.evaluate import Metrics
-from vitq.models import create_model
+from vitq.models.loading import create_model
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from benchmarks.common import write_section as _write_section
 from vitq.calib import CalibData
 from vitq.data import model_transform
 from vitq.evaluate import Metrics
-from vitq.models import create_model, sha256_file
+from vitq.models.loading import create_model, sha256_file
 
 WEIGHTS = SHARED / "models" / "tf_efficientnet_lite0.safetensors"
 SECTION = "cnn"

@@ -42,9 +42,9 @@ from benchmarks.common import (
 from vitq.calib import CalibData
 from vitq.data import model_transform
 from vitq.evaluate import Metrics
-from vitq.landscape import compute_landscape, plot_landscape
-from vitq.models import create_model
+from vitq.models.loading import create_model
 from vitq.precision import full_float32
+from vitq.refine.landscape import compute_landscape, plot_landscape
 
 FIGURES = ROOT / "benchmarks" / "figures"
 SEED_ROWS = ROOT / "benchmarks" / "evolq_seed_rows.json"

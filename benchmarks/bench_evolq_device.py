@@ -38,10 +38,10 @@ from benchmarks.common import (
 from vitq.calib import CalibData
 from vitq.data import model_transform
 from vitq.evaluate import Metrics
-from vitq.methods.evolq import infonce_loss
-from vitq.models import create_model
+from vitq.models.loading import create_model
 from vitq.precision import full_float32
 from vitq.prepare import rebuild_quantizers
+from vitq.refine.evolq import infonce_loss
 from vitq.scheme import Scheme
 from vitq.state import state_config, write_json
 

@@ -37,7 +37,7 @@ from common import (  # noqa: E402
 import vitq  # noqa: E402
 from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models import create_model  # noqa: E402
+from vitq.models.loading import create_model  # noqa: E402
 
 SETTINGS = {  # name: (regime, w bits, a bits, reference method)
     "matmul W4A4": ("matmul", 4, 4, "ptq4vit"),

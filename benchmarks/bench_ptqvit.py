@@ -42,7 +42,7 @@ import vitq  # noqa: E402
 ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_rows.json"
 from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models import create_model  # noqa: E402
+from vitq.models.loading import create_model  # noqa: E402
 
 
 def main() -> int:

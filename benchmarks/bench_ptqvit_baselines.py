@@ -39,7 +39,7 @@ from common import (  # noqa: E402
 import vitq  # noqa: E402
 from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models import create_model  # noqa: E402
+from vitq.models.loading import create_model  # noqa: E402
 
 ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_baselines_rows.json"
 SETTINGS = [("matmul", 4, 8), ("matmul", 8, 8), ("matmul", 6, 6), ("matmul", 4, 4), ("fq", 8, 8), ("fq", 4, 8)]

@@ -40,7 +40,7 @@ from benchmarks.common import (
 from vitq.calib import CalibData
 from vitq.data import model_transform
 from vitq.evaluate import Metrics
-from vitq.models import create_model
+from vitq.models.loading import create_model
 from vitq.recipes import EVOLQ_CPU, RECIPES, RECON_CPU, rank
 
 FIGURES = ROOT / "benchmarks" / "figures"

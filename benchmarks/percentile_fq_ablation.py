@@ -24,7 +24,7 @@ from benchmarks.common import (
     load_images,
 )
 from vitq.data import model_transform
-from vitq.models import create_model
+from vitq.models.loading import create_model
 
 
 def predictions(model, x):

@@ -19,8 +19,8 @@ from vitq.methods.hessian import (  # noqa: E402
     keep_count,
     linear_grid,
 )
-from vitq.methods.softmax_quant import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer  # noqa: E402
-from vitq.quantizers import make_quantizer, quantizers_of  # noqa: E402
+from vitq.quant.base import make_quantizer, quantizers_of  # noqa: E402
+from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

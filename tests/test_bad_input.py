@@ -13,7 +13,7 @@ from conftest import TINY, make_image_folder, tiny_model
 from PIL import Image
 from safetensors.torch import save_file
 
-import vitq.models
+import vitq.models.loading
 from vitq.cli import main
 from vitq.state import MARKER_FILE
 
@@ -69,7 +69,7 @@ def no_model(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(vitq.models, "create_model", refuse)
+    monkeypatch.setattr(vitq.models.loading, "create_model", refuse)
 
 
 def test_refused_before_the_model_is_loaded(world, capsys, no_model):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import vitq
 from vitq.api import as_calib
 from vitq.errors import VitqError
-from vitq.landscape import add_command, compute_landscape, write_outputs
-from vitq.methods.evolq import (
+from vitq.quant.base import quantizers_of
+from vitq.refine.evolq import (
     FitnessEvaluator,
     default_radius,
     infonce_loss,
@@ -27,7 +27,7 @@ from vitq.methods.evolq import (
     search_space,
     split_calibration,
 )
-from vitq.quantizers import quantizers_of
+from vitq.refine.landscape import add_command, compute_landscape, write_outputs
 from vitq.registry import get_refiner
 
 
@@ -392,8 +392,8 @@ def test_landscape_command_parses():
 def test_landscape_command_end_to_end(tmp_path, monkeypatch):
     from PIL import Image
 
-    import vitq.models
-    from vitq.landscape import run
+    import vitq.models.loading
+    from vitq.refine.landscape import run
 
     model = _deit()
     q, _ = _calibrated(model, "matmul")
@@ -406,7 +406,7 @@ def test_landscape_command_end_to_end(tmp_path, monkeypatch):
         for i in range(3):
             pix = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(pix).save(tmp_path / "calib" / cls / f"{i}.png")
-    monkeypatch.setattr(vitq.models, "create_model", lambda name, weights=None, **kw: _deit())
+    monkeypatch.setattr(vitq.models.loading, "create_model", lambda name, weights=None, **kw: _deit())
     parser = argparse.ArgumentParser()
     add_command(parser.add_subparsers(dest="command"))
     argv = ["landscape", "--model", "deit_tiny_patch16_224", "--state", str(state), "--calib",

@@ -13,16 +13,14 @@ from torch import nn
 
 import vitq
 from vitq.errors import VitqError
-from vitq.export import _to_onnx, export, export_module, weight_codes
-from vitq.modules import QConv2d, QLinear
-from vitq.quantizers import QUANTIZER_KINDS, PTFQuantizer, UniformQuantizer, make_quantizer
-from vitq.registry import load_builtin
+from vitq.export.onnx import _to_onnx, export, export_module, weight_codes
+from vitq.quant.base import QUANTIZER_KINDS, make_quantizer
+from vitq.quant.modules import QConv2d, QLinear
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
-
-load_builtin()
 
 
 def run_ort(path, x, optimize: bool = True) -> np.ndarray:
@@ -143,7 +141,7 @@ def test_model_matches_fake_quant_in_onnxruntime(tmp_path, config):
     same_top1_where_decided(out, ref)
     # dynamic batch
     assert run_ort(tmp_path / "m.onnx", x[:3]).shape == (3, ref.shape[1])
-    kinds = {type(qq).kind for n, qq in vitq.quantizers.quantizers_of(q).items() if n in info["quantizers_float"]}
+    kinds = {type(qq).kind for n, qq in vitq.quant.base.quantizers_of(q).items() if n in info["quantizers_float"]}
     assert kinds == set(info["float_kinds"])
     side = json.loads((tmp_path / "m.preprocess.json").read_text())
     assert {"resize", "crop", "mean", "std", "interpolation"} <= set(side["preprocessing"])
@@ -217,7 +215,7 @@ def test_existing_output_refused_and_nothing_half_written(tmp_path, monkeypatch)
     def broken(*a, **k):
         raise RuntimeError("exporter failed")
 
-    monkeypatch.setattr(sys.modules["vitq.export"], "_to_onnx", broken)  # vitq.export is also the function
+    monkeypatch.setattr(sys.modules["vitq.export.onnx"], "_to_onnx", broken)  # vitq.export.onnx is also the function
     with pytest.raises(RuntimeError):
         export(q, path, overwrite=True, float_model=m)
     assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["m.onnx", "m.preprocess.json"]
@@ -265,7 +263,7 @@ def test_cli_export_from_saved_state_and_check(tmp_path, capsys):
 ])
 def test_openvino_runs_the_export(tmp_path, scheme, method):
     pytest.importorskip("openvino")
-    from vitq.export import Runner
+    from vitq.export.onnx import Runner
 
     m, q, x = calibrated("deit", scheme, method)
     export(q, tmp_path / "m.onnx", float_model=m)

@@ -11,15 +11,15 @@ from torch import nn
 
 from vitq import api
 from vitq.errors import VitqError
-from vitq.families import FAMILIES, family_of, load_builtin
-from vitq.families.common import QConv2dSame, quantized_weighted
-from vitq.families.fold import fold_batchnorms
-from vitq.methods.evolq import search_space
+from vitq.models.common import QConv2dSame, quantized_weighted
+from vitq.models.family import FAMILIES, family_of
+from vitq.models.fold import fold_batchnorms
+from vitq.models.trunk import Trunk
 from vitq.prepare import prepare
-from vitq.quantizers import quantizers_of
+from vitq.quant.base import quantizers_of
+from vitq.refine.evolq import search_space
 from vitq.scheme import Scheme
 from vitq.state import load, save
-from vitq.trunk import Trunk
 
 # tiny random-init timm models: (name, kwargs, input size)
 TINY_TIMM = {
@@ -72,7 +72,7 @@ def hf_dirs(tmp_path_factory):
 
 def build(fam: str, hf_dirs=None) -> tuple[nn.Module, int]:
     if fam in HF:
-        from vitq.models import create_model
+        from vitq.models.loading import create_model
 
         return create_model(f"hf:{hf_dirs[fam]}"), 32
     name, kw, size = TINY_TIMM[fam]
@@ -256,7 +256,7 @@ def test_evolq_refines_a_cnn(request):
 
 # ------------------------------------------------------------------------------------------- HF specifics
 def test_hf_preprocessing_from_image_processor(tmp_path):
-    from vitq.families.hf_vit import data_config
+    from vitq.models.hf import data_config
 
     transformers = pytest.importorskip("transformers")
     transformers.DeiTImageProcessor().save_pretrained(tmp_path)  # resize 256x256 bicubic, crop 224
@@ -270,7 +270,7 @@ def test_hf_preprocessing_from_image_processor(tmp_path):
 def test_hf_without_transformers_names_the_extra(tmp_path, monkeypatch):
     import sys
 
-    from vitq.models import create_model
+    from vitq.models.loading import create_model
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(VitqError, match=r"pip install -e '\.\[hf\]'"):
@@ -321,7 +321,7 @@ def test_hf_vit_quantizes_exactly_like_timm_vit(hf_dirs, scheme):
 
 
 def test_hf_quantized_modules_are_built_from_hf_modules(hf_dirs):
-    from vitq.families.hf_vit import QHFAttention, QHFLayer
+    from vitq.models.hf import QHFAttention, QHFLayer
 
     model, _ = build("hf_vit", hf_dirs)
     layer = model.hf.vit.layers[0]
@@ -367,7 +367,6 @@ def test_cli_models_lists_families(capsys):
 
     assert main(["models"]) == 0
     text = capsys.readouterr().out
-    load_builtin()
     for name in FAMILIES:
         assert name in text
     assert "BatchNorm" in text and "hf:DIR" in text

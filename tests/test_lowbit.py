@@ -11,11 +11,12 @@ import vitq
 from vitq.api import as_calib
 from vitq.cli import main
 from vitq.errors import VitqError
-from vitq.gptq import gptq_rows, grid_quant
-from vitq.observers import Observer
-from vitq.quantizers import UniformQuantizer, quantizers_of
-from vitq.quantizers_log import R_GRID, AdaLogQuantizer, LogSqrt2Quantizer
-from vitq.reparam import reparameterize, targets
+from vitq.methods.reparam import reparameterize, targets
+from vitq.quant.base import quantizers_of
+from vitq.quant.log import R_GRID, AdaLogQuantizer, LogSqrt2Quantizer
+from vitq.quant.observers import Observer
+from vitq.quant.uniform import UniformQuantizer
+from vitq.refine.gptq import gptq_rows, grid_quant
 from vitq.scheme import Scheme
 
 WEIGHTS = SHARED / "models" / "deit_tiny_patch16_224.safetensors"
@@ -57,7 +58,7 @@ def test_reparam_leaves_float_outputs_unchanged(family, regime):
 @pytest.mark.skipif(not WEIGHTS.exists(), reason="../shared with the real DeiT-Tiny is not present")
 def test_reparam_exact_on_real_deit_tiny():
     from vitq.data import model_transform, scan_image_folder, select_records
-    from vitq.models import create_model
+    from vitq.models.loading import create_model
 
     model = create_model("deit_tiny_patch16_224", weights=WEIGHTS)
     tf, _ = model_transform(model)
@@ -71,8 +72,8 @@ def test_reparam_near_constant_channel_keeps_the_tensor_centred():
     """A LayerNorm channel with γ ≈ 0 (the real DeiT-Tiny has some) must not drag the shared zero point: after the
     fold every value of X' lies within one mean channel range of 0, so the per-tensor grid holds 0 and the
     rounding error of the widened weight columns is not multiplied by a large constant offset."""
-    from vitq.modules import QLinear
-    from vitq.reparam import LEVELS, fold
+    from vitq.methods.reparam import LEVELS, fold
+    from vitq.quant.modules import QLinear
 
     g = torch.Generator().manual_seed(0)
     norm = torch.nn.LayerNorm(16)
@@ -145,7 +146,7 @@ def test_logsqrt2_scale_search_and_old_states():
     obs.update(soft)
     q = LogSqrt2Quantizer(4, "softmax")
     chosen = q.fit(obs)
-    from vitq.quantizers_log import LOGSQRT2_SCALES
+    from vitq.quant.log import LOGSQRT2_SCALES
 
     assert chosen["scale"] in LOGSQRT2_SCALES and chosen["scale"] < 1.0 and bool(q.initialized)
     unit = LogSqrt2Quantizer(4, "softmax")
@@ -321,7 +322,7 @@ def test_cli_weight_rounding_gptq_recorded_and_reloads(tmp_path):
 def test_mse_range_search_keeps_the_short_side_and_beats_omse(bits):
     """Post-GELU-like values ([-0.17, long positive tail]): the per-end search keeps GELU's negative side,
     clips the tail, and its squared error is never above OMSE's or min/max's on the values it searched."""
-    from vitq.observers import apply_range
+    from vitq.quant.observers import apply_range
 
     g = torch.Generator().manual_seed(bits)
     pre = torch.randn(50000, generator=g)
@@ -347,7 +348,7 @@ def test_mse_range_search_keeps_the_short_side_and_beats_omse(bits):
     # signed (symmetric) quantizers search one bound
     w = torch.randn(8, 300, generator=g) * torch.rand(8, 1, generator=g)
     q = UniformQuantizer(bits, "weight", signed=True, channel_axis=0, num_channels=8)
-    from vitq.observers import weight_range
+    from vitq.quant.observers import weight_range
 
     weight_range(q, w, "mse")
     e_mse = (q.fake_quant(w) - w).pow(2).sum(1)

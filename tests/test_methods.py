@@ -7,12 +7,12 @@ from conftest import TINY, tiny_images, tiny_model
 
 import vitq
 from vitq.methods.baselines import weighted_modules
-from vitq.observers import OMSE_FACTORS, Observer, apply_range, weight_range
-from vitq.quantizers import UniformQuantizer, quantizers_of
-from vitq.registry import METHODS, load_builtin
+from vitq.quant.base import quantizers_of
+from vitq.quant.observers import OMSE_FACTORS, Observer, apply_range, weight_range
+from vitq.quant.uniform import UniformQuantizer
+from vitq.registry import METHODS
 from vitq.scheme import Scheme
 
-load_builtin()
 BASELINES = ["minmax", "percentile", "omse", "fqvit"]
 
 

@@ -7,10 +7,11 @@ from conftest import TINY, tiny_images, tiny_model
 
 import vitq
 from vitq.errors import VitqError
-from vitq.modules import QAttention, QLinear, QWindowAttention
-from vitq.quantizers import PTFQuantizer, quantizers_of
+from vitq.models.trunk import Trunk
+from vitq.quant.base import quantizers_of
+from vitq.quant.modules import QAttention, QLinear, QWindowAttention
+from vitq.quant.uniform import PTFQuantizer
 from vitq.scheme import Override, Scheme
-from vitq.trunk import Trunk
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

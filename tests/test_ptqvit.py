@@ -11,11 +11,12 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vitq  # noqa: E402
-from vitq.allocation import add_command, allocation_from_config  # noqa: E402
+from vitq.cli.allocation import add_command, allocation_from_config  # noqa: E402
 from vitq.errors import VitqError  # noqa: E402
 from vitq.methods import ptqvit as P  # noqa: E402
 from vitq.methods import ptqvit_mp as MP  # noqa: E402
-from vitq.quantizers import UniformQuantizer, quantizers_of  # noqa: E402
+from vitq.quant.base import quantizers_of  # noqa: E402
+from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import get_method  # noqa: E402
 
 FAST = {"candidates": 10, "rounds": 2, "tokens": 8, "rows": 6, "pairs": 40, "mp_candidates": 6}

@@ -16,9 +16,9 @@ from vitq.cli import main
 from vitq.errors import VitqError
 from vitq.methods import lapq as lapq_mod
 from vitq.methods.aciq import GAUSSIAN_K, LAPLACE_K, allocate_bits, clip_constant, expected_mse, fit_clip
-from vitq.methods.mixed_quant import MixedUniformQuantizer
-from vitq.observers import observing, start_error_pass
-from vitq.quantizers import quantizers_of
+from vitq.quant.base import quantizers_of
+from vitq.quant.mixed import MixedUniformQuantizer
+from vitq.quant.observers import observing, start_error_pass
 from vitq.scheme import Scheme
 
 

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vitq.quantizers import Log2Quantizer, PTFQuantizer, UniformQuantizer, int_range, make_quantizer
+from vitq.quant.base import int_range, make_quantizer
+from vitq.quant.uniform import Log2Quantizer, PTFQuantizer, UniformQuantizer
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 

@@ -11,9 +11,9 @@ from conftest import tiny_images, tiny_model
 import vitq
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.methods.recon import Cache, Dropper, LsqQuantizer, make_config, pieces_of
-from vitq.modules import _QWeighted
-from vitq.quantizers import UniformQuantizer
+from vitq.quant.modules import _QWeighted
+from vitq.quant.uniform import UniformQuantizer
+from vitq.refine.recon import Cache, Dropper, LsqQuantizer, make_config, pieces_of
 from vitq.state import load, save
 
 FAST = {"iters": 12, "batch": 4, "lr": 0.05, "scale_lr": 0.01}

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vitq.methods  # noqa: F401  (registers the built-in methods)
+import vitq.refine  # noqa: F401  (registers the built-in refiners)
 from vitq import prepare as _prepare
-from vitq.calib import CalibData
+from vitq.calib import CalibData, as_calib  # noqa: F401  (vitq.api.as_calib)
 from vitq.errors import VitqError
-from vitq.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
+from vitq.refine.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
 from vitq.registry import get_method, get_refiner
 from vitq.scheme import Scheme
 
@@ -44,12 +46,6 @@ def prepare(model: nn.Module, scheme: Scheme | None = None, method: str | None =
         if entry.adjust_scheme is not None:
             scheme = entry.adjust_scheme(scheme, options or {})
     return _prepare.prepare(model, scheme)
-
-
-def as_calib(images, batch_size: int = 50, device="cpu", seed: int = 0, progress: bool = True) -> CalibData:
-    if isinstance(images, CalibData):
-        return images
-    return CalibData(torch.as_tensor(images), batch_size=batch_size, device=device, seed=seed, progress=progress)
 
 
 def calibrate(qmodel: nn.Module, images, /, method: str = "fqvit", batch_size: int = 50, device="cpu",

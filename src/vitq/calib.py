@@ -38,6 +38,13 @@ class CalibData:
         return tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False, dynamic_ncols=True)
 
 
+def as_calib(images, batch_size: int = 50, device="cpu", seed: int = 0, progress: bool = True) -> CalibData:
+    """Calibration data from images ([N, C, H, W], preprocessed) or a CalibData (returned as it is)."""
+    if isinstance(images, CalibData):
+        return images
+    return CalibData(torch.as_tensor(images), batch_size=batch_size, device=device, seed=seed, progress=progress)
+
+
 @torch.no_grad()
 def forward_all(model: nn.Module, calib: CalibData, desc: str = "calibrate") -> torch.Tensor:
     """Run the model over every calibration batch; returns the concatenated outputs (on the CPU)."""

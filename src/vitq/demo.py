@@ -218,13 +218,12 @@ def run_demo(out: str | None = None, overwrite: bool = False, quick: bool = Fals
              progress: bool = True, methods: list[str] | None = None, threads: int | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from vitq.registry import METHODS, load_builtin
+    from vitq.registry import METHODS
     from vitq.state import OutputDir, write_json
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out = os.path.abspath(out or default_demo_dir())
     folder = OutputDir(out, overwrite, command="demo", replace_own=True)
-    load_builtin()
     for name in methods or []:
         if name not in METHODS:
             raise VitqError(f"--methods: unknown method {name!r} (expected some of {', '.join(sorted(METHODS))})")

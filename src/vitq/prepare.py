@@ -11,8 +11,9 @@ import copy
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.modules import QAttention, QBlock, QConv2d, QLayerNorm, QLinear, QSwinBlock, QWindowAttention
-from vitq.quantizers import PTFQuantizer, Quantizer, make_quantizer
+from vitq.quant.base import Quantizer, make_quantizer
+from vitq.quant.modules import QAttention, QBlock, QConv2d, QLayerNorm, QLinear, QSwinBlock, QWindowAttention
+from vitq.quant.uniform import PTFQuantizer
 from vitq.scheme import Scheme
 
 # parameter-holding leaves that are fine to leave in float (LayerScale multiplies the residual branch)
@@ -29,7 +30,7 @@ def _timm_classes():
 
 def prepare(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Return a quantization-ready copy of ``model`` (quantizers uncalibrated, i.e. the identity)."""
-    from vitq.families import family_of
+    from vitq.models.family import family_of
 
     qmodel = copy.deepcopy(model).eval()
     family = family_of(qmodel)

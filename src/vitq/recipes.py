@@ -75,7 +75,7 @@ def _family(scheme: str, method: str, base_name: str, flags: dict, what: str) ->
 # One recipe per pipeline of the benchmark (BENCHMARKS.md, recon section), so --recipe best can pick any row.
 # Order within a regime: the fallback of --recipe best where nothing was measured at the bits asked is the first
 # usable recipe of the regime. GPTQ before recon is measured but not preferred: GPTQ leaves every weight on its
-# grid, where AdaRound can move it one level in one direction only (see vitq.methods.recon).
+# grid, where AdaRound can move it one level in one direction only (see vitq.refine.recon).
 RECIPES: tuple[Recipe, ...] = (
     *_family("fq", "repq", "repq", {}, "RepQ-ViT"),
     *_family("fq", "fqvit", "fqvit", {}, "FQ-ViT"),
@@ -102,9 +102,7 @@ def by_name(name: str) -> Recipe:
 
 def unavailable(recipe: Recipe, dests: set[str] | None = None) -> str | None:
     """Why ``recipe`` cannot run in this installation (None if it can). ``dests``: the CLI destinations."""
-    from vitq.registry import METHODS, REFINERS, load_builtin
-
-    load_builtin()
+    from vitq.registry import METHODS, REFINERS
     if recipe.method not in METHODS:
         return f"method {recipe.method!r} is not registered"
     missing = [r for r in recipe.refine if r not in REFINERS]
@@ -112,7 +110,7 @@ def unavailable(recipe: Recipe, dests: set[str] | None = None) -> str | None:
         return f"refiner {missing[0]!r} is not registered"
     kind = recipe.flags.get("softmax_quantizer")
     if kind is not None:
-        from vitq.quantizers import QUANTIZER_KINDS
+        from vitq.quant.base import QUANTIZER_KINDS
 
         if kind not in QUANTIZER_KINDS:
             return f"quantizer kind {kind!r} is not registered"

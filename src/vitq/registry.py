@@ -74,7 +74,6 @@ def register_refiner(name: str, description: str, **kw):
 
 
 def _lookup(table: dict, kind: str, name: str) -> Entry:
-    load_builtin()
     if name not in table:
         raise VitqError(f"unknown {kind} {name!r} (expected one of {', '.join(sorted(table))})")
     return table[name]
@@ -86,11 +85,6 @@ def get_method(name: str) -> Entry:
 
 def get_refiner(name: str) -> Entry:
     return _lookup(REFINERS, "refiner", name)
-
-
-def load_builtin() -> None:
-    """Import the built-in method and refiner modules (they register themselves)."""
-    import vitq.methods  # noqa: F401
 
 
 def merge_options(name: str, options: dict, defaults: dict, negated: dict[str, str] | None = None) -> dict:

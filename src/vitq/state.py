@@ -13,7 +13,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.prepare import prepare, quantizer_config, rebuild_quantizers
-from vitq.quantizers import quantizers_of
+from vitq.quant.base import quantizers_of
 from vitq.scheme import Scheme
 
 STATE_FILE = "quant_state.safetensors"
@@ -21,7 +21,7 @@ CONFIG_FILE = "config.json"
 
 
 def state_config(qmodel: nn.Module, **extra) -> dict:
-    from vitq import __version__
+    from vitq._version import __version__
 
     cfg = {"format": "vitq-state-1", "vitq_version": __version__, "scheme": qmodel.vitq_scheme.to_dict(),
            "quantizers": {n: quantizer_config(q) for n, q in quantizers_of(qmodel).items()}}
@@ -60,7 +60,7 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Prepare a fresh copy of ``model`` as the saved scheme says and load the saved state (no calibration)."""
-    from vitq.models import load_weights
+    from vitq.models.loading import load_weights
 
     cfg = read_config(directory)
     qmodel = prepare(model, Scheme.from_dict(cfg["scheme"]))
@@ -238,7 +238,7 @@ class OutputDir:
         return os.path.join(self.tmp, name)
 
     def commit(self) -> None:
-        from vitq import __version__
+        from vitq._version import __version__
 
         files = sorted(os.path.relpath(os.path.join(d, f), self.tmp) for d, _, fs in os.walk(self.tmp) for f in fs)
         write_json(self.file(MARKER_FILE), {"written_by": "vitq", "vitq_version": __version__,

@@ -16,7 +16,7 @@ Three parts, each recorded in the returned dict (results.json):
   rounded to integers in [min_bits, max_bits] by largest remainder so the average stays exactly B̄. The
   2/3 exponent is Banner et al.'s (there the constraint is on the total number of bins; here, as specified,
   on the average bit width, i.e. the model size). The bits of every channel live in the ``uniform_mixed``
-  quantizer (:mod:`vitq.methods.mixed_quant`), so they are saved with the state.
+  quantizer (:mod:`vitq.quant.mixed`), so they are saved with the state.
 - **Bias correction** of the weights (METHODS.md §1 (a)): per output channel the quantized weight gets the
   float weight's mean and standard deviation (the ``weight_correction`` buffer of every weighted layer).
 
@@ -38,9 +38,10 @@ from torch import nn
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.methods.baselines import weighted_modules
-from vitq.methods.mixed_quant import MixedUniformQuantizer
-from vitq.observers import apply_range, observing
-from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
+from vitq.quant.base import quantizers_of
+from vitq.quant.mixed import MixedUniformQuantizer
+from vitq.quant.observers import apply_range, observing
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 from vitq.registry import merge_options, register_method
 
 # α / b̂ (Laplace) and α / σ (Gaussian) for 2..8 bits (METHODS.md §2)

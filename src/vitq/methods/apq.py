@@ -13,7 +13,7 @@ option, and all of them recorded in the returned dict (results.json):
    error of the **block output**: e = (∂L/∂O_block)² ⊙ (O_block - Ô_block)² per element, sorted, the smallest
    ``1 - keep_fraction`` dropped (bottom elimination, default keep 50 %), the rest summed.
    - Ô_block: the quantized block on the inputs of the already-calibrated quantized model
-     (``bbc_inputs="quantized"``, via ``vitq.trunk.Trunk``) or on the float inputs (``"float"``);
+     (``bbc_inputs="quantized"``, via ``vitq.models.trunk.Trunk``) or on the float inputs (``"float"``);
    - target O_block (``bbc_target``): ``"same_input"`` (default since issue 15) = the float block on the *same*
      input as the quantized block, so the metric measures only the error this block's quantizers add;
      ``"float"`` (the first reading) = the float block on float inputs, so the metric also contains all the
@@ -58,9 +58,9 @@ from vitq.methods.hessian import (
     search_knobs,
 )
 from vitq.methods.ptq4vit import PTQ4VIT_DEFAULTS, check_options, grids_from, require_matmul, setup
-from vitq.modules import QBlock
+from vitq.models.trunk import Trunk
+from vitq.quant.modules import QBlock
 from vitq.registry import register_method
-from vitq.trunk import Trunk
 
 APQ_DEFAULTS = {**PTQ4VIT_DEFAULTS, "bbc": True, "mpq": True, "softmax": "twin", "keep_fraction": 0.5,
                 "bbc_candidates": 9, "bbc_alpha": 0.8, "bbc_beta": 1.2, "bbc_rounds": 1, "bbc_inputs": "quantized",

@@ -2,7 +2,7 @@
 
 All four make a float pass over the calibration set with every activation quantizer observing (values
 pass through unquantized), then set each quantizer from what it saw over *all* batches; OMSE and the PTF
-shift choice make a second pass that sees every value (see :mod:`vitq.observers`). Weights are
+shift choice make a second pass that sees every value (see :mod:`vitq.quant.observers`). Weights are
 calibrated from the weights themselves, per output channel.
 """
 
@@ -12,9 +12,10 @@ from torch import nn
 
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
-from vitq.modules import _QWeighted
-from vitq.observers import apply_range, observing, start_error_pass, weight_range
-from vitq.quantizers import PTFQuantizer, quantizers_of
+from vitq.quant.base import quantizers_of
+from vitq.quant.modules import _QWeighted
+from vitq.quant.observers import apply_range, observing, start_error_pass, weight_range
+from vitq.quant.uniform import PTFQuantizer
 from vitq.registry import register_method
 
 

@@ -38,8 +38,8 @@ from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_weights
 from vitq.methods.hessian import Grids, Knob, linear_grid, make_knob
 from vitq.methods.ptqvit import Layer, _chunks, _record, _run, _segments, _weight_matrix, find_layers, float_mode
-from vitq.observers import apply_range, observing, start_error_pass
-from vitq.quantizers import quantizers_of
+from vitq.quant.base import quantizers_of
+from vitq.quant.observers import apply_range, observing, start_error_pass
 from vitq.registry import merge_options, register_method
 
 DEFAULTS = {"candidates": 100, "rounds": 3, "low": 0.5, "high": 1.2, "search_images": None, "tokens": 64,

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitq.methods.softmax_quant import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
-from vitq.modules import QAttention, QBlock, QConv2d, QLinear, QWindowAttention, _QWeighted
-from vitq.quantizers import Quantizer, UniformQuantizer, quantizers_of
+from vitq.quant.base import Quantizer, quantizers_of
+from vitq.quant.modules import QAttention, QBlock, QConv2d, QLinear, QWindowAttention, _QWeighted
+from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+from vitq.quant.uniform import UniformQuantizer
 
 # -- metrics ---------------------------------------------------------------------------------------------------
 

@@ -36,10 +36,11 @@ from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.methods.baselines import weighted_modules
 from vitq.methods.hessian import float_mode
-from vitq.observers import OMSE_FACTORS, apply_range, observing, start_error_pass
-from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
+from vitq.models.trunk import Trunk
+from vitq.quant.base import quantizers_of
+from vitq.quant.observers import OMSE_FACTORS, apply_range, observing, start_error_pass
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 from vitq.registry import merge_options, register_method
-from vitq.trunk import Trunk
 
 DEFAULTS = {"p_values": (2.0, 2.5, 3.0, 3.5, 4.0), "max_evals": 500, "loss_images": 32, "loss": "kl",
             "xtol": 0.01, "low": 0.1, "high": 1.5, "joint": True}

@@ -34,8 +34,8 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_observed
 from vitq.methods.hessian import Grids, attention_modules, capture, layerwise_search, linear_grid, swap_gelu_quantizers
-from vitq.methods.softmax_quant import MPQQuantizer, TwinSoftmaxQuantizer  # noqa: F401  (registers kinds)
-from vitq.quantizers import make_quantizer
+from vitq.quant.base import make_quantizer
+from vitq.quant.twin import MPQQuantizer, TwinSoftmaxQuantizer  # noqa: F401
 from vitq.registry import register_method
 
 PTQ4VIT_DEFAULTS = {"num_calib": 32, "candidates": 100, "rounds": 3, "alpha": 0.0, "beta": 1.2, "twin_gelu": True,

@@ -55,10 +55,11 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.modules import QAttention, QConv2d, QLinear, QWindowAttention, _QWeighted
-from vitq.quantizers import EPS, UniformQuantizer, int_range, quantizers_of
+from vitq.models.trunk import Trunk
+from vitq.quant.base import EPS, int_range, quantizers_of
+from vitq.quant.modules import QAttention, QConv2d, QLinear, QWindowAttention, _QWeighted
+from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import merge_options, register_method
-from vitq.trunk import Trunk
 
 DEFAULTS = {
     "candidates": 100, "rounds": 20, "low": 0.5, "high": 1.2,

@@ -22,9 +22,9 @@ from vitq.methods.ptqvit import (
     _write,
     float_mode,
 )
-from vitq.modules import _QWeighted
-from vitq.quantizers import Quantizer, quantizers_of
-from vitq.trunk import Trunk
+from vitq.models.trunk import Trunk
+from vitq.quant.base import Quantizer, quantizers_of
+from vitq.quant.modules import _QWeighted
 
 
 def mp_candidates(target: int) -> list[int]:

@@ -3,7 +3,7 @@ log√2 post-softmax quantizer, per-channel weights with searched ranges.
 
 Steps (each recorded in the returned dict, i.e. results.json):
 
-1. :func:`vitq.reparam.reparameterize`: one float pass observes the per-channel range of every ``qkv`` and
+1. :func:`vitq.methods.reparam.reparameterize`: one float pass observes the per-channel range of every ``qkv`` and
    ``fc1`` input and folds the per-channel scales and zero points into the LayerNorm and the linear layer
    (an exact rewrite of the float model), so one per-tensor quantizer serves those inputs;
 2. one float pass observes every activation quantizer of the rewritten model; uniform quantizers get the
@@ -26,12 +26,11 @@ import time
 
 from torch import nn
 
-from vitq import quantizers_log  # noqa: F401  (registers logsqrt2, adalog)
 from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_observed
+from vitq.methods.reparam import reparameterize
 from vitq.registry import register_method
-from vitq.reparam import reparameterize
 
 REPQ_DEFAULTS = {"act": "mse", "weights": "omse", "reparam": True}
 

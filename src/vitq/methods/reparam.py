@@ -28,7 +28,7 @@ from torch import nn
 
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
-from vitq.modules import QBlock, QLinear, QSwinBlock
+from vitq.quant.modules import QBlock, QLinear, QSwinBlock
 
 LEVELS = 255  # grid used to express the per-channel zero points (the result does not depend on it)
 

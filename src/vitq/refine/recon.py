@@ -1,7 +1,7 @@
 """Block reconstruction (BRECQ / QDrop style): learn the weights' rounding and the activation step sizes piece
 by piece so that each quantized piece reproduces the float piece's output on the calibration images.
 
-Pieces, in order: the stem (patch embedding), every unit of :class:`vitq.trunk.Trunk` (transformer blocks,
+Pieces, in order: the stem (patch embedding), every unit of :class:`vitq.models.trunk.Trunk` (transformer blocks,
 Swin's patch merging), and the tail (final norm and head). For each piece:
 
 * every weight of a quantized linear/conv gets an AdaRound variable ``V`` (Nagel et al. 2020): the weight is
@@ -14,7 +14,7 @@ Swin's patch merging), and the tail (final norm and head). For each piece:
   ordinary state that saves and reloads like any other. Weight scales and zero points are not changed.
 * every activation quantizer of kind ``uniform`` learns its step size with the LSQ gradient (the scale
   buffer is made a leaf for the duration; the quantizer's rounding is straight-through, see
-  :func:`vitq.quantizers.round_ste`). Other kinds (log2, twin, mpq, ptf, ...) keep their parameters.
+  :func:`vitq.quant.base.round_ste`). Other kinds (log2, twin, mpq, ptf, ...) keep their parameters.
 * the loss is the squared error of the piece's output against the float piece's output on the float
   input (sum over the feature axis, mean over the rest: BRECQ's convention), on random mini-batches.
 * QDrop: during the optimisation each activation quantizer of the piece is bypassed elementwise with
@@ -47,11 +47,12 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.modules import _QWeighted
-from vitq.quantizers import EPS, Quantizer, UniformQuantizer
+from vitq.models.trunk import Trunk
+from vitq.quant.base import EPS, Quantizer
+from vitq.quant.modules import _QWeighted
+from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import register_refiner
 from vitq.state import read_checkpoint, write_checkpoint
-from vitq.trunk import Trunk
 
 log = logging.getLogger("vitq")
 CHECKPOINT_FORMAT = "vitq-recon-ckpt-1"

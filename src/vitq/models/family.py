@@ -58,13 +58,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def load_builtin() -> None:
-    """Import the built-in family modules (they register themselves; the transformer family last)."""
-    from vitq.families import cnn, hf_vit, levit, transformer  # noqa: F401
-
-
 def family_of(model: nn.Module) -> Family:
-    load_builtin()
     for fam in sorted(FAMILIES.values(), key=lambda f: f.fallback):
         if fam.detect(model):
             return fam
@@ -84,7 +78,6 @@ def record_input_size(model: nn.Module) -> None:
 def search_paths(unit: nn.Module, groups: set[str], model_family: Family | None = None) -> list[str] | None:
     """Names (inside ``unit``) of the weight quantizers Evol-Q searches for a unit of a non-timm-ViT family;
     None when the family has no rule of its own (timm ViT/Swin blocks)."""
-    load_builtin()
     fams = [model_family] if model_family is not None else list(FAMILIES.values())
     for fam in fams:
         if fam.search_paths is not None:
@@ -96,7 +89,7 @@ def search_paths(unit: nn.Module, groups: set[str], model_family: Family | None 
 
 def weight_quantizer_paths(module: nn.Module, prefix: str = "") -> list[str]:
     """Names of the weight quantizers inside ``module`` (module order), e.g. ``conv_pw.weight_quant``."""
-    from vitq.quantizers import Quantizer
+    from vitq.quant.base import Quantizer
 
     return [f"{prefix}{n}" for n, m in module.named_modules() if isinstance(m, Quantizer) and m.role == "weight"]
 
@@ -108,7 +101,6 @@ def add_command(subparsers) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    load_builtin()
     print("model families (tried in this order; --model NAME is a timm model name, --model hf:DIR a local "
           "Hugging Face folder):")
     for fam in FAMILIES.values():

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vitq.quantizers import PTFQuantizer, Quantizer, UniformQuantizer, quantizers_of
+from vitq.quant.base import Quantizer, quantizers_of
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 # OMSE shrink factors 1.00, 0.99, ..., 0.11 of the observed range (METHODS.md §1)
 OMSE_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
@@ -130,7 +131,7 @@ class Observer:
     def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(bin centres, counts), each [bins] or [C, bins]."""
         if self.hist is None:
-            raise ValueError("OMSE needs the observer's second pass (vitq.observers.observe_errors)")
+            raise ValueError("OMSE needs the observer's second pass (vitq.quant.observers.observe_errors)")
         steps = (torch.arange(HIST_BINS, dtype=torch.float64) + 0.5) / HIST_BINS
         lo, hi = self.hist_lo.double(), self.hist_hi.double()
         if self.per_channel:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.modules import QConv2d, QLinear
-from vitq.quantizers import make_quantizer
+from vitq.quant.base import make_quantizer
+from vitq.quant.modules import QConv2d, QLinear
 
 
 class QConv2dSame(QConv2d):

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.families import Family, TrunkParts, register_family, weight_quantizer_paths
-from vitq.families.common import swap_weighted
-from vitq.modules import QLayerNorm
-from vitq.quantizers import PTFQuantizer, Quantizer, make_quantizer
+from vitq.models.common import swap_weighted
+from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.quant.base import Quantizer, make_quantizer
+from vitq.quant.modules import QLayerNorm
+from vitq.quant.uniform import PTFQuantizer
 
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification")
 _ATTENTION = ("ViTAttention", "DeiTAttention")
@@ -113,7 +114,7 @@ def load_hf(path: str) -> HFImageClassifier:
 
 class QHFAttention(nn.Module):
     """Built from HF ``ViTAttention`` / ``DeiTAttention`` (eager attention computed here, with q/k/v, score
-    and softmax quantizers as in :class:`vitq.modules.QAttention`). Returns (output, None) like HF's."""
+    and softmax quantizers as in :class:`vitq.quant.modules.QAttention`). Returns (output, None) like HF's."""
 
     vitq_quantized = True
 

@@ -21,7 +21,7 @@ class Trunk:
         self.units: list[tuple[str, nn.Module]] = []
         self._is_block = lambda m: hasattr(m, "attn")
         parts = _family_parts(model)
-        if parts is not None:  # CNN, LeViT, Hugging Face ViT: the family says (vitq.families)
+        if parts is not None:  # CNN, LeViT, Hugging Face ViT: the family says (vitq.models.family)
             self.stem, self.units, self.tail, self._is_block = parts.stem, list(parts.units), parts.tail, parts.is_block
         elif hasattr(model, "blocks") and hasattr(model, "_pos_embed"):  # timm VisionTransformer (ViT, DeiT)
             self.stem = lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
@@ -61,7 +61,7 @@ class Trunk:
 
 
 def _family_parts(model: nn.Module):
-    from vitq.families import family_of
+    from vitq.models.family import family_of
 
     try:
         family = family_of(model)

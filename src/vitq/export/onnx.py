@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.modules import QConv2d, QLinear, QWindowAttention, _QAttentionCore
-from vitq.quantizers import PTFQuantizer, Quantizer, UniformQuantizer, quantizers_of
+from vitq.quant.base import Quantizer, quantizers_of
+from vitq.quant.modules import QConv2d, QLinear, QWindowAttention, _QAttentionCore
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
@@ -639,7 +640,7 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitq.models import create_model, sha256_file
+    from vitq.models.loading import create_model, sha256_file
     from vitq.state import load, read_config
 
     if args.check and args.val is None:

@@ -1,7 +1,7 @@
 """Quantizer kind ``uniform_mixed``: a per-channel uniform quantizer whose channels have their own bit widths.
 
 ACIQ's per-channel bit allocation (Banner et al.) gives every output channel of a weight its own number of
-bits; :class:`~vitq.quantizers.UniformQuantizer` has one ``bits`` for all channels. This kind keeps the
+bits; :class:`~vitq.quant.base.UniformQuantizer` has one ``bits`` for all channels. This kind keeps the
 per-channel bit widths in a buffer (``channel_bits``, saved with the state), derives each channel's integer
 range from it, and otherwise behaves like the per-channel uniform quantizer (same scale / zero-point
 buffers, same ``set_range``). ``bits`` is the average bit width the allocation was made for (what the size
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from vitq.quantizers import EPS, UniformQuantizer, register_quantizer, round_ste
+from vitq.quant.base import EPS, register_quantizer, round_ste
+from vitq.quant.uniform import UniformQuantizer
 
 
 @register_quantizer("uniform_mixed")

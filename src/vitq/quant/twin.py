@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from vitq.quantizers import EPS, Quantizer, register_quantizer
+from vitq.quant.base import EPS, Quantizer, register_quantizer
 
 MAX_LOG_DEPTH = 64  # deepest log2 level of MPQ's small region: t·2^-64
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.quantizers import PTFQuantizer, Quantizer, UniformQuantizer, make_quantizer
+from vitq.quant.base import Quantizer, make_quantizer
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 
 def correct_weight(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:

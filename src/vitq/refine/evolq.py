@@ -62,11 +62,12 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
+from vitq.models.trunk import Trunk
 from vitq.precision import full_float32
-from vitq.quantizers import PTFQuantizer, UniformQuantizer, quantizers_of
+from vitq.quant.base import quantizers_of
+from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 from vitq.registry import register_refiner
 from vitq.state import read_checkpoint, write_checkpoint
-from vitq.trunk import Trunk
 
 EPS = 1e-8
 CHECKPOINT_FORMAT = "vitq-evolq-ckpt-1"
@@ -265,7 +266,7 @@ def search_space(unit_name: str, block: nn.Module, groups: Iterable[str]) -> lis
         paths += ["attn.qkv.weight_quant", "attn.proj.weight_quant"]
     if "mlp" in groups:
         paths += ["mlp.fc1.weight_quant", "mlp.fc2.weight_quant"]
-    from vitq.families import search_paths  # CNN, LeViT and HF units: their family's rule
+    from vitq.models.family import search_paths  # CNN, LeViT and HF units: their family's rule
 
     family_paths = search_paths(block, groups)
     paths = family_paths if family_paths is not None else paths

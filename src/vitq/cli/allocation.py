@@ -93,7 +93,7 @@ def plot_allocation(alloc: dict, path: str) -> None:
 
 def check_plot_path(path: str | None, overwrite: bool) -> None:
     """--plot must be a new .png path in an existing folder (an existing PNG only with --overwrite)."""
-    from vitq.validate import output_file_for_plot
+    from vitq.cli.validate import output_file_for_plot
 
     if path is None:
         return
@@ -108,7 +108,7 @@ def check_plot_path(path: str | None, overwrite: bool) -> None:
 
 
 def run(args) -> int:
-    from vitq.validate import state_folder
+    from vitq.cli.validate import state_folder
 
     check_plot_path(args.plot, args.overwrite)
     cfg = state_folder(args.state)

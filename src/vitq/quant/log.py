@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from vitq.quantizers import EPS, Quantizer, register_quantizer
+from vitq.quant.base import EPS, Quantizer, register_quantizer
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 R_GRID = tuple(round(1.0 + 0.25 * i, 2) for i in range(13))  # r = 1 (log2), 1.25, ..., 4 (base 2^(1/4))

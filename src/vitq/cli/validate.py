@@ -45,10 +45,7 @@ def bits(flag: str, value: int | None, allowed: range) -> None:
 
 
 def quantizer_kind(flag: str, kind: str | None) -> None:
-    from vitq.quantizers import QUANTIZER_KINDS
-    from vitq.registry import load_builtin
-
-    load_builtin()  # methods register their quantizer kinds
+    from vitq.quant.base import QUANTIZER_KINDS
     if kind is not None and (kind not in QUANTIZER_KINDS or kind == "base"):
         kinds = ", ".join(k for k in sorted(QUANTIZER_KINDS) if k != "base")
         raise VitqError(f"{flag} {kind!r} is not a quantizer kind (expected one of {kinds})")
@@ -128,7 +125,7 @@ def overrides_match(model: torch.nn.Module, given: tuple, texts: list[str]) -> N
 
 # ------------------------------------------------------------------------------------------------ paths
 def weights_file(path: str | None, flag: str = "--weights") -> None:
-    from vitq.models import sniff_format
+    from vitq.models.loading import sniff_format
 
     if path is None:
         return

@@ -1,6 +1,6 @@
 """timm CNNs: ResNet, RegNet, EfficientNet / MobileNetV2 (``EfficientNet`` in timm) and MobileNetV3.
 
-Preparation folds every BatchNorm into the convolution before it (:mod:`vitq.families.fold`), then swaps
+Preparation folds every BatchNorm into the convolution before it (:mod:`vitq.models.fold`), then swaps
 each Conv2d (depthwise included; timm's TF-'SAME' ``Conv2dSame`` too) and Linear for its quantized version:
 weights per output channel, the input per tensor (the first convolution's input is the image, at the
 scheme's ``input_bits``). Activations (ReLU, ReLU6, SiLU, Hardswish, ...), pooling and squeeze-excite gates
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitq.families import Family, TrunkParts, register_family, weight_quantizer_paths
-from vitq.families.common import example_input, quantize_unit_output, swap_weighted
-from vitq.families.fold import fold_batchnorms
+from vitq.models.common import example_input, quantize_unit_output, swap_weighted
+from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.models.fold import fold_batchnorms
 
 # class name -> (stem modules, stage containers, modules between the last stage and forward_head)
 ARCHS = {
@@ -76,7 +76,7 @@ def convert(model: nn.Module, scheme) -> None:
 def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     """A CNN block (weight quantizers but no attention quantizers): all its convolution weight scales; the
     ``attn`` and ``mlp`` groups both mean them (a CNN block has one kind of weight)."""
-    from vitq.quantizers import Quantizer
+    from vitq.quant.base import Quantizer
 
     roles = {m.role for m in unit.modules() if isinstance(m, Quantizer)}
     if "weight" not in roles or roles & {"q", "k", "v", "softmax"}:

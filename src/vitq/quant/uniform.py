@@ -1,78 +1,11 @@
-"""Fake quantizers: modules that map a float tensor to the nearest value a b-bit integer code can represent.
-
-Every quantizer keeps its parameters (scale, zero point, ...) in buffers, so a model's ``state_dict()`` is the
-whole quantization result. A quantizer that has not been calibrated is the identity; while an observer is
-attached (see :mod:`vitq.observers`) it records what flows through and passes it on unchanged.
-
-Kinds are registered by name (:data:`QUANTIZER_KINDS`) so methods can add their own (twin uniform, MPQ, ...).
-"""
+"""The uniform quantizer kinds: affine ``uniform`` (per tensor or per channel), FQ-ViT's power-of-two-factor
+``ptf`` for LayerNorm inputs, and the parameter-free ``log2`` for post-softmax values."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
-EPS = 1e-8
-QUANTIZER_KINDS: dict[str, type[Quantizer]] = {}
-
-
-def register_quantizer(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.kind = name
-        QUANTIZER_KINDS[name] = cls
-        return cls
-
-    return deco
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity gradient in the backward pass (straight-through)."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return torch.round(x)  # same values, two fewer elementwise passes
-    return x + (torch.round(x) - x).detach()
-
-
-def int_range(bits: int, signed: bool) -> tuple[int, int]:
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-class Quantizer(nn.Module):
-    """Base class. ``role`` says which tensor it quantizes (weight, linear_input, q, k, v, scores, softmax,
-    residual, norm_input, image); methods choose what to do per role."""
-
-    kind = "base"
-
-    def __init__(self, bits: int, role: str):
-        super().__init__()
-        self.bits = int(bits)
-        self.role = role
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.observer = None  # set only inside vitq.observers.observing()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.update(x)
-            return x
-        if not bool(self.initialized):
-            return x
-        return self.fake_quant(x)
-
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def mark_initialized(self) -> None:
-        self.initialized.fill_(True)
-
-    def init_kwargs(self) -> dict:
-        """Constructor arguments beyond (bits, role), so a saved quantizer can be rebuilt by kind."""
-        return {}
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, bits={self.bits}, role={self.role}"
+from vitq.quant.base import EPS, Quantizer, int_range, register_quantizer, round_ste
 
 
 @register_quantizer("uniform")
@@ -180,7 +113,7 @@ class PTFQuantizer(Quantizer):
                   channel_errors: torch.Tensor | None = None) -> None:
         """Global scale from [lo, hi], then a shift per channel: with ``channel_errors`` ([max_shift + 1, C],
         each channel's squared error at each shift over the calibration data, see
-        :class:`vitq.observers.Observer`), the shift with the lowest error (FQ-ViT's rule); else, with the
+        :class:`vitq.quant.observers.Observer`), the shift with the lowest error (FQ-ViT's rule); else, with the
         channel's observed range, the finest shift whose grid still covers it (never clips a channel)."""
         scale, zero = self.global_params(lo, hi)
         self.scale.fill_(scale)
@@ -199,22 +132,3 @@ class PTFQuantizer(Quantizer):
                 fits = ((self.qmin - zero) * s <= cmin) & ((self.qmax - zero) * s >= cmax)
                 self.shift.copy_(torch.where(fits, torch.full_like(self.shift, k), self.shift))
         self.mark_initialized()
-
-
-def make_quantizer(kind: str, bits: int, role: str, **kwargs) -> Quantizer:
-    if kind not in QUANTIZER_KINDS:  # kinds added by method modules register when those are imported
-        from vitq.registry import load_builtin
-
-        load_builtin()
-    try:
-        cls = QUANTIZER_KINDS[kind]
-    except KeyError:
-        from vitq.errors import VitqError
-
-        raise VitqError(f"unknown quantizer kind {kind!r} (expected one of {sorted(QUANTIZER_KINDS)})") from None
-    return cls(bits, role, **kwargs)
-
-
-def quantizers_of(model: nn.Module) -> dict[str, Quantizer]:
-    """All quantizers of a prepared model by qualified name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}

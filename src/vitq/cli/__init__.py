@@ -24,8 +24,8 @@ from vitq.state import OutputDir, make_parents, remove_created
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.landscape", "vitq.allocation", "vitq.recipes", "vitq.families",
-                                     "vitq.export")
+COMMAND_MODULES: tuple[str, ...] = ("vitq.refine.landscape", "vitq.cli.allocation", "vitq.recipes",
+                                     "vitq.models.family", "vitq.export.onnx")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -33,9 +33,9 @@ def versions() -> dict:
     import numpy
     import timm
 
-    import vitq
+    from vitq._version import __version__
 
-    return {"vitq": vitq.__version__, "torch": torch.__version__, "timm": timm.__version__,
+    return {"vitq": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -70,7 +70,7 @@ def load_images(records, transform, batch_size: int, num_workers: int, progress:
 
 
 def build_model(args, kwargs: dict) -> tuple[torch.nn.Module, str | None]:
-    from vitq.models import create_model, sha256_file
+    from vitq.models.loading import create_model, sha256_file
 
     model = create_model(args.model, weights=args.weights, pretrained=args.weights is None, **kwargs)
     return model, (sha256_file(args.weights) if args.weights else None)
@@ -149,8 +149,9 @@ def checkpoint_default(out_path: str, refiner: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_quantize(args) -> int:
-    from vitq import api, validate
+    from vitq import api
     from vitq.calib import CalibData
+    from vitq.cli import validate
     from vitq.data import model_transform
     from vitq.registry import get_method, get_refiner
     from vitq.scheme import A_BITS, W_BITS, Scheme
@@ -313,7 +314,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from vitq import validate
+    from vitq.cli import validate
     from vitq.data import model_transform
     from vitq.state import check_output_file, load, write_json
 
@@ -369,12 +370,10 @@ def first_sentence(text: str) -> str:
 def cmd_methods(args) -> int:
     import textwrap
 
-    from vitq.gptq import ROUNDINGS
-    from vitq.quantizers import QUANTIZER_KINDS
-    from vitq.registry import METHODS, REFINERS, load_builtin
+    from vitq.quant.base import QUANTIZER_KINDS
+    from vitq.refine.gptq import ROUNDINGS
+    from vitq.registry import METHODS, REFINERS
     from vitq.scheme import SCHEMES
-
-    load_builtin()
     width = 110
 
     def show(name: str, desc: str, time_note: str = "") -> None:
@@ -414,7 +413,7 @@ def cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
-    from vitq.validate import add_threads_flag
+    from vitq.cli.validate import add_threads_flag
 
     if model:
         p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224, or hf:DIR (a "
@@ -466,11 +465,9 @@ def _given(argv: Sequence[str], flag: str) -> str | None:
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    from vitq import __version__
-    from vitq.registry import METHODS, REFINERS, load_builtin
-    from vitq.validate import add_threads_flag
-
-    load_builtin()
+    from vitq._version import __version__
+    from vitq.cli.validate import add_threads_flag
+    from vitq.registry import METHODS, REFINERS
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of vision transformers.")
     p.add_argument("--version", action="version", version=f"vitq {__version__}")
@@ -495,7 +492,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
-    # see vitq.gptq; default None so that a recipe can set it
+    # see vitq.refine.gptq; default None so that a recipe can set it
     q.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
                    help="after --method: keep nearest rounding (default) or round the weights with GPTQ")
     q.add_argument("--refine", default=None,
@@ -550,7 +547,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vitq.validate import set_threads
+    from vitq.cli.validate import set_threads
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)

@@ -19,7 +19,7 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.methods.evolq import EPS, FitnessEvaluator, get_vector, infonce_loss, search_space, set_vector
+from vitq.refine.evolq import EPS, FitnessEvaluator, get_vector, infonce_loss, search_space, set_vector
 
 MAX_RADIUS = 1.0  # beyond a 100 % RMS change the scales flip sign and the plot shows only noise
 PNG_FILE = "landscape.png"
@@ -191,7 +191,7 @@ def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch
 
 
 def add_command(subparsers) -> None:
-    from vitq.validate import add_threads_flag
+    from vitq.cli.validate import add_threads_flag
 
     p = subparsers.add_parser(
         "landscape", help="plot infoNCE and top-1 agreement over perturbed scales of one block",
@@ -217,8 +217,8 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitq import validate
-    from vitq.models import create_model, sha256_file
+    from vitq.cli import validate
+    from vitq.models.loading import create_model, sha256_file
     from vitq.state import OutputDir, load
 
     out_dir = OutputDir(args.out, args.overwrite, command="landscape")

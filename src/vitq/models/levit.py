@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.families import Family, TrunkParts, register_family, weight_quantizer_paths
-from vitq.families.common import example_input, swap_weighted
-from vitq.families.fold import fold_batchnorms
-from vitq.quantizers import Quantizer, make_quantizer
+from vitq.models.common import example_input, swap_weighted
+from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.models.fold import fold_batchnorms
+from vitq.quant.base import Quantizer, make_quantizer
 
 
 def _levit():

@@ -111,9 +111,9 @@ def create_model(name: str, weights: str | os.PathLike | None = None, pretrained
                  **kwargs) -> nn.Module:
     """A timm model by name, in eval mode: weights from ``weights`` if given, else timm's pretrained
     download when ``pretrained`` (needs a network), else random initialisation. ``hf:DIR`` loads a Hugging
-    Face ViT/DeiT classifier saved with save_pretrained (see :mod:`vitq.families.hf_vit`)."""
+    Face ViT/DeiT classifier saved with save_pretrained (see :mod:`vitq.models.hf`)."""
     if name.startswith("hf:"):
-        from vitq.families.hf_vit import load_hf
+        from vitq.models.hf import load_hf
 
         if weights is not None or kwargs:
             raise VitqError(f"--model {name} brings its own weights and config (expected no --weights or "
@@ -138,7 +138,7 @@ def create_model(name: str, weights: str | os.PathLike | None = None, pretrained
         except Exception as e:
             raise VitqError(f"could not get pretrained weights for {name} ({type(e).__name__}); "
                             "pass --weights FILE to use a local file") from None
-    from vitq.families import record_input_size
+    from vitq.models.family import record_input_size
 
     record_input_size(model)
     return model.eval()

@@ -1,12 +1,12 @@
 """timm ViT / DeiT / Swin (and any model built from timm's ``Attention``, ``Block``, ``WindowAttention``,
-``SwinTransformerBlock``): the conversion in :mod:`vitq.prepare` and the trunk in :mod:`vitq.trunk`. Tried
+``SwinTransformerBlock``): the conversion in :mod:`vitq.prepare` and the trunk in :mod:`vitq.models.trunk`. Tried
 after every other family, so it also takes models it then refuses module by module."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from vitq.families import Family, register_family
+from vitq.models.family import Family, register_family
 
 
 def convert(model: nn.Module, scheme) -> None:

@@ -14,7 +14,7 @@ The rounded weights are written *into* each layer's weight, exactly on its quant
 correction (if a method turned it on) is switched off, since it would move the weights off the grid.
 
 Layers are processed in the order the data flows: the patch-embedding stem (a Conv2d, as a linear layer on
-its unfolded patches), every unit of :class:`vitq.trunk.Trunk` (transformer blocks, Swin patch merging) and
+its unfolded patches), every unit of :class:`vitq.models.trunk.Trunk` (transformer blocks, Swin patch merging) and
 the head. Works in both regimes and for any method.
 """
 
@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitq.calib import as_calib
 from vitq.errors import VitqError
-from vitq.modules import QConv2d, QLinear, _QWeighted
-from vitq.quantizers import UniformQuantizer
-from vitq.trunk import Trunk
+from vitq.models.trunk import Trunk
+from vitq.quant.modules import QConv2d, QLinear, _QWeighted
+from vitq.quant.uniform import UniformQuantizer
 
 ROUNDINGS = {
     "nearest": "each weight to the nearest level of its quantizer (what the calibration method set)",
@@ -165,8 +166,6 @@ def round_weights(qmodel: nn.Module, calib, how: str = "gptq", damp: float = GPT
     """Round the weights of a calibrated model: ``how="nearest"`` keeps them (the quantizers' own rounding),
     ``how="gptq"`` runs GPTQ on every weighted layer in data-flow order. ``calib``: images [N, C, H, W] or a
     CalibData. Returns a dict for results.json."""
-    from vitq.api import as_calib
-
     if how not in ROUNDINGS:
         raise VitqError(f"--weight-rounding {how!r} is not supported (expected one of {', '.join(ROUNDINGS)})")
     if how == "nearest":
