@@ -11,7 +11,7 @@ from conftest import tiny_images, tiny_model
 import vitq
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.quant.modules import _QWeighted
+from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import UniformQuantizer
 from vitq.refine.recon import Cache, Dropper, LsqQuantizer, make_config, pieces_of
 from vitq.state import load, save
@@ -107,7 +107,7 @@ def test_weights_already_on_the_grid_are_counted_and_warned_about(caplog):
     assert sum(e["layers_on_grid"] for e in info["trace"]) == 0  # round-to-nearest start: weights off the grid
     q, model, images = _calibrated(scheme="matmul")
     vitq.round_weights(q, images, how="gptq", progress=False)
-    n_layers = sum(1 for m in q.modules() if isinstance(m, _QWeighted))
+    n_layers = sum(1 for m in q.modules() if isinstance(m, QWeighted))
     with caplog.at_level("WARNING", logger="vitq"):
         info = _recon(q, model, images, iters=2)
     assert sum(e["layers_on_grid"] for e in info["trace"]) == n_layers
@@ -117,7 +117,7 @@ def test_weights_already_on_the_grid_are_counted_and_warned_about(caplog):
 def test_learns_rounding_and_step_sizes_but_not_other_kinds():
     q, model, images = _calibrated(scheme="matmul", method="ptq4vit")  # twin softmax / GELU quantizers
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    w_rtn = {n: m.weight_quant(m.weight).detach().clone() for n, m in q.named_modules() if isinstance(m, _QWeighted)}
+    w_rtn = {n: m.weight_quant(m.weight).detach().clone() for n, m in q.named_modules() if isinstance(m, QWeighted)}
     info = _recon(q, model, images, iters=20)
     after = q.state_dict()
     accepted = [e for e in info["trace"] if not e["kept_start"]]
@@ -127,7 +127,7 @@ def test_learns_rounding_and_step_sizes_but_not_other_kinds():
     scales = [k for k in before if k.endswith("input_quant.scale") and "fc2" not in k]
     assert any(not torch.equal(before[k], after[k]) for k in scales)
     flipped = sum(int((m.weight.detach() != w_rtn[n]).sum()) for n, m in q.named_modules()
-                  if isinstance(m, _QWeighted))
+                  if isinstance(m, QWeighted))
     assert flipped > 0  # some weights no longer rounded to nearest
 
 

@@ -26,6 +26,11 @@ from vitq.registry import get_method, get_refiner
 from vitq.scheme import Scheme
 
 
+def _record(cfg) -> dict:
+    """The options of a run for its results file: a config's record, or a legacy entry's plain values."""
+    return cfg.record() if hasattr(cfg, "record") else _recordable(cfg)
+
+
 def _recordable(options: dict) -> dict:
     """The options that belong in a results file (plain values; not tensors, data or callbacks)."""
     scalar = (bool, int, float, str, type(None))
@@ -42,9 +47,7 @@ def prepare(model: nn.Module, scheme: Scheme | None = None, method: str | None =
     softmax quantizer kind) before quantizers are inserted."""
     scheme = scheme if scheme is not None else Scheme(**scheme_kwargs)
     if method is not None:
-        entry = get_method(method)
-        if entry.adjust_scheme is not None:
-            scheme = entry.adjust_scheme(scheme, options or {})
+        scheme = get_method(method).adjust(scheme, options)
     return _prepare.prepare(model, scheme)
 
 
@@ -56,8 +59,9 @@ def calibrate(qmodel: nn.Module, images, /, method: str = "fqvit", batch_size: i
     torch.manual_seed(seed)
     qmodel.to(calib.device).eval()
     t0 = time.perf_counter()
-    info = entry.fn(qmodel, calib, **options) or {}
-    info = {"method": method, "options": _recordable(options), **info, "seconds": time.perf_counter() - t0}
+    cfg = options if entry.legacy else entry.make_config(options)
+    info = entry.call(qmodel, calib, options=cfg) or {}
+    info = {"method": method, "options": _record(cfg), **info, "seconds": time.perf_counter() - t0}
     return info
 
 
@@ -114,10 +118,12 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | 
         entry = get_refiner(name)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        info = entry.fn(qmodel, float_model, calib, **per[name]) or {}
+        opts, context = entry.split(per[name])
+        cfg = opts if entry.legacy else entry.make_config(opts)
+        info = entry.call(qmodel, float_model, calib, options=cfg, **context) or {}
         seconds = time.perf_counter() - t0
         kl_after = _calib_kl(qmodel, float_logits, calib)
-        steps.append({"refiner": name, "options": _recordable(per[name]), **info, "seconds": seconds,
+        steps.append({"refiner": name, "options": _record(cfg), **info, "seconds": seconds,
                       "calib_kl": {"before": kl, "after": kl_after, "gain": kl - kl_after}})
         kl = kl_after
     if len(steps) == 1:

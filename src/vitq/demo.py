@@ -109,11 +109,8 @@ def regime_refusal(method: str, scheme: Scheme, options: dict) -> str | None:
     """Why the method refuses the scheme's regime (e.g. ptq4vit and apq are defined for matmul only), or None."""
     from vitq.registry import get_method
 
-    entry = get_method(method)
-    if entry.adjust_scheme is None:
-        return None
     try:
-        entry.adjust_scheme(scheme, options)
+        get_method(method).adjust(scheme, options)
     except VitqError as e:
         return str(e)
     return None

@@ -202,8 +202,7 @@ def cmd_quantize(args) -> int:
         scheme = Scheme(args.scheme or "fq", w_bits, a_bits, attn_bits=args.attn_bits,
                         softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity or "tensor",
                         overrides=overrides, gelu_quantizer=args.gelu_quantizer)
-        if method.adjust_scheme is not None:
-            method.adjust_scheme(scheme, method_opts)  # e.g. a method defined for the other regime
+        method.adjust(scheme, method_opts)  # e.g. a method defined for the other regime
     device = resolve_device(args.device)
     validate.weights_file(args.weights)
     kwargs = validate.model_args(args.model_args)
@@ -508,7 +507,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     shown = {"method": _given(argv, "--method"), "refiner": _given(argv, "--refine")}
     for kind, entries in (("method", METHODS), ("refiner", REFINERS)):
         for entry in entries.values():
-            if entry.add_arguments is None:
+            if not entry.has_options:
                 continue
             visible = shown[kind] == entry.name
             target = q.add_argument_group(f"options of {kind} {entry.name}") if visible else q

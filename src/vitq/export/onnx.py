@@ -30,7 +30,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.quant.base import Quantizer, quantizers_of
-from vitq.quant.modules import QConv2d, QLinear, QWindowAttention, _QAttentionCore
+from vitq.quant.modules import QAttentionBase, QConv2d, QLinear, QWindowAttention
 from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 DEFAULT_OPSET = 21
@@ -312,7 +312,7 @@ class ExportAttention(nn.Module):
     into q's dequantization scale (or applied after q's float fake quantization) and k is quantized after its
     transpose (the same values: per-tensor or per-head scales are unaffected)."""
 
-    def __init__(self, name: str, m: _QAttentionCore, plan: Plan):
+    def __init__(self, name: str, m: QAttentionBase, plan: Plan):
         super().__init__()
         self.num_heads, self.qkv, self.proj = m.num_heads, m.qkv, m.proj
         self.window = isinstance(m, QWindowAttention)
@@ -355,7 +355,7 @@ def export_module(qmodel: nn.Module, opset: int = DEFAULT_OPSET) -> tuple[nn.Mod
     for name, m in list(model.named_modules()):
         if isinstance(m, (QLinear, QConv2d)):
             new = ExportWeighted(name, m, plan)
-        elif isinstance(m, _QAttentionCore):
+        elif isinstance(m, QAttentionBase):
             new = ExportAttention(name, m, plan)
         else:
             continue

@@ -8,19 +8,21 @@ calibrated from the weights themselves, per output channel.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from vitq.calib import CalibData, forward_all
-from vitq.errors import VitqError
+from vitq.options import Options, opt
 from vitq.quant.base import quantizers_of
-from vitq.quant.modules import _QWeighted
+from vitq.quant.modules import QWeighted
 from vitq.quant.observers import apply_range, observing, start_error_pass, weight_range
 from vitq.quant.uniform import PTFQuantizer
 from vitq.registry import register_method
 
 
-def weighted_modules(model: nn.Module) -> dict[str, _QWeighted]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, _QWeighted)}
+def weighted_modules(model: nn.Module) -> dict[str, QWeighted]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QWeighted)}
 
 
 def calibrate_weights(model: nn.Module, how: str = "minmax", correction: bool = False) -> None:
@@ -58,24 +60,16 @@ def minmax(model: nn.Module, calib: CalibData) -> dict:
     return calibrate_observed(model, calib, "minmax", "minmax")
 
 
-def _check_percentile(options: dict) -> None:
-    value = options.get("value", 0.9999)
-    if not isinstance(value, (int, float)) or not 0.5 < value <= 1.0:
-        raise VitqError(f"--percentile-value {value} is out of range (expected a quantile in (0.5, 1], "
-                        "e.g. 0.9999)")
-
-
-def _percentile_args(group) -> None:
-    group.add_argument("--percentile-value", type=float, default=None, metavar="P",
-                       help="percentile method: clip activations at this quantile (default 0.9999)")
+@dataclass(frozen=True)
+class PercentileOptions(Options):
+    value: float = opt(0.9999, "clip activations at this quantile", above=0.5, maximum=1.0, metavar="P")
 
 
 @register_method("percentile", "activations clipped at the 99.99th percentile (mean over batches); "
-                 "weights min/max", add_arguments=_percentile_args, validate=_check_percentile,
+                 "weights min/max", config=PercentileOptions,
                  expected_time="DeiT-Tiny, 250 images: 30-45 s on 2 CPU cores (BENCHMARKS.md baselines)")
-def percentile(model: nn.Module, calib: CalibData, value: float = 0.9999) -> dict:
-    _check_percentile({"value": value})
-    return calibrate_observed(model, calib, "percentile", "minmax", percentile=value)
+def percentile(model: nn.Module, calib: CalibData, cfg: PercentileOptions) -> dict:
+    return calibrate_observed(model, calib, "percentile", "minmax", percentile=cfg.value)
 
 
 @register_method("omse", "range shrink factor with the least MSE (1.00..0.11), for activations over all "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.quant.base import Quantizer, quantizers_of
-from vitq.quant.modules import QAttention, QBlock, QConv2d, QLinear, QWindowAttention, _QWeighted
+from vitq.quant.modules import QAttention, QBlock, QConv2d, QLinear, QWeighted, QWindowAttention
 from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 from vitq.quant.uniform import UniformQuantizer
 
@@ -125,7 +125,7 @@ def capture(model: nn.Module, images: torch.Tensor, device, batch_size: int = 8,
     scores and of the attention·V output (query rows subsampled), and for the named ``blocks`` their
     full input, output and squared output gradient."""
     gen = torch.Generator().manual_seed(seed)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, _QWeighted)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QWeighted)}
     attns = attention_modules(model)
     block_mods = {n: model.get_submodule(n) for n in (blocks or [])}
     acc: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))

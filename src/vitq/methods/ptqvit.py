@@ -57,7 +57,7 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
 from vitq.quant.base import EPS, int_range, quantizers_of
-from vitq.quant.modules import QAttention, QConv2d, QLinear, QWindowAttention, _QWeighted
+from vitq.quant.modules import QAttention, QConv2d, QLinear, QWeighted, QWindowAttention
 from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import merge_options, register_method
 
@@ -189,7 +189,7 @@ def _tokens_of(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _weight_matrix(m: _QWeighted) -> torch.Tensor:
+def _weight_matrix(m: QWeighted) -> torch.Tensor:
     return m.weight.detach().reshape(m.weight.shape[0], -1).float()
 
 

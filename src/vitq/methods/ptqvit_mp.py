@@ -24,7 +24,7 @@ from vitq.methods.ptqvit import (
 )
 from vitq.models.trunk import Trunk
 from vitq.quant.base import Quantizer, quantizers_of
-from vitq.quant.modules import _QWeighted
+from vitq.quant.modules import QWeighted
 
 
 def mp_candidates(target: int) -> list[int]:
@@ -313,7 +313,7 @@ def weight_bits_summary(model: nn.Module) -> dict:
     """Average weight bits and size (MB, 10^6 bytes) of the quantized weights of a model."""
     total_bits = total_n = 0
     for m in model.modules():
-        if isinstance(m, _QWeighted) and isinstance(m.weight_quant, Quantizer):
+        if isinstance(m, QWeighted) and isinstance(m.weight_quant, Quantizer):
             total_bits += m.weight.numel() * m.weight_quant.bits
             total_n += m.weight.numel()
     return {"average_weight_bits": total_bits / max(total_n, 1), "model_size_mb": total_bits / 8 / 1e6,

@@ -2,8 +2,8 @@
 and the generic quantized layers that model families build from."""
 
 from vitq.quant import log, mixed, twin, uniform  # noqa: F401  (each registers its kinds)
-from vitq.quant.base import QUANTIZER_KINDS, Quantizer, make_quantizer, quantizers_of, register_quantizer
+from vitq.quant.base import QUANTIZER_KINDS, Quantizer, make_quantizer, passthrough, quantizers_of, register_quantizer
 from vitq.quant.uniform import Log2Quantizer, PTFQuantizer, UniformQuantizer
 
 __all__ = ["QUANTIZER_KINDS", "Log2Quantizer", "PTFQuantizer", "Quantizer", "UniformQuantizer", "make_quantizer",
-           "quantizers_of", "register_quantizer"]
+           "passthrough", "quantizers_of", "register_quantizer"]

@@ -10,7 +10,8 @@ Kinds are registered by name (:data:`QUANTIZER_KINDS`); each kind lives in its o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -90,3 +91,26 @@ def make_quantizer(kind: str, bits: int, role: str, **kwargs) -> Quantizer:
 def quantizers_of(model: nn.Module) -> dict[str, Quantizer]:
     """All quantizers of a prepared model by qualified name, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+class _Nothing:
+    """An 'observer' that records nothing: while attached, a quantizer passes its input through unchanged."""
+
+    def update(self, x: torch.Tensor) -> None:
+        pass
+
+
+@contextmanager
+def passthrough(target: nn.Module | Iterable[Quantizer]) -> Iterator[None]:
+    """Inside the block the quantizers of ``target`` (a model or module, or the quantizers themselves) are the
+    identity, so the model computes in float; whatever was attached to them before is restored afterwards."""
+    qs = list(quantizers_of(target).values()) if isinstance(target, nn.Module) else list(target)
+    saved = [q.observer for q in qs]
+    tap = _Nothing()
+    for q in qs:
+        q.observer = tap
+    try:
+        yield
+    finally:
+        for q, obs in zip(qs, saved, strict=True):
+            q.observer = obs

@@ -24,7 +24,7 @@ def correct_weight(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     return (w_hat - mu_hat) * (sd / sd_hat.clamp_min(1e-12)) + mu
 
 
-class _QWeighted(nn.Module):
+class QWeighted(nn.Module):
     """Shared part of QLinear and QConv2d: an input quantizer, a per-output-channel weight quantizer and an
     optional weight bias correction (a buffer, so it is part of the saved state)."""
 
@@ -43,7 +43,7 @@ class _QWeighted(nn.Module):
         return w_hat
 
 
-class QLinear(_QWeighted):
+class QLinear(QWeighted):
     def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, signed_weights: bool):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -53,7 +53,7 @@ class QLinear(_QWeighted):
         return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
 
 
-class QConv2d(_QWeighted):
+class QConv2d(QWeighted):
     def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, signed_weights: bool, input_role: str):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -83,7 +83,7 @@ class QLayerNorm(nn.Module):
         return F.layer_norm(self.input_quant(x), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class _QAttentionCore(nn.Module):
+class QAttentionBase(nn.Module):
     """The quantized attention computation shared by ViT's ``Attention`` and Swin's ``WindowAttention``.
 
     ``score_quant`` (fq only; an ``nn.Identity`` tap otherwise, so methods can always hook the pre-softmax
@@ -116,7 +116,7 @@ class _QAttentionCore(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class QAttention(_QAttentionCore):
+class QAttention(QAttentionBase):
     """Built from timm's ``vision_transformer.Attention`` (standard multi-head self-attention)."""
 
     def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
@@ -136,7 +136,7 @@ class QAttention(_QAttentionCore):
         return self._softmax_v((q * self.scale) @ k.transpose(-2, -1), v)
 
 
-class QWindowAttention(_QAttentionCore):
+class QWindowAttention(QAttentionBase):
     """Built from timm's Swin ``WindowAttention``: relative position bias and the shifted-window mask are
     added to the scores before the (fq) score quantizer."""
 

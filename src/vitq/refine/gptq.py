@@ -29,7 +29,7 @@ from torch import nn
 from vitq.calib import as_calib
 from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
-from vitq.quant.modules import QConv2d, QLinear, _QWeighted
+from vitq.quant.modules import QConv2d, QLinear, QWeighted
 from vitq.quant.uniform import UniformQuantizer
 
 ROUNDINGS = {
@@ -93,7 +93,7 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_o
     return q
 
 
-def _layer_rows(layer: _QWeighted, x: torch.Tensor) -> torch.Tensor:
+def _layer_rows(layer: QWeighted, x: torch.Tensor) -> torch.Tensor:
     """The layer's quantized input as rows matching the columns of its weight matrix."""
     if isinstance(layer, QConv2d):
         if layer.groups != 1:
@@ -105,7 +105,7 @@ def _layer_rows(layer: _QWeighted, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _hessian(layer: _QWeighted, run, inputs) -> tuple[torch.Tensor, int]:
+def _hessian(layer: QWeighted, run, inputs) -> tuple[torch.Tensor, int]:
     acc = {"h": None, "n": 0}
 
     def hook(_mod, _args, out):
@@ -126,7 +126,7 @@ def _hessian(layer: _QWeighted, run, inputs) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def gptq_layer(layer: _QWeighted, h: torch.Tensor, damp: float, act_order: bool, block_size: int) -> dict:
+def gptq_layer(layer: QWeighted, h: torch.Tensor, damp: float, act_order: bool, block_size: int) -> dict:
     """Round one layer's weight with GPTQ and write it back on the grid. Returns its proxy errors."""
     wq = layer.weight_quant
     if not bool(wq.initialized):

@@ -49,7 +49,7 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
 from vitq.quant.base import EPS, Quantizer
-from vitq.quant.modules import _QWeighted
+from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import register_refiner
 from vitq.state import read_checkpoint, write_checkpoint
@@ -115,7 +115,7 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 class Rounding:
     """The AdaRound variables of one quantized layer (its weight quantizer's scale and zero point fixed)."""
 
-    def __init__(self, module: _QWeighted):
+    def __init__(self, module: QWeighted):
         self.module = module
         q = module.weight_quant
         w = module.weight.detach()
@@ -158,7 +158,7 @@ class Piece:
     name: str
     quant: Callable[[torch.Tensor], torch.Tensor]
     float: Callable[[torch.Tensor], torch.Tensor]
-    weighted: list[tuple[str, _QWeighted]]
+    weighted: list[tuple[str, QWeighted]]
     scales: list[tuple[str, UniformQuantizer]]  # learnable activation step sizes
     acts: list[tuple[str, Quantizer]]  # every activation quantizer (QDrop bypass)
     root: nn.Module  # the quantized model (names above are qualified in it)
@@ -173,7 +173,7 @@ def pieces_of(qmodel: nn.Module, float_model: nn.Module) -> list[Piece]:
     names = ["stem"] + [n for n, _ in tq.units] + ["tail"]
     owned: dict[str, list[tuple[str, nn.Module]]] = {n: [] for n in names}
     for mname, m in qmodel.named_modules():
-        if not isinstance(m, (_QWeighted, Quantizer)):
+        if not isinstance(m, (QWeighted, Quantizer)):
             continue
         owner = next((u for u, _ in tq.units if mname.startswith(u + ".")), None)
         if owner is None:
@@ -184,7 +184,7 @@ def pieces_of(qmodel: nn.Module, float_model: nn.Module) -> list[Piece]:
     out = []
     for name, (fq, ff) in zip(names, funcs, strict=True):
         mods = owned[name]
-        weighted = [(n, m) for n, m in mods if isinstance(m, _QWeighted)]
+        weighted = [(n, m) for n, m in mods if isinstance(m, QWeighted)]
         acts = [(n, m) for n, m in mods if isinstance(m, Quantizer) and m.role != "weight"]
         scales = [(n, m) for n, m in acts if m.kind == "uniform" and bool(m.initialized)]
         out.append(Piece(name, fq, ff, weighted, scales, acts, qmodel))
