@@ -1,12 +1,18 @@
-"""vitq: post-training quantization of vision transformers (Evol-Q, APQ-ViT, PTQ-ViT and baselines)."""
+"""vitq: post-training quantization of vision transformers (Evol-Q, APQ-ViT, PTQ-ViT and baselines).
 
-from vitq._version import __version__  # noqa: E402
-from vitq.api import calibrate, prepare, refine, round_weights  # noqa: E402
-from vitq.errors import VitqError  # noqa: E402
-from vitq.evaluate import evaluate  # noqa: E402
-from vitq.export.onnx import export  # noqa: E402  (the function; the module is vitq.export.onnx in sys.modules)
-from vitq.scheme import Override, Scheme  # noqa: E402
-from vitq.state import load, save  # noqa: E402
+The pipeline, one package per step: :mod:`vitq.models` (model loading and families) -> :func:`prepare` (a
+scheme's quantizers from :mod:`vitq.quant`) -> :func:`calibrate` (a method of :mod:`vitq.methods`) ->
+:func:`round_weights` / :func:`refine` (:mod:`vitq.refine`) -> :func:`evaluate` / :func:`save` /
+:func:`export` (:mod:`vitq.export`). :func:`quantize` runs them in that order.
+"""
 
-__all__ = ["Override", "Scheme", "VitqError", "calibrate", "evaluate", "export", "load", "prepare", "refine",
-           "round_weights", "save", "__version__"]
+from vitq._version import __version__
+from vitq.api import calibrate, prepare, quantize, refine, round_weights
+from vitq.errors import VitqError
+from vitq.evaluate import evaluate
+from vitq.export import export  # the function; the package is vitq.export in sys.modules
+from vitq.scheme import Override, Scheme
+from vitq.state import load, save
+
+__all__ = ["Override", "Scheme", "VitqError", "__version__", "calibrate", "evaluate", "export", "load", "prepare",
+           "quantize", "refine", "round_weights", "save"]

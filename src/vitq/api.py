@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import inspect
+import random
 import time
 
 import torch
@@ -131,3 +133,88 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | 
     return {"refiner": ",".join(names), "chain": steps, "seconds": time.perf_counter() - t_chain,
             "calib_kl": {"before": steps[0]["calib_kl"]["before"], "after": kl,
                          "gain": steps[0]["calib_kl"]["before"] - kl}}
+
+
+refine_model = refine  # quantize's own parameter `refine` shadows the function there
+
+
+def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method: str | None = None,
+             rounding: str | None = None, refine: str | list[str] | None = None, recipe: str | None = None, *,
+             options: dict | None = None, refine_options: dict | None = None, batch_size: int = 50,
+             device="cpu", seed: int = 0, progress: bool = True, val_batches=None,
+             **scheme_kwargs) -> tuple[nn.Module, dict]:
+    """The one run order, model -> prepare -> calibrate -> round -> refine, that the CLI, the demo and the
+    benchmarks call. Returns the quantized model and the record of the run (what goes into results.json).
+
+    ``scheme`` is a :class:`Scheme` or a regime name (``fq`` / ``matmul``, with ``w_bits=``, ``a_bits=`` and
+    the other Scheme fields as keywords); ``method`` a registered calibration method with its ``options``;
+    ``rounding`` ``nearest`` (default) or ``gptq``; ``refine`` a refiner or a chain (``"recon,evolq"``) with
+    ``refine_options={name: {...}}``. ``recipe`` (a name of ``vitq recipes`` or ``best``) fills only what is
+    left unset here, as ``--recipe`` does on the command line. ``calib``: images [N, C, H, W] (preprocessed) or
+    a CalibData; a recipe that asks for fewer images takes a seeded subset of them."""
+    from vitq import recipes as _recipes
+
+    if isinstance(scheme, Scheme):
+        if scheme_kwargs:
+            raise VitqError(f"scheme fields {sorted(scheme_kwargs)} given beside a Scheme object")
+        regime = scheme.name
+    else:
+        regime = scheme or "fq"
+    refine_options = {k: dict(v) for k, v in (refine_options or {}).items()}
+    record: dict = {"recipe": None}
+    if recipe is not None:
+        w_bits = scheme.w_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("w_bits", 8)
+        a_bits = scheme.a_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("a_bits", 8)
+        chosen, why = _recipes.choose(recipe, regime, w_bits, a_bits)
+        plan = chosen.plan(str(device))
+        method = method or plan["method"]
+        rounding = rounding or plan["rounding"]
+        refine = refine if refine is not None else plan["refine"]
+        options = {**plan["options"], **(options or {})}
+        for name, opts in plan["refine_options"].items():
+            refine_options[name] = {**opts, **refine_options.get(name, {})}
+        if not isinstance(scheme, Scheme):
+            scheme_kwargs = {**plan["scheme"], **scheme_kwargs}
+        if plan["num_calib"] is not None:
+            calib = _subset(calib, plan["num_calib"], seed)
+        record["recipe"] = {"name": chosen.name, "asked": recipe, "why": why, "plan": plan}
+    method = method or "fqvit"
+    if not isinstance(scheme, Scheme):
+        scheme = Scheme(regime, **scheme_kwargs)
+    get_method(method).make_config(options)  # every option is checked before any work
+    chain = refiner_chain(refine) if refine else []
+    for name in chain:
+        entry = get_refiner(name)
+        entry.make_config(entry.split(refine_options.get(name))[0])
+    stray = sorted(set(refine_options) - set(chain))
+    if stray:
+        raise VitqError(f"refine_options for {stray}, which are not in the refiner chain {chain}")
+    calib = as_calib(calib, batch_size, device, seed, progress)
+    qmodel = prepare(model, scheme, method=method, options=options)
+    record.update({"scheme": qmodel.vitq_scheme.to_dict(), "num_calib": len(calib)})
+    record["calibration"] = calibrate(qmodel, calib, method=method, seed=seed, **(options or {}))
+    record["weight_rounding"] = round_weights(qmodel, calib, how=rounding or "nearest")
+    record["refinement"] = None
+    if chain:
+        per = {n: dict(refine_options.get(n, {})) for n in chain}
+        if val_batches is not None:
+            for n in chain:
+                if "val_batches" in inspect.signature(get_refiner(n).fn).parameters:
+                    per[n]["val_batches"] = val_batches
+        record["refinement"] = refine_model(qmodel, model, calib, chain, seed=seed,
+                                      **(per if len(chain) > 1 else per[chain[0]]))
+    return qmodel, record
+
+
+def _subset(images, num: int, seed: int):
+    """``num`` of the images, a seeded choice in their order (all of them when there are no more)."""
+    if isinstance(images, CalibData):
+        if num >= len(images):
+            return images
+        keep = sorted(random.Random(seed).sample(range(len(images)), num))
+        return CalibData(images.images[keep], batch_size=images.batch_size, device=images.device,
+                         progress=images.progress, seed=images.seed)
+    images = torch.as_tensor(images)
+    if num >= images.shape[0]:
+        return images
+    return images[sorted(random.Random(seed).sample(range(images.shape[0]), num))]

@@ -41,6 +41,32 @@ class Recipe:
             out.update(self.cpu_flags)
         return out
 
+    def plan(self, device: str = "cpu") -> dict:
+        """The recipe as the arguments of :func:`vitq.quantize`: method and its options, scheme fields, weight
+        rounding, refiner chain with each refiner's options, and the number of calibration images it uses."""
+        from vitq.registry import METHODS, REFINERS
+
+        plan = {"method": self.method, "options": {}, "scheme": {}, "rounding": None, "refine": list(self.refine),
+                "refine_options": {}, "num_calib": None}
+        for dest, value in self.settings(device).items():
+            if dest in ("method", "refine"):
+                continue
+            if dest in SCHEME_FIELDS:
+                plan["scheme"][dest] = value
+            elif dest == "weight_rounding":
+                plan["rounding"] = value
+            elif dest == "num_calib":
+                plan["num_calib"] = value
+            elif dest.startswith(self.method.replace("-", "_") + "_") and self.method in METHODS:
+                plan["options"][dest[len(self.method) + 1:]] = value
+            else:
+                owner = next((r for r in self.refine if r in REFINERS and dest.startswith(r.replace("-", "_") + "_")),
+                             None)
+                if owner is None:
+                    raise VitqError(f"recipe {self.name}: setting {dest!r} belongs to no step of the recipe")
+                plan["refine_options"].setdefault(owner, {})[dest[len(owner) + 1:]] = value
+        return plan
+
     def as_flags(self, device: str = "cpu") -> list[str]:
         """The command-line flags the recipe stands for."""
         out = []
@@ -50,6 +76,7 @@ class Recipe:
 
 
 FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is not --DEST
+SCHEME_FIELDS = ("softmax_quantizer", "gelu_quantizer", "attn_granularity", "attn_bits", "weight_signed")
 
 # the reduced CPU setting of the benchmark (BENCHMARKS.md "recon" section states it)
 RECON_CPU = {"recon_iters": 200, "recon_batch": 4, "recon_lr": 1e-2, "recon_scale_lr": 4e-3, "num_calib": 50}
