@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from vitq import recipes
 from vitq.cli import build_parser, main
+from vitq.cli.quantize import apply_recipe
 from vitq.errors import VitqError
 
 NAME, KW = TINY["deit"]
@@ -41,15 +42,15 @@ def test_recipe_expands_to_the_documented_flags():
 
 def test_apply_fills_only_unset_flags():
     args = _args("--recipe", "best", "--scheme", "matmul", "--w-bits", "4", "--a-bits", "4")
-    info = recipes.apply_recipe(args)
+    info = apply_recipe(args)
     assert info["name"].startswith("matmul-") and args.method == info["applied"]["method"]
     assert info["overridden_by_flags"] == {} and info["applied"] == recipes.by_name(info["name"]).settings("cpu")
     args = _args("--recipe", "matmul-repq-adalog-recon", "--scheme", "matmul", "--recon-iters", "5")
-    info = recipes.apply_recipe(args)
+    info = apply_recipe(args)
     assert args.recon_iters == 5 and info["overridden_by_flags"] == {"recon_iters": 5}
     assert args.gelu_quantizer == "adalog" and args.softmax_quantizer == "adalog"  # CLI default unset
     args = _args("--recipe", "fq-fqvit-recon", "--refine", "evolq", "--method", "omse")
-    info = recipes.apply_recipe(args)
+    info = apply_recipe(args)
     assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 200
     assert set(info["overridden_by_flags"]) == {"refine", "method"}
 
@@ -110,3 +111,21 @@ def test_quantize_with_a_recipe_runs_and_records_the_chain(tmp_path):
     assert chain[0]["options"]["iters"] == 4 and chain[0]["options"]["batch"] == 2
     assert all(s["seconds"] > 0 and "gain" in s["calib_kl"] for s in chain)
     assert not list(tmp_path.glob(".out.*-ckpt"))  # both checkpoints removed after success
+
+
+def test_recipes_run_from_python_as_from_the_command_line():
+    """A recipe is data: vitq.quantize(recipe=...) applies the same method, kinds, refiners and options as
+    --recipe, and an explicit argument wins over it."""
+    import vitq
+
+    r = recipes.by_name("matmul-repq-adalog-recon")
+    plan = r.plan("cpu")
+    assert plan["method"] == "repq" and plan["refine"] == ["recon"] and plan["scheme"]["gelu_quantizer"] == "adalog"
+    assert plan["refine_options"]["recon"]["iters"] == r.settings("cpu")["recon_iters"]
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32)
+    q, record = vitq.quantize(tiny_model("deit"), x, "matmul", recipe=r.name, progress=False,
+                              refine_options={"recon": {"iters": 2}})
+    assert record["recipe"]["name"] == r.name and q.vitq_scheme.softmax_quantizer == "adalog"
+    assert record["refinement"]["refiner"] == "recon" and record["refinement"]["options"]["iters"] == 2
+    assert record["num_calib"] == 6  # fewer images than the recipe's CPU setting: all of them

@@ -25,7 +25,7 @@ from vitq.calib import CalibData, as_calib  # noqa: F401  (vitq.api.as_calib)
 from vitq.errors import VitqError
 from vitq.refine.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
 from vitq.registry import get_method, get_refiner
-from vitq.scheme import Scheme
+from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS, Scheme
 
 
 def _record(cfg) -> dict:
@@ -135,13 +135,15 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | 
                          "gain": steps[0]["calib_kl"]["before"] - kl}}
 
 
-refine_model = refine  # quantize's own parameter `refine` shadows the function there
+def refine_model(*args, **kwargs) -> dict:
+    """:func:`refine` under another name: :func:`quantize`'s own parameter ``refine`` shadows the function."""
+    return refine(*args, **kwargs)
 
 
 def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method: str | None = None,
              rounding: str | None = None, refine: str | list[str] | None = None, recipe: str | None = None, *,
              options: dict | None = None, refine_options: dict | None = None, batch_size: int = 50,
-             device="cpu", seed: int = 0, progress: bool = True, val_batches=None,
+             device="cpu", seed: int = 0, progress: bool = True, val_batches=None, start: nn.Module | None = None,
              **scheme_kwargs) -> tuple[nn.Module, dict]:
     """The one run order, model -> prepare -> calibrate -> round -> refine, that the CLI, the demo and the
     benchmarks call. Returns the quantized model and the record of the run (what goes into results.json).
@@ -151,7 +153,8 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     ``rounding`` ``nearest`` (default) or ``gptq``; ``refine`` a refiner or a chain (``"recon,evolq"``) with
     ``refine_options={name: {...}}``. ``recipe`` (a name of ``vitq recipes`` or ``best``) fills only what is
     left unset here, as ``--recipe`` does on the command line. ``calib``: images [N, C, H, W] (preprocessed) or
-    a CalibData; a recipe that asks for fewer images takes a seeded subset of them."""
+    a CalibData; a recipe that asks for fewer images takes a seeded subset of them. ``start``: an already
+    calibrated model (e.g. :func:`vitq.load`) to round and refine instead of preparing and calibrating anew."""
     from vitq import recipes as _recipes
 
     if isinstance(scheme, Scheme):
@@ -163,8 +166,8 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     refine_options = {k: dict(v) for k, v in (refine_options or {}).items()}
     record: dict = {"recipe": None}
     if recipe is not None:
-        w_bits = scheme.w_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("w_bits", 8)
-        a_bits = scheme.a_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("a_bits", 8)
+        w_bits = scheme.w_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("w_bits", DEFAULT_W_BITS)
+        a_bits = scheme.a_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("a_bits", DEFAULT_A_BITS)
         chosen, why = _recipes.choose(recipe, regime, w_bits, a_bits)
         plan = chosen.plan(str(device))
         method = method or plan["method"]
@@ -178,10 +181,13 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
         if plan["num_calib"] is not None:
             calib = _subset(calib, plan["num_calib"], seed)
         record["recipe"] = {"name": chosen.name, "asked": recipe, "why": why, "plan": plan}
+    if start is not None and (method or options or scheme is not None or scheme_kwargs or recipe):
+        raise VitqError("start= brings its own scheme and calibration: give no scheme, method, options or recipe")
     method = method or "fqvit"
-    if not isinstance(scheme, Scheme):
-        scheme = Scheme(regime, **scheme_kwargs)
-    get_method(method).make_config(options)  # every option is checked before any work
+    if start is None:
+        if not isinstance(scheme, Scheme):
+            scheme = Scheme(regime, **scheme_kwargs)
+        get_method(method).make_config(options)  # every option is checked before any work
     chain = refiner_chain(refine) if refine else []
     for name in chain:
         entry = get_refiner(name)
@@ -190,9 +196,13 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     if stray:
         raise VitqError(f"refine_options for {stray}, which are not in the refiner chain {chain}")
     calib = as_calib(calib, batch_size, device, seed, progress)
-    qmodel = prepare(model, scheme, method=method, options=options)
+    if start is None:
+        qmodel = prepare(model, scheme, method=method, options=options)
+        record["calibration"] = calibrate(qmodel, calib, method=method, seed=seed, **(options or {}))
+    else:
+        qmodel = start.to(calib.device)
+        record["calibration"] = {"start": "a calibrated model given to quantize", "seconds": 0.0}
     record.update({"scheme": qmodel.vitq_scheme.to_dict(), "num_calib": len(calib)})
-    record["calibration"] = calibrate(qmodel, calib, method=method, seed=seed, **(options or {}))
     record["weight_rounding"] = round_weights(qmodel, calib, how=rounding or "nearest")
     record["refinement"] = None
     if chain:

@@ -128,9 +128,9 @@ def run_cell(model, method: str, scheme: Scheme, options: dict, calib_x, test_x,
     from vitq import api
     from vitq.evaluate import Metrics
 
-    qmodel = api.prepare(model, scheme, method=method, options=options)
     t0, c0 = time.perf_counter(), time.process_time()
-    api.calibrate(qmodel, calib_x, method, batch_size=100, seed=seed, progress=False, **options)
+    qmodel, _ = api.quantize(model, calib_x, scheme, method, options=options, batch_size=100, seed=seed,
+                             progress=False)
     cal_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     metrics = Metrics()
     with torch.no_grad():

@@ -177,27 +177,6 @@ def choose(name: str, scheme: str, w_bits: int, a_bits: int, dests: set[str] | N
     return usable[0], f"nothing measured at {scheme} W{w_bits}A{a_bits}: first usable recipe of the table"
 
 
-def apply_recipe(args) -> dict:
-    """Fill the unset arguments of ``vitq quantize`` from ``args.recipe``; returns what goes into results.json."""
-    if args.init_state is not None:
-        raise VitqError(f"--recipe {args.recipe} chooses a method; it cannot start from --init-state")
-    dests = set(vars(args))
-    scheme = args.scheme or "fq"
-    w_bits = 8 if args.w_bits is None else args.w_bits
-    a_bits = 8 if args.a_bits is None else args.a_bits
-    recipe, why = choose(args.recipe, scheme, w_bits, a_bits, dests)
-    applied, overridden = {}, {}
-    for dest, value in recipe.settings(args.device).items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
-            applied[dest] = value
-        else:
-            overridden[dest] = getattr(args, dest)
-    log.info("recipe %s (%s): %s", recipe.name, why, " ".join(recipe.as_flags(args.device)))
-    return {"name": recipe.name, "asked": args.recipe, "why": why, "applied": applied,
-            "overridden_by_flags": overridden, "measured": MEASURED.get((recipe.name, w_bits, a_bits))}
-
-
 def format_table() -> str:
     lines = []
     for r in RECIPES:
@@ -214,19 +193,3 @@ def format_table() -> str:
             lines.append(f"    {r.scheme} W{w}A{a}: agreement {m['agreement']:.2f} %, top-1 {m['top1']:.2f} %, "
                          f"KL {m['kl']:.4f}, cost {m['seconds']:.0f} s ({m['where']})")
     return "\n".join(lines)
-
-
-def cmd_recipes(args) -> int:
-    print(format_table())
-    if args.scheme is not None:
-        recipe, why = choose("best", args.scheme, args.w_bits, args.a_bits)
-        print(f"\n--recipe best for {args.scheme} W{args.w_bits}A{args.a_bits}: {recipe.name} ({why})")
-    return 0
-
-
-def add_command(sub) -> None:
-    p = sub.add_parser("recipes", help="list the recipes of --recipe with their measured agreement and cost")
-    p.add_argument("--scheme", choices=("fq", "matmul"), default=None, help="also say what --recipe best picks")
-    p.add_argument("--w-bits", type=int, default=8)
-    p.add_argument("--a-bits", type=int, default=8)
-    p.set_defaults(func=cmd_recipes)

@@ -22,6 +22,8 @@ SCHEMES = {
 }
 W_BITS = range(2, 9)
 A_BITS = range(3, 9)
+DEFAULT_W_BITS = 8
+DEFAULT_A_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class Override:
 @dataclass(frozen=True)
 class Scheme:
     name: str = "fq"
-    w_bits: int = 8
-    a_bits: int = 8
+    w_bits: int = DEFAULT_W_BITS
+    a_bits: int = DEFAULT_A_BITS
     attn_bits: int | None = None  # softmax-output bits; None = a_bits
     input_bits: int = 8  # image entering the patch embedding
     weight_signed: bool | None = None  # None = scheme default (fq: uint like FQ-ViT, matmul: int)
@@ -62,17 +64,17 @@ class Scheme:
     def __post_init__(self):
         if self.name not in SCHEMES:
             raise VitqError(f"unknown scheme {self.name!r} (expected one of {', '.join(SCHEMES)})")
-        _check_bits("w_bits", self.w_bits, W_BITS)
-        _check_bits("a_bits", self.a_bits, A_BITS)
-        _check_bits("attn_bits", self.attn_bits if self.attn_bits is not None else self.a_bits, A_BITS)
-        _check_bits("input_bits", self.input_bits, A_BITS)
+        check_bits("w_bits", self.w_bits, W_BITS)
+        check_bits("a_bits", self.a_bits, A_BITS)
+        check_bits("attn_bits", self.attn_bits if self.attn_bits is not None else self.a_bits, A_BITS)
+        check_bits("input_bits", self.input_bits, A_BITS)
         if self.attn_granularity not in ("tensor", "head"):
             raise VitqError(f"attn_granularity {self.attn_granularity!r} is not supported (expected tensor or head)")
         for o in self.overrides:
             if o.w_bits is not None:
-                _check_bits(f"override {o} weight bits", o.w_bits, W_BITS)
+                check_bits(f"override {o} weight bits", o.w_bits, W_BITS)
             if o.a_bits is not None:
-                _check_bits(f"override {o} activation bits", o.a_bits, A_BITS)
+                check_bits(f"override {o} activation bits", o.a_bits, A_BITS)
 
     @property
     def fully_quantized(self) -> bool:
@@ -112,6 +114,8 @@ class Scheme:
         return cls(**d)
 
 
-def _check_bits(what: str, value, allowed: range) -> None:
+def check_bits(what: str, value, allowed: range, label: str | None = None) -> None:
+    """Refuse bits outside ``allowed``; ``label`` is how the error names the value (default ``what = value``)."""
     if not isinstance(value, int) or value not in allowed:
-        raise VitqError(f"{what} = {value!r} is out of range (expected an integer {allowed.start}..{allowed.stop - 1})")
+        label = label or f"{what} = {value!r}"
+        raise VitqError(f"{label} is out of range (expected an integer {allowed.start}..{allowed.stop - 1})")

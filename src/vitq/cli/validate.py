@@ -40,8 +40,10 @@ def in_range(flag: str, value: float, low: float, high: float, what: str) -> Non
 
 
 def bits(flag: str, value: int | None, allowed: range) -> None:
-    if value is not None and value not in allowed:
-        raise VitqError(f"{flag} {value} is out of range (expected an integer {allowed.start}..{allowed.stop - 1})")
+    from vitq.scheme import check_bits
+
+    if value is not None:
+        check_bits(flag, value, allowed, label=f"{flag} {value}")
 
 
 def quantizer_kind(flag: str, kind: str | None) -> None:
