@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import logging
 import os
 import platform
@@ -24,7 +23,7 @@ from vitq.state import OutputDir, make_parents, remove_created
 log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
-COMMAND_MODULES: tuple[str, ...] = ("vitq.refine.landscape", "vitq.cli.allocation", "vitq.recipes",
+COMMAND_MODULES: tuple[str, ...] = ("vitq.cli.landscape", "vitq.cli.allocation", "vitq.recipes",
                                      "vitq.models.family", "vitq.export.onnx")
 
 
@@ -121,11 +120,6 @@ def evaluate_on(qmodel, model, records, args, device, progress: bool, min_size) 
     return metrics, list(loader.skipped), time.perf_counter() - t0
 
 
-def _accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _pct(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -216,7 +210,7 @@ def cmd_quantize(args) -> int:
         raise VitqError(f"--num-val {args.num_val} needs --val DIR (no evaluation images were given)")
     ckpts = {}  # refiner -> its resumable checkpoint file
     for name, refine_opts in chain_opts.items():
-        if _accepts(get_refiner(name).fn, "checkpoint_path"):
+        if "checkpoint_path" in get_refiner(name).config.field_names():
             ckpt = refine_opts.get("checkpoint_path")
             if ckpt is None:
                 ckpt = refine_opts["checkpoint_path"] = checkpoint_default(out.path, name)
