@@ -62,7 +62,7 @@ class EvolQOptions(Options):
                                  choices=tuple(sorted(LOSSES)))
     teacher: str = opt("float", "targets: float, or int_layernorm = the release's, through its integer LayerNorm "
                        "(the calibrated model with only its LayerNorm-input/PTF quantizers on)", choices=TEACHERS)
-    seed: int | None = opt(None, "seed of the search (default: the calibration seed)")
+    seed: int | None = opt(None, "seed of the search; none = the calibration seed (--seed)", metavar="N")
     checkpoint_path: str | None = opt(None, "resume file written after every block (default OUT.evolq-ckpt beside "
                                       "--out); a rerun of the same command continues from it; removed after "
                                       "success", metavar="FILE")

@@ -85,13 +85,14 @@ class ReconOptions(Options):
     warmup: float = opt(0.2, "fraction of the steps without the rounding regulariser", minimum=0.0, below=1.0,
                         metavar="F")
     beta_start: float = opt(20.0, "exponent of the rounding regulariser after the warm-up (annealed linearly to "
-                            "beta_end)", metavar="B")
+                            "--recon-beta-end)", metavar="B")
     beta_end: float = opt(2.0, "exponent of the rounding regulariser at the last step", above=0.0, metavar="B")
     drop_prob: float = opt(0.5, "QDrop: probability that an activation value is left unquantized (0 = off)",
                            minimum=0.0, below=1.0, metavar="P")
     learn_weights: bool = opt(True, "AdaRound: learn the weights' rounding")
     learn_scales: bool = opt(True, "LSQ: learn the step sizes of the uniform activation quantizers")
-    seed: int | None = opt(None, "seed of the mini-batches and drops (default: the calibration seed)")
+    seed: int | None = opt(None, "seed of the mini-batches and drops; none = the calibration seed (--seed)",
+                           metavar="N")
     checkpoint_path: str | None = opt(None, "resume file written after every block (a rerun of the same command "
                                       "continues)", metavar="FILE")
 
