@@ -41,7 +41,7 @@ from vitq.evaluate import Metrics
 from vitq.models.loading import create_model
 from vitq.precision import full_float32
 from vitq.prepare import rebuild_quantizers
-from vitq.refine.evolq import infonce_loss
+from vitq.refine.fitness import infonce_loss
 from vitq.scheme import Scheme
 from vitq.state import state_config, write_json
 

@@ -15,19 +15,14 @@ import torch.nn.functional as F
 
 import vitq
 from vitq.api import as_calib
+from vitq.cli.landscape import add_command
 from vitq.errors import VitqError
 from vitq.quant.base import quantizers_of
-from vitq.refine.evolq import (
-    FitnessEvaluator,
-    default_radius,
-    infonce_loss,
-    int_layernorm_teacher,
-    kl_loss,
-    make_config,
-    search_space,
-    split_calibration,
-)
-from vitq.refine.landscape import add_command, compute_landscape, write_outputs
+from vitq.refine.evolq import int_layernorm_teacher, split_calibration
+from vitq.refine.evolq_options import default_radius, make_config
+from vitq.refine.evolq_search import search_space
+from vitq.refine.fitness import FitnessEvaluator, infonce_loss, kl_loss
+from vitq.refine.landscape import compute_landscape, write_outputs
 from vitq.registry import get_refiner
 
 
@@ -393,7 +388,7 @@ def test_landscape_command_end_to_end(tmp_path, monkeypatch):
     from PIL import Image
 
     import vitq.models.loading
-    from vitq.refine.landscape import run
+    from vitq.cli.landscape import run
 
     model = _deit()
     q, _ = _calibrated(model, "matmul")

@@ -17,7 +17,7 @@ from vitq.models.fold import fold_batchnorms
 from vitq.models.trunk import Trunk
 from vitq.prepare import prepare
 from vitq.quant.base import quantizers_of
-from vitq.refine.evolq import search_space
+from vitq.refine.evolq_search import search_space
 from vitq.scheme import Scheme
 from vitq.state import load, save
 

@@ -13,7 +13,9 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import UniformQuantizer
-from vitq.refine.recon import Cache, Dropper, LsqQuantizer, make_config, pieces_of
+from vitq.refine.recon import make_config
+from vitq.refine.recon_learn import Dropper, LsqQuantizer
+from vitq.refine.recon_pieces import Cache, pieces_of
 from vitq.state import load, save
 
 FAST = {"iters": 12, "batch": 4, "lr": 0.05, "scale_lr": 0.01}

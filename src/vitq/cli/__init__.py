@@ -17,7 +17,7 @@ from vitq.errors import VitqError
 
 # subcommands after quantize (which needs argv to show one method's options): each defines add_command(subparsers)
 COMMAND_MODULES: tuple[str, ...] = ("vitq.cli.evaluate", "vitq.cli.demo", "vitq.cli.methods",
-                                     "vitq.refine.landscape", "vitq.cli.allocation", "vitq.cli.recipes",
+                                     "vitq.cli.landscape", "vitq.cli.allocation", "vitq.cli.recipes",
                                      "vitq.models.family", "vitq.export.onnx")
 
 

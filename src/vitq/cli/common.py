@@ -4,7 +4,6 @@ command, evaluation and its one-line summary, and the bookkeeping of method/refi
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import platform
@@ -108,11 +107,6 @@ def evaluate_on(qmodel, model, records, args, device, progress: bool, min_size) 
         for side in ("float", "quant"):
             metrics[side]["top1"] = metrics[side]["top5"] = None
     return metrics, list(loader.skipped), time.perf_counter() - t0
-
-
-def accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def pct(v) -> str:

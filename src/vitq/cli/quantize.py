@@ -11,7 +11,6 @@ import torch
 
 from vitq.cli.common import (
     EntryOptions,
-    accepts,
     build_model,
     check_class_map,
     checkpoint_default,
@@ -146,7 +145,7 @@ def cmd_quantize(args) -> int:
         raise VitqError(f"--num-val {args.num_val} needs --val DIR (no evaluation images were given)")
     ckpts = {}  # refiner -> its resumable checkpoint file
     for name, refine_opts in chain_opts.items():
-        if accepts(get_refiner(name).fn, "checkpoint_path"):
+        if "checkpoint_path" in get_refiner(name).config.field_names():
             ckpt = refine_opts.get("checkpoint_path")
             if ckpt is None:
                 ckpt = refine_opts["checkpoint_path"] = checkpoint_default(out.path, name)

@@ -1,0 +1,136 @@
+"""What block reconstruction learns and how: AdaRound's rounding variables of a weight (:class:`Rounding`,
+applied through :class:`SoftWeights`), LSQ step sizes of uniform activation quantizers (:class:`LsqQuantizer`),
+QDrop's elementwise bypass of activation quantizers (:class:`Dropper`) and the reconstruction loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitq.quant.base import Quantizer
+from vitq.quant.modules import QWeighted
+from vitq.quant.uniform import UniformQuantizer
+
+ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+class Rounding:
+    """The AdaRound variables of one quantized layer (its weight quantizer's scale and zero point fixed)."""
+
+    def __init__(self, module: QWeighted):
+        self.module = module
+        q = module.weight_quant
+        w = module.weight.detach()
+        self.scale = q._view(q.scale, w).detach()
+        self.zero = q._view(q.zero_point, w).detach()
+        self.qmin, self.qmax = q.qmin, q.qmax
+        x = w / self.scale
+        self.floor = torch.floor(x)
+        # a weight already on its grid (GPTQ, an earlier recon) can move one level in one direction only
+        self.on_grid = float(((x - torch.round(x)).abs() < 1e-3).float().mean())
+        rest = (x - self.floor).clamp(1e-4, 1.0 - 1e-4)
+        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
+
+    def soft(self) -> torch.Tensor:
+        q = torch.clamp(self.floor + self.zero + rectified_sigmoid(self.v), self.qmin, self.qmax)
+        return (q - self.zero) * self.scale
+
+    @torch.no_grad()
+    def hard(self) -> torch.Tensor:
+        q = torch.clamp(self.floor + self.zero + (self.v >= 0).to(self.floor), self.qmin, self.qmax)
+        return (q - self.zero) * self.scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1.0 - (2.0 * rectified_sigmoid(self.v) - 1.0).abs().pow(beta)).sum()
+
+
+class Dropper:
+    """QDrop: forward hooks that let each activation value pass unquantized with probability ``p``."""
+
+    def __init__(self, acts: list[tuple[str, Quantizer]], p: float):
+        self.p, self.gen, self.active = p, None, False
+        self.handles = [q.register_forward_hook(self._hook) for _, q in acts] if p > 0 else []
+        # (quantizers swapped for an LsqQuantizer call drop() themselves; their hooks never run meanwhile)
+
+    def _hook(self, module, inputs, output):
+        return self.drop(inputs[0], output)
+
+    def drop(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.p <= 0:
+            return out
+        keep_float = torch.rand(x.shape, generator=self.gen, device="cpu").to(x.device) < self.p
+        return torch.where(keep_float, x, out)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    """Uniform fake quantization with the LSQ gradient in one node: the same forward values as
+    ``UniformQuantizer.fake_quant``; backward ``dx = g`` inside the range (straight-through), 0 outside;
+    ``ds = g · (round(x/s) − x/s)`` inside, ``g · (q − z)`` outside (clipped), summed to the scale's shape.
+    Several times fewer tensor passes than autograd through the module, which is most of a step's time."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin: int, qmax: int, reduce_dims: tuple[int, ...]):
+        xs = x / s
+        r = torch.round(xs)
+        q = torch.clamp(r + z, qmin, qmax)
+        inside = (r + z >= qmin) & (r + z <= qmax)
+        ctx.save_for_backward(xs, r, q, z, inside)
+        ctx.reduce_dims, ctx.s_shape = reduce_dims, s.shape
+        return (q - z) * s
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, r, q, z, inside = ctx.saved_tensors
+        dx = g * inside
+        ds = g * torch.where(inside, r - xs, q - z)
+        ds = ds.sum(ctx.reduce_dims, keepdim=True) if ctx.reduce_dims else ds
+        return dx, ds.reshape(ctx.s_shape), None, None, None, None
+
+
+class LsqQuantizer(nn.Module):
+    """Stands in for one uniform activation quantizer while its piece is reconstructed: LSQ on the original's
+    scale (same tensor), zero point fixed, and QDrop's elementwise bypass. Swapped back afterwards."""
+
+    def __init__(self, original: UniformQuantizer, dropper: Dropper):
+        super().__init__()
+        self.original = original
+        self.dropper = dropper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.original
+        s, z = q._view(q.scale, x), q._view(q.zero_point, x)
+        if q.channel_axis is None:
+            reduce_dims = tuple(range(x.dim()))
+        else:
+            axis = q.channel_axis % x.dim()
+            reduce_dims = tuple(d for d in range(x.dim()) if d != axis)
+        out = _LsqFakeQuant.apply(x, s, z, q.qmin, q.qmax, reduce_dims)
+        return self.dropper.drop(x, out)
+
+
+class SoftWeights:
+    """Forward hooks on the weight quantizers that replace their output by the AdaRound soft weight."""
+
+    def __init__(self, roundings: list[Rounding]):
+        self.handles = [r.module.weight_quant.register_forward_hook(self._make(r)) for r in roundings]
+
+    @staticmethod
+    def _make(r: Rounding):
+        return lambda module, inputs, output: r.soft()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over the feature axis, mean over the rest."""
+    return (out - target).pow(2).sum(-1).mean()
