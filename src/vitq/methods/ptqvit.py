@@ -42,6 +42,10 @@ costs one small batched matmul on the cache instead of a model forward; candidat
 Calibration order: ``sequential`` (default; our reading of the paper's layer-by-layer Algorithm 1, as in
 EasyQuant which it extends: each layer sees the inputs produced by the already-quantized earlier layers, while
 the target is always the float model's output) or ``parallel`` (every layer sees float inputs).
+
+Here: the options and the orchestration. The operands are recorded by :mod:`vitq.methods.layerwise`, one layer's
+search is :mod:`vitq.methods.ptqvit_problem`, mixed precision :mod:`vitq.methods.ptqvit_mp`, the options
+:mod:`vitq.methods.ptqvit_options`.
 """
 
 from __future__ import annotations
