@@ -13,9 +13,11 @@ import torch  # noqa: E402
 import vitq  # noqa: E402
 from vitq.cli.allocation import add_command, allocation_from_config  # noqa: E402
 from vitq.errors import VitqError  # noqa: E402
-from vitq.methods import ptqvit as P  # noqa: E402
+from vitq.methods import layerwise as L  # noqa: E402
 from vitq.methods import ptqvit_mp as MP  # noqa: E402
-from vitq.quant.base import quantizers_of  # noqa: E402
+from vitq.methods import ptqvit_problem as P  # noqa: E402
+from vitq.methods.ptqvit_options import PtqvitOptions  # noqa: E402
+from vitq.quant.base import passthrough, quantizers_of  # noqa: E402
 from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import get_method  # noqa: E402
 
@@ -110,14 +112,15 @@ def test_sym_quant_with_zero_point_matches_uniform_quantizer():
 def _fc2_problem(model, grid: str, bits: int = 4):
     """fc2 of block 0 (its input is a GELU output, >= -0.17) with a searched input of the given grid."""
     qm = vitq.prepare(model, vitq.Scheme("matmul", bits, bits), method="ptqvit")
-    opts = P.resolve_options(dict(FAST, calibration="parallel", bias_corr=False, input_grid=grid))
-    layers = P.find_layers(qm)
+    opts = PtqvitOptions.build(dict(FAST, calibration="parallel", bias_corr=False, input_grid=grid), "ptqvit")
+    layers = L.find_layers(qm)
     fc2 = next(la for la in layers if la.name == "blocks.0.mlp.fc2")
-    P._swap_layer_quantizers(fc2, weight_granularity="channel", input_grid=grid)
-    with P._Recorder([fc2], "float", opts, torch.Generator().manual_seed(0), stop=False), P.float_mode(qm):
+    P.swap_layer_quantizers(fc2, weight_granularity="channel", input_grid=grid)
+    with L.Recorder([fc2], "float", torch.Generator().manual_seed(0), stop=False, tokens=opts.tokens,
+                    rows=opts.rows), passthrough(qm):
         qm(images())
-    prob = P._problem(fc2, "float", opts, torch.Generator().manual_seed(0))
-    return fc2, prob, prob.search(opts["candidates"], opts["rounds"], bias_corr=False)
+    prob = P.problem_of(fc2, "float", opts, torch.Generator().manual_seed(0))
+    return fc2, prob, prob.search(opts.candidates, opts.rounds, bias_corr=False)
 
 
 def test_asymmetric_input_grid_on_a_gelu_output(deit):
@@ -130,12 +133,12 @@ def test_asymmetric_input_grid_on_a_gelu_output(deit):
     assert store_min < 0 and r_sym["a_zero"] == 0
     assert 0 < r_asym["a_zero"] <= 3  # GELU's floor -0.17 is a few steps below zero
     assert r_asym["objective"] > r_sym["objective"]
-    P._write(fc2, r_asym)
+    P.write_result(fc2, r_asym)
     q = fc2.a_quant
     assert not q.signed and int(q.zero_point) == r_asym["a_zero"]
     assert torch.equal(q(p_asym.A), P.sym_quant(p_asym.A, r_asym["a_scale"], 4, False, r_asym["a_zero"]))
     with pytest.raises(VitqError, match="input grid"):
-        P.resolve_options({"input_grid": "both"})
+        PtqvitOptions.build({"input_grid": "both"}, "ptqvit")
 
 
 # ----------------------------------------------------------------------------------------- search
@@ -172,17 +175,18 @@ def test_search_never_worse_than_init(deit, bias_corr, granularity, search):
 def test_written_intervals_reproduce_the_searched_objective(deit, granularity):
     """The quantizers written into the model give the same layer output the search scored."""
     qm = vitq.prepare(deit, vitq.Scheme("matmul", 6, 6), method="ptqvit")
-    opts = P.resolve_options(dict(FAST, calibration="parallel", bias_corr=False))
-    layers = P.find_layers(qm)
+    opts = PtqvitOptions.build(dict(FAST, calibration="parallel", bias_corr=False), "ptqvit")
+    layers = L.find_layers(qm)
     for la in layers:
-        P._swap_layer_quantizers(la, weight_granularity=granularity)
+        P.swap_layer_quantizers(la, weight_granularity=granularity)
     fc1 = next(la for la in layers if la.name == "blocks.0.mlp.fc1")
     x = torch.randn(3, 17, 192)
-    with P._Recorder([fc1], "float", opts, torch.Generator().manual_seed(0), stop=False):
+    with L.Recorder([fc1], "float", torch.Generator().manual_seed(0), stop=False, tokens=opts.tokens,
+                    rows=opts.rows):
         fc1.module(x)
-    prob = P._problem(fc1, "float", opts, torch.Generator().manual_seed(0))
-    res = prob.search(opts["candidates"], opts["rounds"], bias_corr=False)
-    P._write(fc1, res)
+    prob = P.problem_of(fc1, "float", opts, torch.Generator().manual_seed(0))
+    res = prob.search(opts.candidates, opts.rounds, bias_corr=False)
+    P.write_result(fc1, res)
     with torch.no_grad():
         out = fc1.module(x)[:, fc1.idx]
     assert prob.b_channel is (granularity == "channel")
@@ -207,14 +211,15 @@ def test_per_channel_weights_beat_one_interval_on_uneven_rows():
     results = {}
     for gran in ("tensor", "channel"):
         qm = vitq.prepare(model, vitq.Scheme("matmul", 4, 8), method="ptqvit")
-        (la,) = P.find_layers(qm)
-        P._swap_layer_quantizers(la, weight_granularity=gran)
-        opts = P.resolve_options(dict(FAST, candidates=20, rounds=4))
-        with P._Recorder([la], "float", opts, torch.Generator().manual_seed(0), stop=False):
+        (la,) = L.find_layers(qm)
+        P.swap_layer_quantizers(la, weight_granularity=gran)
+        opts = PtqvitOptions.build(dict(FAST, candidates=20, rounds=4), "ptqvit")
+        with L.Recorder([la], "float", torch.Generator().manual_seed(0), stop=False, tokens=opts.tokens,
+                        rows=opts.rows):
             la.module(x)
-        prob = P._problem(la, "float", opts, torch.Generator().manual_seed(0))
-        res = prob.search(opts["candidates"], opts["rounds"], bias_corr=True)
-        P._write(la, res)
+        prob = P.problem_of(la, "float", opts, torch.Generator().manual_seed(0))
+        res = prob.search(opts.candidates, opts.rounds, bias_corr=True)
+        P.write_result(la, res)
         assert res["b_search"] in (("tensor",) if gran == "tensor" else ("max", "shared", "per-channel"))
         with torch.no_grad():
             err = (la.module(x) - ref).pow(2).mean((0, 1)) / ref.pow(2).mean((0, 1))  # relative, per channel
@@ -290,12 +295,12 @@ def test_cli_arguments_follow_the_registry_contract():
     args = parser.parse_args(["--ptqvit-no-ranking", "--mixed-precision", "6", "--ptqvit-candidates", "50",
                               "--ptqvit-calibration", "parallel", "--ptqvit-weight-granularity", "tensor",
                               "--ptqvit-mp-sensitivity", "softmax", "--ptqvit-mp-no-check"])
-    assert entry.options_from_args(args) == {"no_ranking": True, "mixed_precision": 6, "candidates": 50,
+    assert entry.options_from_args(args) == {"ranking": False, "mixed_precision": 6, "candidates": 50,
                                              "calibration": "parallel", "weight_granularity": "tensor",
                                              "mp_sensitivity": "softmax", "mp_no_check": True}
-    assert P.resolve_options({})["weight_granularity"] == "channel"
-    assert P.resolve_options({})["channel_search"] == "shared"
-    assert P.resolve_options({"mp_no_check": True})["mp_check"] is False
+    assert PtqvitOptions.build({}, "ptqvit").weight_granularity == "channel"
+    assert PtqvitOptions.build({}, "ptqvit").channel_search == "shared"
+    assert PtqvitOptions.build({"mp_no_check": True}, "ptqvit").mp_no_check is True
     assert entry.options_from_args(parser.parse_args([])) == {}
 
 

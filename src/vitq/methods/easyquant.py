@@ -22,28 +22,44 @@ Choices (recorded in the returned dict):
   already quantized (the quantized prefix), its target is the float model's output on float inputs.
 - **Speed.** Each layer's inputs and float outputs are cached once, on ``tokens`` random token positions per
   sample (linear layers) and ``rows`` query rows per sample and head (attention), using the caching machinery
-  of :mod:`vitq.methods.ptqvit`; the search images are the first ``search_images`` calibration images.
+  of :mod:`vitq.methods.layerwise`; the search images are the first ``search_images`` calibration images.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitq.calib import CalibData, forward_all
-from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_weights
 from vitq.methods.hessian import Grids, Knob, linear_grid, make_knob
-from vitq.methods.ptqvit import Layer, _chunks, _record, _run, _segments, _weight_matrix, find_layers, float_mode
-from vitq.quant.base import quantizers_of
+from vitq.methods.layerwise import Layer, find_layers, image_chunks, record, run_segment, segments, weight_matrix
+from vitq.options import OptionError, Options, opt
+from vitq.quant.base import passthrough, quantizers_of
 from vitq.quant.observers import apply_range, observing, start_error_pass
-from vitq.registry import merge_options, register_method
+from vitq.registry import register_method
 
-DEFAULTS = {"candidates": 100, "rounds": 3, "low": 0.5, "high": 1.2, "search_images": None, "tokens": 64,
-            "rows": 32, "fq_init": "omse"}
+
+@dataclass(frozen=True)
+class EasyQuantOptions(Options):
+    candidates: int = opt(100, "grid points in [low·Δ, high·Δ]", minimum=1, metavar="C")
+    rounds: int = opt(3, "at most R weight/input alternations per layer", minimum=1, metavar="R")
+    low: float = opt(0.5, "lower end of the grid, times Δ", above=0)
+    high: float = opt(1.2, "upper end of the grid, times Δ")
+    search_images: int | None = opt(None, "search on the first N calibration images (None: all)", minimum=1,
+                                    metavar="N")
+    tokens: int = opt(64, "token positions cached per sample for linear layers", minimum=1, metavar="T")
+    rows: int = opt(32, "query rows cached per sample and head for the attention matmuls", minimum=1, metavar="R")
+    fq_init: str = opt("omse", "(fq) range of the quantizers that are not searched (scores, PTF)",
+                       choices=("minmax", "omse"))
+
+    def check(self) -> None:
+        if not self.low < self.high:
+            raise OptionError("high", self.high, f"a number above low = {self.low} (0 < low < high)")
 
 
 def layer_cosine(out_hat: torch.Tensor, out: torch.Tensor) -> float:
@@ -67,7 +83,7 @@ class Site:
         fl, cur = layer.cache["float"], layer.cache[tag]
         m = layer.module
         if self.kind == "linear":
-            self.A, self.B, self.bias = cur["A"], _weight_matrix(m), m.bias
+            self.A, self.B, self.bias = cur["A"], weight_matrix(m), m.bias
             self.Bshape = m.weight.shape
             target = self._out(fl["A"], self.B)
             self.a_knob = make_knob("input", m.input_quant, grids)
@@ -152,70 +168,32 @@ class Site:
 
 
 @torch.no_grad()
-def _calibrate_sequential(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict) -> list[dict]:
+def _calibrate_sequential(model: nn.Module, calib: CalibData, layers: list[Layer], cfg: EasyQuantOptions) -> list[dict]:
     gen = torch.Generator().manual_seed(calib.seed)
-    grids = Grids(linear_grid(opts["low"], opts["high"], opts["candidates"]), list(range(13)),
+    grids = Grids(linear_grid(cfg.low, cfg.high, cfg.candidates), list(range(13)),
                   [2.0 ** (-i / 2) for i in range(1, 17)])
-    h_f = h_q = _chunks(calib, opts["search_images"])
-    rec_opts = {"tokens": opts["tokens"], "rows": opts["rows"]}
+    h_f = h_q = image_chunks(calib, cfg.search_images)
     trace = []
-    for seg_name, fn, seg_layers in calib.bar(_segments(model, layers), "easyquant", None):
-        with float_mode(model):
-            h_f_next = _record(fn, h_f, seg_layers, "float", rec_opts, gen, stop=False)
+    for seg_name, fn, seg_layers in calib.bar(segments(model, layers), "easyquant", None):
+        with passthrough(model):
+            h_f_next = record(fn, h_f, seg_layers, "float", gen, tokens=cfg.tokens, rows=cfg.rows, stop=False)
         for layer in seg_layers:
-            _record(fn, h_q, [layer], "quant", rec_opts, gen, stop=True, keep_output=False)
+            record(fn, h_q, [layer], "quant", gen, tokens=cfg.tokens, rows=cfg.rows, stop=True, keep_output=False)
             site = Site(layer, "quant", grids)
-            res = site.search(opts["rounds"])
+            res = site.search(cfg.rounds)
             trace.append({"layer": layer.name, "kind": layer.kind, **res})
             layer.cache.clear()
             layer.idx = None
         if seg_name != "tail":
-            h_q = _run(fn, h_q)
+            h_q = run_segment(fn, h_q)
         h_f = h_f_next
     return trace
 
 
-def resolve_options(options: dict) -> dict:
-    o = merge_options("easyquant", options, DEFAULTS)
-    for k in ("candidates", "rounds", "tokens", "rows"):
-        if not isinstance(o[k], int) or o[k] < 1:
-            raise VitqError(f"--easyquant-{k} {o[k]!r} (expected a positive integer)")
-    if o["search_images"] is not None and (not isinstance(o["search_images"], int) or o["search_images"] < 1):
-        raise VitqError(f"--easyquant-search-images {o['search_images']!r} (expected a positive integer)")
-    if not 0 < o["low"] < o["high"]:
-        raise VitqError(f"--easyquant-low {o['low']} / --easyquant-high {o['high']} (expected 0 < low < high)")
-    if o["fq_init"] not in ("minmax", "omse"):
-        raise VitqError(f"--easyquant-fq-init {o['fq_init']!r} (expected minmax or omse)")
-    return o
-
-
-def _add_arguments(group) -> None:
-    d = DEFAULTS
-    group.add_argument("--easyquant-candidates", type=int, default=None, metavar="C",
-                       help=f"easyquant: grid points in [low·Δ, high·Δ] (default {d['candidates']})")
-    group.add_argument("--easyquant-rounds", type=int, default=None, metavar="R",
-                       help=f"easyquant: at most R weight/input alternations per layer (default {d['rounds']})")
-    group.add_argument("--easyquant-low", type=float, default=None,
-                       help=f"easyquant: lower end of the grid, times Δ (default {d['low']})")
-    group.add_argument("--easyquant-high", type=float, default=None,
-                       help=f"easyquant: upper end of the grid, times Δ (default {d['high']})")
-    group.add_argument("--easyquant-search-images", type=int, default=None, metavar="N",
-                       help="easyquant: search on the first N calibration images (default: all)")
-    group.add_argument("--easyquant-tokens", type=int, default=None, metavar="T",
-                       help=f"easyquant: token positions cached per sample for linear layers (default {d['tokens']})")
-    group.add_argument("--easyquant-rows", type=int, default=None, metavar="R",
-                       help=f"easyquant: query rows cached per sample and head for the attention matmuls "
-                            f"(default {d['rows']})")
-    group.add_argument("--easyquant-fq-init", choices=("minmax", "omse"), default=None,
-                       help="easyquant (fq): range of the quantizers that are not searched (scores, PTF) "
-                            "(default omse)")
-
-
 @register_method("easyquant", "EasyQuant (Wu et al.): per layer, alternating grid search of per-channel weight "
                  "and per-tensor input scales maximizing output cosine similarity, layers in order",
-                 add_arguments=_add_arguments, quick_options={"candidates": 20, "rounds": 2})
-def easyquant(model: nn.Module, calib: CalibData, **options) -> dict:
-    o = resolve_options(options)
+                 config=EasyQuantOptions, quick_options={"candidates": 20, "rounds": 2})
+def easyquant(model: nn.Module, calib: CalibData, cfg: EasyQuantOptions) -> dict:
     scheme = getattr(model, "vitq_scheme", None)
     fq = bool(scheme is not None and scheme.fully_quantized)
     t0 = time.perf_counter()
@@ -225,19 +203,19 @@ def easyquant(model: nn.Module, calib: CalibData, **options) -> dict:
     with observing(model, seed=calib.seed) as observers:  # float pass(es) over all calibration images
         forward_all(model, calib, desc="easyquant: observe")
         rest = {n: obs for n, obs in observers.items() if id(qs[n]) not in searched}
-        if start_error_pass(model, rest, o["fq_init"]):  # OMSE of the unsearched fq quantizers sees every value
+        if start_error_pass(model, rest, cfg.fq_init):  # OMSE of the unsearched fq quantizers sees every value
             forward_all(model, calib, desc="easyquant: observe errors")
     for n, obs in observers.items():
-        apply_range(qs[n], obs, "minmax" if id(qs[n]) in searched else o["fq_init"])
+        apply_range(qs[n], obs, "minmax" if id(qs[n]) in searched else cfg.fq_init)
     calibrate_weights(model, "minmax", correction=False)
     t1 = time.perf_counter()
-    trace = _calibrate_sequential(model, calib, layers, o)
+    trace = _calibrate_sequential(model, calib, layers, cfg)
     inits = [t["init_cosine"] for t in trace]
     finals = [t["cosine"] for t in trace]
-    n_images = len(calib) if o["search_images"] is None else min(o["search_images"], len(calib))
-    return {"options": o, "regime": scheme.name if scheme is not None else None,
+    n_images = len(calib) if cfg.search_images is None else min(cfg.search_images, len(calib))
+    return {"regime": scheme.name if scheme is not None else None,
             "init": "min/max ranges (activations over all calibration images, weights per channel)",
-            "not_searched": (f"scores and PTF quantizers: {o['fq_init']} (not searched)" if fq else "none"),
+            "not_searched": (f"scores and PTF quantizers: {cfg.fq_init} (not searched)" if fq else "none"),
             "calibration_inputs": "sequential: inputs from the already-quantized earlier layers",
             "search_images": n_images, "mean_init_cosine": sum(inits) / max(len(inits), 1),
             "mean_cosine": sum(finals) / max(len(finals), 1), "search_seconds": time.perf_counter() - t1,

@@ -1,6 +1,7 @@
 """PTQ-ViT's mixed precision (METHODS.md §3): one bit width per block MSA and MLP, chosen by an exact integer
 program that minimizes Ω = Σ σ·‖Ŷ − Y‖² under the model-size budget, with a check against the uniform allocation
-of the same size. The per-layer interval search it runs at each candidate bit width is :mod:`vitq.methods.ptqvit`'s.
+of the same size. The per-layer interval search it runs at each candidate bit width is PTQ-ViT's
+(:mod:`vitq.methods.ptqvit_problem`), on operands recorded by :mod:`vitq.methods.layerwise`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,11 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.methods.ptqvit import (
-    Layer,
-    _chunks,
-    _PassThrough,
-    _problem,
-    _record,
-    _run,
-    _swap_layer_quantizers,
-    _write,
-    float_mode,
-)
+from vitq.methods.layerwise import Layer, image_chunks, record, run_segment
+from vitq.methods.ptqvit_options import PtqvitOptions
+from vitq.methods.ptqvit_problem import problem_of, swap_layer_quantizers, write_result
 from vitq.models.trunk import Trunk
-from vitq.quant.base import Quantizer, quantizers_of
+from vitq.quant.base import Quantizer, passthrough, quantizers_of
 from vitq.quant.modules import QWeighted
 
 
@@ -129,7 +122,7 @@ def _composed_kl(model: nn.Module, images: list[torch.Tensor], ref: list[torch.T
             setattr(*la.a_attr, a_q)
             setattr(*la.b_attr, b_q)
     try:
-        with _only_quantizing(model, [la for g in groups for la in g["layers"]]):
+        with passthrough(_others(model, [la for g in groups for la in g["layers"]])):
             out = [model(x) for x in images]
     finally:
         for la, a_q, b_q in saved:
@@ -139,11 +132,11 @@ def _composed_kl(model: nn.Module, images: list[torch.Tensor], ref: list[torch.T
 
 
 @torch.no_grad()
-def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict, target: int) -> dict:
+def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], cfg: PtqvitOptions, target: int) -> dict:
     """Sensitivity σ (nuclear norms), Ω per module and bit width (from a reduced search on float inputs), the
     exact allocation under the size budget, and the check against the uniform allocation of the same size.
 
-    Check (``mp_check``, default on): the uniform allocation (every module at the target bits) is feasible, so
+    Check (on unless ``mp_no_check``): the uniform allocation (every module at the target bits) is feasible, so
     the program's optimum has Σ Ω no larger than its (verified; a solver failure would fall back). Ω is a proxy,
     though, so the two allocations are also compared on the model: every module takes the quantizers its Ω was
     measured with, all modules at once, and the KL(float ‖ quant) of the logits on the allocation images decides;
@@ -159,10 +152,10 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
     budget = target * (sum(sizes) + fixed_n) - fixed_bits
     gen = torch.Generator().manual_seed(calib.seed + 7)
     pairs_gen = torch.Generator().manual_seed(calib.seed + 8)
-    n_img = opts["mp_images"] if opts["mp_images"] is not None else opts["images"]
-    images = _chunks(calib, n_img)
-    with float_mode(model):
-        h = _run(trunk.stem, images)
+    n_img = cfg.mp_images if cfg.mp_images is not None else cfg.images
+    images = image_chunks(calib, n_img)
+    with passthrough(model):
+        h = run_segment(trunk.stem, images)
     by_block = {id(g["block"]): [] for g in groups}
     for g in groups:
         by_block[id(g["block"])].append(g)
@@ -170,8 +163,8 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
     for _name, unit in calib.bar(trunk.units, "ptqvit allocation", len(trunk.units)):
         gs = by_block.get(id(unit), [])
         if not gs:
-            with float_mode(model):
-                h = _run(unit, h)
+            with passthrough(model):
+                h = run_segment(unit, h)
             continue
         io: dict[str, dict] = {g["name"]: {"x": [], "y": [], "qk": [], "softmax": []} for g in gs}
         hooks = []
@@ -182,9 +175,9 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
                 hooks.append(g["module"].score_quant.register_forward_pre_hook(_nuc_hook(rec, "qk", "mean")))
                 hooks.append(g["module"].softmax_quant.register_forward_pre_hook(_nuc_hook(rec, "softmax", "sum")))
         try:
-            with float_mode(model):
+            with passthrough(model):
                 seg_layers = [la for g in gs for la in g["layers"]]
-                h_next = _record(unit, h, seg_layers, "float", opts, gen, stop=False)
+                h_next = record(unit, h, seg_layers, "float", gen, tokens=cfg.tokens, rows=cfg.rows, stop=False)
         finally:
             for hk in hooks:
                 hk.remove()
@@ -204,16 +197,16 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
                 saved = {}
                 for la in g["layers"]:
                     saved[la.name] = (getattr(*la.a_attr), getattr(*la.b_attr))
-                    _swap_layer_quantizers(la, bits, bits, opts["softmax_signed"], opts["weight_granularity"],
-                                           opts["input_grid"])
+                    swap_layer_quantizers(la, bits, bits, cfg.softmax_signed, cfg.weight_granularity,
+                                          cfg.input_grid)
                 for la in g["layers"]:
-                    prob = _problem(la, "float", opts, pairs_gen)
-                    res = prob.search(opts["mp_candidates"], opts["mp_rounds"], bias_corr=False)
+                    prob = problem_of(la, "float", cfg, pairs_gen)
+                    res = prob.search(cfg.mp_candidates, cfg.mp_rounds, bias_corr=False)
                     res["bias"] = None
-                    _write(la, res)
+                    write_result(la, res)
                 err = 0.0
                 for (args, kwargs), y in zip(xs, ys):
-                    with _only_quantizing(model, g["layers"]):
+                    with passthrough(_others(model, g["layers"])):
                         err += float((g["module"](*args, **kwargs) - y).float().pow(2).sum())
                 row.append(err / sum(y.shape[0] for y in ys))
                 var[bits] = {la.name: (getattr(*la.a_attr), getattr(*la.b_attr)) for la in g["layers"]}
@@ -227,12 +220,12 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
                 la.cache.clear()
                 la.idx = None
         h = h_next
-    sigma = module_sensitivity(raw_qk, raw_softmax, [g["part"] for g in groups], opts["mp_sensitivity"])
+    sigma = module_sensitivity(raw_qk, raw_softmax, [g["part"] for g in groups], cfg.mp_sensitivity)
     omega = [[s * e for e in row] for s, row in zip(sigma, errors)]
     choice = solve_allocation(omega, sizes, cand, budget)
     chosen_bits = [cand[k] for k in choice]
     omega_total = sum(omega[m][k] for m, k in enumerate(choice))
-    check: dict = {"kl_check": bool(opts["mp_check"]), "omega_chosen": omega_total}
+    check: dict = {"kl_check": not cfg.mp_no_check, "omega_chosen": omega_total}
     uniform_ok = target in cand and target * sum(sizes) <= budget * (1 + 1e-12)
     fallback = None
     if uniform_ok:
@@ -240,8 +233,8 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
         check["omega_uniform"] = sum(row[k_u] for row in omega)
         if omega_total > check["omega_uniform"] * (1 + 1e-9):
             fallback = "the program's allocation has a larger sum of Omega than uniform (solver failure)"
-        if opts["mp_check"]:
-            with float_mode(model):
+        if not cfg.mp_no_check:
+            with passthrough(model):
                 ref = [model(x) for x in images]
             check["kl_chosen"] = _composed_kl(model, images, ref, groups, variants, chosen_bits)
             check["kl_uniform"] = _composed_kl(model, images, ref, groups, variants, [target] * len(groups))
@@ -258,8 +251,8 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
     bits = {g["name"]: cand[k] for g, k in zip(groups, choice)}
     for g in groups:
         for la in g["layers"]:
-            _swap_layer_quantizers(la, bits[g["name"]], bits[g["name"]], opts["softmax_signed"],
-                                   opts["weight_granularity"], opts["input_grid"])
+            swap_layer_quantizers(la, bits[g["name"]], bits[g["name"]], cfg.softmax_signed, cfg.weight_granularity,
+                                  cfg.input_grid)
     total_bits = fixed_bits + sum(sizes[i] * cand[k] for i, k in enumerate(choice))
     total_n = fixed_n + sum(sizes)
     sigma_defs = {
@@ -272,7 +265,7 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
     }
     return {"target_bits": target, "candidate_bits": cand, "bits": bits, "program_bits": ilp_bits,
             "check": check,
-            "sensitivity": opts["mp_sensitivity"],
+            "sensitivity": cfg.mp_sensitivity,
             "sensitivity_nuclear_norm": {g["name"]: s for g, s in zip(groups, sigma)},
             "nuclear_norm_qk_or_output": {g["name"]: s for g, s in zip(groups, raw_qk)},
             "nuclear_norm_softmax_or_output": {g["name"]: s for g, s in zip(groups, raw_softmax)},
@@ -285,28 +278,16 @@ def allocate(model: nn.Module, calib: CalibData, layers: list[Layer], opts: dict
             "budget_size_mb": target * total_n / 8 / 1e6,
             "solver": "scipy.optimize.milp (0/1 program, exact)",
             "activations": "each module's linear and matmul inputs use its bit width too",
-            "sigma_definition": sigma_defs[opts["mp_sensitivity"]],
+            "sigma_definition": sigma_defs[cfg.mp_sensitivity],
             "omega_definition": "sigma * mean over images of ||Y_hat - Y||^2 of the module output on float inputs, "
                                 "after a reduced search (mp_candidates, mp_rounds, no bias correction) at that "
                                 "bit width with only that module quantized"}
 
 
-class _only_quantizing:
-    """Inside, only the quantizers of the given layers act; every other quantizer passes through."""
-
-    def __init__(self, model: nn.Module, layers: list[Layer]):
-        keep = {id(q) for la in layers for q in (la.a_quant, la.b_quant)}
-        self.qs = [q for q in quantizers_of(model).values() if id(q) not in keep]
-
-    def __enter__(self):
-        self.saved = [q.observer for q in self.qs]
-        for q in self.qs:
-            q.observer = _PassThrough()
-
-    def __exit__(self, *exc):
-        for q, o in zip(self.qs, self.saved):
-            q.observer = o
-        return False
+def _others(model: nn.Module, layers: list[Layer]) -> list[Quantizer]:
+    """Every quantizer of the model but those of the given layers (they alone act inside ``passthrough``)."""
+    keep = {id(q) for la in layers for q in (la.a_quant, la.b_quant)}
+    return [q for q in quantizers_of(model).values() if id(q) not in keep]
 
 
 def weight_bits_summary(model: nn.Module) -> dict:
