@@ -3,7 +3,7 @@ model and against vitq's own fake-quantized model, file size, and latency as a r
 same runtime, with onnxruntime's own quantize_static / quantize_dynamic as reference rows from the same run.
 
 The vitq rows are made the way a user makes them: ``vitq quantize --recipe best`` (or a named method) into a
-state folder, then :func:`vitq.export.onnx.export` of the reloaded state. Run it alone on the machine
+state folder, then :func:`vitq.export.export` of the reloaded state. Run it alone on the machine
 (``python -m benchmarks.bench_export``): other work on the 2 cores moves the speed ratios.
 """
 
@@ -40,7 +40,7 @@ from common import (  # noqa: E402
 
 from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
-from vitq.export.onnx import export  # noqa: E402
+from vitq.export import export  # noqa: E402
 from vitq.models.loading import create_model  # noqa: E402
 
 THREADS = 2
