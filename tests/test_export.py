@@ -240,6 +240,27 @@ def test_matmul_second_inputs_cannot_saturate(tmp_path, config):
     assert checked > 0
 
 
+def test_layers_with_a_forward_of_their_own_keep_it_and_match(tmp_path):
+    """A weighted layer or attention whose computation export does not rebuild (a subclass with its own
+    forward / core) keeps its forward with its quantizers in their export forms: the same values, and named."""
+    from vitq.quant.modules import QAttentionBase
+
+    m, q, x = calibrated("deit", "matmul", w_bits=8, a_bits=8)
+    attn, fc = q.blocks[0].attn, q.blocks[1].mlp.fc1
+    attn.__class__ = type("OwnCore", (type(attn),), {"_qkv": lambda self, x: QAttentionBase._qkv(self, x)})
+    fc.__class__ = type("OwnLinear", (QLinear,), {"forward": lambda self, x: QLinear.forward(self, x) + 0.0})
+    with torch.no_grad():
+        fc.weight_correction.fill_(True)
+        ref = q(x).numpy()
+    info = export(q, tmp_path / "m.onnx", float_model=m)
+    assert info["modules_own_forward"] == ["blocks.0.attn (OwnCore)", "blocks.1.mlp.fc1 (OwnLinear)"]
+    assert "blocks.1.mlp.fc1.weight_quant" in info["quantizers_float"]
+    out = run_ort(tmp_path / "m.onnx", x, optimize=False)
+    scale = np.abs(ref).max()
+    assert np.abs(out - ref).max() <= 0.05 * scale and np.abs(out - ref).mean() <= 0.005 * scale
+    same_top1_where_decided(out, ref)
+
+
 def test_opset_too_old_names_the_quantizers(tmp_path):
     m, q, x = calibrated("deit", "matmul")
     with pytest.raises(VitqError, match=r"not exportable at opset 12: .*weight_quant"):

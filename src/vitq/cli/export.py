@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         kinds = ", ".join(info["float_kinds"])
         print(f"{n_f} quantizers ({kinds}) have no QDQ form and were exported as the float operations of their "
               f"fake quantization: {', '.join(info['quantizers_float'])}")
+    if info["modules_own_forward"]:
+        print(f"{len(info['modules_own_forward'])} layers keep their own forward (exact, with fewer integer kernels): "
+              f"{', '.join(info['modules_own_forward'])}")
     if info["quantizers_identity"]:
         print(f"{len(info['quantizers_identity'])} uncalibrated quantizers (the identity) were left out")
     if args.check:

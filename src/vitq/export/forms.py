@@ -169,6 +169,7 @@ class Plan:
         self.opset = opset
         self.how: dict[str, str] = {}
         self.weights: dict[str, dict] = {}  # weight quantizer name -> bits, storage
+        self.own_forward: list[str] = []  # weighted layers / attentions exported with their own forward
         self.problems: list[str] = []
 
     def decide(self, name: str, q: Quantizer) -> str:
@@ -225,21 +226,15 @@ class ExportWeighted(nn.Module):
 
     def __init__(self, name: str, m: QWeighted, plan: Plan):
         super().__init__()
-        if type(m).forward not in (QLinear.forward, QConv2d.forward):
-            raise VitqError(f"{name} ({type(m).__name__}) computes its own forward (e.g. its own padding), which "
-                            "vitq export cannot rebuild (expected a plain quantized linear layer or convolution)")
         w = m.weight.detach()
         if w.dim() == 2:
             self.mode = "linear"
-        elif w.dim() == 4:
+        else:
             self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
             patchify = (tuple(m.stride) == tuple(w.shape[2:]) and tuple(m.padding) == (0, 0)
                         and tuple(m.dilation) == (1, 1) and m.groups == 1)
             self.mode = "patchify" if patchify else "conv"
             self.kernel = tuple(w.shape[2:])
-        else:
-            raise VitqError(f"{name} ({type(m).__name__}): weights of {w.dim()} dimensions are not exportable "
-                            "(expected a linear layer or a 2-d convolution)")
         self.input_quant = _activation(f"{name}.input_quant", m.input_quant, plan)
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
         wq = m.weight_quant
@@ -304,6 +299,12 @@ class ExportWeighted(nn.Module):
         return y.transpose(1, 2).reshape(B, -1, h, w)
 
 
+def rebuildable_weighted(m: QWeighted) -> bool:
+    """Whether ``m`` computes what :class:`ExportWeighted` rebuilds: QLinear's or QConv2d's own forward (not,
+    e.g., a convolution that pads by itself)."""
+    return type(m).forward in (QLinear.forward, QConv2d.forward) and m.weight.dim() in (2, 4)
+
+
 def rebuildable_attention(m: QAttentionBase) -> bool:
     """Whether ``m`` computes the shared core as :class:`ExportAttention` rebuilds it: fused ``qkv``, the base
     class's ``_qkv`` and ``_softmax_v``, scores ``(q·scale)·kᵀ + score_bias() [+ window mask]``."""
@@ -349,30 +350,49 @@ class ExportAttention(nn.Module):
         return self.proj(out)
 
 
+def _bake_weight(name: str, m: QWeighted, plan: Plan) -> None:
+    """A weighted layer that keeps its own forward: its quantized (and corrected) weight becomes the weight,
+    exported as a float constant."""
+    key = f"{name}.weight_quant"
+    if plan.decide(key, m.weight_quant) == "qdq":
+        plan.how[key] = "float"
+    with torch.no_grad():
+        m.weight = nn.Parameter(m.quantized_weight().detach().clone(), requires_grad=False)
+    m.weight_correction.zero_()
+    m.weight_quant = nn.Identity()
+
+
 def export_module(qmodel: nn.Module, opset: int = DEFAULT_OPSET) -> tuple[nn.Module, Plan]:
-    """A copy of ``qmodel`` with every quantizer replaced by its export form (see :class:`Plan`)."""
+    """A copy of ``qmodel`` with every quantizer replaced by its export form (see :class:`Plan`). Weighted layers
+    and attentions are rebuilt in the fused layout where they compute what the rebuilt module computes; any
+    other module (one with a forward of its own included, listed in ``plan.own_forward``) keeps its forward,
+    with its quantizers replaced in place: the same values, fewer integer kernels."""
     model = copy.deepcopy(qmodel).cpu().eval()
     plan = Plan(opset)
     for name, m in list(model.named_modules()):
-        if isinstance(m, QWeighted):
+        if isinstance(m, QWeighted) and rebuildable_weighted(m):
             new = ExportWeighted(name, m, plan)
-        elif isinstance(m, QAttentionBase):
-            if not rebuildable_attention(m):
-                raise VitqError(f"attention {name} ({type(m).__name__}) computes its own variant of the "
-                                "attention core, which vitq export cannot rebuild (expected a fused qkv, "
-                                "QAttentionBase's _qkv and _softmax_v)")
+        elif isinstance(m, QAttentionBase) and rebuildable_attention(m):
             new = ExportAttention(name, m, plan)
         else:
+            if isinstance(m, (QWeighted, QAttentionBase)):
+                plan.own_forward.append(f"{name} ({type(m).__name__})")
+            if isinstance(m, QWeighted):
+                _bake_weight(name, m, plan)
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     for name, m in list(model.named_modules()):  # the rest: residual / LayerNorm inputs and any others
         if isinstance(m, FloatFakeQuant):
             continue
+        attention = isinstance(m, QAttentionBase)
         for child_name, child in list(m.named_children()):
             if isinstance(child, Quantizer):
                 full = f"{name}.{child_name}" if name else child_name
-                setattr(m, child_name, _activation(full, child, plan))
+                kw = {}
+                if attention and child_name in ("q_quant", "k_quant", "v_quant"):
+                    kw = {"per_axis": PER_AXIS_QDQ_AT_ATTENTION_MATMUL, "matmul_b": child_name != "q_quant"}
+                setattr(m, child_name, _activation(full, child, plan, **kw))
     missing = sorted(set(quantizers_of(qmodel)) - set(plan.how))
     if missing:  # a quantizer inside a module we did not rebuild: keep the model correct by saying so
         raise VitqError(f"quantizers {', '.join(missing[:4])} are inside modules vitq export does not handle")

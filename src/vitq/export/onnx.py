@@ -174,6 +174,7 @@ def export(qmodel: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSE
                 "weight_bits": sorted({w["bits"] for w in plan.weights.values()}),
                 "quantizers_qdq": by["qdq"], "quantizers_float": by["float"], "quantizers_identity": by["identity"],
                 "float_kinds": sorted({type(q).kind for n, q in quantizers_of(qmodel).items() if n in by["float"]}),
+                "modules_own_forward": plan.own_forward,
                 **(metadata or {})}
         for k, v in {"vitq": json.dumps({k: info[k] for k in ("format", "opset", "weight_storage", "float_kinds")}),
                      "vitq_quantizers_float": ",".join(by["float"])}.items():
