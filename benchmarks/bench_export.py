@@ -263,7 +263,7 @@ def render(args, results, lat, infos, calib_s, recipes, fake_agree, floor, float
         f"Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); all 500 images of val/ (float top-1 "
         f"{float_top1:.2f} %). Each vitq model is made as a user makes it: `vitq quantize --recipe best` (or "
         f"`--method omse --num-calib {args.num_calib}` for the cheap reference row) into a state folder, reloaded, "
-        "and exported with `vitq.export.onnx` at opset 21 (export details below name the recipe each `best` chose). "
+        "and exported with `vitq.export` at opset 21 (export details below name the recipe each `best` chose). "
         "The reference rows quantize the float ONNX file with onnxruntime's own tools (quantize_static "
         f"calibrated on {args.num_calib} images of calib/). NNCF is not installed in this environment, so its "
         "reference row is skipped. Float ONNX: torch.onnx TorchScript exporter, opset 20.",

@@ -20,12 +20,12 @@ RUNTIMES = ("onnxruntime", "openvino")
 
 # ----------------------------------------------------------------------------------------------- work-arounds
 # The second operand (B) of an integer MatMul: on x86 CPUs without VNNI (AVX2 only) onnxruntime's MLAS kernels
-# (MatMulIntegerToFloat, QLinearMatMul) and OpenVINO's multiply bytes with vpmaddubsw, which adds two products
-# a1*b1 + a2*b2 into a saturating int16; with int8 B codes a pair above 32767 is silently clipped, for u8 and
-# s8 A alike (measured with onnxruntime 1.32 and OpenVINO 2026.4: errors of 10-20 % of the output range for
-# full-range codes). Signed B codes within this range cannot reach it (255 * 64 * 2 = 32640); a wider signed
-# range goes as uint8 codes shifted by 128 with the zero point shifted alike (the same dequantized values),
-# which those kernels multiply exactly. CPUs with VNNI are exact either way.
+# and OpenVINO's add two byte products a1*b1 + a2*b2 into a saturating int16 (vpmaddubsw), so with int8 B codes
+# a pair above 32767 is silently clipped, for uint8 and int8 A alike (measured with onnxruntime 1.32's
+# MatMulIntegerToFloat and QLinearMatMul and OpenVINO 2026.4: errors of 10-20 % of the output range for
+# full-range codes, none for B codes in this range). Signed B codes within it cannot reach the limit
+# (255 * 64 * 2 = 32640); a wider signed range goes as uint8 codes shifted by 128 with the zero point shifted
+# alike (the same dequantized values), which those kernels multiply exactly.
 MATMUL_B_SAFE_SIGNED_CODES = (-64, 63)
 UNSIGNED_SHIFT = 128
 
