@@ -3,7 +3,7 @@ model and against vitq's own fake-quantized model, file size, and latency as a r
 same runtime, with onnxruntime's own quantize_static / quantize_dynamic as reference rows from the same run.
 
 The vitq rows are made the way a user makes them: ``vitq quantize --recipe best`` (or a named method) into a
-state folder, then :func:`vitq.export.onnx.export` of the reloaded state. Run it alone on the machine
+state folder, then :func:`vitq.export.export` of the reloaded state. Run it alone on the machine
 (``python -m benchmarks.bench_export``): other work on the 2 cores moves the speed ratios.
 """
 
@@ -40,7 +40,7 @@ from common import (  # noqa: E402
 
 from vitq.data import model_transform  # noqa: E402
 from vitq.evaluate import Metrics  # noqa: E402
-from vitq.export.onnx import export  # noqa: E402
+from vitq.export import export  # noqa: E402
 from vitq.models.loading import create_model  # noqa: E402
 
 THREADS = 2
@@ -263,7 +263,7 @@ def render(args, results, lat, infos, calib_s, recipes, fake_agree, floor, float
         f"Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); all 500 images of val/ (float top-1 "
         f"{float_top1:.2f} %). Each vitq model is made as a user makes it: `vitq quantize --recipe best` (or "
         f"`--method omse --num-calib {args.num_calib}` for the cheap reference row) into a state folder, reloaded, "
-        "and exported with `vitq.export.onnx` at opset 21 (export details below name the recipe each `best` chose). "
+        "and exported with `vitq.export` at opset 21 (export details below name the recipe each `best` chose). "
         "The reference rows quantize the float ONNX file with onnxruntime's own tools (quantize_static "
         f"calibrated on {args.num_calib} images of calib/). NNCF is not installed in this environment, so its "
         "reference row is skipped. Float ONNX: torch.onnx TorchScript exporter, opset 20.",

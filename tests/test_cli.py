@@ -112,6 +112,26 @@ def test_methods_lists_everything(capsys):
         assert name in out
 
 
+def test_export_command_keeps_its_flags_and_refuses_bad_combinations(tmp_path, capsys):
+    """vitq export's parser lives in vitq.cli.export; its flags and defaults are those the README names, and a
+    --val without --check (or the reverse) is one line before anything is loaded."""
+    from vitq.cli import build_parser
+
+    base = ["export", "--model", NAME, "--state", str(tmp_path / "s"), "--out", str(tmp_path / "m.onnx")]
+    args = build_parser(base).parse_args(base)
+    assert args.func.__module__ == "vitq.cli.export"
+    assert (args.opset, args.no_int4, args.overwrite, args.check, args.val, args.num_val, args.labels, args.runtime,
+            args.batch_size, args.seed, args.quiet, args.weights) == (21, False, False, False, None, None, "wnid",
+                                                                      "onnxruntime", 50, 0, False, None)
+    full = [*base, "--weights", "w.safetensors", "--opset", "17", "--no-int4", "--overwrite", "--check", "--val",
+            "v", "--num-val", "3", "--labels", "folder", "--runtime", "openvino", "--batch-size", "2", "--seed",
+            "1", "--quiet"]
+    assert build_parser(full).parse_args(full).runtime == "openvino"
+    assert "--check needs --val" in error_of(capsys, [*base, "--check"])
+    assert "--val is only used with --check" in error_of(capsys, [*base, "--val", str(tmp_path)])
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_demo_quick_runs_offline(tmp_path, capsys):
     argv = ["demo", "--quick", "--quiet", "--methods", "minmax,omse,ptq4vit", "--out", str(tmp_path / "demo")]
     assert main(argv) == 0

@@ -13,7 +13,8 @@ from torch import nn
 
 import vitq
 from vitq.errors import VitqError
-from vitq.export.onnx import _to_onnx, export, export_module, weight_codes
+from vitq.export.forms import export_module, weight_codes
+from vitq.export.onnx import export, to_onnx
 from vitq.quant.base import QUANTIZER_KINDS, make_quantizer
 from vitq.quant.modules import QConv2d, QLinear
 from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
@@ -51,7 +52,7 @@ def calibrated(family, scheme, method="minmax", n=8, **kw):
 # ----------------------------------------------------------------------------------------------- one quantizer
 def _export_one(quantizer, x, path, opset=21):
     emodel, plan = export_module(nn.Sequential(quantizer), opset)
-    _to_onnx(emodel, x, str(path), opset)
+    to_onnx(emodel, x, str(path), opset)
     return plan
 
 
@@ -176,25 +177,88 @@ def test_file_holds_the_quantizers_integer_codes(tmp_path, w_bits, opset, int4):
     info = export(q, tmp_path / "m.onnx", opset=opset, int4=int4, float_model=m)
     stored = _dq_weights(tmp_path / "m.onnx")
     use_int4 = w_bits <= 4 and opset >= 21 and int4
-    expect_type = onnx.TensorProto.INT4 if use_int4 else onnx.TensorProto.INT8
+    # signed codes wider than 7 bits go as uint8 shifted by 128, zero point alike (a MatMul's second input: see
+    # test_matmul_second_inputs_cannot_saturate)
+    shift = 128 if w_bits == 8 else 0
+    expect_type = onnx.TensorProto.INT4 if use_int4 else onnx.TensorProto.UINT8 if shift else onnx.TensorProto.INT8
     weighted = [mod for mod in q.modules() if isinstance(mod, (QLinear, QConv2d))]
     assert len(stored) == len(weighted) and info["int4_weight_tensors"] == (len(weighted) if use_int4 else 0)
     for mod in weighted:
         codes = weight_codes(mod.weight_quant, mod.weight.detach()).to(torch.int32)
-        expect = codes.reshape(codes.shape[0], -1).t().numpy()  # stored as [in, out] for the MatMul
+        expect = codes.reshape(codes.shape[0], -1).t().numpy() + shift  # stored as [in, out] for the MatMul
         hits = [s for s in stored if s[1].shape == expect.shape and np.array_equal(s[1], expect)]
         assert len(hits) == 1
         dtype, stored_codes, scale, zero = hits[0]
         assert dtype == expect_type
-        lo, hi = mod.weight_quant.qmin, mod.weight_quant.qmax
+        lo, hi = mod.weight_quant.qmin + shift, mod.weight_quant.qmax + shift
         assert stored_codes.min() >= lo and stored_codes.max() <= hi
         np.testing.assert_array_equal(scale, mod.weight_quant.scale.numpy())
-        np.testing.assert_array_equal(zero, mod.weight_quant.zero_point.numpy().astype(np.int32))
+        np.testing.assert_array_equal(zero, mod.weight_quant.zero_point.numpy().astype(np.int32) + shift)
     # the file is small: about one byte (or half) per quantized weight, besides the float parameters (biases,
     # norms, embeddings) and the per-channel scales
     n_weights = sum(mod.weight.numel() for mod in weighted)
     float_bytes = 4 * (sum(p.numel() for p in q.parameters()) - n_weights)
     assert os.path.getsize(tmp_path / "m.onnx") < n_weights * (0.55 if use_int4 else 1.05) + float_bytes + 30_000
+
+
+def _const_or_producer(model, name):
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    while name in producer and producer[name].op_type == "Identity":
+        name = producer[name].input[0]
+    return inits.get(name), producer.get(name)
+
+
+@pytest.mark.parametrize("config", ["matmul-w8a8", "fq-w8a8-fqvit", "matmul-w6a6-head", "swin-fq-w4a8"])
+def test_matmul_second_inputs_cannot_saturate(tmp_path, config):
+    """x86 CPUs without VNNI run onnxruntime's and OpenVINO's integer MatMuls with int16 pair sums that saturate
+    for int8 second-operand codes beyond [-64, 63] (a wrong result, not an error): every quantized MatMul's second
+    input must be uint8 codes or signed codes of at most 7 bits."""
+    family, scheme, method, kw = CONFIGS[config]
+    m, q, x = calibrated(family, scheme, method, **kw)
+    export(q, tmp_path / "m.onnx", float_model=m)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        _, dq = _const_or_producer(model, node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        codes, q_node = _const_or_producer(model, dq.input[0])
+        if codes is not None:  # stored weight codes
+            arr = numpy_helper.to_array(codes)
+            ok = codes.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT4, onnx.TensorProto.INT4) or (
+                arr.min() >= -64 and arr.max() <= 63)
+        else:  # an activation QuantizeLinear: its zero point's type is the code type; signed ones of fewer than
+            # 8 bits are clipped to their range first
+            zero, _ = _const_or_producer(model, q_node.input[2])
+            _, clip = _const_or_producer(model, q_node.input[0])
+            ok = zero.data_type == onnx.TensorProto.UINT8 or (clip is not None and clip.op_type in ("Clip", "Min"))
+        assert ok, (config, node.name, dq.name)
+        checked += 1
+    assert checked > 0
+
+
+def test_layers_with_a_forward_of_their_own_keep_it_and_match(tmp_path):
+    """A weighted layer or attention whose computation export does not rebuild (a subclass with its own
+    forward / core) keeps its forward with its quantizers in their export forms: the same values, and named."""
+    from vitq.quant.modules import QAttentionBase
+
+    m, q, x = calibrated("deit", "matmul", w_bits=8, a_bits=8)
+    attn, fc = q.blocks[0].attn, q.blocks[1].mlp.fc1
+    attn.__class__ = type("OwnCore", (type(attn),), {"_qkv": lambda self, x: QAttentionBase._qkv(self, x)})
+    fc.__class__ = type("OwnLinear", (QLinear,), {"forward": lambda self, x: QLinear.forward(self, x) + 0.0})
+    with torch.no_grad():
+        fc.weight_correction.fill_(True)
+        ref = q(x).numpy()
+    info = export(q, tmp_path / "m.onnx", float_model=m)
+    assert info["modules_own_forward"] == ["blocks.0.attn (OwnCore)", "blocks.1.mlp.fc1 (OwnLinear)"]
+    assert "blocks.1.mlp.fc1.weight_quant" in info["quantizers_float"]
+    out = run_ort(tmp_path / "m.onnx", x, optimize=False)
+    scale = np.abs(ref).max()
+    assert np.abs(out - ref).max() <= 0.05 * scale and np.abs(out - ref).mean() <= 0.005 * scale
+    same_top1_where_decided(out, ref)
 
 
 def test_opset_too_old_names_the_quantizers(tmp_path):
@@ -215,7 +279,7 @@ def test_existing_output_refused_and_nothing_half_written(tmp_path, monkeypatch)
     def broken(*a, **k):
         raise RuntimeError("exporter failed")
 
-    monkeypatch.setattr(sys.modules["vitq.export.onnx"], "_to_onnx", broken)  # vitq.export.onnx is also the function
+    monkeypatch.setattr(sys.modules["vitq.export.onnx"], "to_onnx", broken)  # vitq.export.onnx is also the function
     with pytest.raises(RuntimeError):
         export(q, path, overwrite=True, float_model=m)
     assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["m.onnx", "m.preprocess.json"]
@@ -263,7 +327,7 @@ def test_cli_export_from_saved_state_and_check(tmp_path, capsys):
 ])
 def test_openvino_runs_the_export(tmp_path, scheme, method):
     pytest.importorskip("openvino")
-    from vitq.export.onnx import Runner
+    from vitq.export.runtimes import Runner
 
     m, q, x = calibrated("deit", scheme, method)
     export(q, tmp_path / "m.onnx", float_model=m)

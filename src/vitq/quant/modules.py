@@ -109,6 +109,10 @@ class QAttentionBase(nn.Module):
         q, k, v = qkv.unbind(0)
         return self.q_quant(q), self.k_quant(k), self.v_quant(v)
 
+    def score_bias(self) -> torch.Tensor | None:
+        """The additive bias of the pre-softmax scores ([1, H, N, N]), or None when there is none."""
+        return None
+
     def _softmax_v(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         attn = self.softmax_quant(self.score_quant(scores).softmax(dim=-1))
         x = self.attn_drop(attn) @ v
@@ -155,6 +159,9 @@ class QWindowAttention(QAttentionBase):
         n = self.window_area
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1).unsqueeze(0)
+
+    def score_bias(self) -> torch.Tensor:
+        return self.rel_pos_bias()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._qkv(x)

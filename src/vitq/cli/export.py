@@ -1,0 +1,96 @@
+"""``vitq export``: a saved quantized state as an ONNX graph with QuantizeLinear/DequantizeLinear (QDQ) pairs,
+optionally run on labelled images in onnxruntime or OpenVINO and compared with vitq's own model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from vitq.errors import VitqError
+
+DESCRIPTION = (
+    "Each uniform quantizer becomes a QDQ pair with its own scale and zero point (per-channel weights with their "
+    "axis, 8-bit codes as int8/uint8; narrower activations clip to their code range first). Weights are stored as "
+    "their integer codes feeding a DequantizeLinear (INT4/UINT4 at opset >= 21 for weights of 4 bits or fewer, "
+    "otherwise int8/uint8 codes restricted to the narrower range), so the file is small. PTF quantizers (FQ-ViT's "
+    "LayerNorm inputs) are uniform per channel with one zero point, so they are QDQ pairs too (a per-tensor pair "
+    "with scale 1 between a division and a multiplication by the channel scales). Every other kind (log2, twin, "
+    "MPQ, ...) is exported as the float operations of its own fake_quant, which compute exactly the same values; "
+    "the command lists them.")
+
+
+def add_command(subparsers) -> None:
+    from vitq.export.forms import DEFAULT_OPSET, MIN_OPSET
+    from vitq.export.runtimes import RUNTIMES
+
+    p = subparsers.add_parser("export", help="write a saved quantized state as an ONNX QDQ model",
+                              description=DESCRIPTION)
+    p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("--weights", default=None, help="local weights file (.safetensors or .pth) with timm key names")
+    p.add_argument("--state", required=True, help="folder written by vitq quantize --out (no calibration is run)")
+    p.add_argument("--out", required=True, help="ONNX file to write (NAME.onnx; NAME.preprocess.json beside it)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}: INT4 weights; below 21 they are int8 codes; per-channel "
+                        f"quantizers need {MIN_OPSET}+)")
+    p.add_argument("--no-int4", action="store_true", help="store weights of <= 4 bits as int8 codes even at opset 21")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--check", action="store_true", help="run the exported file on --val and compare")
+    p.add_argument("--val", default=None, help="labelled image folder for --check")
+    p.add_argument("--num-val", type=int, default=None, help="seeded choice of N --val images (default all)")
+    p.add_argument("--labels", choices=("wnid", "folder"), default="wnid")
+    p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0], help="runtime for --check")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitq.export.onnx import export
+    from vitq.export.runtimes import check, require
+    from vitq.models.loading import create_model, sha256_file
+    from vitq.state import load, read_config
+
+    if args.check and args.val is None:
+        raise VitqError("--check needs --val DIR (labelled images to run the exported model on)")
+    if args.val is not None and not args.check:
+        raise VitqError("--val is only used with --check (add --check, or drop --val)")
+    require("onnx")
+    if args.check:
+        require(args.runtime)
+    cfg = read_config(args.state)
+    if cfg.get("model") not in (None, args.model):
+        raise VitqError(f"state {args.state} was made for model {cfg['model']}, not {args.model}")
+    model = create_model(args.model, weights=args.weights, pretrained=args.weights is None,
+                         **(cfg.get("model_args") or {}))
+    qmodel = load(model, args.state)
+    meta = {"model": args.model, "weights_sha256": sha256_file(args.weights) if args.weights else None,
+            "state": os.path.abspath(args.state), "scheme": cfg.get("scheme"), "method": cfg.get("method"),
+            "refine": cfg.get("refine")}
+    info = export(qmodel, args.out, opset=args.opset, int4=not args.no_int4, overwrite=args.overwrite,
+                  float_model=model, metadata=meta)
+    n_q, n_f = len(info["quantizers_qdq"]), len(info["quantizers_float"])
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.2f} MB, opset {info['opset']}) and "
+          f"{os.path.basename(info['preprocess_json'])}")
+    print(f"{n_q} quantizers as QuantizeLinear/DequantizeLinear; weights: {info['weight_storage']}")
+    if n_f:
+        kinds = ", ".join(info["float_kinds"])
+        print(f"{n_f} quantizers ({kinds}) have no QDQ form and were exported as the float operations of their "
+              f"fake quantization: {', '.join(info['quantizers_float'])}")
+    if info["modules_own_forward"]:
+        print(f"{len(info['modules_own_forward'])} layers keep their own forward (exact, with fewer integer kernels): "
+              f"{', '.join(info['modules_own_forward'])}")
+    if info["quantizers_identity"]:
+        print(f"{len(info['quantizers_identity'])} uncalibrated quantizers (the identity) were left out")
+    if args.check:
+        from vitq.data import make_loader, model_transform, scan_image_folder, select_records
+
+        transform, _ = model_transform(model)
+        records = select_records(scan_image_folder(args.val, labels=args.labels), args.num_val, args.seed)
+        loader = make_loader(records, transform, batch_size=args.batch_size)
+        res = check(info["path"], qmodel, model, loader, args.runtime, progress=not args.quiet)
+        print(f"{args.runtime} on {res['num_images']} images: top-1 {res['top1']:.2f} (vitq fake-quant "
+              f"{res['fake_quant_top1']:.2f}), agreement with float {res['agreement_float']:.2f} %, with vitq's "
+              f"fake-quantized model {res['agreement_fake_quant']:.2f} %, max |logit diff| "
+              f"{res['max_abs_logit_diff']:.4f}")
+    return 0
