@@ -10,7 +10,7 @@ import argparse
 from functools import partial
 
 import vitq
-from benchmarks.common import Bench, alternated_medians, batched_logits, command, environment, table, write_section
+from benchmarks.common import Bench, alternated_medians, batched_logits, head, table, write_section
 
 
 def main() -> None:
@@ -55,12 +55,7 @@ def main() -> None:
 
 def report(rows, timing, calib_x, val_x, partial: bool) -> str:
     md = [
-        "## Baselines on the real DeiT-Tiny (issue 2)",
-        "",
-        "**Partial: the run had not finished when this was written.**" if partial else "",
-        "",
-        f"Command: `{command()}`  ",
-        f"{environment()}  ",
+        *head("Baselines on the real DeiT-Tiny (issue 2)", partial),
         f"Calibration: {len(calib_x)} images of `calib/` (batches of 50); evaluation: all {len(val_x)} images of "
         "`val/`, labels by WordNet id. Agreement = top-1 agreement with the float model (%), KL = mean "
         "KL(float ‖ quant) of the softmax outputs (nats). Times in seconds on this machine (calibration includes "

@@ -15,7 +15,7 @@ import time
 import torch
 
 import vitq
-from benchmarks.common import SHARED, Bench, command, environment, mean_std, table, write_section
+from benchmarks.common import SHARED, Bench, head, mean_std, table, write_section
 from vitq.calib import CalibData
 from vitq.models.loading import sha256_file
 
@@ -102,12 +102,7 @@ def report(state: dict, args, partial: bool) -> str:
                      mean_std([r["refine_s"] for r in runs], ".0f"), "-"])
     evolq_cfg = state["evolq"][0][2][0]["config"] if state["evolq"] else None
     md = [
-        "## A CNN: EfficientNet-Lite0 (issue 13)",
-        "",
-        "**Partial: the run had not finished when this was written.**" if partial else "",
-        "",
-        f"Command: `{command()}`  ",
-        f"{environment()}  ",
+        *head("A CNN: EfficientNet-Lite0 (issue 13)", partial),
         f"Model: timm `tf_efficientnet_lite0`, weights `../shared/models/tf_efficientnet_lite0.safetensors` (sha256 "
         f"{state['sha'][:12]}…), its timm eval transform ({state['desc']['interpolation']}, crop_pct "
         f"{state['desc']['crop_pct']}, mean = std = 0.5). Every BatchNorm folded into its convolution; weights per "

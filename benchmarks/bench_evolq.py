@@ -27,9 +27,8 @@ from benchmarks.common import (
     FIGURES,
     ROOT,
     Bench,
-    command,
-    environment,
     git_commit,
+    head,
     load_kept_rows,
     mean_std,
     parse_config,
@@ -154,10 +153,7 @@ def main() -> None:
 
     total_min = (time.perf_counter() - t_start) / 60
     md = [
-        "## Evol-Q / CPT-V on the real DeiT-Tiny (issues 3 and 15)",
-        "",
-        f"Command: `{command()}`  ",
-        f"{environment()}  ",
+        *head("Evol-Q / CPT-V on the real DeiT-Tiny (issues 3 and 15)"),
         f"Whole script: {total_min:.1f} min. One seed ({args.seed}: the calibration subset, the search/check split "
         "and the search); with 500 val images one image is 0.2 points.",
         "",
@@ -267,11 +263,8 @@ def seed_spread(args, bench, float_top1, modes, t_start) -> None:
                      f"{statistics.mean(x['search_s'] for x in d):.0f}"])
     total_min = (time.perf_counter() - t_start) / 60
     md = "\n".join([
-        "## Evol-Q: spread over seeds (issue 15)",
-        "",
-        f"Command: `{command()}` (runs kept from earlier invocations with the same settings are not rerun; "
-        "each record names its commit)  ",
-        f"{environment()}  ",
+        *head("Evol-Q: spread over seeds (issue 15)", note=" (runs kept from earlier invocations with the same "
+              "settings are not rerun; each record names its commit)"),
         f"Whole script: {total_min:.1f} min. Seeds {', '.join(map(str, seeds))}: each seed sets the calibration draw "
         f"({args.num_calib} of the 250 `calib/` images, in a seeded order that the base calibration follows), the "
         f"search/check split and the search. Same reductions and settings as the section above "

@@ -273,6 +273,15 @@ def write_section(name: str, markdown: str) -> None:
     tmp.replace(BENCHMARKS_MD)
 
 
+def head(title: str, partial: bool | None = None, note: str = "") -> list[str]:
+    """The first lines of a section: its title, a partial-run line (when ``partial`` is not None: empty for a
+    finished run), the command (with ``note``) and the environment."""
+    lines = [f"## {title}", ""]
+    if partial is not None:
+        lines += ["**Partial: the run had not finished when this was written.**" if partial else "", ""]
+    return lines + [f"Command: `{command()}`{note}  ", f"{environment()}  "]
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
         return f"{v:.2f}" if isinstance(v, float) else str(v)
