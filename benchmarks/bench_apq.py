@@ -4,27 +4,34 @@ calibration time on the 500 val/ images, next to the published DeiT-T numbers of
 float. Writes the "apq" section of BENCHMARKS.md after every configuration (so a killed run leaves a
 partial, labelled table) and the raw results to runs/bench_apq.json.
 
-    nice -n 10 python benchmarks/bench_apq.py [--candidates 100 --rounds 3 --token-fraction 1 ...]
+    nice -n 10 python -m benchmarks.bench_apq [--candidates 100 --rounds 3 --token-fraction 1 ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-from common import CALIB_DIR, DEIT_WEIGHTS, ROOT, VAL_DIR, command, environment, table, write_section  # noqa: E402
-
-import vitq  # noqa: E402
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records  # noqa: E402
-from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models.loading import create_model, sha256_file  # noqa: E402
+import vitq
+from benchmarks.common import (
+    CALIB_DIR,
+    DEIT_WEIGHTS,
+    ROOT,
+    VAL_DIR,
+    Bench,
+    command,
+    environment,
+    load_records,
+    select,
+    table,
+    write_json,
+    write_section,
+)
+from vitq.models.loading import sha256_file
 
 # METHODS.md §4: APQ-ViT, ImageNet top-1, matmul regime. Float DeiT-T 72.21 is the full-precision number
 # the PTQ4ViT/APQ-ViT tables use (not in METHODS.md; our reference for the published drop).
@@ -39,22 +46,6 @@ CONFIGS = [  # label, method, options (beyond the shared reductions)
     ("apq w/o BBC", "apq", {"bbc": False}),
     ("apq w/o MPQ (twin)", "apq", {"mpq": False}),
 ]
-
-
-def load_images(records, transform, batch_size=50):
-    xs, ys = [], []
-    loader = make_loader(records, transform, batch_size=batch_size)
-    for x, y in loader:
-        xs.append(x)
-        ys.append(y)
-    if loader.skipped:
-        print(f"skipped unreadable images: {loader.skipped}", file=sys.stderr)
-    return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def logits_of(model, images, batch_size=50):
-    return torch.cat([model(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
 
 
 def main() -> int:
@@ -74,19 +65,12 @@ def main() -> int:
     torch.manual_seed(0)
     t_start = time.perf_counter()
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    transform, tdesc = model_transform(model)
-    calib_records = select_records(scan_image_folder(CALIB_DIR), args.num_calib, seed=0)
-    val_records = select_records(scan_image_folder(VAL_DIR), args.num_val, seed=0)
-    calib_x, _ = load_images(calib_records, transform)
-    val_x, val_y = load_images(val_records, transform)
-    t0 = time.perf_counter()
-    float_logits = logits_of(model, val_x)
-    float_eval_s = time.perf_counter() - t0
-    ref = Metrics()
-    ref.update(float_logits, float_logits, val_y)
-    float_top1 = ref.result()["float"]["top1"]
-    print(f"float top-1 {float_top1:.2f} on {val_x.shape[0]} images ({float_eval_s:.1f} s)", flush=True)
+    bench = Bench()
+    calib_records = select(CALIB_DIR, args.num_calib)
+    calib_x, _ = load_records(calib_records, bench.transform)
+    bench.val(records=select(VAL_DIR, args.num_val))
+    float_top1 = bench.float_result["top1"]
+    print(f"float top-1 {float_top1:.2f} on {bench.val_x.shape[0]} images ({bench.float_seconds:.1f} s)", flush=True)
 
     shared = {"candidates": args.candidates, "rounds": args.rounds, "token_fraction": args.token_fraction}
     results = []
@@ -100,27 +84,22 @@ def main() -> int:
                 if method == "apq":
                     options["bbc_candidates"] = args.bbc_candidates
             scheme = vitq.Scheme("matmul", w_bits=bits, a_bits=bits)
-            q = vitq.prepare(model, scheme, method=method, options=options)
-            info = vitq.calibrate(q, calib_x, method=method, batch_size=32, progress=False, **options)
-            t0 = time.perf_counter()
-            m = Metrics()
-            m.update(float_logits, logits_of(q, val_x), val_y)
-            r = m.result()["quant"]
+            run = bench.row(scheme, method, calib_x, options=options, batch_size=32)
+            r, info = run.quant, run.info
             row = {"bits": bits, "config": label, "method": method, "options": options, "top1": r["top1"],
                    "drop": float_top1 - r["top1"], "agreement": r["agreement"], "kl": r["kl"],
-                   "calib_s": info["seconds"], "eval_s": time.perf_counter() - t0,
+                   "calib_s": info["seconds"], "eval_s": run.eval_seconds,
                    "softmax": info.get("softmax_quantizer", "uniform"),
                    "detail": {k: v for k, v in info.items() if k.startswith("seconds") or k in
                               ("bbc_blocks", "num_calib_used", "effective_options", "twin_gelu_swapped")}}
             results.append(row)
             print(f"W{bits}A{bits} {label:20s} top1 {r['top1']:.2f} agree {r['agreement']:.2f} kl {r['kl']:.4f} "
                   f"calib {info['seconds']:.0f}s eval {row['eval_s']:.0f}s", flush=True)
-            os.makedirs(ROOT / "runs", exist_ok=True)
-            with open(ROOT / "runs" / "bench_apq.json", "w") as f:
-                json.dump({"float_top1": float_top1, "results": results}, f, indent=1, default=str)
+            write_json(ROOT / "runs" / "bench_apq.json", {"float_top1": float_top1, "results": results},
+                       default=str)
             if not args.no_write:
-                write_section("apq", render(args, results, float_top1, val_x.shape[0], calib_records, tdesc,
-                                            len(results), total, time.perf_counter() - t_start))
+                write_section("apq", render(args, results, float_top1, bench.val_x.shape[0], calib_records,
+                                            bench.desc, len(results), total, time.perf_counter() - t_start))
     return 0
 
 

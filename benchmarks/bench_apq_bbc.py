@@ -13,20 +13,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
 
 import vitq
-from benchmarks.common import CALIB_DIR, DEIT_WEIGHTS, ROOT, VAL_DIR, batched_logits, command, environment, table
+from benchmarks.common import (
+    CALIB_DIR,
+    ROOT,
+    Bench,
+    batched_logits,
+    command,
+    environment,
+    load_records,
+    metrics,
+    select,
+    table,
+    write_json,
+)
 from vitq.calib import CalibData
-from vitq.data import make_loader, model_transform, scan_image_folder, select_records
-from vitq.evaluate import Metrics
 from vitq.methods.apq import APQ_DEFAULTS, bbc_search
 from vitq.methods.hessian import Grids, layerwise_search, linear_grid
 from vitq.methods.ptq4vit import check_options, grids_from, setup
-from vitq.models.loading import create_model
 from vitq.models.trunk import Trunk
 
 VARIANTS = {  # name -> BBC options (on top of the apq defaults)
@@ -37,17 +45,6 @@ VARIANTS = {  # name -> BBC options (on top of the apq defaults)
     "same+guard+keep1": {"bbc_target": "same_input", "bbc_guard": True, "keep_fraction": 1.0},
     "same+guard+tokens1": {"bbc_target": "same_input", "bbc_guard": True, "bbc_token_fraction": 1.0},
 }
-
-
-def _images(records, transform):
-    xs, ys = zip(*make_loader(records, transform, batch_size=50))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def _metrics(fl, ql, labels=None):
-    m = Metrics()
-    m.update(fl, ql, labels if labels is not None else fl.argmax(1))
-    return m.result()["quant"]
 
 
 def main() -> None:
@@ -64,24 +61,23 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    transform, _ = model_transform(model)
-    all_calib = select_records(scan_image_folder(CALIB_DIR), None, seed=0)
-    used = select_records(scan_image_folder(CALIB_DIR), args.num_calib, seed=0)
+    bench = Bench()
+    model = bench.model
+    used = select(CALIB_DIR, args.num_calib)
     used_paths = {r.path for r in used}
-    held = [r for r in all_calib if r.path not in used_paths]
-    calib_x, _ = _images(used, transform)
-    held_x, _ = _images(held, transform)
-    val_x, val_y = _images(select_records(scan_image_folder(VAL_DIR), None, seed=0), transform)
-    f_val, f_held = batched_logits(model, val_x), batched_logits(model, held_x)
-    print(f"calib {len(calib_x)}, held-out calib {len(held_x)}, val {len(val_x)}", flush=True)
+    held = [r for r in select(CALIB_DIR, None) if r.path not in used_paths]
+    calib_x, _ = load_records(used, bench.transform)
+    held_x, _ = load_records(held, bench.transform)
+    bench.val()
+    f_held = batched_logits(model, held_x)
+    print(f"calib {len(calib_x)}, held-out calib {len(held_x)}, val {len(bench.val_x)}", flush=True)
     shared = {"num_calib": args.num_calib, "candidates": args.candidates, "rounds": args.rounds,
               "token_fraction": args.token_fraction, "bbc_candidates": args.bbc_candidates}
     rows, raw = [], []
 
     def record(bits, label, q, seconds, extra=None):
-        v = _metrics(f_val, batched_logits(q, val_x), val_y)
-        h = _metrics(f_held, batched_logits(q, held_x))
+        v = bench.score(q)[0]["quant"]
+        h = metrics(f_held, batched_logits(q, held_x), f_held.argmax(1))["quant"]
         r = {"bits": bits, "config": label, "held_agree": h["agreement"], "held_kl": h["kl"], "top1": v["top1"],
              "agree": v["agreement"], "kl": v["kl"], "seconds": seconds, "extra": extra}
         raw.append(r)
@@ -92,9 +88,8 @@ def main() -> None:
     for bits in args.bits:
         scheme = vitq.Scheme("matmul", w_bits=bits, a_bits=bits)
         popts = {k: shared[k] for k in ("num_calib", "candidates", "rounds", "token_fraction")}
-        q = vitq.prepare(model, scheme, method="ptq4vit", options=popts)
-        info = vitq.calibrate(q, calib_x, method="ptq4vit", batch_size=32, progress=False, **popts)
-        record(bits, "ptq4vit", q, info["seconds"])
+        run = bench.quantize(scheme, "ptq4vit", calib_x, options=popts, batch_size=32)
+        record(bits, "ptq4vit", run.qmodel, run.info["seconds"])
         # apq's base once: the same code path as vitq.methods.apq.apq up to BBC
         o = check_options(dict(shared), APQ_DEFAULTS, "apq")
         base = vitq.prepare(model, scheme, method="apq", options=o)
@@ -113,8 +108,7 @@ def main() -> None:
             guard = [b.get("guard", {}).get("kept") for b in trace.values()]
             record(bits, f"apq BBC {name}", qq, base_s + time.perf_counter() - t0,
                    {"options": VARIANTS[name], "guard_kept": guard})
-        with open(args.out, "w") as f:
-            json.dump({"command": command(), "environment": environment(), "rows": raw}, f, indent=1)
+        write_json(args.out, {"command": command(), "environment": environment(), "rows": raw})
     print(table(["bits", "config", "held-out calib agree", "held-out calib KL", "val top-1", "val agree", "val KL",
                  "calib s"], rows))
     print(f"{command()}\n{environment()}\nwhole script {(time.perf_counter() - t_start) / 60:.1f} min")

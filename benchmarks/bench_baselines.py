@@ -7,24 +7,10 @@ at W8A8, W6A6, W4A8, W4A4. Calibrates on all of calib/ (250 images), evaluates o
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 import vitq
-from benchmarks.common import (
-    CALIB_DIR,
-    DEIT_WEIGHTS,
-    VAL_DIR,
-    batched_logits,
-    command,
-    environment,
-    load_images,
-    table,
-    write_section,
-)
-from vitq.calib import CalibData
-from vitq.data import model_transform
-from vitq.evaluate import Metrics
-from vitq.models.loading import create_model
+from benchmarks.common import Bench, alternated_medians, batched_logits, head, table, write_section
 
 
 def main() -> None:
@@ -36,16 +22,12 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    transform, _ = model_transform(model)
-    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, num_workers=2)
-    val_x, val_y = load_images(VAL_DIR, None, transform, num_workers=2)
+    bench = Bench()
+    calib_x = bench.calib(args.num_calib, num_workers=2)
+    bench.val(num_workers=2)
+    val_x = bench.val_x
     print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
-
-    float_logits = batched_logits(model, val_x)
-    ref = Metrics()
-    ref.update(float_logits, float_logits, val_y)
-    float_res = ref.result()["float"]
+    float_res = bench.float_result
     rows = [["float", "-", "-", float_res["top1"], float_res["top5"], 100.0, "0", "-", "-"]]
 
     timing = None
@@ -53,33 +35,17 @@ def main() -> None:
         for bits in args.bits.split(","):
             w, a = map(int, bits.split("/"))
             for method in args.methods.split(","):
-                qmodel = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method)
-                calib = CalibData(calib_x, batch_size=50, progress=False)
-                t0 = time.perf_counter()
-                vitq.calibrate(qmodel, calib, method)
-                cal_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                q_logits = batched_logits(qmodel, val_x)
-                eval_s = time.perf_counter() - t0
-                m = Metrics()
-                m.update(float_logits, q_logits, val_y)
-                r = m.result()["quant"]
+                row = bench.row(vitq.Scheme(scheme, w, a), method, batch_size=50)
+                r = row.quant
                 rows.append([method, scheme, f"W{w}A{a}", r["top1"], r["top5"], r["agreement"], f"{r['kl']:.4f}",
-                             cal_s, eval_s])
+                             row.info["seconds"], row.eval_seconds])
                 print(rows[-1], flush=True)
                 if not args.no_write:  # keep what finished if the run is cut short
                     write_section("baselines", report(rows, None, calib_x, val_x, partial=True))
                 if timing is None and scheme == "fq" and (w, a) == (8, 8):
                     # one float and one fake-quantized forward over the 500 images, alternated, medians of 3
-                    tf, tq = [], []
-                    for _ in range(3):
-                        t0 = time.perf_counter()
-                        batched_logits(model, val_x)
-                        tf.append(time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        batched_logits(qmodel, val_x)
-                        tq.append(time.perf_counter() - t0)
-                    timing = (sorted(tf)[1], sorted(tq)[1])
+                    timing = alternated_medians(partial(batched_logits, bench.model, val_x),
+                                                partial(batched_logits, row.qmodel, val_x))
 
     text = report(rows, timing, calib_x, val_x, partial=False)
     print(text)
@@ -89,12 +55,7 @@ def main() -> None:
 
 def report(rows, timing, calib_x, val_x, partial: bool) -> str:
     md = [
-        "## Baselines on the real DeiT-Tiny (issue 2)",
-        "",
-        "**Partial: the run had not finished when this was written.**" if partial else "",
-        "",
-        f"Command: `{command()}`  ",
-        f"{environment()}  ",
+        *head("Baselines on the real DeiT-Tiny (issue 2)", partial),
         f"Calibration: {len(calib_x)} images of `calib/` (batches of 50); evaluation: all {len(val_x)} images of "
         "`val/`, labels by WordNet id. Agreement = top-1 agreement with the float model (%), KL = mean "
         "KL(float ‖ quant) of the softmax outputs (nats). Times in seconds on this machine (calibration includes "

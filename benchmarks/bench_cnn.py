@@ -10,27 +10,17 @@ Evaluation on all of val/ (500 images).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import vitq
-from benchmarks.common import CALIB_DIR, SHARED, VAL_DIR, batched_logits, command, environment, load_images, table
-from benchmarks.common import write_section as _write_section
+from benchmarks.common import SHARED, Bench, head, mean_std, table, write_section
 from vitq.calib import CalibData
-from vitq.data import model_transform
-from vitq.evaluate import Metrics
-from vitq.models.loading import create_model, sha256_file
+from vitq.models.loading import sha256_file
 
 WEIGHTS = SHARED / "models" / "tf_efficientnet_lite0.safetensors"
 SECTION = "cnn"
-
-
-def metrics(float_logits, q_logits, labels) -> dict:
-    m = Metrics()
-    m.update(float_logits, q_logits, labels)
-    return m.result()["quant"]
 
 
 def main() -> None:
@@ -48,41 +38,31 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
 
-    model = create_model("tf_efficientnet_lite0", weights=WEIGHTS)
-    transform, desc = model_transform(model)
-    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, num_workers=2)
-    val_x, val_y = load_images(VAL_DIR, None, transform, num_workers=2)
-    print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
-    t0 = time.perf_counter()
-    float_logits = batched_logits(model, val_x)
-    float_s = time.perf_counter() - t0
-    ref = Metrics()
-    ref.update(float_logits, float_logits, val_y)
-    fl = ref.result()["float"]
-    state = {"rows": [["float", "-", "-", "-", fl["top1"], 100.0, "0", "-", "-", f"{float_s:.1f}"]],
-             "evolq": [], "desc": desc, "calib": len(calib_x), "val": len(val_x), "sha": sha256_file(WEIGHTS)}
+    bench = Bench("tf_efficientnet_lite0", WEIGHTS)
+    model = bench.model
+    calib_x = bench.calib(args.num_calib, num_workers=2)
+    bench.val(num_workers=2)
+    print(f"calib {len(calib_x)} images, val {len(bench.val_x)} images", flush=True)
+    fl = bench.float_result
+    state = {"rows": [["float", "-", "-", "-", fl["top1"], 100.0, "0", "-", "-", f"{bench.float_seconds:.1f}"]],
+             "evolq": [], "desc": bench.desc, "calib": len(calib_x), "val": len(bench.val_x),
+             "sha": sha256_file(WEIGHTS)}
 
     def write(partial: bool) -> None:
         if not args.no_write:
-            _write_section(SECTION, report(state, args, partial))
+            write_section(SECTION, report(state, args, partial))
 
     bases = {}
     for setting in args.settings.split(","):
         scheme, bits = setting.split(":")
         w, a = map(int, bits.split("/"))
         for method in args.methods.split(","):
-            qmodel = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method)
-            t0 = time.perf_counter()
-            vitq.calibrate(qmodel, CalibData(calib_x, batch_size=50, progress=False), method)
-            cal_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            q_logits = batched_logits(qmodel, val_x)
-            eval_s = time.perf_counter() - t0
-            r = metrics(float_logits, q_logits, val_y)
+            run = bench.row(vitq.Scheme(scheme, w, a), method, batch_size=50)
+            r = run.quant
             state["rows"].append([method, "-", scheme, f"W{w}A{a}", r["top1"], r["agreement"], f"{r['kl']:.4f}",
-                                  f"{cal_s:.1f}", "-", f"{eval_s:.1f}"])
+                                  f"{run.info['seconds']:.1f}", "-", f"{run.eval_seconds:.1f}"])
             print(state["rows"][-1], flush=True)
-            bases[(scheme, w, a, method)] = qmodel
+            bases[(scheme, w, a, method)] = run.qmodel
             write(partial=True)
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -102,7 +82,7 @@ def main() -> None:
             info = vitq.refine(qmodel, model, fit, "evolq", batch_size=args.evolq_images, seed=seed, progress=False,
                                mode="faithful", passes=args.evolq_passes)
             ref_s = time.perf_counter() - t0
-            r = metrics(float_logits, batched_logits(qmodel, val_x), val_y)
+            r = bench.score(qmodel)[0]["quant"]
             runs.append({"seed": seed, **r, "refine_s": ref_s, "fitness": info["fitness"],
                          "config": info["config"], "scales": sum(info["search_space"]["scales_per_block"].values())})
             print(bits, seed, r, f"{ref_s:.1f}s", info["fitness"]["initial"], info["fitness"]["final"], flush=True)
@@ -113,27 +93,16 @@ def main() -> None:
     write(partial=False)
 
 
-def _ms(values, fmt: str = ".2f") -> str:
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
 def report(state: dict, args, partial: bool) -> str:
     rows = list(state["rows"])
     for w, a, runs in state["evolq"]:
         rows.append(["omse → evolq", f"{len(runs)} seeds", args.evolq_scheme, f"W{w}A{a}",
-                     _ms([r["top1"] for r in runs]), _ms([r["agreement"] for r in runs]),
-                     _ms([r["kl"] for r in runs], ".4f"), "-",
-                     _ms([r["refine_s"] for r in runs], ".0f"), "-"])
+                     mean_std([r["top1"] for r in runs]), mean_std([r["agreement"] for r in runs]),
+                     mean_std([r["kl"] for r in runs], ".4f"), "-",
+                     mean_std([r["refine_s"] for r in runs], ".0f"), "-"])
     evolq_cfg = state["evolq"][0][2][0]["config"] if state["evolq"] else None
     md = [
-        "## A CNN: EfficientNet-Lite0 (issue 13)",
-        "",
-        "**Partial: the run had not finished when this was written.**" if partial else "",
-        "",
-        f"Command: `{command()}`  ",
-        f"{environment()}  ",
+        *head("A CNN: EfficientNet-Lite0 (issue 13)", partial),
         f"Model: timm `tf_efficientnet_lite0`, weights `../shared/models/tf_efficientnet_lite0.safetensors` (sha256 "
         f"{state['sha'][:12]}…), its timm eval transform ({state['desc']['interpolation']}, crop_pct "
         f"{state['desc']['crop_pct']}, mean = std = 0.5). Every BatchNorm folded into its convolution; weights per "

@@ -24,60 +24,46 @@ import torch
 
 import vitq
 from benchmarks.common import (
-    CALIB_DIR,
-    DEIT_WEIGHTS,
+    FIGURES,
     ROOT,
-    VAL_DIR,
-    batched_logits,
-    command,
-    environment,
+    Bench,
     git_commit,
-    load_images,
+    head,
     load_kept_rows,
+    mean_std,
     parse_config,
     save_kept_rows,
     table,
+    write_json,
     write_section,
 )
 from vitq.calib import CalibData
-from vitq.data import model_transform
-from vitq.evaluate import Metrics
-from vitq.models.loading import create_model
 from vitq.precision import full_float32
 from vitq.refine.landscape import compute_landscape, plot_landscape
 
-FIGURES = ROOT / "benchmarks" / "figures"
 SEED_ROWS = ROOT / "benchmarks" / "evolq_seed_rows.json"
 # issue 15's report of the old code (fq W4A8 fqvit -> --refine evolq --evolq-passes 1, 64 images): quoted, not re-run
 ISSUE_BEFORE = {"base": (84.8, 0.194), "evolq": (82.0, 0.203)}
-
-
-def metrics(float_logits, q_logits, labels) -> dict:
-    m = Metrics()
-    m.update(float_logits, q_logits, labels)
-    return m.result()["quant"]
 
 
 def curve(values) -> str:
     return " ".join(f"{v:.4f}" for v in values)
 
 
-def run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method, modes, passes, seed=0):
-    """Base calibration, then one search per mode from a copy of it; rows, per-run records and the base."""
-    base = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method)
+def run_config(bench, calib_x, scheme, w, a, method, modes, passes, seed=0):
+    """Base calibration, then one search per mode from a copy of it; rows, per-run records and the base. The
+    calibration data carries ``seed``; the base calibration itself runs with torch seed 0 (as it always did)."""
     calib = CalibData(calib_x, batch_size=50, progress=False, seed=seed)
-    t0 = time.perf_counter()
-    vitq.calibrate(base, calib, method)
-    cal_s = time.perf_counter() - t0
-    r0 = metrics(float_logits, batched_logits(base, val_x), val_y)
+    run = bench.row(vitq.Scheme(scheme, w, a), method, calib)
+    base, r0, cal_s = run.qmodel, run.quant, run.info["seconds"]
     tag = f"{scheme} W{w}A{a}"
     rows = [[tag, method, r0["top1"], r0["agreement"], f"{r0['kl']:.4f}", "-", "-", "-", "-", "-", "-", "-"]]
     print(rows[-1], flush=True)
     runs = {"base": {"metrics": r0, "calibrate_seconds": cal_s}}
     for mode in modes:
         q = copy.deepcopy(base)
-        info = vitq.refine(q, model, calib, "evolq", progress=False, mode=mode, passes=passes, seed=seed)
-        r = metrics(float_logits, batched_logits(q, val_x), val_y)
+        info = vitq.refine(q, bench.model, calib, "evolq", progress=False, mode=mode, passes=passes, seed=seed)
+        r = bench.score(q)[0]["quant"]
         f, c = info["fitness"], info.get("check")
         rows.append([tag, f"{method} + evolq {mode}", r["top1"], r["agreement"], f"{r['kl']:.4f}",
                      f"{r['agreement'] - r0['agreement']:+.2f}", f"{r['kl'] - r0['kl']:+.4f}",
@@ -115,24 +101,22 @@ def main() -> None:
     t_start = time.perf_counter()
     modes = args.modes.split(",")
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    transform, _ = model_transform(model)
-    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=args.seed)
-    val_x, val_y = load_images(VAL_DIR, args.num_val, transform)
-    print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
+    bench = Bench()
+    calib_x = bench.calib(args.num_calib, seed=args.seed)
     with full_float32():
-        float_logits = batched_logits(model, val_x)
-    float_top1 = metrics(float_logits, float_logits, val_y)["top1"]
+        bench.val(args.num_val)
+    val_x = bench.val_x
+    print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
+    float_top1 = bench.float_result["top1"]
     if args.seeds:
-        seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, modes, t_start)
+        seed_spread(args, bench, float_top1, modes, t_start)
         return
 
     rows, details, landscape, curves = [], {}, None, []
     with full_float32():
         for spec in args.configs.split(","):
             scheme, w, a, method = parse_config(spec)
-            r, runs, base, calib = run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method,
-                                              modes, args.passes, args.seed)
+            r, runs, base, calib = run_config(bench, calib_x, scheme, w, a, method, modes, args.passes, args.seed)
             rows += r
             details[f"{scheme} W{w}A{a} {method}"] = runs
             for mode in modes:
@@ -140,14 +124,13 @@ def main() -> None:
                 curves.append(f"- {scheme} W{w}A{a} {mode}: search `{curve(info['curves']['search'])}`" +
                               (f"; check `{curve(info['curves']['check'])}`" if "check" in info["curves"] else ""))
             if args.landscape and landscape is None:
-                landscape = compute_landscape(base, model, calib, block=args.landscape_block, dims=1,
+                landscape = compute_landscape(base, bench.model, calib, block=args.landscape_block, dims=1,
                                               steps=args.landscape_steps, radius=args.landscape_radius)
                 landscape["state"] = f"{scheme} W{w}A{a} {method}"
         issue_rows = []
         if args.issue_row:
-            x64, _ = load_images(CALIB_DIR, 64, transform, seed=args.seed)
-            r, runs, _, _ = run_config(model, x64, val_x, val_y, float_logits, "fq", 4, 8, "fqvit",
-                                       ["faithful", "checked"], 1, args.seed)
+            x64 = bench.calib(64, seed=args.seed)
+            r, runs, _, _ = run_config(bench, x64, "fq", 4, 8, "fqvit", ["faithful", "checked"], 1, args.seed)
             details["issue 15 setting: fq W4A8 fqvit, 64 images, 1 pass"] = runs
             b = runs["base"]["metrics"]
             issue_rows.append(["old code (quoted from issue 15)", f"{ISSUE_BEFORE['base'][0]:.1f}",
@@ -163,20 +146,14 @@ def main() -> None:
                           f"`{curve(runs['checked']['info']['curves']['check'])}`")
 
     if not args.no_write:  # the traces (and figure) belong to the BENCHMARKS.md section: written with it
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        with open(FIGURES / "evolq_runs.json", "w") as f:
-            json.dump(details, f, indent=1, default=str)
+        write_json(FIGURES / "evolq_runs.json", details, default=str)
         if landscape is not None:
             plot_landscape(landscape, str(FIGURES / "evolq_landscape.png"))
-            with open(FIGURES / "evolq_landscape.json", "w") as f:
-                json.dump(landscape, f, indent=1)
+            write_json(FIGURES / "evolq_landscape.json", landscape)
 
     total_min = (time.perf_counter() - t_start) / 60
     md = [
-        "## Evol-Q / CPT-V on the real DeiT-Tiny (issues 3 and 15)",
-        "",
-        f"Command: `{command()}`  ",
-        f"{environment()}  ",
+        *head("Evol-Q / CPT-V on the real DeiT-Tiny (issues 3 and 15)"),
         f"Whole script: {total_min:.1f} min. One seed ({args.seed}: the calibration subset, the search/check split "
         "and the search); with 500 val images one image is 0.2 points.",
         "",
@@ -228,17 +205,17 @@ def main() -> None:
     print(f"done in {total_min:.1f} min", flush=True)
 
 
-def _pm(values, fmt: str) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt.lstrip('+'))}"
+def pm(values, fmt: str) -> str:
+    return mean_std(values, fmt, always=True)
 
 
-def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, modes, t_start) -> None:
+def seed_spread(args, bench, float_top1, modes, t_start) -> None:
     """Every config and mode once per seed; mean ± std of the result and of its change against the base. Each
     finished (config, mode, seed) is kept in SEED_ROWS with the settings it ran with, so a later run with more
     seeds or configs runs only what is missing."""
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = {"num_calib": args.num_calib, "passes": args.passes, "num_val": len(val_x)}
+    num_val = len(bench.val_x)
+    settings = {"num_calib": args.num_calib, "passes": args.passes, "num_val": num_val}
     kept = load_kept_rows(SEED_ROWS, settings, args.fresh)
     commit = git_commit()
     specs = args.configs.split(",")
@@ -253,10 +230,9 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
                 if all(key(spec, mode, seed) in kept["rows"] for mode in modes):
                     continue
                 if calib_x is None:
-                    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
+                    calib_x = bench.calib(args.num_calib, seed=seed)
                 scheme, w, a, method = parse_config(spec)
-                _, runs, _, _ = run_config(model, calib_x, val_x, val_y, float_logits, scheme, w, a, method, modes,
-                                           args.passes, seed)
+                _, runs, _, _ = run_config(bench, calib_x, scheme, w, a, method, modes, args.passes, seed)
                 b = runs["base"]["metrics"]
                 for mode in modes:
                     m, info = runs[mode]["metrics"], runs[mode]["info"]
@@ -279,23 +255,20 @@ def seed_spread(args, model, transform, val_x, val_y, float_logits, float_top1, 
     for (tag, name), d in per.items():
         if not d:
             continue
-        rows.append([tag, name, len(d), _pm([x["base_agree"] for x in d], ".2f"), _pm([x["agree"] for x in d], ".2f"),
-                     _pm([x["d_agree"] for x in d], "+.2f"), _pm([x["base_kl"] for x in d], ".4f"),
-                     _pm([x["kl"] for x in d], ".4f"), _pm([x["d_kl"] for x in d], "+.4f"),
+        rows.append([tag, name, len(d), pm([x["base_agree"] for x in d], ".2f"), pm([x["agree"] for x in d], ".2f"),
+                     pm([x["d_agree"] for x in d], "+.2f"), pm([x["base_kl"] for x in d], ".4f"),
+                     pm([x["kl"] for x in d], ".4f"), pm([x["d_kl"] for x in d], "+.4f"),
                      " / ".join(f"{x['d_agree']:+.1f}, {x['d_kl']:+.4f}" for x in d),
                      " / ".join("-" if x["rejected"] is None else str(x["rejected"]) for x in d),
                      f"{statistics.mean(x['search_s'] for x in d):.0f}"])
     total_min = (time.perf_counter() - t_start) / 60
     md = "\n".join([
-        "## Evol-Q: spread over seeds (issue 15)",
-        "",
-        f"Command: `{command()}` (runs kept from earlier invocations with the same settings are not rerun; "
-        "each record names its commit)  ",
-        f"{environment()}  ",
+        *head("Evol-Q: spread over seeds (issue 15)", note=" (runs kept from earlier invocations with the same "
+              "settings are not rerun; each record names its commit)"),
         f"Whole script: {total_min:.1f} min. Seeds {', '.join(map(str, seeds))}: each seed sets the calibration draw "
         f"({args.num_calib} of the 250 `calib/` images, in a seeded order that the base calibration follows), the "
         f"search/check split and the search. Same reductions and settings as the section above "
-        f"({args.passes} pass(es), {args.threads} torch thread(s)); evaluation on all {len(val_x)} `val/` images "
+        f"({args.passes} pass(es), {args.threads} torch thread(s)); evaluation on all {num_val} `val/` images "
         f"(float top-1 {float_top1:.2f}), full float32. Values are mean ± sample std over the seeds; "
         "Δ = run − its own base; rejected = block steps undone by the check (checked mode).",
         "",

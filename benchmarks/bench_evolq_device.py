@@ -16,36 +16,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 import vitq
-from benchmarks.common import (
-    CALIB_DIR,
-    DEIT_WEIGHTS,
-    VAL_DIR,
-    batched_logits,
-    command,
-    environment,
-    load_images,
-    parse_config,
-    table,
-    write_section,
-)
+from benchmarks.common import DEIT, Bench, command, environment, parse_config, table, write_section
 from vitq.calib import CalibData
-from vitq.data import model_transform
-from vitq.evaluate import Metrics
-from vitq.models.loading import create_model
 from vitq.precision import full_float32
 from vitq.prepare import rebuild_quantizers
 from vitq.refine.fitness import infonce_loss
 from vitq.scheme import Scheme
 from vitq.state import state_config, write_json
 
-MODEL = "deit_tiny_patch16_224"
 MODES = ("faithful", "checked", "improved")
 
 
@@ -99,9 +83,9 @@ def search(args) -> None:
 def _search(args) -> None:
     data = Path(args.data)
     device = torch.device(args.device)
-    model = create_model(MODEL, weights=data / "models" / f"{MODEL}.safetensors").to(device).eval()
-    transform, _ = model_transform(model)
-    calib_x, _ = load_images(data / "data" / "imagenet-sample" / "calib", args.num_calib, transform)
+    bench = Bench(DEIT, data / "models" / f"{DEIT}.safetensors")
+    model = bench.model.to(device).eval()
+    calib_x = bench.calib(args.num_calib, folder=data / "data" / "imagenet-sample" / "calib")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -112,10 +96,9 @@ def _search(args) -> None:
         scheme, w, a, method = parse_config(spec)
         tag = f"{scheme}_W{w}A{a}_{method}"
         calib = CalibData(calib_x, batch_size=args.batch_size, device=device, progress=False)
-        base = vitq.prepare(model, vitq.Scheme(scheme, w, a), method=method).to(device)
-        t0 = time.perf_counter()
-        vitq.calibrate(base, calib, method, batch_size=args.batch_size, device=device, progress=False)
-        rec = {"calibrate_s": time.perf_counter() - t0, "fitness": fitness(base, model, calib)}
+        run = bench.quantize(vitq.Scheme(scheme, w, a), method, calib, batch_size=args.batch_size, device=device)
+        base = run.qmodel
+        rec = {"calibrate_s": run.info["seconds"], "fitness": fitness(base, model, calib)}
         save_delta(base, model, out / f"{tag}_base")
         print(tag, "base", rec, flush=True)
         for mode in MODES:
@@ -139,23 +122,17 @@ def evaluate_states(args) -> None:
     states = Path(args.states)
     with open(states / "runs.json") as f:
         runs = json.load(f)
-    model = create_model(MODEL, weights=DEIT_WEIGHTS).eval()
-    transform, _ = model_transform(model)
-    val_x, val_y = load_images(VAL_DIR, None, transform)
-    calib_x, _ = load_images(CALIB_DIR, runs["num_calib"], transform)  # the same seeded choice as the search's
+    bench = Bench()
+    model = bench.model
+    bench.val()
+    calib_x = bench.calib(runs["num_calib"])  # the same seeded choice as the search's
     calib = CalibData(calib_x, batch_size=runs["batch_size"], progress=False)
-    float_logits = batched_logits(model, val_x)
-    ref = Metrics()
-    ref.update(float_logits, float_logits, val_y)
-    rows = [["float", "-", ref.result()["float"]["top1"], 100.0, "0", "-", "-", "-", "-"]]
+    rows = [["float", "-", bench.float_result["top1"], 100.0, "0", "-", "-", "-", "-"]]
     for tag, rec in runs["configs"].items():
         scheme, bits, method = tag.split("_", 2)
         for kind in ("base", *MODES):
             q = load_delta(model, states / f"{tag}_{kind}").eval()
-            q_logits = batched_logits(q, val_x)
-            m = Metrics()
-            m.update(float_logits, q_logits, val_y)
-            r = m.result()["quant"]
+            r = bench.score(q)[0]["quant"]
             here = fitness(q, model, calib)
             if kind == "base":
                 rows.append([f"{scheme} {bits}", method, r["top1"], r["agreement"], f"{r['kl']:.4f}",
@@ -214,5 +191,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

@@ -18,30 +18,24 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from common import (  # noqa: E402
+from benchmarks.common import (
     CALIB_DIR,
+    DEIT,
     DEIT_WEIGHTS,
-    VAL_DIR,
+    Bench,
     batched_logits,
     command,
     environment,
-    load_images,
+    metrics,
     table,
     write_section,
 )
-
-from vitq.data import model_transform  # noqa: E402
-from vitq.evaluate import Metrics  # noqa: E402
-from vitq.export import export  # noqa: E402
-from vitq.models.loading import create_model  # noqa: E402
+from vitq.export import export
+from vitq.export.runtimes import Runner, require
 
 THREADS = 2
 VITQ_CONFIGS = [  # label, scheme, w bits, a bits, how: "recipe NAME" or "method NAME"
@@ -57,22 +51,13 @@ VITQ_CONFIGS = [  # label, scheme, w bits, a bits, how: "recipe NAME" or "method
 
 
 def ort_session(path, optimized: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
-    so.log_severity_level = 3
-    if optimized:
-        so.optimized_model_filepath = optimized
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return lambda x: s.run(None, {name: x})[0]
+    return Runner(str(path), "onnxruntime", threads=THREADS, optimized_path=optimized)
 
 
 def ov_session(path, precision: str = "f32"):
-    import openvino as ov
-
-    core = ov.Core()
+    """OpenVINO with one stream, the latency hint and (by default) f32 inference precision: settings
+    vitq.export's Runner does not take."""
+    core = require("openvino").Core()
     cfg = {"INFERENCE_NUM_THREADS": THREADS, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
     if precision:
         cfg["INFERENCE_PRECISION_HINT"] = precision
@@ -100,7 +85,7 @@ def quantize_cli(model, scheme: str, w: int, a: int, how: str, out: str, num_cal
     from vitq.state import load
 
     kind, name, *extra = how.split()
-    argv = ["quantize", "--model", "deit_tiny_patch16_224", "--weights", str(DEIT_WEIGHTS), "--calib", str(CALIB_DIR),
+    argv = ["quantize", "--model", DEIT, "--weights", str(DEIT_WEIGHTS), "--calib", str(CALIB_DIR),
             "--scheme", scheme, "--w-bits", str(w), "--a-bits", str(a), "--out", out, "--threads", str(THREADS),
             "--quiet", f"--{kind}", name, *extra]
     if kind == "method":
@@ -153,11 +138,11 @@ def main() -> int:
     load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="vitq-bench-export.")
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    tf, _ = model_transform(model)
-    calib_x, _ = load_images(CALIB_DIR, args.num_calib, tf)
-    val_x, val_y = load_images(VAL_DIR, args.num_val, tf)
-    float_logits = batched_logits(model, val_x)
+    bench = Bench()
+    model = bench.model
+    calib_x = bench.calib(args.num_calib)
+    bench.val(args.num_val)
+    val_x, val_y, float_logits = bench.val_x, bench.val_y, bench.float_logits
     print(f"data ready ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
     files = {"float": os.path.join(tmp, "float.onnx")}
@@ -200,9 +185,7 @@ def main() -> int:
             runners["OpenVINO float, default precision (bf16 here)"] = ov_session(files["float"], precision="")
         for n, run in runners.items():
             logits = torch.from_numpy(np.concatenate([run(xs[i:i + 50]) for i in range(0, len(xs), 50)]))
-            m = Metrics()
-            m.update(float_logits, logits, val_y)
-            r = m.result()["quant"]
+            r = metrics(float_logits, logits, val_y)["quant"]
             res = results.setdefault(n, {"MB": os.path.getsize(files["float"]) / 1e6, "ops": {}})
             res[runtime] = {"top1": r["top1"], "agreement": r["agreement"], "kl": r["kl"]}
             if n in fake_logits:
@@ -229,11 +212,7 @@ def main() -> int:
                                  "x1": med["float"][0] / med[n][0], "x32": med["float"][1] / med[n][1]}
         print(f"{runtime}: latency done ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
-    fake_agree = {}
-    for n, fl in fake_logits.items():
-        m = Metrics()
-        m.update(float_logits, fl, val_y)
-        fake_agree[n] = m.result()["quant"]
+    fake_agree = {n: metrics(float_logits, fl, val_y)["quant"] for n, fl in fake_logits.items()}
     text = render(args, results, lat, infos, calib_s, recipes, fake_agree, floor, float_logits, val_y,
                   load_before, os.getloadavg(),
                   time.perf_counter() - t_start)

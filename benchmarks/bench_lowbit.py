@@ -9,35 +9,25 @@ written to BENCHMARKS.md after every run, so a run stopped by its budget leaves 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from common import (  # noqa: E402
-    CALIB_DIR,
+import vitq
+from benchmarks.common import (
     DEIT_WEIGHTS,
-    ROOT,
-    VAL_DIR,
-    batched_logits,
+    FIGURES,
+    Bench,
+    Budget,
     command,
     environment,
-    load_images,
+    mean_std,
     table,
+    write_json,
     write_section,
 )
-
-import vitq  # noqa: E402
-from vitq.data import model_transform  # noqa: E402
-from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models.loading import create_model  # noqa: E402
 
 SETTINGS = {  # name: (regime, w bits, a bits, reference method)
     "matmul W4A4": ("matmul", 4, 4, "ptq4vit"),
@@ -55,12 +45,6 @@ TARGETS = {"matmul W4A4": "agreement ≥ 72, drop ≤ 12", "matmul W6A6": "agree
            "fq W4A8": "GPTQ agreement ≥ 90", "fq W3A8": "GPTQ agreement ≥ 70"}
 
 
-def evaluate(q, val_x, val_y, float_logits) -> dict:
-    m = Metrics()
-    m.update(float_logits, batched_logits(q, val_x), val_y)
-    return m.result()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -76,103 +60,77 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    budget = Budget(args.budget_min, args.stop_at)
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    tf, _ = model_transform(model)
-    val_x, val_y = load_images(VAL_DIR, None, tf)
-    t0 = time.perf_counter()
-    float_logits = batched_logits(model, val_x)
-    float_s = time.perf_counter() - t0
-    calib = {s: load_images(CALIB_DIR, args.num_calib, tf, seed=s)[0] for s in args.seeds}
-    print(f"data ready ({time.perf_counter() - t_start:.0f}s; float forward {float_s:.1f}s)", flush=True)
+    bench = Bench()
+    bench.val()
+    calib = {s: bench.calib(args.num_calib, seed=s) for s in args.seeds}
+    print(f"data ready ({budget.elapsed:.0f}s; float forward {bench.float_seconds:.1f}s)", flush=True)
 
     runs: list[dict] = []
-    skipped: list[str] = []
 
-    def record(setting, config, seed, t_cal, r, extra=None):
+    def record(setting, config, seed, t_cal, q, extra=None):
+        r = bench.score(q)[0]
         runs.append({"setting": setting, "config": config, "seed": seed, "calib_s": t_cal,
                      "top1": r["quant"]["top1"], "agreement": r["quant"]["agreement"], "kl": r["quant"]["kl"],
                      "float_top1": r["float"]["top1"], **(extra or {})})
         print(f"{setting:12s} {config:24s} seed {seed}: top-1 {r['quant']['top1']:.1f} agr "
               f"{r['quant']['agreement']:.1f} KL {r['quant']['kl']:.3f} calib {t_cal:.0f}s "
-              f"(elapsed {(time.perf_counter() - t_start) / 60:.1f} min)", flush=True)
+              f"(elapsed {budget.elapsed / 60:.1f} min)", flush=True)
         if not args.no_write:
-            write(args, runs, skipped, t_start, done=False)
+            write(args, runs, budget, done=False)
 
-    stop_at = None
-    if args.stop_at:
-        hh, mm = (int(v) for v in args.stop_at.split(":"))
-        now = time.gmtime()
-        stop_at = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+    def quantize(name, method, seed, **kinds):
+        regime, w, a, _ = SETTINGS[name]
+        opts = PTQ4VIT_REDUCED if method == "ptq4vit" else {}
+        cx = calib[seed]
+        return bench.quantize(vitq.Scheme(regime, w, a, **kinds), method, cx, options=opts, batch_size=len(cx),
+                              seed=seed)
 
-    def over(label) -> bool:
-        if (time.perf_counter() - t_start) / 60 > args.budget_min or (stop_at is not None and time.time() > stop_at):
-            skipped.append(label)
-            return True
-        return False
+    def gptq(q, seed) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        cx = calib[seed]
+        g = vitq.round_weights(q, cx, how="gptq", batch_size=len(cx), seed=seed, progress=False)
+        return g, time.perf_counter() - t0
 
     def reference(name, seed):
-        regime, w, a, ref = SETTINGS[name]
-        if over(f"{name} {ref} seed {seed}"):
+        ref = SETTINGS[name][3]
+        if budget.over(f"{name} {ref} seed {seed}"):
             return
-        opts = PTQ4VIT_REDUCED if ref == "ptq4vit" else {}
-        t0 = time.perf_counter()
-        q = vitq.prepare(model, vitq.Scheme(regime, w, a), method=ref, options=opts)
-        vitq.calibrate(q, calib[seed], method=ref, batch_size=len(calib[seed]), seed=seed, progress=False, **opts)
-        record(name, f"{ref} (reference)", seed, time.perf_counter() - t0, evaluate(q, val_x, val_y, float_logits))
+        row = quantize(name, ref, seed)
+        record(name, f"{ref} (reference)", seed, row.seconds, row.qmodel)
 
     for seed in args.seeds:  # draws outermost: a budget stop still leaves every setting
-        cx = calib[seed]
         for name in args.settings:
-            regime, w, a, ref = SETTINGS[name]
-            if over(f"{name} repq seed {seed}"):
+            if budget.over(f"{name} repq seed {seed}"):
                 continue
             torch.manual_seed(seed)
-            t0 = time.perf_counter()
-            q = vitq.prepare(model, vitq.Scheme(regime, w, a), method="repq")
-            info = vitq.calibrate(q, cx, method="repq", batch_size=len(cx), seed=seed, progress=False)
-            t_repq = time.perf_counter() - t0
-            record(name, "repq", seed, t_repq, evaluate(q, val_x, val_y, float_logits),
-                   {"reparam_r1_max": info.get("reparam_r1_max")})
-            t0 = time.perf_counter()
-            g = vitq.round_weights(q, cx, how="gptq", batch_size=len(cx), seed=seed, progress=False)
-            t_g = time.perf_counter() - t0
-            record(name, "repq + GPTQ", seed, t_repq + t_g, evaluate(q, val_x, val_y, float_logits),
+            row = quantize(name, "repq", seed)
+            record(name, "repq", seed, row.seconds, row.qmodel, {"reparam_r1_max": row.info.get("reparam_r1_max")})
+            g, t_g = gptq(row.qmodel, seed)  # on the repq calibration just evaluated
+            record(name, "repq + GPTQ", seed, row.seconds + t_g, row.qmodel,
                    {"gptq_s": t_g, "gptq_proxy_ratio": g["gptq"]["mean_proxy_error_ratio"]})
-            del q
-            if over(f"{name} adalog seed {seed}"):
+            del row
+            if budget.over(f"{name} adalog seed {seed}"):
                 continue
-            t0 = time.perf_counter()
-            q = vitq.prepare(model, vitq.Scheme(regime, w, a, softmax_quantizer="adalog", gelu_quantizer="adalog"),
-                             method="repq")
-            vitq.calibrate(q, cx, method="repq", batch_size=len(cx), seed=seed, progress=False)
-            t_ada = time.perf_counter() - t0
+            row = quantize(name, "repq", seed, softmax_quantizer="adalog", gelu_quantizer="adalog")
             if args.adalog_nearest:
-                record(name, "repq-adalog", seed, t_ada, evaluate(q, val_x, val_y, float_logits))
-            t0 = time.perf_counter()
-            vitq.round_weights(q, cx, how="gptq", batch_size=len(cx), seed=seed, progress=False)
-            t_ada += time.perf_counter() - t0
-            record(name, "repq-adalog + GPTQ", seed, t_ada, evaluate(q, val_x, val_y, float_logits))
-            del q
-            if ref == "fqvit":
+                record(name, "repq-adalog", seed, row.seconds, row.qmodel)
+            t_g = gptq(row.qmodel, seed)[1]
+            record(name, "repq-adalog + GPTQ", seed, row.seconds + t_g, row.qmodel)
+            del row
+            if SETTINGS[name][3] == "fqvit":
                 reference(name, seed)
     for seed in args.seeds[:args.reference_seeds]:  # the expensive ptq4vit references last
         for name in args.settings:
             if SETTINGS[name][3] != "fqvit":
                 reference(name, seed)
     if not args.no_write:
-        write(args, runs, skipped, t_start, done=True)
+        write(args, runs, budget, done=True)
     return 0
 
 
-def _ms(vals, digits=1) -> str:
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
-
-
-def write(args, runs, skipped, t_start, done: bool) -> None:
+def write(args, runs, budget, done: bool) -> None:
     float_top1 = runs[0]["float_top1"] if runs else float("nan")
     rows = []
     for name in args.settings:
@@ -183,13 +141,14 @@ def write(args, runs, skipped, t_start, done: bool) -> None:
         for c in configs:
             rs = [r for r in runs if r["setting"] == name and r["config"] == c]
             top1 = [r["top1"] for r in rs]
-            rows.append([name, c, len(rs), _ms(top1), f"{float_top1 - statistics.mean(top1):.1f}",
-                         _ms([r["agreement"] for r in rs]), _ms([r["kl"] for r in rs], 3),
+            rows.append([name, c, len(rs), mean_std(top1, ".1f"), f"{float_top1 - statistics.mean(top1):.1f}",
+                         mean_std([r["agreement"] for r in rs], ".1f"),
+                         mean_std([r["kl"] for r in rs], ".3f"),
                          f"{statistics.mean(r['calib_s'] for r in rs):.0f}"])
         if name in REPQ_EXTERNAL:
             rows.append([name, "RepQ-ViT official code (external, issue 10)", 3, "–", "see →", REPQ_EXTERNAL[name],
                          "", ""])
-    elapsed = (time.perf_counter() - t_start) / 60
+    elapsed, skipped = budget.elapsed / 60, budget.skipped
     status = ("complete" if not skipped else f"stopped by the time budget; not run: {', '.join(skipped)}") \
         if done else f"PARTIAL (in progress, {len(runs)} runs so far)"
     md = f"""## Low-bit base: RepQ-ViT reparameterization, log√2 / adaptive-log quantizers, GPTQ (issue 10)
@@ -223,9 +182,7 @@ Status: {status}.
 {table(["setting", "config", "n", "top-1", "drop", "agreement", "KL", "calib s"], rows)}
 """
     write_section("lowbit", md)
-    out = ROOT / "benchmarks" / "figures" / "lowbit_runs.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"command": command(), "runs": runs, "skipped": skipped}, indent=1) + "\n")
+    write_json(FIGURES / "lowbit_runs.json", {"command": command(), "runs": runs, "skipped": skipped})
 
 
 if __name__ == "__main__":

@@ -13,36 +13,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from common import (  # noqa: E402
-    CALIB_DIR,
+import vitq
+from benchmarks.common import (
     DEIT_WEIGHTS,
-    VAL_DIR,
-    batched_logits,
+    ROOT,
+    Bench,
+    Budget,
     command,
     environment,
     git_commit,
-    load_images,
     load_kept_rows,
     save_kept_rows,
     table,
     write_section,
 )
 
-import vitq  # noqa: E402
-
-ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_rows.json"
-from vitq.data import model_transform  # noqa: E402
-from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models.loading import create_model  # noqa: E402
+ROWS_FILE = ROOT / "benchmarks" / "ptqvit_rows.json"
 
 
 def main() -> int:
@@ -59,17 +49,16 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print the rows, leave BENCHMARKS.md alone")
     ap.add_argument("--fresh", action="store_true", help=f"forget the rows kept in {ROWS_FILE.name}")
     args = ap.parse_args()
-    t_start = time.perf_counter()
+    budget = Budget(args.budget_min)
     torch.manual_seed(0)
     torch.set_num_threads(2)
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    tf, _ = model_transform(model)
-    calib_x, _ = load_images(CALIB_DIR, args.num_calib, tf)
-    val_x, val_y = load_images(VAL_DIR, None, tf)
-    float_logits = batched_logits(model, val_x)
+    bench = Bench()
+    calib_x = bench.calib(args.num_calib)
+    bench.val()
+    val_x = bench.val_x
     print(f"data ready: calib {tuple(calib_x.shape)}, val {tuple(val_x.shape)} "
-          f"({time.perf_counter() - t_start:.0f}s)", flush=True)
+          f"({budget.elapsed:.0f}s)", flush=True)
 
     search = {"candidates": args.candidates, "rounds": args.rounds, "tokens": args.tokens, "rows": args.rows,
               "pairs": args.pairs, "mp_candidates": args.mp_candidates}
@@ -134,19 +123,12 @@ def main() -> int:
     settings = {k: getattr(args, k) for k in ("num_calib", "candidates", "rounds", "tokens", "rows", "pairs",
                                               "mp_candidates")}
     kept = load_kept_rows(ROWS_FILE, settings, args.fresh)
-    skipped = []
     commit = git_commit()
     for label, bits, method, opts in plan:
-        if (time.perf_counter() - t_start) / 60 > args.budget_min:
-            skipped.append(label)
+        if budget.over(label):
             continue
-        q = vitq.prepare(model, vitq.Scheme("matmul", bits, bits), method=method, options=opts)
-        info = vitq.calibrate(q, calib_x, method, batch_size=len(calib_x), progress=False, **opts)
-        m = Metrics()
-        with torch.no_grad():
-            for i in range(0, len(val_x), 50):
-                m.update(float_logits[i:i + 50], q(val_x[i:i + 50]), val_y[i:i + 50])
-        r = m.result()
+        run = bench.row(vitq.Scheme("matmul", bits, bits), method, options=opts, batch_size=len(calib_x), chunk=50)
+        r, info = run.result, run.info
         mp = info.get("mixed_precision")
         size = (f"{mp['model_size_mb']:.3f} ({mp['average_weight_bits']:.2f} b)" if mp else "")
         row = [label, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
@@ -161,13 +143,13 @@ def main() -> int:
                     f"fallback to uniform: {'yes' if chk['fallback_to_uniform'] else 'no'}; program's bits "
                     f"{_short(mp['program_bits'])}; used {_short(mp['bits'])}")
             print(note, flush=True)
-        print(row, f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
+        print(row, f"elapsed {budget.elapsed:.0f}s", flush=True)
         if not args.no_write:
             kept["rows"][label] = {"row": row, "note": note, "float_top1": r["float"]["top1"]}
             save_kept_rows(ROWS_FILE, kept)
-            write(args, kept, skipped, full_plan, len(calib_x), len(val_x), done=False)
+            write(args, kept, budget.skipped, full_plan, len(calib_x), len(val_x), done=False)
     if not args.no_write:
-        write(args, kept, skipped, full_plan, len(calib_x), len(val_x), done=True)
+        write(args, kept, budget.skipped, full_plan, len(calib_x), len(val_x), done=True)
     return 0
 
 

@@ -12,36 +12,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from common import (  # noqa: E402
-    CALIB_DIR,
+import vitq
+from benchmarks.common import (
     DEIT_WEIGHTS,
-    VAL_DIR,
-    batched_logits,
+    ROOT,
+    Bench,
+    Budget,
     command,
     environment,
     git_commit,
-    load_images,
     load_kept_rows,
     save_kept_rows,
     table,
     write_section,
 )
 
-import vitq  # noqa: E402
-from vitq.data import model_transform  # noqa: E402
-from vitq.evaluate import Metrics  # noqa: E402
-from vitq.models.loading import create_model  # noqa: E402
-
-ROWS_FILE = Path(__file__).resolve().parent / "ptqvit_baselines_rows.json"
+ROWS_FILE = ROOT / "benchmarks" / "ptqvit_baselines_rows.json"
 SETTINGS = [("matmul", 4, 8), ("matmul", 8, 8), ("matmul", 6, 6), ("matmul", 4, 4), ("fq", 8, 8), ("fq", 4, 8)]
 METHODS = ["minmax", "omse", "ptqvit", "aciq", "easyquant", "lapq"]
 ACIQ_ABLATIONS = [(("matmul", 4, 8), "aciq", {"no_allocation": True}),
@@ -80,7 +70,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the section from the kept rows")
     args = ap.parse_args()
-    t_start = time.perf_counter()
+    budget = Budget(args.budget_min)
     torch.manual_seed(0)
     opts = options(args)
     settings_used = {k: getattr(args, k) for k in ("num_calib", "ptqvit_candidates", "eq_candidates", "eq_rounds",
@@ -91,13 +81,12 @@ def main() -> int:
         write(args, kept, full_plan, args.num_calib, kept["num_val"])
         return 0
 
-    model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-    tf, _ = model_transform(model)
-    calib_x, _ = load_images(CALIB_DIR, args.num_calib, tf)
-    val_x, val_y = load_images(VAL_DIR, None, tf)
-    float_logits = batched_logits(model, val_x)
+    bench = Bench()
+    calib_x = bench.calib(args.num_calib)
+    bench.val()
+    val_x = bench.val_x
     print(f"data ready: calib {tuple(calib_x.shape)}, val {tuple(val_x.shape)} "
-          f"({time.perf_counter() - t_start:.0f}s)", flush=True)
+          f"({budget.elapsed:.0f}s)", flush=True)
 
     settings = SETTINGS
     if args.only:
@@ -108,23 +97,16 @@ def main() -> int:
         plan += [a for a in ACIQ_ABLATIONS if a[0] in settings]
     kept = load_kept_rows(ROWS_FILE, settings_used, args.fresh)
     commit = git_commit()
-    skipped = []
     for (regime, w, a), method, extra in plan:
         label = f"{regime} W{w}A{a}"
         name = method + "".join(f" {k}={v}" for k, v in extra.items())
         if f"{label} | {name}" in kept["rows"]:
             continue
-        if (time.perf_counter() - t_start) / 60 > args.budget_min:
-            skipped.append(f"{name} {label}")
+        if budget.over(f"{name} {label}"):
             continue
         o = {**opts.get(method, {}), **extra}
-        q = vitq.prepare(model, vitq.Scheme(regime, w, a), method=method, options=o)
-        info = vitq.calibrate(q, calib_x, method, batch_size=len(calib_x), progress=False, **o)
-        m = Metrics()
-        with torch.no_grad():
-            for i in range(0, len(val_x), 50):
-                m.update(float_logits[i:i + 50], q(val_x[i:i + 50]), val_y[i:i + 50])
-        r = m.result()
+        run = bench.row(vitq.Scheme(regime, w, a), method, options=o, batch_size=len(calib_x), chunk=50)
+        r, info = run.result, run.info
         note = None
         if method == "lapq":
             note = (f"- lapq {label}: p = {info['p']} (sweep losses "
@@ -143,12 +125,12 @@ def main() -> int:
             "row": [label, name, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
                     round(info["seconds"], 1), f"{commit} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"],
             "note": note}
-        print(kept["rows"][f"{label} | {name}"]["row"], f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
+        print(kept["rows"][f"{label} | {name}"]["row"], f"elapsed {budget.elapsed:.0f}s", flush=True)
         if not args.no_write:
             save_kept_rows(ROWS_FILE, kept)
             write(args, kept, full_plan, len(calib_x), len(val_x))
-    if skipped:
-        print(f"not run (time budget): {', '.join(skipped)}", flush=True)
+    if budget.skipped:
+        print(f"not run (time budget): {', '.join(budget.skipped)}", flush=True)
     if not args.no_write:
         write(args, kept, full_plan, len(calib_x), len(val_x))
     return 0

@@ -23,45 +23,27 @@ import torch
 
 import vitq
 from benchmarks.common import (
-    CALIB_DIR,
-    DEIT_WEIGHTS,
+    FIGURES,
     ROOT,
-    VAL_DIR,
-    batched_logits,
+    Bench,
     command,
     environment,
-    load_images,
     load_kept_rows,
+    mean_std,
     parse_config,
     save_kept_rows,
     table,
     write_section,
 )
 from vitq.calib import CalibData
-from vitq.data import model_transform
-from vitq.evaluate import Metrics
-from vitq.models.loading import create_model
 from vitq.recipes import EVOLQ_CPU, RECIPES, RECON_CPU, rank
 
-FIGURES = ROOT / "benchmarks" / "figures"
 DEFAULT_CONFIGS = ",".join([  # the leaderboard: RepQ-ViT (RTN) and FQ-ViT bases, and the GPTQ bases as a comparison
     "fq:8/8:repq", "fq:4/8:repq", "fq:4/8:fqvit", "fq:4/8:repq+gptq", "fq:3/8:repq", "fq:3/8:fqvit",
     "matmul:8/8:repq+adalog", "matmul:6/6:repq+adalog", "matmul:4/4:repq+adalog", "matmul:4/4:repq+adalog+gptq",
     "matmul:3/3:repq+adalog"])
 RECIPE_OF = {"": "{scheme}-{method}", "recon": "{scheme}-{method}-recon",
              "recon,evolq": "{scheme}-{method}-recon-evolq"}
-
-
-def metrics(float_logits, q_logits, labels) -> dict:
-    m = Metrics()
-    m.update(float_logits, q_logits, labels)
-    return m.result()["quant"]
-
-
-def mean_std(values: list[float], digits: int = 2) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 ROWS = ROOT / "benchmarks" / "recon_rows.json"
@@ -78,24 +60,23 @@ def parse_spec(spec: str) -> tuple[str, int, int, str, list[str]]:
     return scheme, w, a, method_spec, extras
 
 
-def run_one(model, calib_x, spec: str, seed: int, args, float_logits, val_x, val_y) -> dict:
+def run_one(bench, calib_x, spec: str, seed: int, args) -> dict:
     """Base calibration, + recon, + recon + evolq for one configuration and calibration draw."""
     scheme, w, a, method_spec, extras = parse_spec(spec)
     method = method_spec.split("+")[0]
     kinds = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"} if "adalog" in extras else {}
     calib = CalibData(calib_x, batch_size=args.batch_size, progress=False, seed=seed)
-    q = vitq.prepare(model, vitq.Scheme(scheme, w, a, **kinds), method=method)
-    t0 = time.perf_counter()
-    vitq.calibrate(q, calib, method, seed=seed)
-    if "gptq" in extras:
-        vitq.round_weights(q, calib, how="gptq", seed=seed, progress=False)
-    cost = time.perf_counter() - t0
+    run = bench.quantize(vitq.Scheme(scheme, w, a, **kinds), method, calib,
+                         rounding="gptq" if "gptq" in extras else None, seed=seed)
+    q = run.qmodel
+    cost = run.info["seconds"] + run.record["weight_rounding"].get("seconds", 0.0)
     out, record, chain = {}, {"seconds": cost, "step_seconds": cost}, []
     recon_opts = {"iters": args.recon_iters, "batch": args.recon_batch, "lr": args.recon_lr,
                   "scale_lr": args.recon_scale_lr}
     for name, opts in ((None, None), ("recon", recon_opts), ("evolq", {"passes": args.evolq_passes})):
         if name is not None:
-            info = vitq.refine(q, model, calib, name, batch_size=args.batch_size, seed=seed, progress=False, **opts)
+            info = vitq.refine(q, bench.model, calib, name, batch_size=args.batch_size, seed=seed, progress=False,
+                               **opts)
             chain.append(name)
             cost += info["seconds"]
             record = {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"]}
@@ -103,9 +84,9 @@ def run_one(model, calib_x, spec: str, seed: int, args, float_logits, val_x, val
                 record["pieces_kept_start"] = info["pieces_kept_start"]
                 record["trace"] = [{k: e.get(k) for k in ("piece", "mse_before", "mse_learned", "mse_after",
                                                           "kept_start", "seconds")} for e in info["trace"]]
-        t0 = time.perf_counter()
-        r = metrics(float_logits, batched_logits(q, val_x), val_y)
-        record.update({"eval_seconds": time.perf_counter() - t0, **r})
+        result, eval_seconds = bench.score(q)
+        r = result["quant"]
+        record.update({"eval_seconds": eval_seconds, **r})
         out[",".join(chain)] = record
         print(f"seed {seed} {spec} {','.join(chain) or 'base'}: top-1 {r['top1']:.2f} agreement "
               f"{r['agreement']:.2f} KL {r['kl']:.4f} step {record['step_seconds']:.0f} s", flush=True)
@@ -143,23 +124,20 @@ def main() -> None:
     for spec in specs:
         parse_spec(spec)
     if not args.render:
-        model = create_model("deit_tiny_patch16_224", weights=DEIT_WEIGHTS)
-        transform, _ = model_transform(model)
-        val_x, val_y = load_images(VAL_DIR, args.num_val, transform)
-        float_logits = batched_logits(model, val_x)
-        kept["float_top1"] = metrics(float_logits, float_logits, val_y)["top1"]
-        kept["num_val"] = len(val_x)
+        bench = Bench()
+        bench.val(args.num_val)
+        kept["float_top1"] = bench.float_result["top1"]
+        kept["num_val"] = len(bench.val_x)
         for seed in seeds:
             calib_x = None
             for spec in specs:
                 if f"{spec}|{seed}" in kept["rows"]:
                     continue
                 if calib_x is None:
-                    calib_x, _ = load_images(CALIB_DIR, args.num_calib, transform, seed=seed)
+                    calib_x = bench.calib(args.num_calib, seed=seed)
                 kept["rows"][f"{spec}|{seed}"] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                                   "command": command(),
-                                                  "pipelines": run_one(model, calib_x, spec, seed, args,
-                                                                       float_logits, val_x, val_y)}
+                                                  "pipelines": run_one(bench, calib_x, spec, seed, args)}
                 if not args.no_write:
                     save_kept_rows(ROWS, kept)
                     report(args, kept, t_start, partial=True)
@@ -192,9 +170,9 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
             agree, top1 = statistics.mean(r["agreement"] for r in recs), statistics.mean(r["top1"] for r in recs)
             rows.append([f"{scheme} W{w}A{a}", steps, len(recs), mean_std([r["top1"] for r in recs]),
                          f"{float_top1 - top1:.2f}",
-                         mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], 4),
-                         mean_std(kl_cal, 4) if kl_cal else "-", mean_std(step, 0),
-                         mean_std([r["seconds"] for r in recs], 0),
+                         mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], ".4f"),
+                         mean_std(kl_cal, ".4f") if kl_cal else "-", mean_std(step, ".0f"),
+                         mean_std([r["seconds"] for r in recs], ".0f"),
                          "/".join(str(len(r["pieces_kept_start"])) for r in recs) if pipeline == "recon" else "-"])
             steps_of[(recipe, w, a)] = steps
             measured[(recipe, w, a)] = {
