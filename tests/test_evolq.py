@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import vitq
 from vitq.api import as_calib
+from vitq.cli.flags import add_entry_flags, entry_options
 from vitq.cli.landscape import add_command
 from vitq.errors import VitqError
 from vitq.quant.base import quantizers_of
@@ -345,13 +346,13 @@ def test_int_layernorm_teacher():
 def test_refiner_registered_with_cli_flags():
     entry = get_refiner("evolq")
     parser = argparse.ArgumentParser()
-    entry.add_arguments(parser.add_argument_group("evolq"))
+    add_entry_flags(parser.add_argument_group("evolq"), entry)
     args = parser.parse_args(["--evolq-mode", "improved", "--evolq-passes", "2", "--evolq-cycles", "4",
                               "--evolq-loss", "kl", "--evolq-temperature", "2", "--evolq-select-on-val"])
-    opts = entry.options_from_args(args)
+    opts = entry_options(args, entry)
     assert opts == {"mode": "improved", "passes": 2, "cycles": 4, "loss": "kl", "temperature": 2.0,
                     "select_on_val": True}
-    assert entry.options_from_args(parser.parse_args([])) == {}
+    assert entry_options(parser.parse_args([]), entry) == {}
 
 
 @pytest.mark.parametrize("dims", [1, 2])

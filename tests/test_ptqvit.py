@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 import vitq  # noqa: E402
 from vitq.cli.allocation import add_command, allocation_from_config  # noqa: E402
+from vitq.cli.flags import add_entry_flags, entry_options
 from vitq.errors import VitqError  # noqa: E402
 from vitq.methods import layerwise as L  # noqa: E402
 from vitq.methods import ptqvit_mp as MP  # noqa: E402
@@ -291,17 +292,17 @@ def test_bad_options(deit):
 def test_cli_arguments_follow_the_registry_contract():
     entry = get_method("ptqvit")
     parser = argparse.ArgumentParser()
-    entry.add_arguments(parser.add_argument_group("ptqvit"))
+    add_entry_flags(parser.add_argument_group("ptqvit"), entry)
     args = parser.parse_args(["--ptqvit-no-ranking", "--mixed-precision", "6", "--ptqvit-candidates", "50",
                               "--ptqvit-calibration", "parallel", "--ptqvit-weight-granularity", "tensor",
                               "--ptqvit-mp-sensitivity", "softmax", "--ptqvit-mp-no-check"])
-    assert entry.options_from_args(args) == {"ranking": False, "mixed_precision": 6, "candidates": 50,
+    assert entry_options(args, entry) == {"ranking": False, "mixed_precision": 6, "candidates": 50,
                                              "calibration": "parallel", "weight_granularity": "tensor",
                                              "mp_sensitivity": "softmax", "mp_no_check": True}
     assert PtqvitOptions.build({}, "ptqvit").weight_granularity == "channel"
     assert PtqvitOptions.build({}, "ptqvit").channel_search == "shared"
     assert PtqvitOptions.build({"mp_no_check": True}, "ptqvit").mp_no_check is True
-    assert entry.options_from_args(parser.parse_args([])) == {}
+    assert entry_options(parser.parse_args([]), entry) == {}
 
 
 # ----------------------------------------------------------------------------------------- mixed precision

@@ -202,7 +202,7 @@ def test_options_are_validated():
     assert make_config({}).iters == 20000 and make_config({}).drop_prob == 0.5
     with pytest.raises(VitqError, match="--recon-drop-prob"):
         make_config({"drop_prob": 1.5})
-    with pytest.raises(VitqError, match="unknown recon options"):
+    with pytest.raises(VitqError, match="recon: unknown options"):
         make_config({"iterations": 3})
 
 

@@ -23,6 +23,7 @@ import vitq.refine  # noqa: F401  (registers the built-in refiners)
 from vitq import prepare as _prepare
 from vitq.calib import CalibData, as_calib  # noqa: F401  (vitq.api.as_calib)
 from vitq.errors import VitqError
+from vitq.recipes import choose as choose_recipe
 from vitq.refine.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
 from vitq.registry import get_method, get_refiner
 from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS, Scheme
@@ -155,8 +156,6 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     left unset here, as ``--recipe`` does on the command line. ``calib``: images [N, C, H, W] (preprocessed) or
     a CalibData; a recipe that asks for fewer images takes a seeded subset of them. ``start``: an already
     calibrated model (e.g. :func:`vitq.load`) to round and refine instead of preparing and calibrating anew."""
-    from vitq import recipes as _recipes
-
     if isinstance(scheme, Scheme):
         if scheme_kwargs:
             raise VitqError(f"scheme fields {sorted(scheme_kwargs)} given beside a Scheme object")
@@ -168,7 +167,7 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     if recipe is not None:
         w_bits = scheme.w_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("w_bits", DEFAULT_W_BITS)
         a_bits = scheme.a_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("a_bits", DEFAULT_A_BITS)
-        chosen, why = _recipes.choose(recipe, regime, w_bits, a_bits)
+        chosen, why = choose_recipe(recipe, regime, w_bits, a_bits)
         plan = chosen.plan(str(device))
         method = method or plan["method"]
         rounding = rounding or plan["rounding"]

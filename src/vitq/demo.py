@@ -125,7 +125,7 @@ def demo_options(method: str) -> dict:
 
 def run_cell(model, method: str, scheme: Scheme, options: dict, calib_x, test_x, test_y, seed: int,
              float_logits: torch.Tensor) -> dict:
-    from vitq import api
+    import vitq.api as api
     from vitq.evaluate import Metrics
 
     t0, c0 = time.perf_counter(), time.process_time()

@@ -3,7 +3,7 @@
 A config class subclasses :class:`Options` and declares each option as a field made with :func:`opt`, which
 carries the option's help text and its checks (``choices``, ``minimum``, ...). From the fields come:
 
-- the command-line flags ``--<entry>-<field>`` (:meth:`Options.add_arguments`; a bool that defaults to True
+- the command-line flags ``--<entry>-<field>`` (made by :mod:`vitq.cli.flags`; a bool that defaults to True
   gets ``--<entry>-no-<field>``), all parsed to ``None`` when not given, so that a recipe or a preset can fill
   them;
 - the checks, which run when the config is built (:meth:`Options.build`), so the CLI refuses a bad option
@@ -16,14 +16,13 @@ Errors name the option as a user typed it: :meth:`Options.build` is given the en
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vitq.errors import VitqError
 
-_SCALARS = {"int": int, "float": float, "str": str}
+SCALAR_TYPES = {"int": int, "float": float, "str": str}
 
 
 class OptionError(VitqError):
@@ -36,17 +35,18 @@ class OptionError(VitqError):
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, minimum: float | None = None,
         maximum: float | None = None, above: float | None = None, below: float | None = None,
-        metavar: str | None = None) -> Any:
+        metavar: str | None = None, flag: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
     """A config field: its default, help text and checks (``minimum``/``maximum`` inclusive, ``above``/``below``
-    exclusive; None passes every check, so optional fields default to None)."""
+    exclusive; None passes every check, so optional fields default to None). ``flag`` replaces the field name
+    in its flag (``--<entry>-<flag>``) where an older flag must keep its name; ``aliases`` are further flags."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above,
-            "below": below, "metavar": metavar}
+            "below": below, "metavar": metavar, "flag": flag, "aliases": tuple(aliases)}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default (configs are frozen)")
     return field(default=default, metadata=meta)
 
 
-def _base_type(annotation: str) -> tuple[str, bool, bool]:
+def field_type(annotation: str) -> tuple[str, bool, bool]:
     """(scalar type name, is a tuple of it, may be None) from a field's annotation string."""
     text = annotation.replace(" ", "")
     optional = text.endswith("|None") or text.startswith("None|")
@@ -65,10 +65,10 @@ class Options:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            name, is_tuple, _ = _base_type(str(f.type))
+            name, is_tuple, _ = field_type(str(f.type))
             if is_tuple and isinstance(value, (list, str)):  # "a,b" or a list from JSON / Python
                 items = value.split(",") if isinstance(value, str) else value
-                value = tuple(_SCALARS.get(name, str)(v.strip() if isinstance(v, str) else v) for v in items
+                value = tuple(SCALAR_TYPES.get(name, str)(v.strip() if isinstance(v, str) else v) for v in items
                               if not (isinstance(v, str) and not v.strip()))
                 object.__setattr__(self, f.name, value)
             elif name == "float" and isinstance(value, int) and not isinstance(value, bool):
@@ -120,7 +120,7 @@ class Options:
         try:
             return cls(**cls.preset(given))
         except OptionError as e:
-            raise VitqError(f"{flag_of(entry, e.field)} {e.value!r} is invalid (expected {e.expected})") from None
+            raise VitqError(f"{cls.flag(entry, e.field)} {e.value!r} is invalid (expected {e.expected})") from None
 
     @classmethod
     def preset(cls, given: dict) -> dict:
@@ -128,41 +128,10 @@ class Options:
         return given
 
     @classmethod
-    def add_arguments(cls, group, entry: str) -> None:
-        """One flag per field, ``--<entry>-<field>``, parsed to None when not given."""
-        for f in dataclasses.fields(cls):
-            meta = f.metadata
-            name, is_tuple, _ = _base_type(str(f.type))
-            dest = f"{entry.replace('-', '_')}_{f.name}"
-            default = f.default if f.default is not dataclasses.MISSING else None
-            shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
-            help_text = f"{entry}: {meta.get('help', '')}".rstrip() + f" (default {shown})"
-            if name == "bool":
-                if default:
-                    group.add_argument(flag_of(entry, "no_" + f.name), dest=dest, action="store_const", const=False,
-                                       default=None, help=help_text)
-                else:
-                    group.add_argument(flag_of(entry, f.name), dest=dest, action="store_const", const=True,
-                                       default=None, help=help_text)
-                continue
-            kw: dict[str, Any] = {"dest": dest, "default": None, "help": help_text}
-            if meta.get("metavar"):
-                kw["metavar"] = meta["metavar"]
-            if is_tuple:
-                kw["type"] = str
-                kw.setdefault("metavar", "A,B,...")
-            else:
-                kw["type"] = _SCALARS.get(name, str)
-                if meta.get("choices"):
-                    kw["choices"] = meta["choices"]
-            group.add_argument(flag_of(entry, f.name), **kw)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, entry: str) -> dict:
-        """The options given on the command line (flags parsed by :meth:`add_arguments`)."""
-        prefix = entry.replace("-", "_") + "_"
-        return {n: getattr(args, prefix + n) for n in cls.field_names()
-                if getattr(args, prefix + n, None) is not None}
+    def flag(cls, entry: str, field_name: str) -> str:
+        """The command-line flag of a field: ``--<entry>-<field>``, or the field's own ``flag`` name."""
+        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}.get(field_name, {})
+        return flag_of(entry, meta.get("flag") or field_name)
 
 
 def flag_of(entry: str, field_name: str) -> str:
@@ -173,7 +142,7 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
     if value is None:
         return
     meta = f.metadata
-    name, is_tuple, _ = _base_type(str(f.type))
+    name, is_tuple, _ = field_type(str(f.type))
     values = value if is_tuple else (value,)
     for v in values:
         if name == "int" and (not isinstance(v, int) or isinstance(v, bool)):

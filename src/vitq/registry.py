@@ -14,13 +14,12 @@ Other facts an entry may carry (keyword arguments of the register decorators):
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vitq.errors import VitqError
-from vitq.options import Options, flag_of
+from vitq.options import Options
 
 
 @dataclass
@@ -48,7 +47,7 @@ class Entry:
 
     def flag(self, option: str) -> str:
         """The command-line flag of an option (``--<name>-<option>``)."""
-        return flag_of(self.name, option)
+        return self.config.flag(self.name, option)
 
     def make_config(self, options: dict | Options | None = None) -> Options | dict:
         """The checked config from keyword options (refused naming the flag); raises before any work."""
@@ -61,23 +60,9 @@ class Entry:
     def check_options(self, options: dict) -> None:
         self.make_config(options)
 
-    def add_arguments(self, group) -> None:
-        if self.legacy:
-            if self.add_arguments_fn is not None:
-                self.add_arguments_fn(group)
-            return
-        self.config.add_arguments(group, self.name)
-
     @property
     def has_options(self) -> bool:
         return self.add_arguments_fn is not None if self.legacy else bool(self.config.field_names())
-
-    def options_from_args(self, args: argparse.Namespace) -> dict:
-        """Keyword options from parsed CLI flags ``--<name>-x`` (dest ``<name>_x``), for flags given."""
-        if not self.legacy:
-            return self.config.from_args(args, self.name)
-        prefix = self.name.replace("-", "_") + "_"
-        return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
 
     def split(self, options: dict | None) -> tuple[dict, dict]:
         """(options, run-time context): keys of the function's own keyword parameters that are not config

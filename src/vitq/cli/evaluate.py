@@ -34,7 +34,7 @@ def add_command(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from vitq.cli import validate
+    import vitq.cli.validate as validate
     from vitq.data import model_transform
     from vitq.state import check_output_file, load, write_json
 

@@ -24,6 +24,7 @@ from vitq.cli.common import (
     summary_line,
     versions,
 )
+from vitq.cli.flags import add_entry_flags, entry_options
 from vitq.errors import VitqError
 from vitq.recipes import MEASURED, choose
 from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS
@@ -74,15 +75,15 @@ def add_command(sub, argv: Sequence[str]) -> None:
                 continue
             visible = shown[kind] == entry.name
             target = q.add_argument_group(f"options of {kind} {entry.name}") if visible else q
-            entry.add_arguments(EntryOptions(target, kind, entry.name, not visible, owners))
+            add_entry_flags(EntryOptions(target, kind, entry.name, not visible, owners), entry)
     q.set_defaults(func=cmd_quantize, option_owners=owners)
 
 
 
 def cmd_quantize(args) -> int:
-    from vitq import api
+    import vitq.api as api
+    import vitq.cli.validate as validate
     from vitq.calib import CalibData
-    from vitq.cli import validate
     from vitq.data import model_transform
     from vitq.registry import get_method, get_refiner
     from vitq.scheme import A_BITS, DEFAULT_A_BITS, DEFAULT_W_BITS, W_BITS, Scheme
@@ -111,8 +112,8 @@ def cmd_quantize(args) -> int:
     method = get_method(args.method) if args.init_state is None else None
     chain = api.refiner_chain(args.refine) if args.refine else []
     validate.entry_options(args, args.option_owners, args.method, chain)
-    method_opts = method.options_from_args(args) if method else {}
-    chain_opts = {name: get_refiner(name).options_from_args(args) for name in chain}
+    method_opts = entry_options(args, method) if method else {}
+    chain_opts = {name: entry_options(args, get_refiner(name)) for name in chain}
     if method:
         method.check_options(method_opts)
     for name in chain:

@@ -2,7 +2,7 @@
 and its mixed precision (:mod:`vitq.methods.ptqvit_mp`).
 
 Every field gives the flag ``--ptqvit-<field>``; the mixed-precision target also keeps its old, shorter flag
-``--mixed-precision`` (see :meth:`PtqvitOptions.add_arguments`).
+``--mixed-precision`` (an alias of ``--ptqvit-mixed-precision``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class PtqvitOptions(Options):
                                "does (default: unsigned with zero point 0, since it lies in [0, 1]; the signed grid "
                                "wastes half its codes)")
     mixed_precision: int | None = opt(None, "mixed precision with this average weight bit width (e.g. 6 or 8): one "
-                                      "bit width per block MSA and MLP from {BITS-2..BITS+2}", metavar="BITS")
+                                      "bit width per block MSA and MLP from {BITS-2..BITS+2}", metavar="BITS",
+                                      aliases=("--mixed-precision",))
     mp_candidates: int = opt(20, "candidates of the reduced search that estimates Ω", minimum=1, metavar="C")
     mp_rounds: int = opt(1, "rounds of the reduced search that estimates Ω", minimum=1, metavar="R")
     mp_images: int | None = opt(None, "mixed precision: allocate on the first N calibration images (None: those of "
@@ -84,10 +85,3 @@ class PtqvitOptions(Options):
         if not self.low < self.high:
             raise OptionError("high", self.high, f"a number above low = {self.low} (0 < low < high)")
 
-    @classmethod
-    def add_arguments(cls, group, entry: str) -> None:
-        """The generated flags, and ``--mixed-precision`` (the mixed-precision target's flag from before the
-        ``--<entry>-<field>`` rule; same destination as ``--ptqvit-mixed-precision``)."""
-        super().add_arguments(group, entry)
-        group.add_argument("--mixed-precision", dest=f"{entry.replace('-', '_')}_mixed_precision", type=int,
-                           default=None, metavar="BITS", help=f"{entry}: same as --{entry}-mixed-precision")

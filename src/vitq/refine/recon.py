@@ -48,7 +48,7 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.options import OptionError, Options, flag_of, opt
+from vitq.options import OptionError, Options, opt
 from vitq.quant.base import EPS
 from vitq.refine.recon_learn import Dropper, LsqQuantizer, Rounding, SoftWeights, rec_loss
 from vitq.refine.recon_pieces import Cache, Piece, frozen_parameters, piece_state, pieces_of, restore_piece, swapped
@@ -59,23 +59,13 @@ log = logging.getLogger("vitq")
 CHECKPOINT_FORMAT = "vitq-recon-ckpt-1"
 
 
-class _RenamedFlags:
-    """An argparse group through which some generated flags are added under another name."""
-
-    def __init__(self, group, names: dict[str, str]):
-        self.group, self.names = group, names
-
-    def add_argument(self, *flags, **kw):
-        return self.group.add_argument(*(self.names.get(f, f) for f in flags), **kw)
-
-
 @dataclass(frozen=True)
 class ReconOptions(Options):
     iters: int = opt(20000, "optimisation steps per block (20000 as BRECQ/QDrop, for a GPU; CPU: 40)", minimum=0,
                      metavar="N")
     # the flag is --recon-batch-size; the field is not called batch_size, which is the calibration batching
     # of vitq.refine(..., batch_size=...)
-    batch: int = opt(32, "calibration images per step (CPU: 4)", minimum=1, metavar="N")
+    batch: int = opt(32, "calibration images per step (CPU: 4)", minimum=1, metavar="N", flag="batch_size")
     lr: float = opt(1e-3, "Adam learning rate of the AdaRound rounding variables (CPU: 1e-2)", minimum=0.0,
                     metavar="LR")
     scale_lr: float = opt(1e-3, "Adam learning rate of the activation step sizes, relative to each initial step "
@@ -99,25 +89,6 @@ class ReconOptions(Options):
     def check(self) -> None:
         if not self.beta_start >= self.beta_end:
             raise OptionError("beta_start", self.beta_start, "beta_start >= beta_end > 0")
-
-    @classmethod
-    def add_arguments(cls, group, entry: str) -> None:
-        """The generated flags, with ``batch`` under its flag of before, ``--<entry>-batch-size``."""
-        super().add_arguments(_RenamedFlags(group, {flag_of(entry, "batch"): flag_of(entry, "batch_size")}), entry)
-
-    @classmethod
-    def build(cls, options: dict | Options | None, entry: str) -> Options:
-        """As :meth:`Options.build`; a bad ``batch`` is named by its flag ``--<entry>-batch-size``, unknown
-        names as "unknown <entry> options"."""
-        try:
-            return super().build(options, entry)
-        except VitqError as e:
-            text = str(e)
-            for old, new in ((flag_of(entry, "batch") + " ", flag_of(entry, "batch_size") + " "),
-                             (f"{entry}: unknown options ", f"unknown {entry} options ")):
-                if text.startswith(old):
-                    raise VitqError(new + text[len(old):]) from None
-            raise
 
 
 CPU_SETTING = {"iters": 40, "batch": 4, "lr": 1e-2, "scale_lr": 4e-3}  # documented cheaper setting
