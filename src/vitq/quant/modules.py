@@ -6,6 +6,8 @@ Features a module does not handle raise :class:`VitqError` naming the module.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +111,10 @@ class QAttentionBase(nn.Module):
         q, k, v = qkv.unbind(0)
         return self.q_quant(q), self.k_quant(k), self.v_quant(v)
 
+    def score_bias(self) -> torch.Tensor | None:
+        """The additive bias of the pre-softmax scores ([1, H, N, N]); None when there is none."""
+        return None
+
     def _softmax_v(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         attn = self.softmax_quant(self.score_quant(scores).softmax(dim=-1))
         x = self.attn_drop(attn) @ v
@@ -166,9 +172,19 @@ class QWindowAttention(QAttentionBase):
         return self._softmax_v(scores, v)
 
 
-class QBlock(nn.Module):
+class QTransformerBlock(nn.Module):
+    """Base of pre-norm residual transformer blocks (``norm1``, ``attn``, ``norm2``, ``mlp``, ``res_quant1``,
+    ``res_quant2``). ``sequential``: the forward is exactly ``x = res_quant1(x); x = x +
+    drop_path1(ls1(attn(norm1(x)))); x = res_quant2(x); return x + drop_path2(ls2(mlp(norm2(x))))``."""
+
+    sequential: ClassVar[bool] = False
+
+
+class QBlock(QTransformerBlock):
     """Built from timm's ViT ``Block``. In the fq regime the residual stream is quantized (PTF) where it
     enters each LayerNorm, and the quantized value also feeds the skip connection."""
+
+    sequential = True
 
     def __init__(self, block: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
         super().__init__()
@@ -186,7 +202,7 @@ class QBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class QSwinBlock(nn.Module):
+class QSwinBlock(QTransformerBlock):
     """Built from timm's ``SwinTransformerBlock``. The shifted-window partition is timm's own ``_attn``
     (called on this module, which carries the attributes it reads); only the residual adds are ours."""
 
