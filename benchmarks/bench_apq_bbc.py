@@ -32,9 +32,10 @@ from benchmarks.common import (
     write_json,
 )
 from vitq.calib import CalibData
-from vitq.methods.apq import APQ_DEFAULTS, bbc_search
+from vitq.methods.apq import ApqOptions
+from vitq.methods.bbc import bbc_search
 from vitq.methods.hessian import Grids, layerwise_search, linear_grid
-from vitq.methods.ptq4vit import check_options, grids_from, setup
+from vitq.methods.ptq4vit import grids_from, setup
 from vitq.models.trunk import Trunk
 
 VARIANTS = {  # name -> BBC options (on top of the apq defaults)
@@ -91,20 +92,20 @@ def main() -> None:
         run = bench.quantize(scheme, "ptq4vit", calib_x, options=popts, batch_size=32)
         record(bits, "ptq4vit", run.qmodel, run.info["seconds"])
         # apq's base once: the same code path as vitq.methods.apq.apq up to BBC
-        o = check_options(dict(shared), APQ_DEFAULTS, "apq")
+        o = ApqOptions.build(dict(shared), "apq")
         base = vitq.prepare(model, scheme, method="apq", options=o)
         calib = CalibData(calib_x, batch_size=32, progress=False, seed=0)
         t0 = time.perf_counter()
         sub, cap, _ = setup(base, calib, o, "mpq", blocks=[n for _, n, _ in Trunk(base).blocks()])
-        layerwise_search(base, cap, grids_from(o), o["rounds"], calib.device)
+        layerwise_search(base, cap, grids_from(o), o.rounds, calib.device)
         base_s = time.perf_counter() - t0
         record(bits, "apq w/o BBC (base)", base, base_s)
-        bgrids = Grids(linear_grid(float(o["bbc_alpha"]), float(o["bbc_beta"]), o["bbc_candidates"]),
+        bgrids = Grids(linear_grid(o.bbc_alpha, o.bbc_beta, o.bbc_candidates),
                        grids_from(o).twin_shifts, grids_from(o).mpq_thresholds)
         for name in args.variants.split(","):
             qq = copy.deepcopy(base)
             t0 = time.perf_counter()
-            trace = bbc_search(qq, cap, sub.images, bgrids, {**o, **VARIANTS[name]}, calib.device, calib.seed)
+            trace = bbc_search(qq, cap, sub.images, bgrids, o.replace(**VARIANTS[name]), calib.device, calib.seed)
             guard = [b.get("guard", {}).get("kept") for b in trace.values()]
             record(bits, f"apq BBC {name}", qq, base_s + time.perf_counter() - t0,
                    {"options": VARIANTS[name], "guard_kept": guard})

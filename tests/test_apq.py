@@ -11,14 +11,8 @@ import torch  # noqa: E402
 
 import vitq  # noqa: E402
 import vitq.methods  # noqa: E402,F401  (registers the quantizer kinds)
-from vitq.methods.hessian import (  # noqa: E402
-    BlockPieces,
-    bbc_distance,
-    bottom_elimination_mask,
-    hessian_distance,
-    keep_count,
-    linear_grid,
-)
+from vitq.methods.bbc import BlockPieces, bbc_distance, bottom_elimination_mask, keep_count  # noqa: E402
+from vitq.methods.hessian import hessian_distance, linear_grid  # noqa: E402
 from vitq.quant.base import make_quantizer, quantizers_of  # noqa: E402
 from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer  # noqa: E402
 

@@ -31,6 +31,7 @@ model) from 99 % to 84 %; ``softmax="aciq"`` clips them like every other tensor.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,18 +39,32 @@ from torch import nn
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.methods.baselines import weighted_modules
+from vitq.options import Options, opt
 from vitq.quant.base import quantizers_of
 from vitq.quant.mixed import MixedUniformQuantizer
 from vitq.quant.observers import apply_range, observing
 from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
-from vitq.registry import merge_options, register_method
+from vitq.registry import register_method
 
 # α / b̂ (Laplace) and α / σ (Gaussian) for 2..8 bits (METHODS.md §2)
 LAPLACE_K = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
 GAUSSIAN_K = {2: 1.71, 3: 2.15, 4: 2.55, 5: 2.94, 6: 3.29, 7: 3.61, 8: 3.92}
 DISTRIBUTIONS = ("laplace", "gaussian")
-DEFAULTS = {"distribution": "laplace", "allocation": True, "min_bits": 2, "max_bits": 8, "bias_corr": True,
-            "softmax": "minmax", "activations": "aciq"}
+
+
+@dataclass(frozen=True)
+class AciqOptions(Options):
+    distribution: str = opt("laplace", "fitted distribution whose clipping constants are used",
+                            choices=DISTRIBUTIONS)
+    allocation: bool = opt(True, "per-channel weight bit allocation (off: every weight channel gets the scheme's "
+                           "bits)")
+    min_bits: int = opt(2, "fewest bits a weight channel may get", minimum=1, maximum=16)
+    max_bits: int = opt(8, "most bits a weight channel may get", minimum=1, maximum=16)
+    bias_corr: bool = opt(True, "weight bias correction (off: ablation)")
+    softmax: str = opt("minmax", "range of the softmax-output quantizer: minmax or aciq (clipped like the others)",
+                       choices=("aciq", "minmax"))
+    activations: str = opt("aciq", "clip activations analytically (aciq) or keep their min/max (minmax: ACIQ on the "
+                           "weights only)", choices=("aciq", "minmax"))
 
 
 def expected_mse(k: float, bits: int, distribution: str) -> float:
@@ -248,45 +263,12 @@ def calibrate_weights(model: nn.Module, distribution: str, allocation: bool, min
     return layers
 
 
-def resolve_options(options: dict) -> dict:
-    o = merge_options("aciq", options, DEFAULTS, {"no_allocation": "allocation", "no_bias_corr": "bias_corr"})
-    if o["distribution"] not in DISTRIBUTIONS:
-        raise VitqError(f"--aciq-distribution {o['distribution']!r} (expected one of {', '.join(DISTRIBUTIONS)})")
-    for k in ("softmax", "activations"):
-        if o[k] not in ("aciq", "minmax"):
-            raise VitqError(f"--aciq-{k} {o[k]!r} (expected aciq or minmax)")
-    for k in ("min_bits", "max_bits"):
-        if not isinstance(o[k], int) or not 1 <= o[k] <= 16:
-            raise VitqError(f"--aciq-{k.replace('_', '-')} {o[k]!r} (expected an integer 1..16)")
-    return o
-
-
-def _add_arguments(group) -> None:
-    group.add_argument("--aciq-distribution", choices=DISTRIBUTIONS, default=None,
-                       help="aciq: fitted distribution whose clipping constants are used (default laplace)")
-    group.add_argument("--aciq-no-allocation", action="store_true", default=None,
-                       help="aciq: every weight channel gets the scheme's bits (no per-channel bit allocation)")
-    group.add_argument("--aciq-min-bits", type=int, default=None,
-                       help=f"aciq: fewest bits a weight channel may get (default {DEFAULTS['min_bits']})")
-    group.add_argument("--aciq-max-bits", type=int, default=None,
-                       help=f"aciq: most bits a weight channel may get (default {DEFAULTS['max_bits']})")
-    group.add_argument("--aciq-no-bias-corr", action="store_true", default=None,
-                       help="aciq: no weight bias correction (ablation)")
-    group.add_argument("--aciq-softmax", choices=("aciq", "minmax"), default=None,
-                       help="aciq: range of the softmax-output quantizer: minmax (default) or aciq (clipped like the "
-                            "others)")
-    group.add_argument("--aciq-activations", choices=("aciq", "minmax"), default=None,
-                       help="aciq: clip activations analytically (default) or keep their min/max (ablation: ACIQ "
-                            "on the weights only)")
-
-
 @register_method("aciq", "ACIQ (Banner et al.): analytical Laplace/Gaussian clipping of every tensor, per-channel "
-                 "weight bit allocation at a fixed average, weight bias correction", add_arguments=_add_arguments)
-def aciq(model: nn.Module, calib: CalibData, **options) -> dict:
-    o = resolve_options(options)
-    clipped = calibrate_activations(model, calib, o["distribution"], o["softmax"], o["activations"] == "aciq")
-    layers = calibrate_weights(model, o["distribution"], o["allocation"], o["min_bits"], o["max_bits"],
-                               o["bias_corr"])
+                 "weight bit allocation at a fixed average, weight bias correction", config=AciqOptions)
+def aciq(model: nn.Module, calib: CalibData, cfg: AciqOptions) -> dict:
+    o = cfg.to_dict()
+    clipped = calibrate_activations(model, calib, cfg.distribution, cfg.softmax, cfg.activations == "aciq")
+    layers = calibrate_weights(model, cfg.distribution, cfg.allocation, cfg.min_bits, cfg.max_bits, cfg.bias_corr)
     n = sum(v["channels"] for v in layers.values())
     weights = {name: m.weight.numel() for name, m in weighted_modules(model).items()}
     total = sum(weights.values())

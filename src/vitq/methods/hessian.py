@@ -1,7 +1,11 @@
 """Shared engine of PTQ4ViT and APQ-ViT: one float pass that records what the searches need (layer inputs
 and outputs, attention q/k/v/probabilities, block inputs/outputs) together with the gradients of the task
 loss, then grid searches over quantizer parameters ("knobs") that minimise a squared-gradient-weighted
-distance (the diagonal-Hessian approximation of PTQ4ViT: E[(O-Ô)ᵀ diag((∂L/∂O)²) (O-Ô)]).
+distance (the diagonal-Hessian approximation of PTQ4ViT: E[(O-Ô)ᵀ diag((∂L/∂O)²) (O-Ô)]), here layer by
+layer (:func:`layerwise_search`; APQ's block-wise search on top of it is :mod:`vitq.methods.bbc`).
+
+Attention is found through :class:`~vitq.quant.modules.QAttentionBase` (any family's), weighted layers
+through :class:`~vitq.quant.modules.QWeighted`.
 
 The task loss on unlabelled calibration images is the cross-entropy of the float model's logits against its
 own top-1 prediction (summed over images). KL to the model's own output would be the natural alternative,
@@ -12,16 +16,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitq.quant.base import Quantizer, quantizers_of
-from vitq.quant.modules import QAttention, QBlock, QConv2d, QLinear, QWeighted, QWindowAttention
+from vitq.quant.base import Quantizer, passthrough
+from vitq.quant.modules import QAttentionBase, QConv2d, QLinear, QWeighted
 from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 from vitq.quant.uniform import UniformQuantizer
 
@@ -42,58 +45,12 @@ def hessian_distance(o: torch.Tensor, o_hat: torch.Tensor, grad: torch.Tensor) -
     return weighted_sq_error(o, o_hat, grad.pow(2)) / o.shape[0]
 
 
-def keep_count(n: int, keep_fraction: float) -> int:
-    """How many of n elements bottom elimination keeps: ceil(keep_fraction·n), at least 1."""
-    return max(1, min(n, math.ceil(keep_fraction * n - 1e-9)))
-
-
-def bottom_elimination_mask(err: torch.Tensor, keep_fraction: float) -> torch.Tensor:
-    """Boolean mask (shape of ``err``) of the elements bottom elimination keeps: the largest
-    ``keep_count(n, keep_fraction)``; the ``n - keep`` smallest are dropped."""
-    flat = err.reshape(-1)
-    idx = flat.topk(keep_count(flat.numel(), keep_fraction)).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[idx] = True
-    return mask.view_as(err)
-
-
-def bbc_distance(o: torch.Tensor, o_hat: torch.Tensor, g2: torch.Tensor, keep_fraction: float) -> torch.Tensor:
-    """APQ-ViT's block metric (our interpretation): per-element g²·(o - ô)², the smallest dropped, the kept
-    (largest) summed."""
-    e = ((o - o_hat).pow(2) * g2).reshape(-1)
-    if keep_fraction >= 1.0:
-        return e.sum()
-    return e.topk(keep_count(e.numel(), keep_fraction), sorted=False).values.sum()
-
-
 def task_loss(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against the model's own top-1 prediction (pseudo-label), summed over images."""
     return F.cross_entropy(logits, logits.argmax(1).detach(), reduction="sum")
 
 
 # -- float pass with gradients ---------------------------------------------------------------------------------
-
-
-class _PassThrough:
-    """An 'observer' that records nothing: while attached, a quantizer is the identity."""
-
-    def update(self, x: torch.Tensor) -> None:
-        pass
-
-
-@contextmanager
-def float_mode(model: nn.Module) -> Iterator[None]:
-    """Every quantizer of the model passes values through unchanged (the float model) inside the block."""
-    qs = quantizers_of(model)
-    saved = {n: q.observer for n, q in qs.items()}
-    tap = _PassThrough()
-    for q in qs.values():
-        q.observer = tap
-    try:
-        yield
-    finally:
-        for n, q in qs.items():
-            q.observer = saved[n]
 
 
 @dataclass
@@ -106,8 +63,9 @@ class Capture:
     num_images: int = 0
 
 
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QAttention, QWindowAttention))}
+def attention_modules(model: nn.Module) -> dict[str, QAttentionBase]:
+    """Every quantized attention of the model (any family), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QAttentionBase)}
 
 
 def _sample(n: int, fraction: float, gen: torch.Generator) -> torch.Tensor | None:
@@ -137,7 +95,7 @@ def capture(model: nn.Module, images: torch.Tensor, device, batch_size: int = 8,
         hooks = _register_hooks(layers, attns, block_mods, rec, targets)
         try:
             x = images[start:start + batch_size].to(device).clone().requires_grad_(True)
-            with torch.enable_grad(), float_mode(model):
+            with torch.enable_grad(), passthrough(model):
                 loss = task_loss(model(x))
                 grads = torch.autograd.grad(loss, [t for _, _, t in targets], allow_unused=True)
         finally:
@@ -208,8 +166,8 @@ def _store_batch(rec, layers, attns, block_mods, acc, token_fraction, gen) -> No
         if "g_o" not in r:
             continue
         q = r["q"]
-        B, H, N, d = q.shape
-        g_o = r["g_o"].reshape(B, N, H, d).permute(0, 2, 1, 3)  # grad of (attn @ v) before the head merge
+        B, H, N, _ = q.shape  # N query rows; the value head width may differ from the query's
+        g_o = r["g_o"].reshape(B, N, H, r["v"].shape[-1]).permute(0, 2, 1, 3)  # grad of attn @ v before the merge
         idx = _sample(N, token_fraction, gen)
         idx = None if idx is None else idx.to(q.device)
 
@@ -424,58 +382,3 @@ def layerwise_search(model: nn.Module, cap: Capture, grids: Grids, rounds: int, 
         trace[label] = {"distance_ratio": d1 / d0 if d0 > 0 else 1.0, "rounds": used,
                         "choices": {kb.name.rsplit(".", 1)[-1]: kb.describe() for kb in knobs}}
     return trace
-
-
-# -- block pieces for APQ-ViT's block-output metric ------------------------------------------------------------
-
-
-class BlockPieces:
-    """A ViT ``QBlock`` split at the points where a search over its quantizers can reuse earlier results,
-    evaluated only at the query-token rows ``idx`` (keys/values use all tokens, everything after the
-    attention is per token). ``full(x, idx)`` equals ``block(x)[:, idx]``."""
-
-    def __init__(self, block: QBlock):
-        self.b = block
-        self.a = block.attn
-
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a.qkv(self.b.norm1(self.b.res_quant1(x)))
-
-    def attend(self, qkv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        a = self.a
-        B, N, _ = qkv.shape
-        q, k, v = qkv.reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q = a.q_quant(q[:, :, idx])
-        k, v = a.k_quant(k), a.v_quant(v)
-        p = a.softmax_quant(a.score_quant((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
-        out = a.attn_drop(p) @ v
-        return out.transpose(1, 2).reshape(B, idx.numel(), -1)
-
-    def project(self, x: torch.Tensor, o: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        b = self.b
-        return b.res_quant1(x)[:, idx] + b.drop_path1(b.ls1(self.a.proj_drop(self.a.proj(o))))
-
-    def mlp(self, y: torch.Tensor) -> torch.Tensor:
-        b = self.b
-        y = b.res_quant2(y)
-        return y + b.drop_path2(b.ls2(b.mlp(b.norm2(y))))
-
-    def full(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.project(x, self.attend(self.qkv(x), idx), idx))
-
-
-def block_knob_stages(block: nn.Module, prefix: str, grids: Grids) -> list[list[Knob]]:
-    """The block's searchable quantizers grouped by the piece that must be recomputed for them:
-    [qkv weight/input], [q, k, softmax, v], [proj weight/input], [fc1, fc2 weight/input]."""
-    a, mlp = block.attn, block.mlp
-    groups = [[("attn.qkv.weight_quant", a.qkv.weight_quant), ("attn.qkv.input_quant", a.qkv.input_quant)],
-              [("attn.q_quant", a.q_quant), ("attn.k_quant", a.k_quant), ("attn.softmax_quant", a.softmax_quant),
-               ("attn.v_quant", a.v_quant)],
-              [("attn.proj.weight_quant", a.proj.weight_quant), ("attn.proj.input_quant", a.proj.input_quant)],
-              [("mlp.fc1.weight_quant", mlp.fc1.weight_quant), ("mlp.fc1.input_quant", mlp.fc1.input_quant),
-               ("mlp.fc2.weight_quant", mlp.fc2.weight_quant), ("mlp.fc2.input_quant", mlp.fc2.input_quant)]]
-    stages = []
-    for g in groups:
-        knobs = [make_knob(f"{prefix}.{n}", q, grids) for n, q in g]
-        stages.append([k for k in knobs if k is not None])
-    return stages

@@ -26,6 +26,7 @@ evaluations; Ctrl-C raises ``KeyboardInterrupt`` out of the method (the CLI writ
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,16 +36,41 @@ from torch import nn
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.methods.baselines import weighted_modules
-from vitq.methods.hessian import float_mode
 from vitq.models.trunk import Trunk
-from vitq.quant.base import quantizers_of
+from vitq.options import OptionError, Options, opt
+from vitq.quant.base import passthrough, quantizers_of
 from vitq.quant.observers import OMSE_FACTORS, apply_range, observing, start_error_pass
 from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
-from vitq.registry import merge_options, register_method
+from vitq.registry import register_method
 
-DEFAULTS = {"p_values": (2.0, 2.5, 3.0, 3.5, 4.0), "max_evals": 500, "loss_images": 32, "loss": "kl",
-            "xtol": 0.01, "low": 0.1, "high": 1.5, "joint": True}
 LOSSES = ("kl", "ce")
+
+
+@dataclass(frozen=True)
+class LapqOptions(Options):
+    p_values: tuple[float, ...] = opt((2.0, 2.5, 3.0, 3.5, 4.0), "p of the Lp-norm initialization, swept; the "
+                                      "lowest task loss wins", minimum=0.5, maximum=8.0, metavar="P,P,...")
+    max_evals: int = opt(500, "cap on task-loss evaluations of the Powell step", minimum=1, metavar="N")
+    loss_images: int = opt(32, "the task loss uses the first N calibration images", minimum=1, metavar="N")
+    loss: str = opt("kl", "label-free task loss against the float model's outputs: kl or ce (cross-entropy with "
+                    "the float top-1)", choices=LOSSES)
+    xtol: float = opt(0.01, "Powell line-search tolerance on the factors", above=0.0)
+    low: float = opt(0.1, "lower bound of every range factor", above=0.0, below=1.0)
+    high: float = opt(1.5, "upper bound of every range factor", above=1.0)
+    joint: bool = opt(True, "the joint Powell step (off: stop after the Lp initialization, an ablation)")
+
+    def __post_init__(self) -> None:
+        p = self.p_values
+        if isinstance(p, str):  # "2,3,x" from the command line: refused naming the option
+            try:
+                [float(v) for v in p.split(",") if v.strip()]
+            except ValueError:
+                raise OptionError("p_values", p, "numbers, e.g. 2,3,4") from None
+        super().__post_init__()
+
+    def check(self) -> None:
+        if not self.p_values:
+            raise OptionError("p_values", self.p_values, "at least one p, e.g. 2,3,4")
 
 
 class _Budget(Exception):
@@ -129,7 +155,7 @@ class LossEvaluator:
             self.trunk, names = None, []
         self.n_units = len(names)
         self.unit_of = np.array([self._unit(c.name, names) for c in clips])
-        with torch.no_grad(), float_mode(model):
+        with torch.no_grad(), passthrough(model):
             self.float_logp = [F.log_softmax(model(x).float(), -1) for x in images]
         self.cache: list | None = None
         self.x: np.ndarray | None = None
@@ -203,69 +229,24 @@ def _clips(model: nn.Module, observers: dict) -> list[Clip]:
     return sorted(out, key=lambda c: order.get(c.name, len(order)))
 
 
-def resolve_options(options: dict) -> dict:
-    o = merge_options("lapq", options, DEFAULTS, {"no_joint": "joint"})
-    if isinstance(o["p_values"], str):
-        try:
-            o["p_values"] = tuple(float(v) for v in o["p_values"].split(","))
-        except ValueError:
-            raise VitqError(f"--lapq-p-values {o['p_values']!r} (expected numbers, e.g. 2,3,4)") from None
-    o["p_values"] = tuple(float(v) for v in o["p_values"])
-    if not o["p_values"] or any(not 0.5 <= p <= 8 for p in o["p_values"]):
-        raise VitqError(f"--lapq-p-values {o['p_values']} (expected values in [0.5, 8])")
-    for k in ("max_evals", "loss_images"):
-        if not isinstance(o[k], int) or o[k] < 1:
-            raise VitqError(f"--lapq-{k.replace('_', '-')} {o[k]!r} (expected a positive integer)")
-    if o["loss"] not in LOSSES:
-        raise VitqError(f"--lapq-loss {o['loss']!r} (expected one of {', '.join(LOSSES)})")
-    if not 0 < o["low"] < 1 < o["high"]:
-        raise VitqError(f"--lapq-low {o['low']} / --lapq-high {o['high']} (expected 0 < low < 1 < high)")
-    if not o["xtol"] > 0:
-        raise VitqError(f"--lapq-xtol {o['xtol']} (expected > 0)")
-    return o
-
-
-def _add_arguments(group) -> None:
-    d = DEFAULTS
-    group.add_argument("--lapq-p-values", default=None, metavar="P,P,...",
-                       help="lapq: p of the Lp-norm initialization, swept; the lowest task loss wins "
-                            f"(default {','.join(map(str, d['p_values']))})")
-    group.add_argument("--lapq-max-evals", type=int, default=None, metavar="N",
-                       help=f"lapq: cap on task-loss evaluations of the Powell step (default {d['max_evals']})")
-    group.add_argument("--lapq-loss-images", type=int, default=None, metavar="N",
-                       help=f"lapq: the task loss uses the first N calibration images (default {d['loss_images']})")
-    group.add_argument("--lapq-loss", choices=LOSSES, default=None,
-                       help="lapq: label-free task loss against the float model's outputs: kl (default) or ce "
-                            "(cross-entropy with the float top-1)")
-    group.add_argument("--lapq-xtol", type=float, default=None,
-                       help=f"lapq: Powell line-search tolerance on the factors (default {d['xtol']})")
-    group.add_argument("--lapq-low", type=float, default=None,
-                       help=f"lapq: lower bound of every range factor (default {d['low']})")
-    group.add_argument("--lapq-high", type=float, default=None,
-                       help=f"lapq: upper bound of every range factor (default {d['high']})")
-    group.add_argument("--lapq-no-joint", action="store_true", default=None,
-                       help="lapq: stop after the Lp initialization (ablation)")
-
-
 @register_method("lapq", "LAPQ (Nahshan et al.): Lp-norm clipping init (p swept), then Powell over all clipping "
-                 "values on a label-free KL loss vs the float model", add_arguments=_add_arguments,
+                 "values on a label-free KL loss vs the float model", config=LapqOptions,
                  quick_options={"max_evals": 100, "p_values": "2,3,4"})
-def lapq(model: nn.Module, calib: CalibData, **options) -> dict:
+def lapq(model: nn.Module, calib: CalibData, cfg: LapqOptions) -> dict:
     from scipy.optimize import minimize
 
-    o = resolve_options(options)
     t0 = time.perf_counter()
     with observing(model, seed=calib.seed) as observers:
         forward_all(model, calib, desc="lapq: observe")
         if start_error_pass(model, observers, "omse"):  # histograms of every value (PTF: shift errors)
             forward_all(model, calib, desc="lapq: observe errors")
     clips = _clips(model, observers)
-    images = calib.images[:o["loss_images"]]
+    images = calib.images[:cfg.loss_images]
     batches = [images[i:i + calib.batch_size].to(calib.device) for i in range(0, len(images), calib.batch_size)]
-    ev = LossEvaluator(model, clips, batches, o["loss"])
+    ev = LossEvaluator(model, clips, batches, cfg.loss)
     ones = np.ones(len(clips))
     p_loss = {}
-    for p in calib.bar(o["p_values"], "lapq: Lp init", len(o["p_values"])):
+    for p in calib.bar(cfg.p_values, "lapq: Lp init", len(cfg.p_values)):
         for c in clips:
             c.init_lp(p)
         ev.x = None  # every range changed
@@ -276,25 +257,25 @@ def lapq(model: nn.Module, calib: CalibData, **options) -> dict:
     ev.x = None
     init_loss = ev(ones)
     t_init = time.perf_counter() - t0
-    info = {"options": o, "variables": len(clips), "p_sweep_loss": {str(p): v for p, v in p_loss.items()},
+    info = {"options": cfg.to_dict(), "variables": len(clips), "p_sweep_loss": {str(p): v for p, v in p_loss.items()},
             "p": best_p, "init_loss": init_loss, "loss_images": len(images),
-            "loss": ("KL(float || quantized) of the softmax outputs" if o["loss"] == "kl"
+            "loss": ("KL(float || quantized) of the softmax outputs" if cfg.loss == "kl"
                      else "cross-entropy against the float model's top-1") + ", mean over the loss images",
             "parametrization": "one range factor per activation quantizer and per weighted layer (all its channels), "
                                "times its Lp-initialized range; start 1",
             "init_seconds": t_init}
-    if not o["joint"]:
+    if not cfg.joint:
         info.update({"final_loss": init_loss, "evaluations": 0})
         return info
     best = {"f": init_loss, "x": ones.copy()}
-    bar = calib.bar(range(o["max_evals"]), "lapq: Powell", o["max_evals"])
+    bar = calib.bar(range(cfg.max_evals), "lapq: Powell", cfg.max_evals)
     n = [0]
 
     def fun(x):
-        if n[0] >= o["max_evals"]:
+        if n[0] >= cfg.max_evals:
             raise _Budget
         n[0] += 1
-        x = np.clip(x, o["low"], o["high"])
+        x = np.clip(x, cfg.low, cfg.high)
         f = ev(x)
         if f < best["f"]:
             best.update(f=f, x=x.copy())
@@ -305,13 +286,13 @@ def lapq(model: nn.Module, calib: CalibData, **options) -> dict:
     t1 = time.perf_counter()
     stopped = "converged"
     try:
-        minimize(fun, ones, method="Powell", bounds=[(o["low"], o["high"])] * len(clips),
-                 options={"xtol": o["xtol"], "ftol": 1e-6, "maxfev": o["max_evals"]})
+        minimize(fun, ones, method="Powell", bounds=[(cfg.low, cfg.high)] * len(clips),
+                 options={"xtol": cfg.xtol, "ftol": 1e-6, "maxfev": cfg.max_evals})
     except _Budget:
         stopped = "evaluation cap"
     finally:
         bar.close()
-    if n[0] >= o["max_evals"]:  # scipy may stop at its own maxfev before our guard raises
+    if n[0] >= cfg.max_evals:  # scipy may stop at its own maxfev before our guard raises
         stopped = "evaluation cap"
     ev(best["x"])  # write the best point seen back into the quantizers
     factors = {c.name: float(f) for c, f in zip(clips, best["x"])}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -34,12 +35,30 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_observed
 from vitq.methods.hessian import Grids, attention_modules, capture, layerwise_search, linear_grid, swap_gelu_quantizers
+from vitq.options import OptionError, Options, opt
 from vitq.quant.base import make_quantizer
-from vitq.quant.twin import MPQQuantizer, TwinSoftmaxQuantizer  # noqa: F401
 from vitq.registry import register_method
 
-PTQ4VIT_DEFAULTS = {"num_calib": 32, "candidates": 100, "rounds": 3, "alpha": 0.0, "beta": 1.2, "twin_gelu": True,
-                    "twin_max_shift": 12, "mpq_candidates": 16, "token_fraction": 1.0, "grad_batch": 8}
+
+@dataclass(frozen=True)
+class Ptq4vitOptions(Options):
+    """PTQ4ViT's options (APQ's extend them: :class:`vitq.methods.apq.ApqOptions`)."""
+
+    num_calib: int = opt(32, "use the first N calibration images", minimum=1, metavar="N")
+    candidates: int = opt(100, "grid points in [alpha*D, beta*D]", minimum=1, metavar="C")
+    rounds: int = opt(3, "weight/input alternation rounds", minimum=1)
+    alpha: float = opt(0.0, "grid start as a fraction of the min/max scale (0 = beta/C)", minimum=0.0)
+    beta: float = opt(1.2, "grid end as a fraction of the min/max scale", above=0.0)
+    twin_gelu: bool = opt(True, "twin-uniform quantizer on each fc2 input after GELU (off: keep the uniform one)")
+    twin_max_shift: int = opt(12, "twin softmax: small range tops 2^-k for k = 0..this", minimum=0)
+    mpq_candidates: int = opt(16, "MPQ softmax thresholds 2^(-i/2), i = 1..this", minimum=1)
+    token_fraction: float = opt(1.0, "fraction of token rows used by the searches (1 = all)", above=0.0,
+                                maximum=1.0)
+    grad_batch: int = opt(8, "images per batch of the float pass with gradients", minimum=1)
+
+    def check(self) -> None:
+        if not self.alpha < self.beta:
+            raise OptionError("alpha", self.alpha, f"0 <= alpha < beta = {self.beta:g}")
 
 
 def require_matmul(scheme, method: str):
@@ -48,31 +67,9 @@ def require_matmul(scheme, method: str):
                         "use --scheme matmul")
 
 
-def check_options(opts: dict, defaults: dict, method: str) -> dict:
-    unknown = sorted(set(opts) - set(defaults))
-    if unknown:
-        raise VitqError(f"method {method}: unknown options {unknown} (expected some of {sorted(defaults)})")
-    o = {**defaults, **opts}
-
-    def flag(k: str) -> str:
-        return f"--{method}-{k.replace('_', '-')}"
-
-    for k in ("num_calib", "candidates", "rounds", "grad_batch", "mpq_candidates", "bbc_candidates", "bbc_rounds"):
-        if k in o and (not isinstance(o[k], int) or o[k] < 1):
-            raise VitqError(f"{flag(k)} {o[k]!r} is invalid (expected a positive integer)")
-    if not 0.0 < float(o["token_fraction"]) <= 1.0:
-        raise VitqError(f"{flag('token_fraction')} {o['token_fraction']} is invalid (expected 0 < f <= 1)")
-    if not 0.0 <= float(o["alpha"]) < float(o["beta"]):
-        raise VitqError(f"method {method}: alpha={o['alpha']}, beta={o['beta']} (expected 0 <= alpha < beta)")
-    if not isinstance(o["twin_max_shift"], int) or o["twin_max_shift"] < 0:
-        raise VitqError(f"method {method}: twin_max_shift={o['twin_max_shift']!r} (expected an integer >= 0)")
-    return o
-
-
-def grids_from(o: dict) -> Grids:
-    return Grids(linear_grid(float(o["alpha"]), float(o["beta"]), o["candidates"]),
-                 list(range(o["twin_max_shift"] + 1)),
-                 [2.0 ** (-i / 2) for i in range(1, o["mpq_candidates"] + 1)])
+def grids_from(cfg: Ptq4vitOptions) -> Grids:
+    return Grids(linear_grid(cfg.alpha, cfg.beta, cfg.candidates), list(range(cfg.twin_max_shift + 1)),
+                 [2.0 ** (-i / 2) for i in range(1, cfg.mpq_candidates + 1)])
 
 
 def ensure_softmax_kind(model: nn.Module, kind: str) -> str:
@@ -89,20 +86,21 @@ def ensure_softmax_kind(model: nn.Module, kind: str) -> str:
     return ",".join(kinds)
 
 
-def setup(model: nn.Module, calib: CalibData, o: dict, softmax_kind: str, blocks: list[str] | None = None):
+def setup(model: nn.Module, calib: CalibData, cfg: Ptq4vitOptions, softmax_kind: str,
+          blocks: list[str] | None = None):
     """Shared first steps of ptq4vit and apq: take the first num_calib images, swap in the twin-GELU and
     softmax quantizers, set every quantizer from min/max, and run the float pass with gradients."""
-    images = calib.images[:o["num_calib"]]
+    images = calib.images[:cfg.num_calib]
     sub = CalibData(images, batch_size=calib.batch_size, device=calib.device, progress=calib.progress,
                     seed=calib.seed)
     info = {"num_calib_given": len(calib), "num_calib_used": len(sub),
             "calib_images_used": f"the first {len(sub)} of the given calibration images"}
     info["softmax_quantizer"] = ensure_softmax_kind(model, softmax_kind)
-    info["twin_gelu_swapped"] = len(swap_gelu_quantizers(model)) if o["twin_gelu"] else 0
+    info["twin_gelu_swapped"] = len(swap_gelu_quantizers(model)) if cfg.twin_gelu else 0
     model.to(calib.device)
     t0 = time.perf_counter()
     calibrate_observed(model, sub, "minmax", "minmax")
-    cap = capture(model, images, calib.device, batch_size=o["grad_batch"], token_fraction=float(o["token_fraction"]),
+    cap = capture(model, images, calib.device, batch_size=cfg.grad_batch, token_fraction=cfg.token_fraction,
                   blocks=blocks, seed=calib.seed, bar=calib.bar)
     info["seconds_init_and_float_pass"] = time.perf_counter() - t0
     scheme = getattr(model, "vitq_scheme", None)
@@ -110,33 +108,16 @@ def setup(model: nn.Module, calib: CalibData, o: dict, softmax_kind: str, blocks
     return sub, cap, info
 
 
-def run_ptq4vit(model: nn.Module, calib: CalibData, o: dict, softmax_kind: str) -> dict:
-    _, cap, info = setup(model, calib, o, softmax_kind)
+def run_ptq4vit(model: nn.Module, calib: CalibData, cfg: Ptq4vitOptions, softmax_kind: str) -> dict:
+    _, cap, info = setup(model, calib, cfg, softmax_kind)
     t0 = time.perf_counter()
-    trace = layerwise_search(model, cap, grids_from(o), o["rounds"], calib.device, bar=calib.bar)
+    trace = layerwise_search(model, cap, grids_from(cfg), cfg.rounds, calib.device, bar=calib.bar)
     info["seconds_layerwise_search"] = time.perf_counter() - t0
     info["layerwise"] = trace
     return info
 
 
-def _ptq4vit_args(group) -> None:
-    group.add_argument("--ptq4vit-num-calib", dest="ptq4vit_num_calib", type=int, default=None, metavar="N",
-                       help="ptq4vit: use the first N calibration images (default 32)")
-    group.add_argument("--ptq4vit-candidates", dest="ptq4vit_candidates", type=int, default=None, metavar="C",
-                       help="ptq4vit: grid points in [alpha*D, beta*D] (default 100)")
-    group.add_argument("--ptq4vit-rounds", dest="ptq4vit_rounds", type=int, default=None,
-                       help="ptq4vit: weight/input alternation rounds (default 3)")
-    group.add_argument("--ptq4vit-alpha", dest="ptq4vit_alpha", type=float, default=None,
-                       help="ptq4vit: grid start as a fraction of the min/max scale (default 0 = beta/C)")
-    group.add_argument("--ptq4vit-beta", dest="ptq4vit_beta", type=float, default=None,
-                       help="ptq4vit: grid end (default 1.2)")
-    group.add_argument("--ptq4vit-token-fraction", dest="ptq4vit_token_fraction", type=float, default=None,
-                       help="ptq4vit: fraction of token rows used by the searches (default 1 = all)")
-    group.add_argument("--ptq4vit-no-twin-gelu", dest="ptq4vit_twin_gelu", action="store_const", const=False,
-                       default=None, help="ptq4vit: keep a uniform quantizer after GELU")
-
-
-def _ptq4vit_scheme(scheme, options: dict):
+def _ptq4vit_scheme(scheme, cfg: Ptq4vitOptions):
     require_matmul(scheme, "ptq4vit")
     if scheme.softmax_quantizer is None:
         return dataclasses.replace(scheme, softmax_quantizer="twin")
@@ -145,16 +126,14 @@ def _ptq4vit_scheme(scheme, options: dict):
 
 @register_method("ptq4vit", "PTQ4ViT (matmul): twin-uniform softmax/GELU quantizers, per-layer alternating "
                  "weight/input grid search on the Hessian-guided distance, 32 images",
-                 add_arguments=_ptq4vit_args, adjust_scheme=_ptq4vit_scheme,
-                 validate=lambda o: check_options(o, PTQ4VIT_DEFAULTS, "ptq4vit"),
+                 config=Ptq4vitOptions, adjust_scheme=_ptq4vit_scheme, regimes=("matmul",),
                  quick_options={"candidates": 10, "rounds": 2, "num_calib": 16},
                  expected_time="DeiT-Tiny, 32 images: 66-81 s on 2 CPU cores with 16 candidates, 2 rounds, 0.2 of "
                                "the token rows (BENCHMARKS.md apq); at the defaults (100 candidates, all rows) "
                                "tens of minutes (not measured); GPU not measured")
-def ptq4vit(model: nn.Module, calib: CalibData, **options) -> dict:
-    o = check_options(options, PTQ4VIT_DEFAULTS, "ptq4vit")
-    info = {"effective_options": o, "inputs": "float (parallel)",
+def ptq4vit(model: nn.Module, calib: CalibData, cfg: Ptq4vitOptions) -> dict:
+    info = {"effective_options": cfg.to_dict(), "inputs": "float (parallel)",
             "task_loss": "cross-entropy against the float model's own top-1 prediction",
             "weight_search": "per output channel", "input_search": "per tensor"}
-    info.update(run_ptq4vit(model, calib, o, "twin"))
+    info.update(run_ptq4vit(model, calib, cfg, "twin"))
     return info

@@ -15,10 +15,11 @@ so that ``W' X' + b' = W X + b``: the float model computes the same function, an
 has (up to the rounding of zero points) the same quantization grid ``X'/s̃ + z̃ = X/s_c + z_c``, which one
 per-tensor quantizer can represent. The per-tensor quantizer is calibrated afterwards by any method.
 
-Works for the blocks of timm ViT/DeiT and Swin in both regimes (in ``fq`` the block norms are plain
-LayerNorms behind the residual PTF quantizers, which stay as they are). A linear layer without a bias gets
-the scale part only (``r2 = 0``). The rewrite changes parameters in place, so it is part of the saved state.
-(Swin: exact when the window partition needs no padding, i.e. feature maps divisible by the window.)
+Works for every transformer block (``QTransformerBlock``: timm ViT/DeiT, Swin, ...) in both regimes (in
+``fq`` the block norms are plain LayerNorms behind the residual PTF quantizers, which stay as they are). A linear
+layer without a bias gets the scale part only (``r2 = 0``). The rewrite changes parameters in place, so it is
+part of the saved state. (Swin: exact when the window partition needs no padding, i.e. feature maps divisible by
+the window.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
-from vitq.quant.modules import QBlock, QLinear, QSwinBlock
+from vitq.quant.modules import QLinear, QTransformerBlock
 
 LEVELS = 255  # grid used to express the per-channel zero points (the result does not depend on it)
 
@@ -37,7 +38,7 @@ def targets(model: nn.Module) -> dict[str, tuple[nn.LayerNorm, QLinear]]:
     """{name of the linear: (LayerNorm before it, the linear)} for every block's qkv and fc1."""
     out = {}
     for name, m in model.named_modules():
-        if not isinstance(m, (QBlock, QSwinBlock)):
+        if not isinstance(m, QTransformerBlock):
             continue
         for norm_name, lin_name, lin in (("norm1", "attn.qkv", getattr(m.attn, "qkv", None)),
                                          ("norm2", "mlp.fc1", getattr(m.mlp, "fc1", None))):
@@ -111,7 +112,7 @@ def reparameterize(model: nn.Module, calib: CalibData) -> dict:
     found = targets(model)
     if not found:
         raise VitqError(f"{type(model).__name__}: no LayerNorm → qkv/fc1 pairs to reparameterize "
-                        "(expected a prepared timm ViT/DeiT or Swin)")
+                        "(expected a prepared model with transformer blocks, e.g. timm ViT/DeiT or Swin)")
     ranges = channel_ranges(model, calib, list(found))
     stats = {n: fold(norm, lin, *ranges[n]) for n, (norm, lin) in found.items()}
     r1_max = max(v["r1_max"] for v in stats.values())

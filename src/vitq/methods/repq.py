@@ -23,27 +23,28 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 from torch import nn
 
 from vitq.calib import CalibData
-from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_observed
 from vitq.methods.reparam import reparameterize
+from vitq.options import Options, opt
 from vitq.registry import register_method
 
-REPQ_DEFAULTS = {"act": "mse", "weights": "omse", "reparam": True}
+RANGES = ("mse", "omse", "minmax")
 
 
-def _repq_args(group) -> None:
-    group.add_argument("--repq-act", dest="repq_act", choices=("mse", "omse", "minmax"), default=None,
-                       help="repq: range of the uniform activation quantizers (default mse: least squared error, "
-                       "each end of the range clipped on its own)")
-    group.add_argument("--repq-no-reparam", dest="repq_reparam", action="store_const", const=False, default=None,
-                       help="repq: skip the scale reparameterization (ablation)")
+@dataclass(frozen=True)
+class RepqOptions(Options):
+    act: str = opt("mse", "range of the uniform activation quantizers (mse: least squared error, each end of the "
+                   "range clipped on its own)", choices=RANGES)
+    weights: str = opt("omse", "range of the per-channel weight quantizers", choices=RANGES)
+    reparam: bool = opt(True, "the scale reparameterization (off: ablation)")
 
 
-def _repq_scheme(scheme, options: dict):
+def _repq_scheme(scheme, cfg: RepqOptions):
     if scheme.softmax_quantizer is None:
         return dataclasses.replace(scheme, softmax_quantizer="logsqrt2")
     return scheme
@@ -52,22 +53,15 @@ def _repq_scheme(scheme, options: dict):
 @register_method("repq", "RepQ-ViT style (both regimes): post-LayerNorm scales folded into LayerNorm and "
                  "qkv/fc1 (exact rewrite), log√2 softmax with a searched scale (default), activations by least "
                  "squared error with each range end clipped on its own, per-channel OMSE weights",
-                 add_arguments=_repq_args, adjust_scheme=_repq_scheme)
-def repq(model: nn.Module, calib: CalibData, **options) -> dict:
-    unknown = sorted(set(options) - set(REPQ_DEFAULTS))
-    if unknown:
-        raise VitqError(f"method repq: unknown options {unknown} (expected some of {sorted(REPQ_DEFAULTS)})")
-    o = {**REPQ_DEFAULTS, **options}
-    for key in ("act", "weights"):
-        if o[key] not in ("mse", "omse", "minmax"):
-            raise VitqError(f"method repq: {key}={o[key]!r} (expected mse, omse or minmax)")
-    info = {"effective_options": o}
+                 config=RepqOptions, adjust_scheme=_repq_scheme)
+def repq(model: nn.Module, calib: CalibData, cfg: RepqOptions) -> dict:
+    info = {"effective_options": cfg.to_dict()}
     t0 = time.perf_counter()
-    if o["reparam"]:
+    if cfg.reparam:
         info.update(reparameterize(model, calib))
     info["seconds_reparam"] = time.perf_counter() - t0
-    info.update(calibrate_observed(model, calib, o["act"], o["weights"]))
-    info["calibration_passes"] = 2 if o["reparam"] else 1
+    info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
+    info["calibration_passes"] = 2 if cfg.reparam else 1
     scheme = getattr(model, "vitq_scheme", None)
     if scheme is not None:
         info["softmax_quantizer"] = scheme.softmax_kind

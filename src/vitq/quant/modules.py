@@ -6,6 +6,8 @@ Features a module does not handle raise :class:`VitqError` naming the module.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,9 +175,19 @@ class QWindowAttention(QAttentionBase):
         return self._softmax_v(scores, v)
 
 
-class QBlock(nn.Module):
+class QTransformerBlock(nn.Module):
+    """Base of pre-norm residual transformer blocks (``norm1``, ``attn``, ``norm2``, ``mlp``, ``res_quant1``,
+    ``res_quant2``). ``sequential``: the forward is exactly ``x = res_quant1(x); x = x +
+    drop_path1(ls1(attn(norm1(x)))); x = res_quant2(x); return x + drop_path2(ls2(mlp(norm2(x))))``."""
+
+    sequential: ClassVar[bool] = False
+
+
+class QBlock(QTransformerBlock):
     """Built from timm's ViT ``Block``. In the fq regime the residual stream is quantized (PTF) where it
     enters each LayerNorm, and the quantized value also feeds the skip connection."""
+
+    sequential = True
 
     def __init__(self, block: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
         super().__init__()
@@ -193,7 +205,7 @@ class QBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class QSwinBlock(nn.Module):
+class QSwinBlock(QTransformerBlock):
     """Built from timm's ``SwinTransformerBlock``. The shifted-window partition is timm's own ``_attn``
     (called on this module, which carries the attributes it reads); only the residual adds are ours."""
 
