@@ -20,9 +20,9 @@ from torch import nn
 
 import vitq.methods  # noqa: F401  (registers the built-in methods)
 import vitq.refine  # noqa: F401  (registers the built-in refiners)
-from vitq import prepare as _prepare
 from vitq.calib import CalibData, as_calib  # noqa: F401  (vitq.api.as_calib)
 from vitq.errors import VitqError
+from vitq.prepare import prepare as prepare_model
 from vitq.recipes import choose as choose_recipe
 from vitq.refine.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
 from vitq.registry import get_method, get_refiner
@@ -30,18 +30,8 @@ from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS, Scheme
 
 
 def _record(cfg) -> dict:
-    """The options of a run for its results file: a config's record, or a legacy entry's plain values."""
-    return cfg.record() if hasattr(cfg, "record") else _recordable(cfg)
-
-
-def _recordable(options: dict) -> dict:
-    """The options that belong in a results file (plain values; not tensors, data or callbacks)."""
-    scalar = (bool, int, float, str, type(None))
-
-    def plain(v) -> bool:
-        return isinstance(v, scalar) or (isinstance(v, (list, tuple)) and all(isinstance(i, scalar) for i in v))
-
-    return {k: v for k, v in options.items() if plain(v)}
+    """The options of a run for its results file: its config's record."""
+    return cfg.record()
 
 
 def prepare(model: nn.Module, scheme: Scheme | None = None, method: str | None = None,
@@ -51,7 +41,7 @@ def prepare(model: nn.Module, scheme: Scheme | None = None, method: str | None =
     scheme = scheme if scheme is not None else Scheme(**scheme_kwargs)
     if method is not None:
         scheme = get_method(method).adjust(scheme, options)
-    return _prepare.prepare(model, scheme)
+    return prepare_model(model, scheme)
 
 
 def calibrate(qmodel: nn.Module, images, /, method: str = "fqvit", batch_size: int = 50, device="cpu",
@@ -62,7 +52,8 @@ def calibrate(qmodel: nn.Module, images, /, method: str = "fqvit", batch_size: i
     torch.manual_seed(seed)
     qmodel.to(calib.device).eval()
     t0 = time.perf_counter()
-    cfg = options if entry.legacy else entry.make_config(options)
+    cfg = entry.make_config(options)
+    entry.check_regime(getattr(qmodel, "vitq_scheme", None))
     info = entry.call(qmodel, calib, options=cfg) or {}
     info = {"method": method, "options": _record(cfg), **info, "seconds": time.perf_counter() - t0}
     return info
@@ -122,7 +113,7 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | 
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         opts, context = entry.split(per[name])
-        cfg = opts if entry.legacy else entry.make_config(opts)
+        cfg = entry.make_config(opts)
         info = entry.call(qmodel, float_model, calib, options=cfg, **context) or {}
         seconds = time.perf_counter() - t0
         kl_after = _calib_kl(qmodel, float_logits, calib)

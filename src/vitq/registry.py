@@ -37,24 +37,13 @@ class Entry:
     quick_options: dict = field(default_factory=dict)  # smaller setting for the demo / quick runs
     expected_time: str = ""  # e.g. "DeiT-Tiny, defaults: ~10 s on 2 CPU cores"
     regimes: tuple[str, ...] = ("fq", "matmul")  # the schemes it is defined for
-    # legacy hooks, used only by entries that have no config class yet
-    add_arguments_fn: Callable | None = None
-    validate: Callable[[dict], None] | None = None
-
-    @property
-    def legacy(self) -> bool:
-        return self.config is Options and (self.add_arguments_fn is not None or self.validate is not None)
 
     def flag(self, option: str) -> str:
         """The command-line flag of an option (``--<name>-<option>``)."""
         return self.config.flag(self.name, option)
 
-    def make_config(self, options: dict | Options | None = None) -> Options | dict:
+    def make_config(self, options: dict | Options | None = None) -> Options:
         """The checked config from keyword options (refused naming the flag); raises before any work."""
-        if self.legacy:
-            if self.validate is not None:
-                self.validate(dict(options or {}))
-            return dict(options or {})
         return self.config.build(options, self.name)
 
     def check_options(self, options: dict) -> None:
@@ -62,14 +51,12 @@ class Entry:
 
     @property
     def has_options(self) -> bool:
-        return self.add_arguments_fn is not None if self.legacy else bool(self.config.field_names())
+        return bool(self.config.field_names())
 
     def split(self, options: dict | None) -> tuple[dict, dict]:
         """(options, run-time context): keys of the function's own keyword parameters that are not config
         fields (e.g. a refiner's ``val_batches``) are context; every other key is an option."""
         options = dict(options or {})
-        if self.legacy:
-            return options, {}
         params = inspect.signature(self.fn).parameters
         fields = set(self.config.field_names())
         context = {k: options.pop(k) for k in list(options)
@@ -78,20 +65,24 @@ class Entry:
 
     def call(self, *args, options: dict | Options | None = None, **context):
         """Run the entry with its options (checked first) and any run-time context."""
-        if self.legacy:  # checked by the caller (check_options), as before configs
-            return self.fn(*args, **dict(options or {}), **context)
         if isinstance(options, dict):
             options, more = self.split(options)
             context = {**more, **context}
         cfg = self.make_config(options)
-        if isinstance(cfg, dict):
-            return self.fn(*args, **cfg, **context)
         if not self.config.field_names():  # an entry without options takes none
             return self.fn(*args, **context)
         return self.fn(*args, cfg, **context)
 
+    def check_regime(self, scheme) -> None:
+        """Refuse a scheme of a regime the entry is not defined for (its ``regimes``)."""
+        if scheme is not None and scheme.name not in self.regimes:
+            raise VitqError(f"{self.name} is defined for the {' and '.join(self.regimes)} regime (METHODS.md §0), "
+                            f"not {scheme.name!r}; use --scheme {self.regimes[0]}")
+
     def adjust(self, scheme, options: dict | Options | None = None):
-        """The scheme this entry needs (e.g. its softmax quantizer kind), given its options."""
+        """The scheme this entry needs (e.g. its softmax quantizer kind), given its options; a scheme of a
+        regime the entry is not defined for is refused."""
+        self.check_regime(scheme)
         if self.adjust_scheme is None:
             return scheme
         return self.adjust_scheme(scheme, self.make_config(options))
@@ -102,10 +93,6 @@ REFINERS: dict[str, Entry] = {}
 
 
 def _register(table: dict, kind: str, name: str, description: str, **kw):
-    if "add_arguments" in kw:
-        kw["add_arguments_fn"] = kw.pop("add_arguments")
-    kw.pop("defaults", None)
-
     def deco(fn: Callable) -> Callable:
         if name in table:
             raise ValueError(f"{kind} {name!r} registered twice")
@@ -138,18 +125,3 @@ def get_method(name: str) -> Entry:
 
 def get_refiner(name: str) -> Entry:
     return _lookup(REFINERS, "refiner", name)
-
-
-def merge_options(name: str, options: dict, defaults: dict, negated: dict[str, str] | None = None) -> dict:
-    """A method's options over its ``defaults``: unknown keys are refused; a value of None means "not given";
-    ``negated`` maps a switch-off flag (``no_ranking``) to the option it sets False (``ranking``)."""
-    negated = negated or {}
-    unknown = set(options) - set(defaults) - set(negated)
-    if unknown:
-        raise VitqError(f"{name}: unknown options {sorted(unknown)} (expected some of {sorted(defaults)})")
-    merged = dict(defaults)
-    merged.update({k: v for k, v in options.items() if k in defaults and v is not None})
-    for flag, key in negated.items():
-        if options.get(flag):
-            merged[key] = False
-    return merged

@@ -56,16 +56,9 @@ def options_from_args(args: argparse.Namespace, config: type[Options], entry: st
 
 def add_entry_flags(group, entry) -> None:
     """The flags of a registered method or refiner (:class:`vitq.registry.Entry`)."""
-    if entry.legacy:  # an entry not yet on the options style: its own add_arguments function
-        if entry.add_arguments_fn is not None:
-            entry.add_arguments_fn(group)
-        return
     add_option_flags(group, entry.config, entry.name)
 
 
 def entry_options(args: argparse.Namespace, entry) -> dict:
     """The options of ``entry`` given on the command line."""
-    if entry.legacy:
-        prefix = entry.name.replace("-", "_") + "_"
-        return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
     return options_from_args(args, entry.config, entry.name)

@@ -51,7 +51,7 @@ from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.methods.bbc import bbc_blocks, bbc_search
 from vitq.methods.hessian import Grids, layerwise_search, linear_grid
-from vitq.methods.ptq4vit import Ptq4vitOptions, grids_from, require_matmul, setup
+from vitq.methods.ptq4vit import Ptq4vitOptions, grids_from, setup
 from vitq.options import OptionError, opt
 from vitq.registry import register_method
 
@@ -92,7 +92,6 @@ def _softmax_kind(cfg: ApqOptions) -> str:
 
 
 def _apq_scheme(scheme, cfg: ApqOptions):
-    require_matmul(scheme, "apq")
     if scheme.softmax_quantizer is None:
         return dataclasses.replace(scheme, softmax_quantizer=_softmax_kind(cfg))
     if not cfg.mpq and scheme.softmax_quantizer == "mpq":

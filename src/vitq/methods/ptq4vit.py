@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from vitq.calib import CalibData
-from vitq.errors import VitqError
 from vitq.methods.baselines import calibrate_observed
 from vitq.methods.hessian import Grids, attention_modules, capture, layerwise_search, linear_grid, swap_gelu_quantizers
 from vitq.options import OptionError, Options, opt
@@ -59,12 +58,6 @@ class Ptq4vitOptions(Options):
     def check(self) -> None:
         if not self.alpha < self.beta:
             raise OptionError("alpha", self.alpha, f"0 <= alpha < beta = {self.beta:g}")
-
-
-def require_matmul(scheme, method: str):
-    if scheme.name != "matmul":
-        raise VitqError(f"method {method} is defined for the matmul regime (METHODS.md §0), not {scheme.name!r}; "
-                        "use --scheme matmul")
 
 
 def grids_from(cfg: Ptq4vitOptions) -> Grids:
@@ -118,7 +111,6 @@ def run_ptq4vit(model: nn.Module, calib: CalibData, cfg: Ptq4vitOptions, softmax
 
 
 def _ptq4vit_scheme(scheme, cfg: Ptq4vitOptions):
-    require_matmul(scheme, "ptq4vit")
     if scheme.softmax_quantizer is None:
         return dataclasses.replace(scheme, softmax_quantizer="twin")
     return scheme
