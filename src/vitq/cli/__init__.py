@@ -25,7 +25,7 @@ log = logging.getLogger("vitq")
 
 # modules that add subcommands: each defines add_command(subparsers)
 COMMAND_MODULES: tuple[str, ...] = ("vitq.refine.landscape", "vitq.cli.allocation", "vitq.recipes",
-                                     "vitq.models.family", "vitq.export.onnx")
+                                     "vitq.cli.models", "vitq.export.onnx")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
