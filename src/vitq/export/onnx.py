@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.models.timm_vit import QWindowAttention
 from vitq.quant.base import Quantizer, quantizers_of
-from vitq.quant.modules import QAttentionBase, QConv2d, QLinear, QWindowAttention
+from vitq.quant.modules import QAttentionBase, QConv2d, QLinear
 from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 DEFAULT_OPSET = 21

@@ -58,8 +58,8 @@ from vitq.methods.hessian import (
     search_knobs,
 )
 from vitq.methods.ptq4vit import PTQ4VIT_DEFAULTS, check_options, grids_from, require_matmul, setup
+from vitq.models.timm_vit import QBlock
 from vitq.models.trunk import Trunk
-from vitq.quant.modules import QBlock
 from vitq.registry import register_method
 
 APQ_DEFAULTS = {**PTQ4VIT_DEFAULTS, "bbc": True, "mpq": True, "softmax": "twin", "keep_fraction": 0.5,

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitq.models.timm_vit import QAttention, QBlock, QWindowAttention
 from vitq.quant.base import Quantizer, quantizers_of
-from vitq.quant.modules import QAttention, QBlock, QConv2d, QLinear, QWeighted, QWindowAttention
+from vitq.quant.modules import QConv2d, QLinear, QWeighted
 from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 from vitq.quant.uniform import UniformQuantizer
 

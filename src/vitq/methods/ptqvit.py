@@ -55,9 +55,10 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
+from vitq.models.timm_vit import QAttention, QWindowAttention
 from vitq.models.trunk import Trunk
 from vitq.quant.base import EPS, int_range, quantizers_of
-from vitq.quant.modules import QAttention, QConv2d, QLinear, QWeighted, QWindowAttention
+from vitq.quant.modules import QConv2d, QLinear, QWeighted
 from vitq.quant.uniform import UniformQuantizer
 from vitq.registry import merge_options, register_method
 

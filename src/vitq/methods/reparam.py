@@ -28,7 +28,8 @@ from torch import nn
 
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
-from vitq.quant.modules import QBlock, QLinear, QSwinBlock
+from vitq.models.timm_vit import QBlock, QSwinBlock
+from vitq.quant.modules import QLinear
 
 LEVELS = 255  # grid used to express the per-channel zero points (the result does not depend on it)
 
