@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_image_folder
+from conftest import TINY, make_image_folder, tiny_model
 from torch import nn
 
 from vitq import api
@@ -17,6 +17,7 @@ from vitq.models.fold import fold_batchnorms
 from vitq.models.trunk import Trunk
 from vitq.prepare import prepare
 from vitq.quant.base import quantizers_of
+from vitq.quant.modules import QAttentionBase, QTransformerBlock
 from vitq.refine.evolq_search import search_space
 from vitq.scheme import Scheme
 from vitq.state import load, save
@@ -252,6 +253,32 @@ def test_evolq_refines_a_cnn(request):
     assert blocks["layer1.1"] == ["layer1.1.conv1.weight_quant", "layer1.1.conv2.weight_quant"]
     assert blocks["layer2.0"] == [f"layer2.0.{c}.weight_quant" for c in ("conv1", "conv2", "downsample.0")]
     assert info["fitness"]["final"] <= info["fitness"]["initial"] + 1e-9
+
+
+# (family, block classes and their ``sequential``) of every quantized pre-norm block the family has
+SHARED_BASES = {"deit": ("QBlock", True), "swin": ("QSwinBlock", False), "levit": None, "hf_vit": ("QHFLayer", False)}
+
+
+@pytest.mark.parametrize("fam", sorted(SHARED_BASES))
+def test_attention_and_blocks_derive_from_the_shared_bases(request, fam):
+    """Every family's quantized attention is a QAttentionBase (its score bias where it has one); timm ViT/Swin
+    and HF blocks are QTransformerBlocks, only ViT's QBlock ``sequential``."""
+    model = tiny_model(fam) if fam in TINY else get(request, fam)[0]
+    q = prepare(model, Scheme("fq"))
+    attns = [m for m in q.modules() if "Attention" in type(m).__name__]
+    assert attns and all(isinstance(m, QAttentionBase) for m in attns)
+    biases = [m.score_bias() for m in attns]
+    if fam == "deit" or fam == "hf_vit":
+        assert all(b is None for b in biases)
+    else:  # Swin's relative position bias, LeViT's attention biases: [1, H, Nq, N]
+        assert all(b.dim() == 4 and b.shape[:2] == (1, m.num_heads) for b, m in zip(biases, attns, strict=True))
+    blocks = [m for m in q.modules() if isinstance(m, QTransformerBlock)]
+    if SHARED_BASES[fam] is None:
+        assert not blocks
+        return
+    cls, sequential = SHARED_BASES[fam]
+    assert blocks and all(type(b).__name__ == cls and b.sequential is sequential for b in blocks)
+    assert all(isinstance(b.attn, QAttentionBase) and hasattr(b.mlp, "fc1") for b in blocks)
 
 
 # ------------------------------------------------------------------------------------------- HF specifics

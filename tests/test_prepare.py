@@ -7,9 +7,10 @@ from conftest import TINY, tiny_images, tiny_model
 
 import vitq
 from vitq.errors import VitqError
+from vitq.models.timm_vit import QAttention, QWindowAttention
 from vitq.models.trunk import Trunk
 from vitq.quant.base import quantizers_of
-from vitq.quant.modules import QAttention, QLinear, QWindowAttention
+from vitq.quant.modules import QLinear
 from vitq.quant.uniform import PTFQuantizer
 from vitq.scheme import Override, Scheme
 

@@ -1,4 +1,6 @@
-"""Insert quantizers into a model according to a scheme: swap timm modules for their quantized versions.
+"""Insert quantizers into a model according to a scheme: the model's family swaps its modules for their
+quantized versions, then what every family shares (the post-GELU quantizer kind, the check that nothing was
+left unquantized).
 
 The user's model is left untouched (a deep copy is converted). Anything holding weights that we do not know
 how to quantize, and any attention or block type we do not handle, stops preparation with a clear error.
@@ -11,92 +13,53 @@ import copy
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.models.family import family_of
 from vitq.quant.base import Quantizer, make_quantizer
-from vitq.quant.modules import QAttention, QBlock, QConv2d, QLayerNorm, QLinear, QSwinBlock, QWindowAttention
-from vitq.quant.uniform import PTFQuantizer
+from vitq.quant.modules import QAttentionBase, QLayerNorm, QLinear, QTransformerBlock, QWeighted, activation_quantizer
 from vitq.scheme import Scheme
 
 # parameter-holding leaves that are fine to leave in float (LayerScale multiplies the residual branch)
 _FLOAT_OK = ("LayerScale", "LayerNorm")
 
 
-def _timm_classes():
-    from timm.layers import Attention
-    from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
-    from timm.models.vision_transformer import Block
-
-    return Attention, Block, WindowAttention, SwinTransformerBlock
-
-
 def prepare(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Return a quantization-ready copy of ``model`` (quantizers uncalibrated, i.e. the identity)."""
-    from vitq.models.family import family_of
-
     qmodel = copy.deepcopy(model).eval()
     family = family_of(qmodel)
     family.convert(qmodel, scheme)
-    if scheme.gelu_quantizer not in (None, "uniform"):
-        _set_gelu_quantizers(qmodel, scheme.gelu_quantizer)
-    _check_supported(qmodel, family.float_ok)
+    set_gelu_quantizers(qmodel, scheme)
+    check_supported(qmodel, family.float_ok)
     qmodel.vitq_scheme = scheme
     return qmodel
 
 
-def _convert(module: nn.Module, prefix: str, scheme: Scheme, in_block: bool) -> None:
-    Attention, Block, WindowAttention, SwinBlock = _timm_classes()
-    per_head = scheme.attn_granularity == "head"
-    for child_name, child in list(module.named_children()):
-        name = f"{prefix}{child_name}"
-        w, a, s = scheme.bits_for(name)
-        is_block = type(child) in (Block, SwinBlock)
-        _convert(child, name + ".", scheme, in_block=is_block)
-        new = None
-        if isinstance(child, nn.Linear):
-            new = QLinear(child, w, a, scheme.signed_weights)
-        elif isinstance(child, nn.Conv2d):
-            role = "image" if name.endswith("patch_embed.proj") else "linear_input"
-            new = QConv2d(child, w, scheme.input_bits if role == "image" else a, scheme.signed_weights, role)
-        elif type(child) is Attention:
-            new = QAttention(child, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
-        elif type(child) is WindowAttention:
-            new = QWindowAttention(child, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
-        elif is_block:
-            r1 = r2 = None
-            if scheme.fully_quantized:
-                r1 = PTFQuantizer(a, "residual", num_channels=child.norm1.normalized_shape[0])
-                r2 = PTFQuantizer(a, "residual", num_channels=child.norm2.normalized_shape[0])
-            new = (QBlock if type(child) is Block else QSwinBlock)(child, r1, r2)
-        elif isinstance(child, nn.LayerNorm) and scheme.fully_quantized and not (
-                in_block and child_name in ("norm1", "norm2")):
-            new = QLayerNorm(child, a)
-        if new is not None:
-            setattr(module, child_name, new)
-
-
-def _set_gelu_quantizers(model: nn.Module, kind: str) -> None:
-    """Give the input of every MLP's fc2 that follows a GELU (the post-GELU activation) a ``kind`` quantizer."""
+def set_gelu_quantizers(model: nn.Module, scheme: Scheme) -> None:
+    """Give the input of every MLP's fc2 that follows a GELU (the post-GELU activation) the scheme's kind for
+    ``post_gelu`` (left as built where it already is of that kind)."""
+    kind = scheme.kind_for("post_gelu")
     for m in list(model.modules()):
         fc2, act = getattr(m, "fc2", None), getattr(m, "act", None)
-        if isinstance(fc2, QLinear) and isinstance(act, nn.GELU):
+        if isinstance(fc2, QLinear) and isinstance(act, nn.GELU) and fc2.input_quant.kind != kind:
             old = fc2.input_quant
-            fc2.input_quant = make_quantizer(kind, old.bits, old.role)
+            fc2.input_quant = activation_quantizer(scheme, old.bits, old.role, use="post_gelu")
 
 
-def _check_supported(model: nn.Module, float_ok: tuple[str, ...] = ()) -> None:
+def check_supported(model: nn.Module, float_ok: tuple[str, ...] = ()) -> None:
     """Refuse, by name, what the conversion left unquantized: attention and block modules, and any module
     holding weights, unless it is a quantized module (``vitq_quantized``) or a known float-ok holder."""
-    qtypes = (QLinear, QConv2d, QLayerNorm, Quantizer)
+    qtypes = (QWeighted, QLayerNorm, QAttentionBase, QTransformerBlock, Quantizer)
     for name, m in model.named_modules():
         cls = type(m).__name__
         if isinstance(m, qtypes) or getattr(type(m), "vitq_quantized", False) or cls in float_ok:
             continue
-        if "Attention" in cls and not isinstance(m, (QAttention, QWindowAttention)):
-            raise VitqError(f"unsupported attention module {name} ({cls}); supported: timm Attention, WindowAttention")
-        if cls.endswith("Block") and not isinstance(m, (QBlock, QSwinBlock)):
-            raise VitqError(f"unsupported block {name} ({cls}); supported: timm ViT Block, SwinTransformerBlock")
+        if "Attention" in cls:
+            raise VitqError(f"unsupported attention module {name} ({cls}); supported: the attention modules of the "
+                            "families of `vitq models`")
+        if cls.endswith("Block"):
+            raise VitqError(f"unsupported block {name} ({cls}); supported: the blocks of the families of "
+                            "`vitq models`")
         own = [p for p, _ in m.named_parameters(recurse=False)]
-        if own and not isinstance(m, (QAttention, QWindowAttention)) and not (
-                cls in _FLOAT_OK or name == "" or isinstance(m, nn.LayerNorm)):
+        if own and not (cls in _FLOAT_OK or name == "" or isinstance(m, nn.LayerNorm)):
             raise VitqError(f"unsupported module {name} ({cls}) holds weights {own} that vitq cannot quantize")
 
 

@@ -24,6 +24,9 @@ W_BITS = range(2, 9)
 A_BITS = range(3, 9)
 DEFAULT_W_BITS = 8
 DEFAULT_A_BITS = 8
+BASE_KIND = "uniform"  # the quantizer kind of every activation whose kind the scheme does not name
+# uses of an activation whose quantizer kind a scheme names -> the scheme field naming it
+KIND_FIELDS = {"softmax": "softmax_quantizer", "post_gelu": "gelu_quantizer"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,14 @@ class Scheme:
 
     @property
     def softmax_kind(self) -> str:
-        return self.softmax_quantizer or "uniform"
+        return self.kind_for("softmax")
+
+    def kind_for(self, use: str) -> str:
+        """The quantizer kind of an activation quantizer for ``use``: ``softmax`` (attention probabilities) is
+        ``softmax_quantizer``, ``post_gelu`` (the fc2 input after a GELU) is ``gelu_quantizer``; every other use
+        (a role such as ``q`` or ``residual``), and a field left at None, is :data:`BASE_KIND`."""
+        field_name = KIND_FIELDS.get(use)
+        return (getattr(self, field_name) if field_name else None) or BASE_KIND
 
     def bits_for(self, module_name: str) -> tuple[int, int, int]:
         """(weight bits, activation bits, softmax bits) for the module of that qualified name."""

@@ -8,16 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.quant.base import make_quantizer
-from vitq.quant.modules import QConv2d, QLinear
+from vitq.quant.modules import QConv2d, QLinear, activation_quantizer
+from vitq.scheme import Scheme
 
 
 class QConv2dSame(QConv2d):
     """Built from timm's ``Conv2dSame`` (TensorFlow 'SAME' padding, computed from the input size): the input
     is quantized, then zero-padded exactly as timm pads (zero is on every quantization grid)."""
 
-    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, signed_weights: bool, input_role: str):
-        super().__init__(conv, w_bits, a_bits, signed_weights, input_role)
+    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, signed_weights: bool, input_role: str,
+                 scheme: Scheme | None = None):
+        super().__init__(conv, w_bits, a_bits, signed_weights, input_role, scheme)
         self.kernel_size = conv.kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,16 +48,16 @@ def quantized_weighted(name: str, module: nn.Module, scheme, image: bool = False
     role, a = ("image", scheme.input_bits) if image else ("linear_input", a)
     if isinstance(module, nn.Conv2d):
         if type(module) is _conv_same_class():
-            return QConv2dSame(module, w, a, scheme.signed_weights, role)
+            return QConv2dSame(module, w, a, scheme.signed_weights, role, scheme)
         if type(module).forward is not nn.Conv2d.forward:
             raise VitqError(f"unsupported convolution {name} ({type(module).__name__}: a Conv2d with its own "
                             "forward); supported: nn.Conv2d, timm Conv2dSame")
-        return QConv2d(module, w, a, scheme.signed_weights, role)
+        return QConv2d(module, w, a, scheme.signed_weights, role, scheme)
     if isinstance(module, nn.Linear):
         if not _plain_linear(type(module)):
             raise VitqError(f"unsupported linear layer {name} ({type(module).__name__}: a Linear with its own "
                             "forward); supported: nn.Linear")
-        return QLinear(module, w, a, scheme.signed_weights)
+        return QLinear(module, w, a, scheme.signed_weights, scheme)
     return None
 
 
@@ -76,11 +77,11 @@ def _quantize_output(module: nn.Module, args, output):
     return module.out_quant(output)
 
 
-def quantize_unit_output(unit: nn.Module, bits: int) -> None:
+def quantize_unit_output(unit: nn.Module, bits: int, scheme: Scheme) -> None:
     """Quantize what a unit hands on (under ``fq`` the residual stream between blocks): a per-tensor
     quantizer ``out_quant`` (role ``residual``) held by the unit, so its state is in the state dict, applied
     by a forward hook so the unit's own forward is left as it is."""
-    unit.out_quant = make_quantizer("uniform", bits, "residual")
+    unit.out_quant = activation_quantizer(scheme, bits, "residual")
     unit.register_forward_hook(_quantize_output)
 
 

@@ -9,7 +9,6 @@ ViT/DeiT/Swin family is tried last and also takes any other model built from tim
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.quant.base import Quantizer
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Family:
     description: str
     detect: Callable[[nn.Module], bool]
     convert: Callable  # (model, scheme) -> None, in place on the copy prepare made
-    trunk: Callable[[nn.Module], TrunkParts] | None  # None: trunk.py's own timm ViT/Swin logic
+    trunk: Callable[[nn.Module], TrunkParts] | None  # None: not cut into units (block-wise methods refuse it)
     quantizes: dict[str, str] = field(default_factory=dict)  # scheme name -> what is quantized
     # (unit, groups) -> names inside the unit of the weight quantizers Evol-Q perturbs
     search_paths: Callable[[nn.Module, set[str]], list[str]] | None = None
@@ -76,8 +76,9 @@ def record_input_size(model: nn.Module) -> None:
 
 
 def search_paths(unit: nn.Module, groups: set[str], model_family: Family | None = None) -> list[str] | None:
-    """Names (inside ``unit``) of the weight quantizers Evol-Q searches for a unit of a non-timm-ViT family;
-    None when the family has no rule of its own (timm ViT/Swin blocks)."""
+    """Names (inside ``unit``) of the weight quantizers Evol-Q searches for a unit, by the rule of the family
+    whose unit it is (each family's rule returns None for units it does not know); None when no rule
+    applies."""
     fams = [model_family] if model_family is not None else list(FAMILIES.values())
     for fam in fams:
         if fam.search_paths is not None:
@@ -89,22 +90,4 @@ def search_paths(unit: nn.Module, groups: set[str], model_family: Family | None 
 
 def weight_quantizer_paths(module: nn.Module, prefix: str = "") -> list[str]:
     """Names of the weight quantizers inside ``module`` (module order), e.g. ``conv_pw.weight_quant``."""
-    from vitq.quant.base import Quantizer
-
     return [f"{prefix}{n}" for n, m in module.named_modules() if isinstance(m, Quantizer) and m.role == "weight"]
-
-
-# ---------------------------------------------------------------------------------------------- vitq models
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser("models", help="list the supported model families and what each quantizes")
-    p.set_defaults(func=cmd_models)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    print("model families (tried in this order; --model NAME is a timm model name, --model hf:DIR a local "
-          "Hugging Face folder):")
-    for fam in FAMILIES.values():
-        print(f"\n  {fam.name}: {fam.description}")
-        for scheme, what in fam.quantizes.items():
-            print(f"    {scheme:<7} {what}")
-    return 0

@@ -20,9 +20,10 @@ from torch import nn
 from vitq.errors import VitqError
 from vitq.models.common import swap_weighted
 from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
-from vitq.quant.base import Quantizer, make_quantizer
-from vitq.quant.modules import QLayerNorm
+from vitq.quant.base import Quantizer
+from vitq.quant.modules import QAttentionBase, QLayerNorm, QTransformerBlock
 from vitq.quant.uniform import PTFQuantizer
+from vitq.scheme import Scheme
 
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification")
 _ATTENTION = ("ViTAttention", "DeiTAttention")
@@ -112,54 +113,65 @@ def load_hf(path: str) -> HFImageClassifier:
     return HFImageClassifier(model.eval(), data_config(path, model.config.image_size)).eval()
 
 
-class QHFAttention(nn.Module):
-    """Built from HF ``ViTAttention`` / ``DeiTAttention`` (eager attention computed here, with q/k/v, score
-    and softmax quantizers as in :class:`vitq.quant.modules.QAttention`). Returns (output, None) like HF's."""
+class _Aliased(nn.Module):
+    """Reads and writes of the names in ``aliases`` go to the submodule they name, so the shared interfaces'
+    attribute names reach HF's modules while the state-dict keys keep HF's names."""
 
-    vitq_quantized = True
+    aliases: dict[str, str] = {}
 
-    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
-                 per_head: bool = False):
+    def __getattr__(self, name: str):
+        return super().__getattr__(self.aliases.get(name, name))
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(self.aliases.get(name, name), value)
+
+
+class QHFAttention(_Aliased, QAttentionBase):
+    """Built from HF ``ViTAttention`` / ``DeiTAttention`` (eager attention computed by :class:`QAttentionBase`,
+    scores as HF computes them, (q·kᵀ)·scaling). q, k and v have projections of their own (``q_proj``,
+    ``k_proj``, ``v_proj``; ``qkv`` is None), ``proj`` is ``o_proj``. Returns (output, None) like HF's."""
+
+    scale_first = False
+    aliases = {"proj": "o_proj"}
+
+    def __init__(self, attn: nn.Module, scheme: Scheme, a_bits: int, softmax_bits: int):
         super().__init__()
         if getattr(attn, "is_causal", False):
             raise VitqError(f"causal {type(attn).__name__} is not supported")
-        self.num_heads, self.head_dim, self.scaling = attn.num_attention_heads, attn.head_dim, attn.scaling
+        self.num_heads, self.head_dim, self.scale = attn.num_attention_heads, attn.head_dim, attn.scaling
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        heads = {"channel_axis": 1, "num_channels": self.num_heads} if per_head else {}  # [B, H, N, D]
-        self.q_quant = make_quantizer("uniform", a_bits, "q", **heads)
-        self.k_quant = make_quantizer("uniform", a_bits, "k", **heads)
-        self.v_quant = make_quantizer("uniform", a_bits, "v", **heads)
-        self.score_quant = make_quantizer("uniform", a_bits, "scores") if fully_quantized else nn.Identity()
-        self.softmax_quant = make_quantizer(softmax_kind, softmax_bits, "softmax")
+        self.qkv = None
+        self.attn_drop, self.proj_drop = nn.Identity(), nn.Identity()
+        self._init_quantizers(scheme, a_bits, softmax_bits)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        if attention_mask is not None:
-            raise VitqError("attention masks are not supported by the quantized HF attention")
-        B, N, _ = hidden_states.shape
+    def _project(self, x: torch.Tensor):
+        B, N, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q = self.q_quant(heads(self.q_proj(hidden_states)))
-        k = self.k_quant(heads(self.k_proj(hidden_states)))
-        v = self.v_quant(heads(self.v_proj(hidden_states)))
-        attn = self.softmax_quant(self.score_quant((q @ k.transpose(-2, -1)) * self.scaling).softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(B, N, -1)
-        return self.o_proj(out), None
+        return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if attention_mask is not None:
+            raise VitqError("attention masks are not supported by the quantized HF attention")
+        return self._attend(hidden_states), None
 
 
-class QHFLayer(nn.Module):
+class QHFLayer(_Aliased, QTransformerBlock):
     """Built from HF ``ViTLayer`` / ``DeiTLayer`` (pre-norm block). In the fq regime the residual stream is
-    quantized (PTF) where it enters each LayerNorm, and the quantized value also feeds the skip."""
+    quantized (PTF) where it enters each LayerNorm, and the quantized value also feeds the skip. ``norm1``,
+    ``attn`` and ``norm2`` are HF's ``layernorm_before``, ``attention`` and ``layernorm_after``; not
+    ``sequential`` (HF's attention returns a tuple, and there is no ls1/ls2/drop_path)."""
 
-    vitq_quantized = True
+    sequential = False
+    aliases = {"norm1": "layernorm_before", "attn": "attention", "norm2": "layernorm_after"}
 
     def __init__(self, layer: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
         super().__init__()
         for name in ("attention", "layernorm_before", "layernorm_after", "mlp", "dropout"):
             setattr(self, name, getattr(layer, name))
-        self.res_quant1 = res_quant1 if res_quant1 is not None else nn.Identity()
-        self.res_quant2 = res_quant2 if res_quant2 is not None else nn.Identity()
+        self._init_residual(res_quant1, res_quant2)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         x = self.res_quant1(hidden_states)
@@ -183,18 +195,17 @@ def _layers(base: nn.Module) -> tuple[str, nn.ModuleList]:
                     "supported)")
 
 
-def convert(model: HFImageClassifier, scheme) -> None:
+def convert(model: HFImageClassifier, scheme: Scheme) -> None:
     base = model.base
     base_name = f"hf.{model.hf.base_model_prefix}"
     lname, layers = _layers(base)
-    per_head = scheme.attn_granularity == "head"
     for i, layer in enumerate(layers):
         name = f"{base_name}.{lname}.{i}"
         if not _hf_class(layer, _LAYER) or not _hf_class(layer.attention, _ATTENTION):
             raise VitqError(f"unsupported Hugging Face layer {name} ({type(layer).__name__}); supported: "
                             f"{', '.join(_LAYER)} with {', '.join(_ATTENTION)}")
         _, a, s = scheme.bits_for(f"{name}.attention")
-        layer.attention = QHFAttention(layer.attention, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
+        layer.attention = QHFAttention(layer.attention, scheme, a, s)
         _, a, _ = scheme.bits_for(name)
         r1 = r2 = None
         if scheme.fully_quantized:

@@ -21,7 +21,9 @@ from vitq.errors import VitqError
 from vitq.models.common import example_input, swap_weighted
 from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
 from vitq.models.fold import fold_batchnorms
-from vitq.quant.base import Quantizer, make_quantizer
+from vitq.quant.base import Quantizer
+from vitq.quant.modules import QAttentionBase, activation_quantizer
+from vitq.scheme import Scheme
 
 
 def _levit():
@@ -30,13 +32,13 @@ def _levit():
     return levit
 
 
-class _QLevitCore(nn.Module):
-    """Quantizers and the attention product shared by both LeViT attention kinds."""
+class _QLevitCore(QAttentionBase):
+    """What both LeViT attention kinds share: the attention biases (:meth:`score_bias`, added to the scores in
+    float), scores computed as (q·kᵀ)·scale as timm's LeViT does, no dropout."""
 
-    vitq_quantized = True
+    scale_first = False
 
-    def _init_core(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool,
-                   softmax_kind: str, per_head: bool):
+    def _init_levit(self, attn: nn.Module, scheme: Scheme, a_bits: int, softmax_bits: int):
         if attn.use_conv:
             raise VitqError(f"{type(attn).__name__} with use_conv=True (levit_conv_*) is not supported; "
                             "expected a levit_* model")
@@ -45,52 +47,46 @@ class _QLevitCore(nn.Module):
         self.proj = attn.proj
         self.attention_biases = attn.attention_biases
         self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs.clone(), persistent=False)
-        heads = {"channel_axis": 1, "num_channels": attn.num_heads} if per_head else {}  # [B, H, N, D]
-        self.q_quant = make_quantizer("uniform", a_bits, "q", **heads)
-        self.k_quant = make_quantizer("uniform", a_bits, "k", **heads)
-        self.v_quant = make_quantizer("uniform", a_bits, "v", **heads)
-        self.score_quant = make_quantizer("uniform", a_bits, "scores") if fully_quantized else nn.Identity()
-        self.softmax_quant = make_quantizer(softmax_kind, softmax_bits, "softmax")
+        self.qkv = None  # QLevitAttention sets its fused projection; the downsampling one has q and kv
+        self.attn_drop, self.proj_drop = nn.Identity(), nn.Identity()
+        self._init_quantizers(scheme, a_bits, softmax_bits)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, H, Nq, D], k/v [B, H, N, D] → projected output [B, Nq, C]."""
-        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        scores = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
-        attn = self.softmax_quant(self.score_quant(scores).softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], self.val_attn_dim)
-        return self.proj(x)
+    def score_bias(self) -> torch.Tensor:
+        """The learned attention biases, [1, H, Nq, N]."""
+        return self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._attend(x)
 
 
 class QLevitAttention(_QLevitCore):
     """Built from timm's LeViT ``Attention``: qkv (LinearNorm, BN folded), heads split into q, k, v."""
 
-    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
-                 per_head: bool = False):
+    def __init__(self, attn: nn.Module, scheme: Scheme, a_bits: int, softmax_bits: int):
         super().__init__()
-        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind, per_head)
+        self._init_levit(attn, scheme, a_bits, softmax_bits)
         self.qkv = attn.qkv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], 3)
-        return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class QLevitAttentionDownsample(_QLevitCore):
     """Built from timm's LeViT ``AttentionDownsample``: queries from the subsampled tokens (``q``: subsample
     then LinearNorm), keys and values from all tokens (``kv``)."""
 
-    def __init__(self, attn: nn.Module, a_bits: int, softmax_bits: int, fully_quantized: bool, softmax_kind: str,
-                 per_head: bool = False):
+    def __init__(self, attn: nn.Module, scheme: Scheme, a_bits: int, softmax_bits: int):
         super().__init__()
-        self._init_core(attn, a_bits, softmax_bits, fully_quantized, softmax_kind, per_head)
+        self._init_levit(attn, scheme, a_bits, softmax_bits)
         self.kv, self.q = attn.kv, attn.q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor):
         B, N, _ = x.shape
         k, v = self.kv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         q = self.q(x).view(B, -1, self.num_heads, self.key_dim)
-        return self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class QLevitBlock(nn.Module):
@@ -142,25 +138,25 @@ def input_size(model: nn.Module) -> tuple[int, int]:
     return attn.resolution[0] * stride, attn.resolution[1] * stride
 
 
-def convert(model: nn.Module, scheme) -> None:
+def convert(model: nn.Module, scheme: Scheme) -> None:
     levit = _levit()
     if getattr(model, "use_conv", False):
         raise VitqError(f"{type(model).__name__} with use_conv=True (levit_conv_*) is not supported; "
                         "expected a levit_* model")
     info = fold_batchnorms(model, example_input(input_size(model)))
-    per_head = scheme.attn_granularity == "head"
     for name, m in list(model.named_modules()):
         _, a, s = scheme.bits_for(name)
         new = None
         if type(m) is levit.Attention:
-            new = QLevitAttention(m, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
+            new = QLevitAttention(m, scheme, a, s)
         elif type(m) is levit.AttentionDownsample:
-            new = QLevitAttentionDownsample(m, a, s, scheme.fully_quantized, scheme.softmax_kind, per_head)
+            new = QLevitAttentionDownsample(m, scheme, a, s)
         if new is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, new)
+
     def res(bits: int) -> Quantizer | None:
-        return make_quantizer("uniform", bits, "residual") if scheme.fully_quantized else None
+        return activation_quantizer(scheme, bits, "residual") if scheme.fully_quantized else None
 
     for name, m in list(model.named_modules()):
         a = scheme.bits_for(name)[1]

@@ -18,6 +18,7 @@ from torch import nn
 from vitq.models.common import example_input, quantize_unit_output, swap_weighted
 from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
 from vitq.models.fold import fold_batchnorms
+from vitq.quant.base import Quantizer
 
 # class name -> (stem modules, stage containers, modules between the last stage and forward_head)
 ARCHS = {
@@ -70,14 +71,12 @@ def convert(model: nn.Module, scheme) -> None:
     swap_weighted(model, scheme, image_layers=set(info["reads_image"]))
     if scheme.fully_quantized:
         for name, unit in _units(model):
-            quantize_unit_output(unit, scheme.bits_for(name)[1])
+            quantize_unit_output(unit, scheme.bits_for(name)[1], scheme)
 
 
 def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     """A CNN block (weight quantizers but no attention quantizers): all its convolution weight scales; the
     ``attn`` and ``mlp`` groups both mean them (a CNN block has one kind of weight)."""
-    from vitq.quant.base import Quantizer
-
     roles = {m.role for m in unit.modules() if isinstance(m, Quantizer)}
     if "weight" not in roles or roles & {"q", "k", "v", "softmax"}:
         return None

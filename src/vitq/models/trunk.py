@@ -12,31 +12,21 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.models.family import family_of
 
 
 class Trunk:
     def __init__(self, model: nn.Module):
         self.model = model
-        self.stem: Callable[[torch.Tensor], torch.Tensor]
-        self.units: list[tuple[str, nn.Module]] = []
-        self._is_block = lambda m: hasattr(m, "attn")
-        parts = _family_parts(model)
-        if parts is not None:  # CNN, LeViT, Hugging Face ViT: the family says (vitq.models.family)
-            self.stem, self.units, self.tail, self._is_block = parts.stem, list(parts.units), parts.tail, parts.is_block
-        elif hasattr(model, "blocks") and hasattr(model, "_pos_embed"):  # timm VisionTransformer (ViT, DeiT)
-            self.stem = lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-            self.units = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-            self.tail = lambda x: model.forward_head(model.norm(x))
-        elif hasattr(model, "layers") and hasattr(model, "patch_embed"):  # timm SwinTransformer
-            self.stem = model.patch_embed
-            for i, stage in enumerate(model.layers):
-                if not isinstance(stage.downsample, nn.Identity):
-                    self.units.append((f"layers.{i}.downsample", stage.downsample))
-                self.units += [(f"layers.{i}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
-            self.tail = lambda x: model.forward_head(model.norm(x))
-        else:
-            raise VitqError(f"{type(model).__name__} is not a timm VisionTransformer or SwinTransformer (or "
-                            "another family of `vitq models`); block-wise methods need one")
+        family = family_of(model)
+        if family.trunk is None:
+            raise VitqError(f"{type(model).__name__} ({family.name}) cannot be cut into units; block-wise methods "
+                            "need a family of `vitq models` that can")
+        parts = family.trunk(model)
+        self.stem: Callable[[torch.Tensor], torch.Tensor] = parts.stem
+        self.units: list[tuple[str, nn.Module]] = list(parts.units)
+        self.tail: Callable[[torch.Tensor], torch.Tensor] = parts.tail
+        self._is_block = parts.is_block
 
     def __len__(self) -> int:
         return len(self.units)
@@ -59,12 +49,3 @@ class Trunk:
             h = unit(h)
         return self.tail(h)
 
-
-def _family_parts(model: nn.Module):
-    from vitq.models.family import family_of
-
-    try:
-        family = family_of(model)
-    except VitqError:
-        return None
-    return family.trunk(model) if family.trunk is not None else None
