@@ -15,24 +15,21 @@ from vitq.quant.uniform import UniformQuantizer
 from vitq.refine.evolq_options import EvolQOptions, default_radius
 from vitq.refine.fitness import FitnessEvaluator
 
-# the weight quantizers of a pre-norm transformer block (attn = qkv + proj, mlp = fc1 + fc2)
-BLOCK_PATHS = {"attn": ("attn.qkv.weight_quant", "attn.proj.weight_quant"),
-               "mlp": ("mlp.fc1.weight_quant", "mlp.fc2.weight_quant")}
-
 
 def search_space(unit_name: str, block: nn.Module, groups: Iterable[str]) -> list[tuple[str, UniformQuantizer]]:
     """(qualified name, quantizer) whose ``scale`` the search perturbs for one block, in a fixed order."""
     out: list[tuple[str, UniformQuantizer]] = []
     groups = set(groups)
-    paths = [p for g in ("attn", "mlp") if g in groups for p in BLOCK_PATHS[g]]
-    family_paths = search_paths(block, groups)  # CNN, LeViT and HF units: their family's rule
-    paths = family_paths if family_paths is not None else paths
+    paths = search_paths(block, groups)  # each family declares which weight scales a unit's groups mean
+    if paths is None:
+        raise VitqError(f"block {unit_name} ({type(block).__name__}) has no evolq search rule in any model family "
+                        "(a family declares one with Family.search_paths)")
     for p in paths:
         try:
             q = block.get_submodule(p)
         except AttributeError:
-            raise VitqError(f"block {unit_name} ({type(block).__name__}) has no {p} (evolq searches pre-norm "
-                            "transformer blocks and the units of families with a search rule)") from None
+            raise VitqError(f"block {unit_name} ({type(block).__name__}) has no {p}, which its family's search "
+                            "rule names") from None
         out.append((f"{unit_name}.{p}", q))
     if "act" in groups:
         out += [(f"{unit_name}.{n}", m) for n, m in block.named_modules()
