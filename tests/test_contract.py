@@ -123,7 +123,8 @@ def test_method(method, key, regime):
         qmodel, record = run()
     except VitqError as e:
         pytest.fail(f"{method} refused the {family} model {type(model).__name__} under {regime}: {e} (if that "
-                    "is by design, add it to REFUSES in tests/test_contract.py)")
+                    "is by design: a regime it does not handle is left out of its register_method(regimes=...); "
+                    "a family it cannot handle goes into REFUSES in tests/test_contract.py)")
     assert record["calibration"]["method"] == method
     check_quantized(qmodel, model, x)
 
