@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, make_image_folder, tiny_model
 from torch import nn
+from zoo import HF_KEYS, ZOO, randomize, save_hf, tiny_model
 
 from vitq import api
 from vitq.errors import VitqError
@@ -22,48 +23,10 @@ from vitq.refine.evolq_search import search_space
 from vitq.scheme import Scheme
 from vitq.state import load, save
 
-# tiny random-init timm models: (name, kwargs, input size)
-TINY_TIMM = {
-    "resnet": ("resnet18", dict(channels=(8, 16, 32, 64), stem_width=8, num_classes=10), 32),
-    "regnet": ("regnetx_002", dict(num_classes=10), 32),
-    "effnet": ("tf_efficientnet_lite0", dict(num_classes=10), 32),  # depthwise convs, TF 'SAME' Conv2dSame
-    "mbv3": ("mobilenetv3_small_050", dict(num_classes=10), 32),  # squeeze-excite, Hardswish
-    "levit": ("levit_128s", dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
-                                 depth=(1, 1, 1), num_classes=10), 64),
-}
-HF = ("hf_vit", "hf_deit")
+# the tiny models of tests/zoo.py beyond timm ViT/Swin: (timm name, kwargs, input size)
+TINY_TIMM = {k: (z.name, z.kwargs, z.size) for k, z in ZOO.items() if z.family in ("timm-cnn", "timm-levit")}
+HF = HF_KEYS
 FAMS = (*TINY_TIMM, *HF)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm statistics/affine and LeViT attention biases, so folding and biases are exercised
-    (timm initialises BN as the identity and the biases as zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            if hasattr(m, "attention_biases"):
-                m.attention_biases.copy_(torch.randn(m.attention_biases.shape, generator=g) * 0.5)
-    return model
-
-
-def save_hf(path, kind: str) -> str:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    prefix = "ViT" if kind == "hf_vit" else "DeiT"
-    cfg = getattr(transformers, f"{prefix}Config")(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=10, initializer_range=0.2)
-    getattr(transformers, f"{prefix}ForImageClassification")(cfg).save_pretrained(path)
-    proc = getattr(transformers, f"{prefix}ImageProcessor")
-    extra = {"do_center_crop": False} if kind == "hf_deit" else {}
-    proc(size={"height": 32, "width": 32}, **extra).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +39,7 @@ def build(fam: str, hf_dirs=None) -> tuple[nn.Module, int]:
         from vitq.models.loading import create_model
 
         return create_model(f"hf:{hf_dirs[fam]}"), 32
-    name, kw, size = TINY_TIMM[fam]
-    torch.manual_seed(0)
-    return randomize(timm.create_model(name, pretrained=False, **kw).eval()), size
+    return tiny_model(fam), ZOO[fam].size
 
 
 def images(size: int, n: int = 32, seed: int = 1) -> torch.Tensor:

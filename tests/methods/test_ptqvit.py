@@ -7,8 +7,8 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
-import timm  # noqa: E402
 import torch  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 import vitq  # noqa: E402
 from vitq.cli.allocation import add_command, allocation_from_config  # noqa: E402
@@ -26,15 +26,11 @@ FAST = {"candidates": 10, "rounds": 2, "tokens": 8, "rows": 6, "pairs": 40, "mp_
 
 
 def tiny_deit():
-    torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                             num_classes=10).eval()
+    return tiny_model("deit")
 
 
 def tiny_swin():
-    torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(2, 2),
-                             num_heads=(2, 4), embed_dim=32, window_size=7, num_classes=10).eval()
+    return tiny_model("swin")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 import vitq
 from vitq.api import as_calib
@@ -38,15 +38,11 @@ def _one_thread():
 
 
 def _deit():
-    torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                             num_classes=10).eval()
+    return tiny_model("deit")
 
 
 def _swin():
-    torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(2, 2),
-                             num_heads=(2, 4), embed_dim=32, window_size=7, num_classes=10).eval()
+    return tiny_model("swin")
 
 
 def _images(model, n=16, seed=1):

@@ -6,8 +6,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import timm  # noqa: E402
 import torch  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 import vitq  # noqa: E402
 import vitq.methods  # noqa: E402,F401  (registers the quantizer kinds)
@@ -129,9 +129,7 @@ def test_linear_grid():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              num_classes=10).eval()
+    model = tiny_model("deit")
     images = torch.randn(10, 3, 32, 32)
     return model, images
 
@@ -222,9 +220,7 @@ def test_any_method_can_use_any_softmax_kind(tiny):
 
 
 def test_apq_on_swin_blocks():
-    torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(2, 2),
-                              num_heads=(2, 4), embed_dim=32, window_size=7, num_classes=10).eval()
+    model = tiny_model("swin")
     images = torch.randn(4, 3, 56, 56)
     opts = {**FAST, "bbc_candidates": 3}
     q = vitq.prepare(model, vitq.Scheme("matmul", 6, 6), method="apq", options=opts)
