@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_image_folder, tiny_model
+from conftest import TINY, make_image_folder
 from torch import nn
 from zoo import HF_KEYS, ZOO, randomize, save_hf, tiny_model
 
