@@ -51,6 +51,9 @@ REFINER_SMALLER = {
 # (method, family) pairs refused by design, with a VitqError that names the model or one of its modules' classes
 REFUSES: set[tuple[str, str]] = {
     ("repq", "timm-cnn"), ("repq", "timm-levit"),  # no LayerNorm before qkv / fc1 to reparameterize
+    ("apq", "timm-cnn"), ("apq", "timm-levit"),  # BBC searches transformer blocks (QTransformerBlock) only
+    # LeViT's attention projects through Hardswish + LinearNorm, so its matmuls cannot be placed before a proj
+    ("ptqvit", "timm-levit"), ("easyquant", "timm-levit"),
 }
 # quantizer kinds that need no calibration (they may stay uninitialized after a method ran); none today
 NEEDS_NO_CALIBRATION: set[str] = set()

@@ -174,7 +174,7 @@ def _calibrate_sequential(model: nn.Module, calib: CalibData, layers: list[Layer
                   [2.0 ** (-i / 2) for i in range(1, 17)])
     h_f = h_q = image_chunks(calib, cfg.search_images)
     trace = []
-    for seg_name, fn, seg_layers in calib.bar(segments(model, layers), "easyquant", None):
+    for seg_name, fn, seg_layers in calib.bar(segments(model, layers, h_f[0]), "easyquant", None):
         with passthrough(model):
             h_f_next = record(fn, h_f, seg_layers, "float", gen, tokens=cfg.tokens, rows=cfg.rows, stop=False)
         for layer in seg_layers:

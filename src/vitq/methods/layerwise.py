@@ -26,7 +26,7 @@ from torch import nn
 from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
-from vitq.quant.base import Quantizer
+from vitq.quant.base import Quantizer, passthrough
 from vitq.quant.modules import QAttentionBase, QConv2d, QWeighted
 
 
@@ -180,20 +180,32 @@ class Recorder:
 Segment = tuple[str, Callable, list[Layer]]
 
 
-def segments(model: nn.Module, layers: list[Layer]) -> list[Segment]:
-    """(name, function, its layers) for the stem, every trunk unit and the tail, in order."""
+def segments(model: nn.Module, layers: list[Layer], probe: torch.Tensor) -> list[Segment]:
+    """(name, function, its layers) for the stem, every trunk unit and the tail, in order. A layer outside
+    every unit belongs to the stem when it runs in the stem on ``probe`` (one image is enough), else to the
+    tail; so any family's stem (a patch embedding, a CNN's first convolutions) is found without its names."""
     trunk = Trunk(model)
-    units = [(n, m) for n, m in trunk.units]
     segs: list[Segment] = [("stem", trunk.stem, [])]
-    segs += [(n, m, []) for n, m in units]
+    segs += [(n, m, []) for n, m in trunk.units]
     segs.append(("tail", trunk.tail, []))
+    outside = []
     for layer in layers:
         for seg in segs[1:-1]:
             if layer.name.startswith(seg[0] + "."):
                 seg[2].append(layer)
                 break
         else:
-            (segs[0] if layer.name.startswith("patch_embed") else segs[-1])[2].append(layer)
+            outside.append(layer)
+    in_stem: set[int] = set()
+    hooks = [la.module.register_forward_pre_hook(lambda m, args: in_stem.add(id(m))) for la in outside]
+    try:
+        with torch.no_grad(), passthrough(model):
+            trunk.stem(probe[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in outside:
+        (segs[0] if id(layer.module) in in_stem else segs[-1])[2].append(layer)
     return segs
 
 

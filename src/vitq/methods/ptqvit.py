@@ -75,7 +75,7 @@ def _calibrate_all(model: nn.Module, calib: CalibData, layers: list[Layer], cfg:
     h_f = image_chunks(calib, cfg.images)
     h_q = h_f
     trace = []
-    segs = segments(model, layers)
+    segs = segments(model, layers, h_f[0])
     for seg_name, fn, seg_layers in calib.bar(segs, "ptqvit", len(segs)):
         with passthrough(model):
             h_f_next = record(fn, h_f, seg_layers, "float", gen, tokens=cfg.tokens, rows=cfg.rows, stop=False)
