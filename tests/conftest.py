@@ -29,3 +29,14 @@ def make_image_folder(root: Path, classes=("n01440764", "n01443537", "n15075141"
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spin-waiting makes many
+    small ops several times slower: one thread for a module's tests, restored afterwards. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -59,14 +59,7 @@ REFUSES: set[tuple[str, str]] = {
 NEEDS_NO_CALIBRATION: set[str] = set()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP's spin-waiting costs several
-    times the work; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def method_options(name: str) -> dict:

@@ -16,14 +16,7 @@ from vitq.methods.hessian import hessian_distance, linear_grid  # noqa: E402
 from vitq.quant.base import make_quantizer, quantizers_of  # noqa: E402
 from vitq.quant.twin import MPQQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny ops: on a shared 2-core machine extra intra-op threads only contend (20x slower here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"candidates": 4, "rounds": 1, "twin_max_shift": 3, "mpq_candidates": 4}

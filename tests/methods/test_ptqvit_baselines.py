@@ -21,14 +21,7 @@ from vitq.quant.mixed import MixedUniformQuantizer
 from vitq.quant.observers import observing, start_error_pass
 from vitq.scheme import Scheme
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These searches run many small ops: one thread (two threads on a loaded 2-core machine are far slower)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"aciq": {}, "lapq": {"p_values": "2,4", "max_evals": 30, "loss_images": 8}, "easyquant": {"candidates": 10}}

@@ -26,15 +26,7 @@ from vitq.refine.fitness import FitnessEvaluator, infonce_loss, kl_loss
 from vitq.refine.landscape import compute_landscape, write_outputs
 from vitq.registry import get_refiner
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spin-waiting makes the
-    suite several times slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _deit():

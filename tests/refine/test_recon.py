@@ -21,12 +21,7 @@ from vitq.state import load, save
 FAST = {"iters": 12, "batch": 4, "lr": 0.05, "scale_lr": 0.01}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibrated(family="deit", scheme="matmul", method=None, w_bits=3, a_bits=4, n=8):
