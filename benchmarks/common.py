@@ -38,13 +38,12 @@ FIGURES = ROOT / "benchmarks" / "figures"
 def load_records(records, transform, num_workers: int = 0):
     """The images of ``records`` (vitq.data records), preprocessed into one tensor, with their labels; unreadable
     images are skipped and named on stderr."""
-    from vitq.data import make_loader
+    from vitq.data import read_images
 
-    loader = make_loader(records, transform, batch_size=50, num_workers=num_workers)
-    xs, ys = zip(*loader)
+    xs, ys, loader = read_images(records, transform, batch_size=50, num_workers=num_workers)
     if loader.skipped:
         print(f"skipped unreadable images: {loader.skipped}", file=sys.stderr)
-    return torch.cat(xs), torch.cat(ys)
+    return xs, ys
 
 
 def select(folder, num, seed: int = 0):

@@ -259,6 +259,23 @@ def make_loader(records, transform, batch_size: int = 50, num_workers: int = 0,
     return ImageLoader(records, transform, batch_size, num_workers, min_size)
 
 
+def read_images(records, transform, batch_size: int = 50, num_workers: int = 0,
+                min_size: tuple[int, int] | None = None, progress: bool = False,
+                what: str = "images") -> tuple[torch.Tensor | None, torch.Tensor | None, ImageLoader]:
+    """Decode and preprocess ``records`` into one tensor: (images, labels, the loader, which knows what was
+    skipped and why); (None, None, loader) when no image could be read."""
+    from tqdm.auto import tqdm
+
+    loader = make_loader(records, transform, batch_size=batch_size, num_workers=num_workers, min_size=min_size)
+    xs, ys = [], []
+    for x, y in tqdm(loader, desc=f"load {what}", disable=not progress, leave=False, dynamic_ncols=True):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        return None, None, loader
+    return torch.cat(xs), torch.cat(ys), loader
+
+
 def report_images(loader: ImageLoader, what: str, log) -> None:
     """One warning per kind: unreadable images skipped, and each kind of odd image (count and an example)."""
     if loader.skipped:

@@ -42,19 +42,13 @@ def input_size(desc: dict) -> tuple[int, int]:
 def load_images(records, transform, batch_size: int, num_workers: int, progress: bool, what: str,
                 min_size: tuple[int, int] | None = None):
     """Decode and preprocess records into one tensor; returns (images, labels, skipped paths)."""
-    from tqdm.auto import tqdm
+    from vitq.data import read_images, report_images
 
-    from vitq.data import make_loader, report_images
-
-    loader = make_loader(records, transform, batch_size=batch_size, num_workers=num_workers, min_size=min_size)
-    xs, ys = [], []
-    for x, y in tqdm(loader, desc=f"load {what}", disable=not progress, leave=False, dynamic_ncols=True):
-        xs.append(x)
-        ys.append(y)
-    if not xs:
+    images, labels, loader = read_images(records, transform, batch_size, num_workers, min_size, progress, what)
+    if images is None:
         raise VitqError(f"none of the {len(records)} {what} images could be read ({', '.join(loader.skipped[:3])} ...)")
     report_images(loader, what, log)
-    return torch.cat(xs), torch.cat(ys), list(loader.skipped)
+    return images, labels, list(loader.skipped)
 
 
 def build_model(args, kwargs: dict) -> tuple[torch.nn.Module, str | None]:

@@ -28,14 +28,13 @@ def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch
                 records=None) -> tuple[torch.Tensor, list[str]]:
     """The calibration images of ``folder`` (a seeded draw of ``num``) as the model's preprocessing makes them,
     and the paths of those that could be read."""
-    from vitq.data import make_loader, model_transform, report_images, scan_image_folder, select_records
+    from vitq.data import model_transform, read_images, report_images, scan_image_folder, select_records
 
     if records is None:
         records = select_records(scan_image_folder(folder, labels="folder"), num, seed)  # labels are not used
     transform, desc = model_transform(model)
-    loader = make_loader(records, transform, batch_size, min_size=tuple(desc["input_size"][1:]))
-    images = [x for x, _ in loader]
-    if not images:
+    images, _, loader = read_images(records, transform, batch_size, min_size=tuple(desc["input_size"][1:]))
+    if images is None:
         raise VitqError(f"--calib {folder}: none of the {len(records)} images could be read")
     report_images(loader, "landscape", log)
     skipped = set(loader.skipped)
@@ -43,7 +42,7 @@ def load_images(folder: str, num: int | None, seed: int, model: nn.Module, batch
     if num is not None and len(used) < num:
         log.warning("landscape uses %d images, fewer than --num-calib %d (%d in %s, %d unreadable)", len(used), num,
                     len(records), folder, len(skipped))
-    return torch.cat(images), used
+    return images, used
 
 
 def add_command(subparsers) -> None:
