@@ -127,17 +127,10 @@ def overrides_match(model: torch.nn.Module, given: tuple, texts: list[str]) -> N
 
 # ------------------------------------------------------------------------------------------------ paths
 def weights_file(path: str | None, flag: str = "--weights") -> None:
-    from vitq.models.loading import sniff_format
+    from vitq.models.loading import check_weights_file
 
-    if path is None:
-        return
-    if not os.path.exists(path):
-        raise VitqError(f"{flag} {path} does not exist (expected a .safetensors or .pth file)")
-    if not os.path.isfile(path):
-        raise VitqError(f"{flag} {path} is not a file (expected a .safetensors or .pth file)")
-    if sniff_format(path) is None:
-        raise VitqError(f"{flag} {path} is neither a safetensors file nor a torch checkpoint (expected a "
-                        ".safetensors or .pth state dict)")
+    if path is not None:
+        check_weights_file(path, flag, expected="a .safetensors or .pth file")
 
 
 def state_folder(path: str, flag: str = "--state") -> dict:

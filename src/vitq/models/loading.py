@@ -34,16 +34,23 @@ def sniff_format(path: str) -> str | None:
     return None
 
 
+def check_weights_file(path: str, label: str, expected: str = "") -> None:
+    """Refuse a weights path that does not exist, is not a file, or is neither safetensors nor a torch
+    checkpoint; ``label`` names it in the message (a flag or "weights file"), ``expected`` ends the first two."""
+    tail = f" (expected {expected})" if expected else ""
+    if not os.path.exists(path):
+        raise VitqError(f"{label} {path} does not exist{tail}")
+    if not os.path.isfile(path):
+        raise VitqError(f"{label} {path} is not a file{tail}")
+    if sniff_format(path) is None:
+        raise VitqError(f"{label} {path} is neither a safetensors file nor a torch checkpoint (expected a "
+                        ".safetensors or .pth state dict)")
+
+
 def read_state_dict(path: str | os.PathLike, kind: str = "weights file") -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a torch checkpoint (weights only, never unpickling objects)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VitqError(f"{kind} {path} does not exist")
-    if not os.path.isfile(path):
-        raise VitqError(f"{kind} {path} is not a file")
-    if sniff_format(path) is None:
-        raise VitqError(f"{kind} {path} is neither a safetensors file nor a torch checkpoint (expected a "
-                        ".safetensors or .pth state dict)")
+    check_weights_file(path, kind)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
