@@ -68,8 +68,12 @@ class Options:
             name, is_tuple, _ = field_type(str(f.type))
             if is_tuple and isinstance(value, (list, str)):  # "a,b" or a list from JSON / Python
                 items = value.split(",") if isinstance(value, str) else value
-                value = tuple(SCALAR_TYPES.get(name, str)(v.strip() if isinstance(v, str) else v) for v in items
-                              if not (isinstance(v, str) and not v.strip()))
+                try:
+                    value = tuple(SCALAR_TYPES.get(name, str)(v.strip() if isinstance(v, str) else v)
+                                  for v in items if not (isinstance(v, str) and not v.strip()))
+                except (TypeError, ValueError):
+                    kind = {"int": "integers", "float": "numbers"}.get(name, "values")
+                    raise OptionError(f.name, getattr(self, f.name), f"comma-separated {kind}, e.g. 2,3,4") from None
                 object.__setattr__(self, f.name, value)
             elif name == "float" and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))

@@ -59,15 +59,6 @@ class LapqOptions(Options):
     high: float = opt(1.5, "upper bound of every range factor", above=1.0)
     joint: bool = opt(True, "the joint Powell step (off: stop after the Lp initialization, an ablation)")
 
-    def __post_init__(self) -> None:
-        p = self.p_values
-        if isinstance(p, str):  # "2,3,x" from the command line: refused naming the option
-            try:
-                [float(v) for v in p.split(",") if v.strip()]
-            except ValueError:
-                raise OptionError("p_values", p, "numbers, e.g. 2,3,4") from None
-        super().__post_init__()
-
     def check(self) -> None:
         if not self.p_values:
             raise OptionError("p_values", self.p_values, "at least one p, e.g. 2,3,4")
