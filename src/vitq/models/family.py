@@ -91,3 +91,10 @@ def search_paths(unit: nn.Module, groups: set[str], model_family: Family | None 
 def weight_quantizer_paths(module: nn.Module, prefix: str = "") -> list[str]:
     """Names of the weight quantizers inside ``module`` (module order), e.g. ``conv_pw.weight_quant``."""
     return [f"{prefix}{n}" for n, m in module.named_modules() if isinstance(m, Quantizer) and m.role == "weight"]
+
+
+def group_paths(unit: nn.Module, children: dict[str, str], groups: set[str]) -> list[str]:
+    """The weight quantizers Evol-Q searches for ``groups`` in a unit whose groups each name one child module
+    (``{"attn": "attn", "mlp": "mlp"}``): every weight quantizer inside that child, in module order."""
+    return [p for g, child in children.items() if g in groups
+            for p in weight_quantizer_paths(unit.get_submodule(child), f"{child}.")]

@@ -19,7 +19,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.models.common import swap_weighted
-from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.models.family import Family, TrunkParts, group_paths, register_family
 from vitq.quant.base import Quantizer
 from vitq.quant.modules import QAttentionBase, QLayerNorm, QTransformerBlock
 from vitq.quant.uniform import PTFQuantizer
@@ -234,12 +234,7 @@ def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     """HF layers: ``attn`` = q/k/v/o projection weight scales, ``mlp`` = fc1/fc2."""
     if not isinstance(unit, QHFLayer):
         return None
-    paths = []
-    if "attn" in groups:
-        paths += weight_quantizer_paths(unit.attention, "attention.")
-    if "mlp" in groups:
-        paths += weight_quantizer_paths(unit.mlp, "mlp.")
-    return paths
+    return group_paths(unit, {"attn": "attention", "mlp": "mlp"}, groups)
 
 
 register_family(Family(

@@ -19,7 +19,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.models.common import example_input, swap_weighted
-from vitq.models.family import Family, TrunkParts, register_family, weight_quantizer_paths
+from vitq.models.family import Family, TrunkParts, group_paths, register_family
 from vitq.models.fold import fold_batchnorms
 from vitq.quant.base import Quantizer
 from vitq.quant.modules import QAttentionBase, activation_quantizer
@@ -190,12 +190,7 @@ def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     if not isinstance(unit, (QLevitBlock, QLevitDownsample)):
         return None
     attn = "attn" if isinstance(unit, QLevitBlock) else "attn_downsample"
-    paths = []
-    if "attn" in groups:
-        paths += weight_quantizer_paths(getattr(unit, attn), f"{attn}.")
-    if "mlp" in groups:
-        paths += weight_quantizer_paths(unit.mlp, "mlp.")
-    return paths
+    return group_paths(unit, {"attn": attn, "mlp": "mlp"}, groups)
 
 
 register_family(Family(

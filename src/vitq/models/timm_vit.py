@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.models.family import Family, TrunkParts, register_family
+from vitq.models.family import Family, TrunkParts, group_paths, register_family
 from vitq.quant.base import Quantizer
 from vitq.quant.modules import QAttentionBase, QConv2d, QLayerNorm, QLinear, QTransformerBlock
 from vitq.quant.uniform import PTFQuantizer
@@ -182,12 +182,7 @@ def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     """ViT/Swin blocks: ``attn`` = the qkv and proj weight scales, ``mlp`` = fc1 and fc2."""
     if not isinstance(unit, (QBlock, QSwinBlock)):
         return None
-    paths = []
-    if "attn" in groups:
-        paths += ["attn.qkv.weight_quant", "attn.proj.weight_quant"]
-    if "mlp" in groups:
-        paths += ["mlp.fc1.weight_quant", "mlp.fc2.weight_quant"]
-    return paths
+    return group_paths(unit, {"attn": "attn", "mlp": "mlp"}, groups)
 
 
 register_family(Family(
