@@ -13,6 +13,7 @@ from vitq.evaluate import evaluate
 from vitq.export import export  # the function; the package is vitq.export in sys.modules
 from vitq.scheme import Override, Scheme
 from vitq.state import load, save
+from vitq.sweep import sweep  # the function; the package is vitq.sweep in sys.modules
 
 __all__ = ["Override", "Scheme", "VitqError", "__version__", "calibrate", "evaluate", "export", "load", "prepare",
-           "quantize", "refine", "round_weights", "save"]
+           "quantize", "refine", "round_weights", "save", "sweep"]

@@ -18,7 +18,8 @@ from vitq.errors import VitqError
 # subcommands after quantize (which needs argv to show one method's options): each defines add_command(subparsers)
 COMMAND_MODULES: tuple[str, ...] = ("vitq.cli.evaluate", "vitq.cli.demo", "vitq.cli.methods",
                                      "vitq.cli.landscape", "vitq.cli.allocation", "vitq.cli.recipes",
-                                     "vitq.cli.models", "vitq.cli.export")
+                                     "vitq.cli.models", "vitq.cli.export", "vitq.cli.sweep",
+                                     "vitq.cli.results")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
