@@ -21,12 +21,12 @@ def add_command(sub) -> None:
     r.set_defaults(func=cmd_results)
 
 
-def parse_where(items: list[str]) -> dict:
+def parse_where(items: list[str], flag: str = "--where") -> dict:
     where = {}
     for item in items:
         col, sep, value = item.partition("=")
         if not sep or not col:
-            raise VitqError(f"--where {item!r}: expected COLUMN=VALUE (e.g. method=omse or w_bits=4,6)")
+            raise VitqError(f"{flag} {item!r}: expected COLUMN=VALUE (e.g. method=omse or w_bits=4,6)")
         where[col.strip()] = value.split(",")
     return where
 

@@ -30,6 +30,9 @@ def add_command(sub) -> None:
                    help="torch threads per job (default: the CPUs each job declares, 1 unless resources say)")
     s.add_argument("--shards", type=int, default=None,
                    help="evaluate each job's images in this many Ray tasks (default the grid's eval_shards, 1)")
+    s.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
+                   help="run only the grid's jobs whose KEY (a grid key, or label) has one of the values, e.g. "
+                        "seed=0 or w_bits=4 (repeatable)")
     s.add_argument("--max-jobs", type=int, default=None, help="start at most this many of the unfinished jobs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sweep)
@@ -43,12 +46,15 @@ def cmd_sweep(args) -> int:
                         ("--job-threads", args.job_threads), ("--shards", args.shards),
                         ("--max-jobs", args.max_jobs)):
         validate.positive(flag, value)
+    from vitq.cli.results import parse_where
+
+    where = parse_where(args.only, "--only")
     if args.status:
         keys = None
         if args.grid is not None:
             from vitq.sweep.grid import load_jobs
 
-            keys = [j.key for j in load_jobs(args.grid)]
+            keys = [j.key for j in load_jobs(args.grid, where=where)]
         print(status_line(status(args.store, keys)))
         return 0
     if args.grid is None:
@@ -56,7 +62,8 @@ def cmd_sweep(args) -> int:
     from vitq.sweep.runner import sweep
 
     summary = sweep(args.grid, args.store, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                    threads=args.job_threads, progress=not args.quiet, max_jobs=args.max_jobs, shards=args.shards)
+                    threads=args.job_threads, progress=not args.quiet, max_jobs=args.max_jobs, shards=args.shards,
+                    where=where)
     print(json.dumps(summary))
     print(status_line(status(args.store)))
     return 1 if summary["failed"] else 0

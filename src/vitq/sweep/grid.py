@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from vitq.errors import VitqError
@@ -112,12 +113,18 @@ def expand(grid: dict, base_dir: str = ".") -> list[Job]:
     return jobs
 
 
+def expand_vars(text: str) -> str:
+    """``$NAME`` / ``${NAME}`` from the environment, and ``${NAME:-default}`` (the default when NAME is unset)."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m.group(1)) or m.group(2), text)
+    return os.path.expandvars(text)
+
+
 def _path(value, base_dir: str, what: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
         raise VitqError(f"grid key {what!r}: {value!r} is not a path")
-    value = os.path.expanduser(value)
+    value = os.path.expanduser(expand_vars(value))
     return os.path.abspath(value if os.path.isabs(value) else os.path.join(base_dir, value))
 
 
@@ -267,6 +274,20 @@ def assign_keys(jobs: list[Job], code: str | None = None) -> list[Job]:
     return jobs
 
 
-def load_jobs(path: str, code: str | None = None) -> list[Job]:
-    """The keyed jobs of a grid file."""
-    return assign_keys(expand(read_grid(path), os.path.dirname(os.path.abspath(path))), code)
+def matches(job: Job, where: dict | None) -> bool:
+    """Whether a job's config (or label) has, for each key of ``where``, one of its values (as text)."""
+    for k, vals in (where or {}).items():
+        have = job.label if k == "label" else job.config.get(k, job.run.get(k, "\0"))
+        if isinstance(have, dict):
+            have = have.get("name")
+        if str(have) not in [str(v) for v in (vals if isinstance(vals, list | tuple) else [vals])]:
+            return False
+    return True
+
+
+def load_jobs(path: str, code: str | None = None, where: dict | None = None) -> list[Job]:
+    """The keyed jobs of a grid file (those matching ``where``: {config key or label: value or values})."""
+    jobs = [j for j in expand(read_grid(path), os.path.dirname(os.path.abspath(path))) if matches(j, where)]
+    if where and not jobs:
+        raise VitqError(f"--only {where}: no job of {path} matches")
+    return assign_keys(jobs, code)

@@ -60,17 +60,18 @@ def _eval_key(cfg: dict, weights_sha: str | None, code: str) -> str:
 
 def sweep(grid: str, store: str, address: str | None = None, num_cpus: int | None = None,
           num_gpus: int | None = None, threads: int | None = None, progress: bool = True,
-          max_jobs: int | None = None, shards: int | None = None) -> dict:
+          max_jobs: int | None = None, shards: int | None = None, where: dict | None = None) -> dict:
     """Run the grid file ``grid`` into the results store folder ``store``; returns a summary
     ``{"jobs", "skipped", "done", "failed", "ray_start_s", "seconds"}``.
 
     ``address``: an existing Ray cluster (default: start a local one with ``num_cpus`` / ``num_gpus``, all of
     this machine's by default). ``threads``: torch threads per job (default its ``num_cpus``). ``max_jobs``:
     stop after starting this many (for a partial run). ``shards``: evaluate each job's images in this many Ray
-    tasks (default the grid's ``eval_shards``, 1)."""
+    tasks (default the grid's ``eval_shards``, 1). ``where``: run only the jobs whose config has these values
+    (``{"method": ["repq"], "seed": [0]}``)."""
     t_begin = time.perf_counter()
     code = code_version()
-    jobs = load_jobs(grid, code)
+    jobs = load_jobs(grid, code, where)
     db = Store(store)
     try:
         return _run(jobs, db, grid, code, address, num_cpus, num_gpus, threads, progress, max_jobs, shards, t_begin)
