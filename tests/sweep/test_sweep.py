@@ -152,21 +152,22 @@ def _all_rows(store):
         db.close()
 
 
-def test_sharded_evaluate_records_equals_single_process(local_ray, data):
-    import vitq
-    from vitq.data import make_loader, model_transform, scan_image_folder
-    from vitq.sweep.shard import evaluate_records
-
-    model = tiny_model("deit")
-    calib = vitq.quantize(model, make_loader(scan_image_folder(data / "calib", labels="folder"),
-                                             model_transform(model)[0], 4).__iter__().__next__()[0], "fq",
-                          "minmax", w_bits=4, a_bits=8, progress=False)[0]
-    transform, _ = model_transform(model)
-    records = scan_image_folder(data / "val")
-    single = vitq.evaluate(calib, model, make_loader(records, transform, batch_size=4), progress=False)
-    for shards in (2, 3, 4):
-        sharded, skipped = evaluate_records(calib, model, records, transform, 4, None, shards)
-        assert sharded == single and skipped == []
+def test_sharded_evaluate_equals_single_process(local_ray, data):
+    state = data / "state"
+    assert main(["quantize", "--model", NAME, "--model-args", json.dumps(KW), "--weights",
+                 str(data / "tiny.safetensors"), "--calib", str(data / "calib"), "--scheme", "fq", "--w-bits", "4",
+                 "--a-bits", "8", "--method", "minmax", "--batch-size", "4", "--num-workers", "0", "--quiet",
+                 "--out", str(state)]) == 0
+    results = {}
+    for shards in (None, 2, 3):
+        out = data / f"eval-{shards}.json"
+        assert main(["evaluate", "--model", NAME, "--weights", str(data / "tiny.safetensors"), "--state", str(state),
+                     "--val", str(data / "val"), "--batch-size", "4", "--num-workers", "0", "--threads", "1",
+                     "--quiet", "--out", str(out), *(["--shards", str(shards)] if shards else [])]) == 0
+        results[shards] = json.loads(out.read_text())
+    for shards in (2, 3):
+        assert results[shards]["quant"] == results[None]["quant"] and results[shards]["float"] == results[None]["float"]
+        assert results[shards]["num_val"] == 15 and results[shards]["shards"] == shards
 
 
 def test_without_ray_the_error_names_the_extra(data):
