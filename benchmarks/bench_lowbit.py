@@ -1,188 +1,168 @@
-"""Low-bit base (issue 10) on the real DeiT-Tiny: repq, repq + GPTQ, the adaptive-log variant + GPTQ, and the
-best existing method of each setting as the reference, over three calibration draws (seeds).
+"""Low-bit base (issue 10) on the real DeiT-Tiny, from a sweep: the grid is ``benchmarks/grids/lowbit.yaml`` (repq,
+repq + GPTQ, the adaptive-log variant + GPTQ and the best existing method of each setting, over three calibration
+draws); ``vitq sweep`` runs it into a results store and this script renders the BENCHMARKS.md section from the
+store. No loop, kept-row file or lock of its own: the sweep skips finished jobs, reruns killed ones and keeps one
+row per job in the store.
 
-Lean by design (2 shared CPU cores): val images decoded once, float logits computed once; ``repq + GPTQ`` reuses
-the ``repq`` calibration of the same draw (GPTQ runs on it after its nearest-rounding row is evaluated). Rows are
-written to BENCHMARKS.md after every run, so a run stopped by its budget leaves honest partial results.
+    vitq sweep benchmarks/grids/lowbit.yaml --store benchmarks/results/lowbit    # or: this script with --run
+    python -m benchmarks.bench_lowbit --store benchmarks/results/lowbit            # writes the section
+
+A (setting, config) whose draws are not all in the store shows the numbers of the previous run of this
+benchmark (``benchmarks/figures/lowbit_runs.json``, written by the loop this script had before sweeps), marked †;
+every job the store holds is also compared, draw by draw, with that previous run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
-import time
 
-import torch
+from benchmarks.common import DEIT_WEIGHTS, FIGURES, ROOT, command, environment, mean_std, table, write_section
 
-import vitq
-from benchmarks.common import (
-    DEIT_WEIGHTS,
-    FIGURES,
-    Bench,
-    Budget,
-    command,
-    environment,
-    mean_std,
-    table,
-    write_json,
-    write_section,
-)
-
-SETTINGS = {  # name: (regime, w bits, a bits, reference method)
-    "matmul W4A4": ("matmul", 4, 4, "ptq4vit"),
-    "matmul W6A6": ("matmul", 6, 6, "ptq4vit"),
-    "matmul W3A3": ("matmul", 3, 3, "ptq4vit"),
-    "fq W4A8": ("fq", 4, 8, "fqvit"),
-    "fq W3A8": ("fq", 3, 8, "fqvit"),
-}
-# ptq4vit reduced as in the apq section of BENCHMARKS.md (its best-known cheap setting)
-PTQ4VIT_REDUCED = {"candidates": 16, "rounds": 2, "token_fraction": 0.2}
+GRID = ROOT / "benchmarks" / "grids" / "lowbit.yaml"
+STORE = ROOT / "benchmarks" / "results" / "lowbit"
+PREVIOUS = FIGURES / "lowbit_runs.json"  # the previous run's rows (read-only now)
+SETTINGS = ["matmul W4A4", "matmul W6A6", "matmul W3A3", "fq W4A8", "fq W3A8"]
+CONFIGS = ["repq", "repq + GPTQ", "repq-adalog + GPTQ", "ptq4vit (reference)", "fqvit (reference)"]
 # RepQ-ViT's official code on the same DeiT-Tiny and val/ images (issue 10; its own transform, float top-1 77.8)
 REPQ_EXTERNAL = {"matmul W4A4": "top-1 60.8 (drop 17.0), agreement 68.2 (65.0–68.2 over 3 draws), KL 0.76",
                  "matmul W6A6": "top-1 77.2 (drop 0.6), agreement 91.0, KL 0.053"}
 TARGETS = {"matmul W4A4": "agreement ≥ 72, drop ≤ 12", "matmul W6A6": "agreement ≥ 94, drop ≤ 0.8",
            "fq W4A8": "GPTQ agreement ≥ 90", "fq W3A8": "GPTQ agreement ≥ 70"}
+# hand-written readings of the reproduction and of the sweep's overhead (from the runs they name)
+READINGS = ""
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--num-calib", type=int, default=32)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--reference-seeds", type=int, default=1,
-                    help="draws for the ptq4vit reference rows (expensive); fqvit uses all seeds")
-    ap.add_argument("--adalog-nearest", action="store_true", help="also evaluate the adalog variant before GPTQ")
-    ap.add_argument("--budget-min", type=float, default=26.0, help="start no new run after this many minutes")
-    ap.add_argument("--stop-at", default=None, metavar="HH:MM",
-                    help="also start no new run after this UTC wall-clock time (a shared-machine deadline)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    budget = Budget(args.budget_min, args.stop_at)
+def setting_of(row: dict) -> str:
+    return f"{row['scheme']} W{row['w_bits']}A{row['a_bits']}"
 
-    bench = Bench()
-    bench.val()
-    calib = {s: bench.calib(args.num_calib, seed=s) for s in args.seeds}
-    print(f"data ready ({budget.elapsed:.0f}s; float forward {bench.float_seconds:.1f}s)", flush=True)
 
-    runs: list[dict] = []
+def grid_seeds() -> dict:
+    """(setting, config) -> the seeds the grid asks for."""
+    from vitq.sweep.grid import expand, read_grid
 
-    def record(setting, config, seed, t_cal, q, extra=None):
-        r = bench.score(q)[0]
-        runs.append({"setting": setting, "config": config, "seed": seed, "calib_s": t_cal,
-                     "top1": r["quant"]["top1"], "agreement": r["quant"]["agreement"], "kl": r["quant"]["kl"],
-                     "float_top1": r["float"]["top1"], **(extra or {})})
-        print(f"{setting:12s} {config:24s} seed {seed}: top-1 {r['quant']['top1']:.1f} agr "
-              f"{r['quant']['agreement']:.1f} KL {r['quant']['kl']:.3f} calib {t_cal:.0f}s "
-              f"(elapsed {budget.elapsed / 60:.1f} min)", flush=True)
-        if not args.no_write:
-            write(args, runs, budget, done=False)
+    out: dict = {}
+    for job in expand(read_grid(str(GRID)), str(GRID.parent)):
+        c = job.config
+        out.setdefault((f"{c['scheme']} W{c['w_bits']}A{c['a_bits']}", job.label), set()).add(c["seed"])
+    return out
 
-    def quantize(name, method, seed, **kinds):
-        regime, w, a, _ = SETTINGS[name]
-        opts = PTQ4VIT_REDUCED if method == "ptq4vit" else {}
-        cx = calib[seed]
-        return bench.quantize(vitq.Scheme(regime, w, a, **kinds), method, cx, options=opts, batch_size=len(cx),
-                              seed=seed)
 
-    def gptq(q, seed) -> tuple[dict, float]:
-        t0 = time.perf_counter()
-        cx = calib[seed]
-        g = vitq.round_weights(q, cx, how="gptq", batch_size=len(cx), seed=seed, progress=False)
-        return g, time.perf_counter() - t0
+def store_rows(store) -> list[dict]:
+    from vitq.sweep.report import results
 
-    def reference(name, seed):
-        ref = SETTINGS[name][3]
-        if budget.over(f"{name} {ref} seed {seed}"):
-            return
-        row = quantize(name, ref, seed)
-        record(name, f"{ref} (reference)", seed, row.seconds, row.qmodel)
+    if not (store / "results.sqlite").exists():
+        return []
+    rows = results(str(store))
+    for r in rows:
+        r["setting"], r["config"], r["calib_s"] = setting_of(r), r["label"], r["quantize_s"]
+    return rows
 
-    for seed in args.seeds:  # draws outermost: a budget stop still leaves every setting
-        for name in args.settings:
-            if budget.over(f"{name} repq seed {seed}"):
+
+def render(store) -> str:
+    previous = json.loads(PREVIOUS.read_text())
+    old = {(r["setting"], r["config"], r["seed"]): r for r in previous["runs"]}
+    new = {}
+    for r in store_rows(store):  # the latest row of each job (a rerun with newer code replaces an older one)
+        new[(r["setting"], r["config"], r["seed"])] = r
+    wanted = grid_seeds()
+    lines, marked = [], False
+    for setting in SETTINGS:
+        for config in CONFIGS:
+            seeds = sorted(wanted.get((setting, config), ()))
+            if not seeds:
                 continue
-            torch.manual_seed(seed)
-            row = quantize(name, "repq", seed)
-            record(name, "repq", seed, row.seconds, row.qmodel, {"reparam_r1_max": row.info.get("reparam_r1_max")})
-            g, t_g = gptq(row.qmodel, seed)  # on the repq calibration just evaluated
-            record(name, "repq + GPTQ", seed, row.seconds + t_g, row.qmodel,
-                   {"gptq_s": t_g, "gptq_proxy_ratio": g["gptq"]["mean_proxy_error_ratio"]})
-            del row
-            if budget.over(f"{name} adalog seed {seed}"):
+            from_store = all((setting, config, s) in new for s in seeds)
+            src = new if from_store else old
+            rs = [src[(setting, config, s)] for s in seeds if (setting, config, s) in src]
+            if not rs:
                 continue
-            row = quantize(name, "repq", seed, softmax_quantizer="adalog", gelu_quantizer="adalog")
-            if args.adalog_nearest:
-                record(name, "repq-adalog", seed, row.seconds, row.qmodel)
-            t_g = gptq(row.qmodel, seed)[1]
-            record(name, "repq-adalog + GPTQ", seed, row.seconds + t_g, row.qmodel)
-            del row
-            if SETTINGS[name][3] == "fqvit":
-                reference(name, seed)
-    for seed in args.seeds[:args.reference_seeds]:  # the expensive ptq4vit references last
-        for name in args.settings:
-            if SETTINGS[name][3] != "fqvit":
-                reference(name, seed)
-    if not args.no_write:
-        write(args, runs, budget, done=True)
-    return 0
-
-
-def write(args, runs, budget, done: bool) -> None:
-    float_top1 = runs[0]["float_top1"] if runs else float("nan")
-    rows = []
-    for name in args.settings:
-        configs = []
-        for r in runs:
-            if r["setting"] == name and r["config"] not in configs:
-                configs.append(r["config"])
-        for c in configs:
-            rs = [r for r in runs if r["setting"] == name and r["config"] == c]
+            marked |= not from_store
+            float_top1 = statistics.mean(r["float_top1"] for r in rs)
             top1 = [r["top1"] for r in rs]
-            rows.append([name, c, len(rs), mean_std(top1, ".1f"), f"{float_top1 - statistics.mean(top1):.1f}",
-                         mean_std([r["agreement"] for r in rs], ".1f"),
-                         mean_std([r["kl"] for r in rs], ".3f"),
-                         f"{statistics.mean(r['calib_s'] for r in rs):.0f}"])
-        if name in REPQ_EXTERNAL:
-            rows.append([name, "RepQ-ViT official code (external, issue 10)", 3, "–", "see →", REPQ_EXTERNAL[name],
-                         "", ""])
-    elapsed, skipped = budget.elapsed / 60, budget.skipped
-    status = ("complete" if not skipped else f"stopped by the time budget; not run: {', '.join(skipped)}") \
-        if done else f"PARTIAL (in progress, {len(runs)} runs so far)"
-    md = f"""## Low-bit base: RepQ-ViT reparameterization, log√2 / adaptive-log quantizers, GPTQ (issue 10)
+            lines.append([setting, config + ("" if from_store else " †"), len(rs), mean_std(top1, ".1f"),
+                          f"{float_top1 - statistics.mean(top1):.1f}", mean_std([r["agreement"] for r in rs], ".1f"),
+                          mean_std([r["kl"] for r in rs], ".3f"), f"{statistics.mean(r['calib_s'] for r in rs):.0f}"])
+        if setting in REPQ_EXTERNAL:
+            lines.append([setting, "RepQ-ViT official code (external, issue 10)", 3, "–", "see →",
+                          REPQ_EXTERNAL[setting], "", ""])
+    repro = []
+    for key, r in sorted(new.items(), key=lambda kv: (SETTINGS.index(kv[0][0]), CONFIGS.index(kv[0][1]), kv[0][2])):
+        o = old.get(key)
+        if o is None:
+            continue
+        repro.append([key[0], key[1], key[2], f"{o['top1']:.1f} → {r['top1']:.1f}",
+                      f"{o['agreement']:.1f} → {r['agreement']:.1f}", f"{o['kl']:.3f} → {r['kl']:.3f}",
+                      f"{o['calib_s']:.0f} / {r['calib_s']:.0f}", f"{r['job_s']:.0f}", r["code_version"]])
+    note = ("† = not all draws of this row are in the store yet: the previous run's numbers "
+            f"(`{PREVIOUS.relative_to(ROOT)}`, command `{previous['command']}`, made by this script's loop before "
+            "sweeps, 2026-11-23)." if marked else "Every row comes from the store.")
+    repro_md = table(["setting", "config", "seed", "top-1 before → sweep", "agreement", "KL",
+                      "calib s before / sweep", "job s", "code version"], repro) if repro else "(none yet)"
+    shown = store.relative_to(ROOT) if store.is_relative_to(ROOT) else store
+    return f"""## Low-bit base: RepQ-ViT reparameterization, log√2 / adaptive-log quantizers, GPTQ (issue 10)
 
-Command: `{command()}`
+Grid: `{GRID.relative_to(ROOT)}` run by `vitq sweep` into the store `{shown}`; section written by
+`{command()}`.
 
-{environment()}; 1-minute load average {os.getloadavg()[0]:.1f} when written; whole script {elapsed:.1f} min so far.
+{environment()}; 1-minute load average {os.getloadavg()[0]:.1f} when written.
 
-Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}), vitq's transform (crop 0.9, bicubic). Calibration: {args.num_calib}
-images of `calib/`, a seeded draw per seed {args.seeds} (RepQ-ViT uses 32); every config of a draw sees the same
-images. Evaluation: all 500 `val/` images, float logits computed once; float top-1 {float_top1:.2f}.
+Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}), vitq's transform (crop 0.9, bicubic). Calibration: 32
+images of `calib/`, a seeded draw per seed (RepQ-ViT uses 32); every config of a draw sees the same images.
+Evaluation: all 500 `val/` images in batches of 50, float logits computed once per model (the sweep's cache).
 Cells are mean ± std over the draws (n = column `n`); drop = float top-1 − mean quantized top-1; agreement = top-1
 agreement with float (%); KL = mean KL(float ‖ quant) in nats; calib s = wall seconds of calibration (+ GPTQ where
 named) on 2 shared CPU cores (indicative only).
 
 Configs: `repq` = `--method repq` (reparameterization + log√2 softmax with a searched scale + `mse` activation
 ranges (each end clipped on its own) + per-channel OMSE weights); `+ GPTQ` = `--weight-rounding gptq` (damp 0.01,
-act-order, block 128) on the same calibration, same images; `repq-adalog + GPTQ` = `--method repq
---softmax-quantizer adalog --gelu-quantizer adalog --weight-rounding gptq`. Reference rows: the best existing method
-of the setting in BENCHMARKS.md that fits the budget: `ptq4vit`
-at the apq section's reduced search (candidates 16, 2 rounds, 20 % of token rows; `apq` was 1.2 points better at
-W4A4 there but twice as slow), on the first {args.reference_seeds} draw(s) only (reduction for CPU time); `fqvit`
-for `fq` (all draws). Every layer, head and patch embedding included, is quantized at the setting's bits (image
-input 8 bits), as in the other sections.
+act-order, block 128); `repq-adalog + GPTQ` = `--method repq --softmax-quantizer adalog --gelu-quantizer adalog
+--weight-rounding gptq`. Reference rows: the best existing method of the setting in BENCHMARKS.md that fits the
+budget: `ptq4vit` at the apq section's reduced search (candidates 16, 2 rounds, 20 % of token rows; `apq` was 1.2
+points better at W4A4 there but twice as slow), on the first draw only (reduction for CPU time); `fqvit` for `fq`
+(all draws). Every layer, head and patch embedding included, is quantized at the setting's bits (image input 8
+bits), as in the other sections.
 RepQ-ViT rows: the figures issue 10 reports for RepQ-ViT's official code on the same model and val images with its
 own transform (crop 0.875, float top-1 77.8): compare drops, agreement and KL, not absolute top-1.
 Targets (issue 10): {"; ".join(f"{k}: {v}" for k, v in TARGETS.items())}.
 
-Status: {status}.
+{table(["setting", "config", "n", "top-1", "drop", "agreement", "KL", "calib s"], lines)}
 
-{table(["setting", "config", "n", "top-1", "drop", "agreement", "KL", "calib s"], rows)}
+{note}
+
+### Reproduction through `vitq sweep` (each job of the store next to the same draw of the previous run)
+
+{repro_md}
+
+{READINGS}
 """
-    write_section("lowbit", md)
-    write_json(FIGURES / "lowbit_runs.json", {"command": command(), "runs": runs, "skipped": skipped})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", default=str(STORE), help="results store of the grid (default %(default)s)")
+    ap.add_argument("--run", action="store_true", help="first run the grid's unfinished jobs with vitq sweep")
+    ap.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --run: only these jobs of the grid (as vitq sweep --only)")
+    ap.add_argument("--address", default=None, help="with --run: a Ray cluster (default: a local instance)")
+    ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
+    args = ap.parse_args()
+    from pathlib import Path
+
+    store = Path(args.store).resolve()
+    if args.run:
+        import vitq
+        from vitq.cli.results import parse_where
+
+        print(vitq.sweep(str(GRID), str(store), address=args.address, where=parse_where(args.only, "--only")))
+    md = render(store)
+    if args.no_write:
+        print(md)
+    else:
+        write_section("lowbit", md)
+    return 0
 
 
 if __name__ == "__main__":
