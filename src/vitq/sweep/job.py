@@ -89,7 +89,8 @@ def eval_data(spec: dict, cfg: dict, threads: int = 1, cache_dir: str | None = N
     from vitq.precision import full_float32
 
     torch.set_num_threads(threads)
-    model = float_model(spec)
+    device = torch.device(cfg["device"])
+    model = float_model(spec).to(device)  # the logits on the device the jobs evaluate on, as vitq quantize does
     transform, size, _ = _transform(spec)
     records = val_records(cfg)
     cache = os.path.join(cache_dir, f"float-{cache_key}.pt") if cache_dir and cache_key else None
@@ -103,7 +104,7 @@ def eval_data(spec: dict, cfg: dict, threads: int = 1, cache_dir: str | None = N
             ys.append(y)
             sizes.append(len(y))
             if cached is None:
-                zs.append(model(x).float())
+                zs.append(model(x.to(device)).float().cpu())
             else:
                 zs.append(cached["logits"][sum(sizes[:-1]):sum(sizes)])
     if not xs:
