@@ -32,7 +32,29 @@ REPQ_EXTERNAL = {"matmul W4A4": "top-1 60.8 (drop 17.0), agreement 68.2 (65.0–
 TARGETS = {"matmul W4A4": "agreement ≥ 72, drop ≤ 12", "matmul W6A6": "agreement ≥ 94, drop ≤ 0.8",
            "fq W4A8": "GPTQ agreement ≥ 90", "fq W3A8": "GPTQ agreement ≥ 70"}
 # hand-written readings of the reproduction and of the sweep's overhead (from the runs they name)
-READINGS = ""
+READINGS = """Readings of the reproduction (2026-12-06, issue 23): `vitq sweep benchmarks/grids/lowbit.yaml --store
+benchmarks/results/lowbit --only seed=0 --only w_bits=4` (8 jobs), queued behind the shared lock and run on 2 CPU
+cores at a 1-minute load average of 10–15; it was stopped by hand (Ctrl-C) after its second job had run 25 minutes,
+to leave the machine to others, so the store holds one finished job and one `interrupted` one (`vitq sweep
+--status`), which the next run of the grid reruns. The rows above marked † are therefore still the previous run's.
+
+- **matmul W4A4 repq, draw 0**: top-1 56.0 → 56.0, agreement 62.0 → 61.4 (3 of 500 images), KL 0.873 → 0.862.
+  Not the sweep: a job runs what `vitq quantize` runs (tests/sweep checks every job of a grid against the
+  standalone command, bit for bit). The previous numbers were made by this script's loop 21 commits of
+  methods/quant/models code ago (2026-11-23), and an earlier session found that the stored values do not
+  reproduce exactly on this CPU even with that old code; the old code was not rerun here (no time left on the
+  shared machine), so which of the two moved the 3 images is not separated.
+- **Time on this machine is not a measurement**: the job's calibration took 836 s and its evaluation 366 s (7.9 s
+  of calibration before); Ray started its workers at nice 15, so on a loaded machine the job got a fraction of the
+  CPU a standalone command gets (vitq's local Ray instance now starts workers at the driver's priority; the second
+  job ran at that priority and had not finished in 10 minutes either, at a load of 12 on 2 cores).
+- **The sweep's own overhead**, measured without the shared data on the tests' tiny random-init DeiT (8 jobs: fq,
+  W4A8 and W8A8, minmax, 4 draws, 80 evaluation images; same load): 8 standalone `vitq quantize` commands 124.1 s
+  (each a fresh process: imports, model, images); `vitq sweep` of the same 8 jobs with a fresh local Ray instance
+  (2 CPUs) 48.5 s, of which Ray's start 12.0 s and the jobs' own work 2.9 s: a fixed cost of about 35–45 s (Ray,
+  and two workers importing torch/timm/vitq), then, with Ray and its workers up, 0.07 s per job over 16 jobs
+  (wall 5.0 s against 3.9 s of job time on 2 slots) to 1.3 s per job over 8 jobs of a new store (which makes its
+  calibration draws and float logits first). All 8 jobs had the standalone commands' metrics exactly."""
 
 
 def setting_of(row: dict) -> str:
