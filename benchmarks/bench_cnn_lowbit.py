@@ -10,6 +10,7 @@ import time
 import vitq
 from benchmarks.bench_cnn import WEIGHTS
 from benchmarks.common import Bench, Budget, head, mean_std, table, write_section
+from vitq.errors import VitqError
 from vitq.models.loading import sha256_file
 from vitq.scheme import Override
 
@@ -58,11 +59,18 @@ def run_lowbit(args) -> None:
         for sd in seeds:
             ro = {"recon": dict(recon)} if kw["refine"] and "recon" in kw["refine"] else {}
             t0 = time.perf_counter()
-            row = bench.row(scheme, kw["method"], calib=calibs[sd], options=kw["options"],
-                            rounding=kw["rounding"], refine=kw["refine"], refine_options=ro, seed=sd,
-                            batch_size=50)
+            try:
+                row = bench.row(scheme, kw["method"], calib=calibs[sd], options=kw["options"],
+                                rounding=kw["rounding"], refine=kw["refine"], refine_options=ro, seed=sd,
+                                batch_size=50)
+            except VitqError as e:  # reported in the table, the other chains still run
+                print(chain, sd, "failed:", e, flush=True)
+                rows.append([label(kw), f"seed {sd}", f"failed: {e}", "-", "-", "-"])
+                continue
             runs.append({**row.quant, "seconds": time.perf_counter() - t0 - row.eval_seconds})
             print(chain, sd, runs[-1], flush=True)
+        if not runs:
+            continue
         rows.append([label(kw), f"{len(runs)} seed{'s' if len(runs) > 1 else ''}",
                      mean_std([r["top1"] for r in runs]), mean_std([r["agreement"] for r in runs]),
                      mean_std([r["kl"] for r in runs], ".4f"), mean_std([r["seconds"] for r in runs], ".0f")])
