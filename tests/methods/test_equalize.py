@@ -98,3 +98,17 @@ def test_bias_correction_on_a_vit():
     info = vitq.refine(q, model, x, "biascorr", progress=False)
     assert info["layers_corrected"] == 10  # patch embedding, 2 x (qkv, proj, fc1, fc2), head
     assert _err(q, model, x) < before
+
+
+def test_cle_keeps_relu6_exact_where_channels_reach_the_clip():
+    model, x = tiny_model("effnet"), tiny_images("effnet", 8)
+    with torch.no_grad():  # blocks.1: expansion outputs far above 6, so many channels saturate in ReLU6
+        for name, m in model.named_modules():
+            if name.startswith("blocks.1") and name.endswith("conv_pw"):
+                m.weight.mul_(30)
+        ref = model(x)
+    q = vitq.prepare(model, Scheme("matmul", 4, 8))
+    info = equalize(q, vitq.api.as_calib(x, 8, "cpu", 0, False))
+    assert any(p["pair"].startswith("blocks.1.0.conv_pw") and p["activation"] == "relu6" for p in info["pairs"])
+    with torch.no_grad(), passthrough(q):
+        assert float((q(x) - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
