@@ -40,14 +40,12 @@ class BiasCorrectOptions(Options):
 
 
 def channel_mean(y: torch.Tensor, conv: bool) -> tuple[torch.Tensor, int]:
-    """Sum over everything but the channel axis (axis 1 of a conv output, the last one otherwise), and the
-    number of values summed per channel."""
-    y = y.detach().double()
+    """Sum over everything but the channel axis (axis 1 of a conv output, the last one otherwise), in float64,
+    and the number of values summed per channel."""
+    y = y.detach()
     if conv:
-        y = y.transpose(0, 1).reshape(y.shape[1], -1)
-    else:
-        y = y.reshape(-1, y.shape[-1]).t()
-    return y.sum(1), y.shape[1]
+        return y.sum(dim=(0, 2, 3), dtype=torch.float64), y.numel() // y.shape[1]
+    return y.reshape(-1, y.shape[-1]).sum(0, dtype=torch.float64), y.numel() // y.shape[-1]
 
 
 @torch.no_grad()
