@@ -5,6 +5,15 @@ Evaluation on all of val/ (500 images).
 
     python -m benchmarks.bench_cnn [--num-calib N] [--settings matmul:8/8,fq:8/8,...] [--methods minmax,omse]
                                    [--evolq-bits 4/8,4/4] [--evolq-scheme matmul] [--seeds 0,1,2]
+
+The low-bit chains of issue 22 (cross-layer equalization, bias correction, GPTQ on depthwise convolutions,
+block reconstruction) write their own section (``cnn-lowbit``, right after this one):
+
+    python -m benchmarks.bench_cnn --lowbit "minmax;cle;cle::biascorr;cle:gptq:recon,biascorr" [--lowbit-bits 4/8]
+                                   [--num-calib 128] [--recon-iters 200] [--lowbit-seeds 0]
+
+A chain is ``METHOD[/BASE]:ROUNDING:REFINERS`` (``cle/omse``: equalization, then omse; rounding ``gptq`` or
+empty; refiners comma-separated). Each chain runs once per seed, the seed drawing the calibration images.
 """
 
 from __future__ import annotations
@@ -35,8 +44,22 @@ def main() -> None:
     p.add_argument("--evolq-passes", type=int, default=1)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--lowbit", default=None, help="chains METHOD[/BASE]:ROUNDING:REFINERS separated by ';' "
+                   "(writes the cnn-lowbit section only)")
+    p.add_argument("--lowbit-bits", default="4/8")
+    p.add_argument("--lowbit-seeds", default="0")
+    p.add_argument("--recon-iters", type=int, default=200)
+    p.add_argument("--recon-batch", type=int, default=8)
+    p.add_argument("--stop-at", default=None, help="UTC HH:MM after which no further low-bit chain starts")
+    p.add_argument("--lowbit-overrides", default="", help="scheme overrides for every chain, e.g. "
+                   "'conv_stem:w8,classifier:w8' (the first/last-layer convention of the CNN PTQ papers)")
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.lowbit:
+        from benchmarks.bench_cnn_lowbit import run_lowbit
+
+        run_lowbit(args)
+        return
 
     bench = Bench("tf_efficientnet_lite0", WEIGHTS)
     model = bench.model

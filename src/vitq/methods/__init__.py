@@ -6,6 +6,7 @@ from vitq.methods import (  # noqa: F401
     apq,
     baselines,
     easyquant,
+    equalize,
     lapq,
     ptq4vit,
     ptqvit,

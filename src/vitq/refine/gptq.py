@@ -13,9 +13,12 @@ The rounded weights are written *into* each layer's weight, exactly on its quant
 ``weight_quant(weight) == weight`` bit for bit and a saved state reloads the same model; the layer's weight bias
 correction (if a method turned it on) is switched off, since it would move the weights off the grid.
 
-Layers are processed in the order the data flows: the patch-embedding stem (a Conv2d, as a linear layer on
-its unfolded patches), every unit of :class:`vitq.models.trunk.Trunk` (transformer blocks, Swin patch merging) and
-the head. Works in both regimes and for any method.
+Layers are processed in the order the data flows: the stem (a ViT's patch embedding, a CNN's first
+convolution; a Conv2d as a linear layer on its unfolded patches, TF-'SAME' padding included), every unit of
+:class:`vitq.models.trunk.Trunk` (transformer blocks, Swin patch merging, CNN blocks) and the head.
+A grouped or depthwise convolution is one GPTQ problem per group, with its own Hessian over its input
+channels' patches (a depthwise 3×3 has a 9×9 Hessian per channel), solved for all groups at once.
+Works in both regimes and for any method.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
 from vitq.quant.modules import QConv2d, QLinear, QWeighted
 from vitq.quant.uniform import UniformQuantizer
+from vitq.refine.recon_pieces import weighted_stages
 
 ROUNDINGS = {
     "nearest": "each weight to the nearest level of its quantizer (what the calibration method set)",
@@ -40,12 +44,17 @@ ROUNDINGS = {
 GPTQ_DEFAULTS = {"damp": 0.01, "act_order": True, "block_size": 128}
 
 
-def grid_quant(q: UniformQuantizer):
-    """A function rounding a weight column ([out] or [out, k]) to ``q``'s grid (per output row or per tensor)."""
+def grid_quant(q: UniformQuantizer, groups: int | None = None):
+    """A function rounding a weight column ([out] or [out, k]) to ``q``'s grid (per output row or per tensor).
+    With ``groups``: a column [groups, out/groups] of a grouped convolution (output channels group-major)."""
     if not isinstance(q, UniformQuantizer) or q.channel_axis not in (None, 0):
         raise VitqError(f"GPTQ needs a uniform weight quantizer per output channel or per tensor (got {q})")
     s = q.scale.double()
     z = q.zero_point.double()
+    if groups is not None:
+        if q.channel_axis == 0:
+            s, z = s.reshape(groups, -1), z.reshape(groups, -1)
+        return lambda col: (torch.clamp(torch.round(col / s) + z, q.qmin, q.qmax) - z) * s
     if q.channel_axis == 0:
         s, z = s[:, None], z[:, None]
 
@@ -94,25 +103,75 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_o
 
 
 def _layer_rows(layer: QWeighted, x: torch.Tensor) -> torch.Tensor:
-    """The layer's quantized input as rows matching the columns of its weight matrix."""
+    """The layer's quantized input as rows matching the columns of its weight matrix; for a grouped
+    convolution [rows, groups, columns of one group] (group g's columns are its input channels' patches)."""
     if isinstance(layer, QConv2d):
-        if layer.groups != 1:
-            raise VitqError("GPTQ: grouped convolutions are not supported")
         cols = F.unfold(x, layer.weight.shape[2:], dilation=layer.dilation, padding=layer.padding,
-                        stride=layer.stride)  # [B, C*k*k, L]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+                        stride=layer.stride)  # [B, C*k*k, L], channel-major
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if layer.groups != 1:
+            return rows.reshape(rows.shape[0], layer.groups, -1)
+        return rows
     return x.reshape(-1, x.shape[-1])
 
 
+def _padded(layer: QWeighted, x: torch.Tensor) -> torch.Tensor:
+    """The input as the layer's convolution sees it: a TF-'SAME' convolution (a QConv2d that keeps timm's
+    ``kernel_size`` and pads in its forward) pads its quantized input exactly as timm does."""
+    if isinstance(layer, QConv2d) and hasattr(layer, "kernel_size"):
+        from timm.layers.padding import pad_same
+
+        return pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
+    return x
+
+
+def gptq_groups(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """GPTQ on ``groups`` independent problems at once (a grouped or depthwise convolution): ``w`` [groups,
+    rows, cols] and one Hessian per group ``h`` [groups, cols, cols] (a depthwise 3×3 has a 9×9 one per
+    channel); ``quant`` rounds a column [groups, rows] to the grid. Same algorithm as :func:`gptq_rows`
+    (without lazy blocks: a group has few columns). Returns the rounded weights (float64)."""
+    w = w.double().clone()
+    h = h.double().clone()
+    g, _, cols = w.shape
+    eye = torch.eye(cols, dtype=h.dtype, device=h.device)
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag == 0
+    h = h + torch.diag_embed(dead.to(h.dtype))
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # [g, cols]
+        w = torch.gather(w, 2, perm[:, None, :].expand_as(w))
+        h = torch.gather(h, 1, perm[:, :, None].expand_as(h))
+        h = torch.gather(h, 2, perm[:, None, :].expand_as(h))
+    h = h + damp * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None] * eye
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    u = torch.linalg.cholesky(hinv, upper=True)
+    q = torch.zeros_like(w)
+    for i in range(cols):
+        col = w[:, :, i]
+        qc = quant(col)
+        q[:, :, i] = qc
+        e = (col - qc) / u[:, i, i][:, None]
+        w[:, :, i:] -= e[:, :, None] * u[:, i, i:][:, None, :]
+    if perm is not None:
+        q = torch.gather(q, 2, torch.argsort(perm, dim=1)[:, None, :].expand_as(q))
+    return q
+
+
 @torch.no_grad()
-def _hessian(layer: QWeighted, run, inputs) -> tuple[torch.Tensor, int]:
+def _hessian(layer: QWeighted, run, inputs, chunk: int = 4) -> tuple[torch.Tensor, int]:
+    """``2 XᵀX / n`` over the calibration inputs (per group [groups, cols, cols] for a grouped conv),
+    accumulated a few images at a time (an unfolded feature map is large)."""
     acc = {"h": None, "n": 0}
 
     def hook(_mod, _args, out):
-        rows = _layer_rows(layer, out.detach()).double()
-        h = rows.t() @ rows
-        acc["h"] = h if acc["h"] is None else acc["h"] + h
-        acc["n"] += rows.shape[0]
+        x = _padded(layer, out.detach())
+        for i in range(0, x.shape[0], chunk):
+            rows = _layer_rows(layer, x[i:i + chunk]).double()
+            h = torch.einsum("ngi,ngj->gij", rows, rows) if rows.dim() == 3 else rows.t() @ rows
+            acc["h"] = h if acc["h"] is None else acc["h"] + h
+            acc["n"] += rows.shape[0]
 
     handle = layer.input_quant.register_forward_hook(hook)
     try:
@@ -134,14 +193,23 @@ def gptq_layer(layer: QWeighted, h: torch.Tensor, damp: float, act_order: bool, 
     w = layer.weight.detach()
     w2 = w.reshape(w.shape[0], -1).double()
     quant = grid_quant(wq)
-    q = gptq_rows(w2, h, quant, damp=damp, act_order=act_order, block_size=block_size)
     nearest = quant(w2)
+    groups = getattr(layer, "groups", 1)
+    if groups == 1:
+        q = gptq_rows(w2, h, quant, damp=damp, act_order=act_order, block_size=block_size)
+    else:  # one problem per group: rows = its output channels, columns = its input channels' patches
+        grid = grid_quant(wq, groups)
+        q = gptq_groups(w2.reshape(groups, -1, w2.shape[1]), h, grid, damp=damp, act_order=act_order)
+        q = q.reshape(w2.shape)
     new = wq.fake_quant(q.to(w.dtype).reshape(w.shape))  # exactly on the float32 grid
     if not torch.equal(wq.fake_quant(new), new):
         raise VitqError("GPTQ: rounded weights are not a fixed point of the weight quantizer")
 
     def err(m):
         d = m - w2
+        if groups != 1:
+            d = d.reshape(groups, -1, d.shape[1])
+            return float(torch.einsum("goi,gij,goj->", d, h, d))
         return float(torch.einsum("oi,ij,oj->", d, h, d))
 
     corrected = bool(layer.weight_correction)
@@ -149,14 +217,6 @@ def gptq_layer(layer: QWeighted, h: torch.Tensor, damp: float, act_order: bool, 
     layer.weight_correction.fill_(False)
     return {"proxy_error_nearest": err(nearest), "proxy_error_gptq": err(new.reshape(w2.shape).double()),
             "bias_correction_turned_off": corrected}
-
-
-def _stages(model: nn.Module, trunk: Trunk):
-    """(name, module holding the layers, function run on the stage input, whether it produces the next input)."""
-    stages = [("stem", getattr(model, "patch_embed", None), trunk.stem)]
-    stages += [(n, u, u) for n, u in trunk.units]
-    stages.append(("tail", model, trunk.tail))
-    return stages
 
 
 @torch.no_grad()
@@ -182,13 +242,13 @@ def round_weights(qmodel: nn.Module, calib, how: str = "gptq", damp: float = GPT
     done: set[int] = set()
     layers_info = {}
     names = {id(m): n for n, m in qmodel.named_modules()}
-    stages = _stages(qmodel, trunk)
+    stages = weighted_stages(qmodel, trunk, inputs[0])
     bar = calib.bar(range(sum(1 for m in qmodel.modules() if isinstance(m, (QLinear, QConv2d)))), "gptq")
     it = iter(bar)
-    for si, (_stage, holder, run) in enumerate(stages):
-        if holder is not None:
-            for layer in holder.modules():
-                if not isinstance(layer, (QLinear, QConv2d)) or id(layer) in done:
+    for si, (_stage, stage_layers, run) in enumerate(stages):
+        if stage_layers:
+            for layer in stage_layers:
+                if id(layer) in done:
                     continue
                 done.add(id(layer))
                 next(it, None)

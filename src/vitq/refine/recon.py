@@ -218,7 +218,7 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
     model.eval()
     float_model.eval()
     t_start = time.perf_counter()
-    pieces = pieces_of(model, float_model)
+    pieces = pieces_of(model, float_model, probe=calib.images[:1].to(calib.device))
     fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_path"}, "seed": seed,
                    "pieces": [p.name for p in pieces], "num_calib": len(calib), "batch_size": calib.batch_size,
                    "start_checksum": _state_checksum(model),

@@ -31,21 +31,63 @@ class Piece:
     root: nn.Module  # the quantized model (names above are qualified in it)
 
 
-def pieces_of(qmodel: nn.Module, float_model: nn.Module) -> list[Piece]:
-    """Stem, trunk units, tail; each with the quantized layers and quantizers it owns."""
+@torch.no_grad()
+def run_in_stem(trunk: Trunk, modules: list[nn.Module], probe: torch.Tensor) -> set[int]:
+    """The ids of those ``modules`` that run when the trunk's stem runs on ``probe`` (one image is enough):
+    a layer outside every unit belongs to the stem if so, else to the tail, whatever the family calls it (a
+    ViT's ``patch_embed``, a CNN's ``conv_stem`` / ``conv1``)."""
+    seen: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod))) for m in modules]
+    try:
+        trunk.stem(probe[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def weighted_stages(model: nn.Module, trunk: Trunk, probe: torch.Tensor):
+    """The quantized linear/conv layers in data-flow order, by stage: [(name, its layers, the function that runs
+    the stage on its input)] for the stem, every trunk unit and the tail. A layer outside every unit is in the
+    stem when it runs there on ``probe`` (a ViT's patch embedding, a CNN's first convolution), else in the tail."""
+    def weighted(mod):
+        return [m for m in mod.modules() if isinstance(m, QWeighted)]
+
+    inside = {id(m) for _, u in trunk.units for m in u.modules()}
+    outside = [m for m in weighted(model) if id(m) not in inside]
+    stem_ids = run_in_stem(trunk, outside, probe)
+    stages = [("stem", [m for m in outside if id(m) in stem_ids], trunk.stem)]
+    stages += [(n, weighted(u), u) for n, u in trunk.units]
+    stages.append(("tail", [m for m in outside if id(m) not in stem_ids], trunk.tail))
+    return stages
+
+
+def pieces_of(qmodel: nn.Module, float_model: nn.Module, probe: torch.Tensor | None = None) -> list[Piece]:
+    """Stem, trunk units, tail; each with the quantized layers and quantizers it owns. A layer outside every
+    unit belongs to the stem when it runs there on ``probe`` (an image; without one: when its name starts with
+    ``patch_embed.`` or ``norm_pre.``), else to the tail."""
     tq, tf = Trunk(qmodel), Trunk(float_model)
     if len(tq) != len(tf):
         raise VitqError("the float model does not have the quantized model's blocks (recon needs the model the "
                         "quantized one was prepared from)")
     names = ["stem"] + [n for n, _ in tq.units] + ["tail"]
     owned: dict[str, list[tuple[str, nn.Module]]] = {n: [] for n in names}
+    outside = []
     for mname, m in qmodel.named_modules():
         if not isinstance(m, (QWeighted, Quantizer)):
             continue
         owner = next((u for u, _ in tq.units if mname.startswith(u + ".")), None)
         if owner is None:
-            owner = "stem" if mname.startswith(("patch_embed.", "norm_pre.")) else "tail"
-        owned[owner].append((mname, m))
+            outside.append((mname, m))
+        else:
+            owned[owner].append((mname, m))
+    if probe is not None:
+        stem_ids = run_in_stem(tq, [m for _, m in outside], probe)
+        for mname, m in outside:
+            owned["stem" if id(m) in stem_ids else "tail"].append((mname, m))
+    else:
+        for mname, m in outside:
+            owned["stem" if mname.startswith(("patch_embed.", "norm_pre.")) else "tail"].append((mname, m))
     funcs = [(tq.stem, tf.stem)] + list(zip([u for _, u in tq.units], [u for _, u in tf.units], strict=True))
     funcs.append((tq.tail, tf.tail))
     out = []
