@@ -57,6 +57,8 @@ ZOO: dict[str, Tiny] = {
                                                                          num_classes=10), size=28),
     "cait": Tiny("timm-cait", "cait_xxs24_224", dict(img_size=32, patch_size=8, depth=2, depth_token_only=1,
                                                      embed_dim=64, num_heads=2, init_values=0.1, num_classes=10)),
+    "eva02": Tiny("timm-eva", "eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=64,
+                                                             num_heads=2, num_classes=10), size=28),
     # ---- end of the families helper's block
 }
 HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
