@@ -59,6 +59,10 @@ ZOO: dict[str, Tiny] = {
                                                      embed_dim=64, num_heads=2, init_values=0.1, num_classes=10)),
     "eva02": Tiny("timm-eva", "eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=64,
                                                              num_heads=2, num_classes=10), size=28),
+    "convnext": Tiny("timm-convnext", "convnext_atto", dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1),
+                                                            ls_init_value=0.1, num_classes=10)),
+    "convnext_convmlp": Tiny("timm-convnext", "convnext_atto", dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
+                                                                    conv_mlp=True, num_classes=10)),
     # ---- end of the families helper's block
 }
 HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
