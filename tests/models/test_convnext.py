@@ -36,7 +36,7 @@ def test_every_weight_and_norm_input_quantized(key):
 
 
 @pytest.mark.parametrize("key", KEYS)
-@pytest.mark.parametrize("regime,floor", [("matmul", 0.999), ("fq", 0.995)])
+@pytest.mark.parametrize("regime,floor", [("matmul", 0.999), ("fq", 0.998)])
 def test_convnext_end_to_end(tmp_path, key, regime, floor):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -46,7 +46,7 @@ def test_convnext_end_to_end(tmp_path, key, regime, floor):
     assert all(bool(q.initialized) for q in quantizers_of(qmodel).values())
     with torch.no_grad():
         out, ref = qmodel(x), model(x)
-    assert cosine(out, ref) > floor  # measured: matmul 0.9997 / 0.9996, fq 0.9977 / 0.9967
+    assert cosine(out, ref) > floor  # measured: matmul 0.9997 / 0.9996, fq 0.9989 / 0.9991
     (tmp_path / "state").mkdir()
     vitq.save(qmodel, tmp_path / "state")
     again = vitq.load(model, tmp_path / "state")

@@ -47,7 +47,7 @@ def test_q_and_k_are_quantized_after_the_rotation():
     torch.testing.assert_close(seen["k"], ref["k"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("regime,floor", [("matmul", 0.999), ("fq", 0.99)])
+@pytest.mark.parametrize("regime,floor", [("matmul", 0.999), ("fq", 0.997)])
 def test_eva_end_to_end(tmp_path, regime, floor):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -57,8 +57,8 @@ def test_eva_end_to_end(tmp_path, regime, floor):
     assert all(bool(q.initialized) for q in quantizers_of(qmodel).values())
     with torch.no_grad():
         out, ref = qmodel(x), model(x)
-    # measured on this model: matmul 0.9994, fq 0.9928 (every activation quantizer adds a little; weights alone
-    # in fq: 0.99998)
+    # measured on this model: matmul 0.9994, fq 0.9987 (0.9928 while the pooled fc_norm input had per-channel
+    # shifts)
     assert cosine(out, ref) > floor
     (tmp_path / "state").mkdir()
     vitq.save(qmodel, tmp_path / "state")

@@ -162,6 +162,8 @@ def convert_children(module: nn.Module, prefix: str, scheme: Scheme, num_prefix:
             new = QLayerNorm(child, a)
             if prefix == "" and child_name in ("norm_pre", "norm"):  # the model's token tensors
                 new.input_quant = split_prefix(new.input_quant, num_prefix, max_shift=0)
+            elif prefix == "" and child_name == "fc_norm":  # after the pooling: one range (see timm_vit.PREFIX_PTF)
+                new.input_quant = PTFQuantizer(a, "norm_input", num_channels=child.normalized_shape[0], max_shift=0)
         if new is not None:
             setattr(module, child_name, new)
 

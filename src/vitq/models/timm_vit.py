@@ -116,9 +116,10 @@ class QSwinBlock(QTransformerBlock):
         return x.reshape(B, H, W, C)
 
 
-# the prefix tokens' PTF quantizers use one range, no per-channel shifts: fitted to the few prefix tokens of a
-# calibration set (one or five per image), per-channel ranges clip the unseen images' class tokens (measured on
-# the tiny DINOv2-reg of tests/zoo.py, minmax on 8 images: held-out logit cosine 0.969 with shifts, 0.998 without)
+# the prefix tokens' PTF quantizers (and the pooled fc_norm input's) use one range, no per-channel shifts: fitted
+# to the few prefix tokens of a calibration set (one or five per image), per-channel ranges clip the unseen images'
+# class tokens (measured on the tiny DINOv2-reg of tests/zoo.py, minmax on 8 images: held-out logit cosine 0.969
+# with shifts, 0.998 without)
 PREFIX_PTF = {"max_shift": 0}
 
 
@@ -166,6 +167,8 @@ def convert_children(module: nn.Module, prefix: str, scheme: Scheme, in_block: b
             new = QLayerNorm(child, a)
             if prefix == "" and child_name in ("norm_pre", "norm"):  # the VisionTransformer's token tensors
                 new.input_quant = split_prefix(new.input_quant, num_prefix, **PREFIX_PTF)
+            elif prefix == "" and child_name == "fc_norm":  # after the pooling: one vector per image, one range
+                new.input_quant = PTFQuantizer(a, "norm_input", num_channels=child.normalized_shape[0], **PREFIX_PTF)
         if new is not None:
             setattr(module, child_name, new)
 
