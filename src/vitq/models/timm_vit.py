@@ -213,7 +213,7 @@ register_family(Family(
     detect=lambda model: True, convert=convert, trunk=trunk, search_paths=search_paths, fallback=True,
     quantizes={
         "fq": "weights per output channel (uint), every linear input, q/k/v, attention scores, softmax output, "
-              "LayerNorm inputs and the residual stream (PTF)",
+              "LayerNorm inputs and the residual stream (PTF; class/register tokens with their own range)",
         "matmul": "weights per output channel (int), every linear input, q/k/v and softmax output (both "
                   "attention-matmul inputs); softmax and LayerNorm in float",
     },
