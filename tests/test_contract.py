@@ -33,7 +33,7 @@ from vitq.scheme import SCHEMES, Scheme
 # one tiny model per registered family (test_every_family_has_a_contract_model checks that), and Swin beside the
 # plain timm ViT for its window attention: the timm ViT and Swin, a ResNet, LeViT and the Hugging Face ViT
 # (skipped without transformers). DeiT and the other CNNs are covered by each method's own tests.
-MODELS = ("vit", "swin", "resnet", "levit", "hf_vit")
+MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "cait", "eva02", "convnext")
 N_IMAGES = 4
 # smaller still than the entries' quick_options (which aim at a quick run on a real model), so that the
 # contract runs in about a minute; an entry not listed runs its quick_options
@@ -54,6 +54,14 @@ REFUSES: set[tuple[str, str]] = {
     ("apq", "timm-cnn"), ("apq", "timm-levit"),  # BBC searches transformer blocks (QTransformerBlock) only
     # LeViT's attention projects through Hardswish + LinearNorm, so its matmuls cannot be placed before a proj
     ("ptqvit", "timm-levit"), ("easyquant", "timm-levit"),
+    # CaiT's talking heads feed attn·V the heads' mix of the probabilities (signed), which the log√2 / twin / MPQ
+    # softmax quantizers these methods choose cannot hold (apq: also its class-attention units have no fused qkv)
+    ("repq", "timm-cait"), ("ptq4vit", "timm-cait"), ("apq", "timm-cait"),
+    # BBC searches QTransformerBlock units; Eva's units are EvaUnit (a block with the model's rotary embedding)
+    ("apq", "timm-eva"),
+    # ConvNeXt: no LayerNorm → qkv/fc1 pairs (repq), no transformer blocks (apq's BBC), depthwise convolutions the
+    # layer-wise search does not take (ptqvit, easyquant)
+    ("repq", "timm-convnext"), ("apq", "timm-convnext"), ("ptqvit", "timm-convnext"), ("easyquant", "timm-convnext"),
 }
 # quantizer kinds that need no calibration (they may stay uninitialized after a method ran); none today
 NEEDS_NO_CALIBRATION: set[str] = set()

@@ -54,7 +54,10 @@ def test_bits_overrides_and_weight_granularity():
     assert q.blocks[0].mlp.fc1.weight_quant.bits == 4 and q.blocks[0].mlp.fc1.input_quant.bits == 6
     assert q.blocks[0].attn.softmax_quant.bits == 8 and q.blocks[0].attn.q_quant.bits == 6
     assert q.blocks[0].attn.qkv.weight_quant.scale.shape == (q.blocks[0].attn.qkv.out_features,)
-    assert isinstance(q.blocks[0].res_quant1, PTFQuantizer) and isinstance(q.norm.input_quant, PTFQuantizer)
+    # DeiT's class token has its own residual / final-norm quantizer (vitq.quant.modules.PrefixSplit)
+    for split in (q.blocks[0].res_quant1, q.norm.input_quant):
+        assert isinstance(split.prefix_quant, PTFQuantizer) and isinstance(split.token_quant, PTFQuantizer)
+        assert split.num_prefix == 1 and split.token_quant.bits == split.prefix_quant.bits == 6
     assert q.patch_embed.proj.input_quant.bits == 8  # the image enters at 8 bits by default
 
 

@@ -47,6 +47,23 @@ ZOO: dict[str, Tiny] = {
                                                    num_heads=(2, 3, 4), depth=(1, 1, 1), num_classes=10), size=64),
     "hf_vit": Tiny("hf-vit", "ViT"),
     "hf_deit": Tiny("hf-vit", "DeiT"),
+    # ---- families helper: LayerScale ViTs (DeiT-III; DINOv2 with 4 register tokens, LayerScale 0.1 as a trained
+    # model has it rather than timm's 1e-5) in the timm-vit family, and the dedicated families of
+    # src/vitq/models/{cait,convnext}.py
+    "deit3": Tiny("timm-vit", "deit3_small_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64,
+                                                              num_heads=2, num_classes=10)),
+    "dinov2_reg": Tiny("timm-vit", "vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=7, depth=2,
+                                                                         embed_dim=64, num_heads=2, init_values=0.1,
+                                                                         num_classes=10), size=28),
+    "cait": Tiny("timm-cait", "cait_xxs24_224", dict(img_size=32, patch_size=8, depth=2, depth_token_only=1,
+                                                     embed_dim=64, num_heads=2, init_values=0.1, num_classes=10)),
+    "eva02": Tiny("timm-eva", "eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=64,
+                                                             num_heads=2, num_classes=10), size=28),
+    "convnext": Tiny("timm-convnext", "convnext_atto", dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1),
+                                                            ls_init_value=0.1, num_classes=10)),
+    "convnext_convmlp": Tiny("timm-convnext", "convnext_atto", dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
+                                                                    conv_mlp=True, num_classes=10)),
+    # ---- end of the families helper's block
 }
 HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
 

@@ -103,6 +103,37 @@ class QLayerNorm(nn.Module):
         return F.layer_norm(self.input_quant(x), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class PrefixSplit(nn.Module):
+    """Two quantizers for one token tensor [B, N, C]: ``prefix_quant`` for its first ``num_prefix`` tokens
+    (class, distillation and register tokens) and ``token_quant`` for the patch tokens. Static and
+    integer-friendly (which range a token uses is known from its position), for the fq regime's residual stream
+    and LayerNorm inputs: with LayerScale (DeiT-III, DINOv2, CaiT) the class token is orders of magnitude
+    smaller than the patch tokens, so one range rounds it to a few levels (at timm's init, to 0), and the
+    LayerNorm that follows, invariant to its scale, then normalizes the rounding noise."""
+
+    vitq_quantized = True
+
+    def __init__(self, prefix_quant: Quantizer, token_quant: Quantizer, num_prefix: int):
+        super().__init__()
+        if num_prefix < 1:
+            raise ValueError(f"num_prefix {num_prefix} (expected at least one prefix token)")
+        self.prefix_quant, self.token_quant, self.num_prefix = prefix_quant, token_quant, int(num_prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_prefix
+        return torch.cat([self.prefix_quant(x[:, :n]), self.token_quant(x[:, n:])], dim=1)
+
+
+def split_prefix(quant: Quantizer, num_prefix: int, **prefix_kwargs) -> nn.Module:
+    """``quant`` for the patch tokens beside a fresh quantizer of the same kind and settings (those of
+    ``prefix_kwargs`` changed) for the first ``num_prefix`` tokens (:class:`PrefixSplit`); ``quant`` itself when
+    there are no prefix tokens."""
+    if num_prefix < 1:
+        return quant
+    twin = make_quantizer(quant.kind, quant.bits, quant.role, **{**quant.init_kwargs(), **prefix_kwargs})
+    return PrefixSplit(twin, quant, num_prefix)
+
+
 class QAttentionBase(nn.Module):
     """The quantized attention computation every family's attention derives from.
 
