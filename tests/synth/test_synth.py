@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_images, tiny_model
+from conftest import ZOO, tiny_images, tiny_model
 
 import vitq
 from vitq.calib import calib_source, synthetic_count
@@ -45,9 +45,14 @@ def test_psaq_images_raise_the_patch_similarity_entropy():
     assert rec["made"]["attention_layers"] == 2
 
 
-def test_psaq_runs_on_swin_windows():
-    x, rec = synthesize(tiny_model("swin"), 2, "psaq", {"iters": 4}, progress=False)
-    assert x.shape == (2, 3, 56, 56) and rec["made"]["iterations_run"] == 4
+@pytest.mark.parametrize("key,generator", [("swin", "psaq"), ("hf_vit", "psaq"), ("levit", "psaq"), ("levit", "bn")])
+def test_generators_run_on_the_other_families(key, generator):
+    size = ZOO[key].size
+    shape = {"input_size": [3, size, size], "mean": [0.5] * 3, "std": [0.5] * 3}
+    x, rec = synthesize(tiny_model(key), 2, generator, {"iters": 4}, progress=False, transform=shape)
+    assert x.shape == (2, 3, size, size) and rec["made"]["iterations_run"] == 4
+    parts = rec["made"]["batches"][0]["last_loss"]
+    assert all(v == v for v in parts.values())  # finite, not NaN
 
 
 def test_fdda_pulls_images_toward_their_class_centres():

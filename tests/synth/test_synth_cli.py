@@ -23,7 +23,7 @@ def weights(tmp_path):
 def args(weights, calib, out, *extra):
     return ["quantize", "--model", NAME, "--model-args", json.dumps(KW), "--weights", str(weights), "--calib", calib,
             "--scheme", "fq", "--w-bits", "4", "--a-bits", "8", "--method", "fqvit", "--batch-size", "4", "--quiet",
-            "--out", str(out), "--synthetic-iters", "3", *extra]
+            "--out", str(out), "--synthetic-iters", "3", "--threads", "1", *extra]
 
 
 def test_data_free_run_records_its_generator_and_reuses_the_png_set(weights, tmp_path):

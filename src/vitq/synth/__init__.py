@@ -40,7 +40,7 @@ def choose_generator(model: nn.Module, name: str = "auto", with_real: bool = Fal
             if GENERATORS[cand].unfit(model) is None:
                 return cand
         raise VitqError(f"no synthetic-image generator applies to {model_name(model)}: it has neither BatchNorm "
-                        "layers (bn, fdda) nor self-attention qkv/query projections (psaq)")
+                        "layers (bn, fdda) nor self-attention qkv/query/q_proj projections (psaq)")
     gen = get_generator(name)
     why = gen.unfit(model)
     if why:

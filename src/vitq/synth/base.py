@@ -219,15 +219,17 @@ class InputHooks:
         self.handles.clear()
 
 
-def batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """The model's 2-d BatchNorm layers that carry running statistics, in forward-definition order."""
+def batchnorms(model: nn.Module, flat: bool = True) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """The model's BatchNorm layers that carry running statistics, in definition order: 2-d ones, and with
+    ``flat`` also 1-d ones (e.g. LeViT's, over flattened tokens)."""
+    kinds = (nn.BatchNorm2d, nn.BatchNorm1d) if flat else (nn.BatchNorm2d,)
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None]
+            if isinstance(m, kinds) and m.running_mean is not None and m.running_var is not None]
 
 
-def no_batchnorm(model: nn.Module, generator: str) -> str | None:
+def no_batchnorm(model: nn.Module, generator: str, flat: bool = True) -> str | None:
     """Why a BatchNorm-statistics generator cannot run on ``model`` (None when it can)."""
-    if batchnorms(model):
+    if batchnorms(model, flat):
         return None
     return (f"--synthetic-generator {generator} matches BatchNorm statistics, and {model_name(model)} has no "
-            "BatchNorm2d layer with running statistics (for vision transformers use psaq)")
+            "BatchNorm layer with running statistics (for vision transformers use psaq)")

@@ -51,8 +51,8 @@ class FddaOptions(LoopOptions):
 
 
 def batch_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of a [B, C, H, W] batch."""
-    var, mean = torch.var_mean(a, dim=(0, 2, 3), unbiased=False)
+    """Per-channel mean and standard deviation of a BatchNorm input ([B, C, ...], channels on dim 1)."""
+    var, mean = torch.var_mean(a, dim=[d for d in range(a.dim()) if d != 1], unbiased=False)
     return mean, (var + 1e-5).sqrt()
 
 
@@ -113,7 +113,7 @@ def class_centres(model: nn.Module, layers: list[nn.Module], real: torch.Tensor,
 
 
 def fdda_unfit(model: nn.Module) -> str | None:
-    return no_batchnorm(model, "fdda")
+    return no_batchnorm(model, "fdda", flat=False)
 
 
 @register_generator("fdda", FddaOptions, "CNNs with BatchNorm, with real images: per-class BatchNorm statistics of "
@@ -123,7 +123,7 @@ def generate_fdda(model: nn.Module, req: Request, cfg: FddaOptions) -> Generated
     if req.real is None or len(req.real) == 0:
         raise VitqError("--synthetic-generator fdda learns per-class statistics from real images: use it with "
                         "--calib DIR --augment-synthetic N (data-free runs: bn)")
-    layers = [m for _, m in batchnorms(model)]
+    layers = [m for _, m in batchnorms(model, flat=False)]  # per-image statistics need [B, C, H, W]
     n_deep = max(1, round(cfg.deep_fraction * len(layers)))
     shallow, deep = layers[:len(layers) - n_deep], layers[len(layers) - n_deep:]
     dev = next(iter(model.parameters()), torch.empty(0)).device

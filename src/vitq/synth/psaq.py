@@ -4,7 +4,7 @@ A transformer has no BatchNorm statistics to match, but its self-attention says 
 on a real image the patches of one picture are alike in many different degrees (sky with sky, edge with edge),
 so the cosine similarities between the tokens that enter a self-attention layer spread over a wide range; on
 noise they crowd near one value. The generator makes that spread large: for every attention input (the input
-of each ``qkv`` / ``query`` projection, [B, tokens, C]; Swin's windows count as images of their own) it
+of each ``qkv`` / ``query`` / ``q_proj`` projection, [B, tokens, C]; Swin's windows count as images of their own) it
 estimates the differential entropy of the pairwise token similarities with a Gaussian kernel density estimate
 on a seeded sample of pairs, and maximises it, with a cross-entropy toward a target class per image (v1's
 class prior). v2's teacher-student loop trains the quantized model on the images it makes (fine-tuning, not
@@ -31,7 +31,7 @@ from vitq.synth.base import (
     target_classes,
 )
 
-ATTENTION_INPUTS = ("qkv", "query")  # the projection(s) whose input is a self-attention layer's input
+ATTENTION_INPUTS = ("qkv", "query", "q_proj")  # the projection whose input is a self-attention layer's input
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class PsaqOptions(LoopOptions):
 
 
 def attention_inputs(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules whose input is a self-attention input: each attention's qkv (or query) projection."""
+    """The modules whose input is a self-attention input: each attention's qkv (or query, q_proj) projection."""
     return [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ATTENTION_INPUTS]
 
 
@@ -50,7 +50,8 @@ def psaq_unfit(model: nn.Module) -> str | None:
     if attention_inputs(model):
         return None
     return (f"--synthetic-generator psaq reads the inputs of self-attention layers, and {model_name(model)} has "
-            "none (no qkv/query projection); for CNNs with BatchNorm use bn (data-free) or fdda (with real images)")
+            "none (no qkv/query/q_proj projection); for CNNs with BatchNorm use bn (data-free) or fdda (with real "
+            "images)")
 
 
 def similarity_entropy(tokens: torch.Tensor, pairs: int, gen: torch.Generator) -> torch.Tensor:
