@@ -61,3 +61,14 @@ def test_bad_synthetic_flags_are_one_line_errors(weights, tmp_path, capsys, extr
     assert main(args(weights, "synthetic:2", tmp_path / "o", "--synthetic-dir", str(tmp_path / "s"), *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_synthetic_flags_are_listed_when_synthetic_images_are_asked_for(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    short = capsys.readouterr().out
+    assert "--augment-synthetic" in short and "--synthetic-lr" not in short
+    with pytest.raises(SystemExit):
+        main(["quantize", "--calib", "synthetic:8", "--help"])
+    full = capsys.readouterr().out
+    assert "--synthetic-lr" in full and "--budget-min" in full and "--synthetic-generator" in full

@@ -70,7 +70,7 @@ def add_command(sub, argv: Sequence[str]) -> None:
                    help="start from a saved state (a previous --out) instead of calibrating")
     q.add_argument("--out", required=True,
                    help="output folder (must not exist unless --overwrite; missing parents are created)")
-    add_synthetic_flags(q)
+    add_synthetic_flags(q, argv)
     owners: dict = {}
     shown = {"method": given(argv, "--method"), "refiner": given(argv, "--refine")}
     for kind, entries in (("method", METHODS), ("refiner", REFINERS)):

@@ -2,28 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from vitq.errors import VitqError
 
 
-def add_synthetic_flags(q) -> None:
-    g = q.add_argument_group("synthetic calibration images (--calib synthetic[:N], or --augment-synthetic N)")
+def add_synthetic_flags(q, argv) -> None:
+    """The synthetic-image flags; their help is shown only when the command line asks for synthetic images (as a
+    method's options are shown only with its --method), so ``vitq quantize --help`` stays short."""
+    argv = [str(a) for a in argv or ()]
+    shown = any(a.startswith(("synthetic", "--synthetic", "--augment-synthetic", "--budget-min")) for a in argv)
+
+    def helped(text: str) -> str:
+        return text if shown else argparse.SUPPRESS
+
+    g = q.add_argument_group("synthetic calibration images (--calib synthetic[:N], or --augment-synthetic N)") \
+        if shown else q
     g.add_argument("--augment-synthetic", type=int, default=None, metavar="N",
-                   help="add N synthetic images to the real --calib images (FDDA's setting for CNNs)")
+                   help="add N synthetic images to the real --calib images (vitq quantize --calib synthetic --help "
+                        "lists the generator flags)")
     g.add_argument("--synthetic-generator", default="auto",
-                   help="auto (default: fdda with real images and BatchNorm, bn for other CNNs, psaq for "
-                        "transformers), bn, fdda or psaq")
-    g.add_argument("--synthetic-iters", type=int, default=None, help="optimisation steps per batch (default 200)")
-    g.add_argument("--synthetic-lr", type=float, default=None, help="Adam learning rate on the pixels (default 0.2)")
-    g.add_argument("--synthetic-batch-size", type=int, default=None, help="images optimised together (default 32)")
+                   help=helped("auto (default: fdda with real images and BatchNorm, bn for other CNNs, psaq for "
+                               "transformers), bn, fdda or psaq"))
+    g.add_argument("--synthetic-iters", type=int, default=None,
+                   help=helped("optimisation steps per batch (default 200)"))
+    g.add_argument("--synthetic-lr", type=float, default=None,
+                   help=helped("Adam learning rate on the pixels (default 0.2)"))
+    g.add_argument("--synthetic-batch-size", type=int, default=None,
+                   help=helped("images optimised together (default 32)"))
     g.add_argument("--synthetic-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="another generator option, e.g. noise=0.5 (fdda) or pairs=256 (psaq) (repeatable)")
+                   help=helped("another generator option, e.g. noise=0.5 (fdda) or pairs=256 (psaq) (repeatable)"))
     g.add_argument("--synthetic-dir", default=None, metavar="DIR",
-                   help="where generated sets are written as PNG files and reused from when the same set is asked "
-                        "again (default $XDG_CACHE_HOME/vitq/synthetic, i.e. ~/.cache/vitq/synthetic)")
+                   help=helped("where generated sets are written as PNG files and reused from when the same set is "
+                               "asked again (default $XDG_CACHE_HOME/vitq/synthetic, i.e. ~/.cache/vitq/synthetic)"))
     g.add_argument("--budget-min", type=float, default=None, metavar="MIN",
-                   help="cap on the generation time in minutes (results.json says how many iterations ran)")
+                   help=helped("cap on the generation time in minutes (results.json says how many iterations ran)"))
 
 
 def _value(text: str):
