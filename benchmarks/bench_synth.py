@@ -160,11 +160,12 @@ def report(kept: dict, todo, budget, args, partial: bool) -> str:
           "machine shared with other jobs (times are from a loaded machine). Evaluation: all 500 images of `val/`; "
           "agreement = top-1 agreement with float (%), KL = mean KL(float ‖ quant) (nats). mean ± std over the "
           "seeds given in `runs` (seed = calibration draw and generator seed).",
-          "", "Float top-1: " + ", ".join(f"{m} {v['top1']:.2f}" for m, v in fl.items()), "",
+          "", "Float top-1: " + (", ".join(f"{m} {v['top1']:.2f}" for m, v in fl.items()) or "-"), "",
           table(["model", "bits", "source", "N", "generator", "runs", "agreement", "KL", "top-1", "gen s",
                  "gen iters"], rows)]
     if missing:
-        md += ["", f"Rows not run ({len(missing)}; time on the shared machine ran out): " + ", ".join(missing) + "."]
+        md += ["", f"Rows not run ({len(missing)} of {len(todo)}; every real-model run on this machine waits for one "
+               "shared lock, and the time before `--stop-at` ran out): " + ", ".join(missing) + "."]
     if (FIGURES / "synth_grid.png").exists():
         md += ["", "![generated next to real images](benchmarks/figures/synth_grid.png)"]
     return "\n".join(md)
