@@ -20,7 +20,7 @@ from torch import nn
 
 import vitq.methods  # noqa: F401  (registers the built-in methods)
 import vitq.refine  # noqa: F401  (registers the built-in refiners)
-from vitq.calib import CalibData, as_calib  # noqa: F401  (vitq.api.as_calib)
+from vitq.calib import CalibData, as_calib, calib_source, synthetic_count  # noqa: F401  (vitq.api.as_calib)
 from vitq.errors import VitqError
 from vitq.prepare import prepare as prepare_model
 from vitq.recipes import choose as choose_recipe
@@ -136,6 +136,7 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
              rounding: str | None = None, refine: str | list[str] | None = None, recipe: str | None = None, *,
              options: dict | None = None, refine_options: dict | None = None, batch_size: int = 50,
              device="cpu", seed: int = 0, progress: bool = True, val_batches=None, start: nn.Module | None = None,
+             augment_synthetic: int | None = None, synthetic: dict | None = None,
              **scheme_kwargs) -> tuple[nn.Module, dict]:
     """The one run order, model -> prepare -> calibrate -> round -> refine, that the CLI, the demo and the
     benchmarks call. Returns the quantized model and the record of the run (what goes into results.json).
@@ -145,7 +146,10 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     ``rounding`` ``nearest`` (default) or ``gptq``; ``refine`` a refiner or a chain (``"recon,evolq"``) with
     ``refine_options={name: {...}}``. ``recipe`` (a name of ``vitq recipes`` or ``best``) fills only what is
     left unset here, as ``--recipe`` does on the command line. ``calib``: images [N, C, H, W] (preprocessed) or
-    a CalibData; a recipe that asks for fewer images takes a seeded subset of them. ``start``: an already
+    a CalibData; a recipe that asks for fewer images takes a seeded subset of them. ``calib="synthetic[:N]"``
+    generates N images from the float model instead (data-free), ``augment_synthetic=N`` adds N synthetic images to
+    the real ones; ``synthetic={"generator", "options", "directory", "budget_min"}`` says how (see
+    :func:`vitq.calib.calib_source`), and ``record["calib_source"]`` what was done. ``start``: an already
     calibrated model (e.g. :func:`vitq.load`) to round and refine instead of preparing and calibrating anew."""
     if isinstance(scheme, Scheme):
         if scheme_kwargs:
@@ -168,7 +172,7 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
             refine_options[name] = {**opts, **refine_options.get(name, {})}
         if not isinstance(scheme, Scheme):
             scheme_kwargs = {**plan["scheme"], **scheme_kwargs}
-        if plan["num_calib"] is not None:
+        if plan["num_calib"] is not None and synthetic_count(calib) is None:
             calib = _subset(calib, plan["num_calib"], seed)
         record["recipe"] = {"name": chosen.name, "asked": recipe, "why": why, "plan": plan}
     if start is not None and (method or options or scheme is not None or scheme_kwargs or recipe):
@@ -185,6 +189,7 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     stray = sorted(set(refine_options) - set(chain))
     if stray:
         raise VitqError(f"refine_options for {stray}, which are not in the refiner chain {chain}")
+    calib, record["calib_source"] = calib_source(model, calib, augment_synthetic, synthetic, seed, progress)
     calib = as_calib(calib, batch_size, device, seed, progress)
     if start is None:
         qmodel = prepare(model, scheme, method=method, options=options)

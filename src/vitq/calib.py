@@ -1,4 +1,5 @@
-"""Calibration data as one preprocessed tensor, and running a model over it (with a progress bar)."""
+"""Calibration data as one preprocessed tensor, running a model over it (with a progress bar), and where the
+images come from: real ones, synthetic ones (data-free), or both (:func:`calib_source`, :mod:`vitq.synth`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from vitq.errors import VitqError
 
 
 @dataclass
@@ -50,3 +53,60 @@ def forward_all(model: nn.Module, calib: CalibData, desc: str = "calibrate") -> 
     """Run the model over every calibration batch; returns the concatenated outputs (on the CPU)."""
     outs = [model(x).float().cpu() for x in calib.bar(calib.batches(), desc, calib.num_batches)]
     return torch.cat(outs)
+
+
+# ------------------------------------------------------------------------------------------------ sources
+SYNTHETIC = "synthetic"
+DEFAULT_SYNTHETIC = 32
+
+
+def synthetic_count(spec) -> int | None:
+    """``"synthetic"`` / ``"synthetic:N"`` (the data-free source) -> N (32 when not given); None for anything
+    else (a folder, or images)."""
+    if not isinstance(spec, str) or not (spec == SYNTHETIC or spec.startswith(SYNTHETIC + ":")):
+        return None
+    if spec == SYNTHETIC:
+        return DEFAULT_SYNTHETIC
+    text = spec[len(SYNTHETIC) + 1:]
+    if not text.isdigit() or int(text) <= 0:
+        raise VitqError(f"--calib {spec} is invalid (expected synthetic or synthetic:N with N a positive number "
+                        "of images, e.g. synthetic:32)")
+    return int(text)
+
+
+def calib_source(model: nn.Module, calib, augment_synthetic: int | None = None, synthetic: dict | None = None,
+                 seed: int = 0, progress: bool = True) -> tuple[object, dict]:
+    """Resolve where calibration images come from: real images (``calib``, a tensor or CalibData, returned
+    as given), synthetic ones only (``calib="synthetic[:N]"``), or real plus ``augment_synthetic`` synthetic ones
+    (FDDA's setting). ``synthetic``: ``generator`` (default auto), ``options``, ``directory`` (PNG folder),
+    ``budget_min``, ``transform`` (see :func:`vitq.synth.synthesize`). Returns (images, the source's record)."""
+    from vitq.synth import synthesize
+
+    extra = dict(synthetic or {})
+    unknown = sorted(set(extra) - {"generator", "options", "directory", "budget_min", "transform"})
+    if unknown:
+        raise VitqError(f"synthetic options {unknown} are unknown (expected generator, options, directory, "
+                        "budget_min, transform)")
+    num = synthetic_count(calib)
+    if num is not None:
+        if augment_synthetic:
+            raise VitqError("--augment-synthetic adds synthetic images to real ones; with --calib synthetic:N "
+                            "every image is synthetic already (give N there)")
+        images, rec = synthesize(model, num, seed=seed, progress=progress, **extra)
+        return images, {"kind": "synthetic", "num_real": 0, "num_synthetic": num, "synthetic": rec}
+    if isinstance(calib, str):
+        raise VitqError(f"calib {calib!r}: expected images [N, C, H, W], a CalibData, or synthetic[:N]")
+    if not augment_synthetic:
+        if extra:
+            raise VitqError("synthetic options given, but neither calib='synthetic[:N]' nor augment_synthetic=N")
+        return calib, {"kind": "real", "num_real": len(calib), "num_synthetic": 0}
+    if isinstance(augment_synthetic, bool) or not isinstance(augment_synthetic, int) or augment_synthetic < 0:
+        raise VitqError(f"--augment-synthetic {augment_synthetic} is invalid (expected a number of images >= 0)")
+    real = calib.images if isinstance(calib, CalibData) else torch.as_tensor(calib)
+    images, rec = synthesize(model, augment_synthetic, seed=seed, real=real, progress=progress, **extra)
+    both = torch.cat([real.float(), images.to(real.device)])
+    if isinstance(calib, CalibData):
+        both = CalibData(both, batch_size=calib.batch_size, device=calib.device, progress=calib.progress,
+                         seed=calib.seed)
+    return both, {"kind": "real+synthetic", "num_real": len(real), "num_synthetic": augment_synthetic,
+                  "synthetic": rec}

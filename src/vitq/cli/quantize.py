@@ -25,6 +25,7 @@ from vitq.cli.common import (
     versions,
 )
 from vitq.cli.flags import add_entry_flags, entry_options
+from vitq.cli.synthetic import add_synthetic_flags, synthetic_settings
 from vitq.errors import VitqError
 from vitq.recipes import MEASURED, choose
 from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS
@@ -40,7 +41,9 @@ def add_command(sub, argv: Sequence[str]) -> None:
                        epilog="Each method and refiner has its own options: vitq quantize --method NAME --help "
                               "(or --refine NAME --help) lists them; vitq methods lists the names.")
     common_flags(q)
-    q.add_argument("--calib", required=True, help="calibration image folder (sub-folders of images; names unused)")
+    q.add_argument("--calib", required=True,
+                   help="calibration image folder (sub-folders of images; names unused), or synthetic[:N] for N "
+                        "generated images (data-free, default 32; see the synthetic flags)")
     q.add_argument("--num-calib", type=int, default=None, help="seeded choice of N calibration images (default all)")
     q.add_argument("--val", default=None, help="evaluation image folder")
     q.add_argument("--num-val", type=int, default=None, help="seeded choice of N evaluation images (default all)")
@@ -67,6 +70,7 @@ def add_command(sub, argv: Sequence[str]) -> None:
                    help="start from a saved state (a previous --out) instead of calibrating")
     q.add_argument("--out", required=True,
                    help="output folder (must not exist unless --overwrite; missing parents are created)")
+    add_synthetic_flags(q, argv)
     owners: dict = {}
     shown = {"method": given(argv, "--method"), "refiner": given(argv, "--refine")}
     for kind, entries in (("method", METHODS), ("refiner", REFINERS)):
@@ -83,7 +87,7 @@ def add_command(sub, argv: Sequence[str]) -> None:
 def cmd_quantize(args) -> int:
     import vitq.api as api
     import vitq.cli.validate as validate
-    from vitq.calib import CalibData
+    from vitq.calib import CalibData, synthetic_count
     from vitq.data import model_transform
     from vitq.registry import get_method, get_refiner
     from vitq.scheme import A_BITS, DEFAULT_A_BITS, DEFAULT_W_BITS, W_BITS, Scheme
@@ -119,6 +123,11 @@ def cmd_quantize(args) -> int:
     for name in chain:
         get_refiner(name).check_options(chain_opts[name])
     overrides = validate.overrides(args.override)
+    num_synthetic = synthetic_count(args.calib)
+    if num_synthetic is not None and args.num_calib is not None:
+        raise VitqError(f"--num-calib {args.num_calib} chooses among real images; with --calib {args.calib} give the "
+                        "number of synthetic images there (synthetic:N)")
+    synthetic = synthetic_settings(args, num_synthetic is not None)
     if args.init_state is not None:
         saved = validate.state_folder(args.init_state, "--init-state")
         scheme = Scheme.from_dict(saved["scheme"])
@@ -137,7 +146,9 @@ def cmd_quantize(args) -> int:
     validate.weights_file(args.weights)
     kwargs = validate.model_args(args.model_args)
     class_map = read_labels(args)
-    calib_records = validate.image_records("--calib", args.calib, args.num_calib, "--num-calib", args.seed)
+    calib_records = []
+    if num_synthetic is None:
+        calib_records = validate.image_records("--calib", args.calib, args.num_calib, "--num-calib", args.seed)
     val_records = None
     if args.val is not None:
         val_records = validate.image_records("--val", args.val, args.num_val, "--num-val", args.seed, args.labels,
@@ -163,10 +174,14 @@ def cmd_quantize(args) -> int:
     check_class_map(model, class_map, args)
     transform, transform_desc = model_transform(model)
     size = input_size(transform_desc)
-    log.info("calibration: %d images from %s", len(calib_records), args.calib)
-    images, _, calib_skipped = load_images(calib_records, transform, args.batch_size, args.num_workers, progress,
-                                           "calibration", size)
-    calib = CalibData(images, batch_size=args.batch_size, device=device, progress=progress, seed=args.seed)
+    calib, calib_skipped = args.calib, []  # synthetic:N is made by api.quantize
+    if num_synthetic is None:
+        log.info("calibration: %d images from %s", len(calib_records), args.calib)
+        images, _, calib_skipped = load_images(calib_records, transform, args.batch_size, args.num_workers,
+                                               progress, "calibration", size)
+        calib = CalibData(images, batch_size=args.batch_size, device=device, progress=progress, seed=args.seed)
+    if synthetic is not None:
+        synthetic["transform"] = transform_desc
 
     val_batches = None
     if any(o.get("select_on_val") for o in chain_opts.values()):
@@ -189,7 +204,8 @@ def cmd_quantize(args) -> int:
             rounding=args.weight_rounding or "nearest",  # None: neither the flag nor a recipe set it
             refine=chain or None, options=None if start is not None else method_opts,
             refine_options={n: o for n, o in chain_opts.items() if o}, seed=args.seed, start=start,
-            val_batches=val_batches)
+            val_batches=val_batches, augment_synthetic=args.augment_synthetic or None, synthetic=synthetic,
+            batch_size=args.batch_size, device=device, progress=progress)
     except KeyboardInterrupt:
         for name, ckpt in ckpts.items():
             if os.path.exists(ckpt):
@@ -200,7 +216,8 @@ def cmd_quantize(args) -> int:
     cal_info = cal_info or run["calibration"]
     round_info, ref_info = run["weight_rounding"], run["refinement"]
     refine_s = ref_info["seconds"] if ref_info else 0.0
-    calibrate_s = time.perf_counter() - t0 - refine_s - round_info.get("seconds", 0.0)
+    synth_s = (run["calib_source"].get("synthetic") or {}).get("seconds", 0.0)
+    calibrate_s = time.perf_counter() - t0 - refine_s - round_info.get("seconds", 0.0) - synth_s
     log.info("calibrated in %.1f s", calibrate_s)
     if round_info["weight_rounding"] != "nearest":
         log.info("weights rounded (%s) in %.1f s", round_info["weight_rounding"], round_info["seconds"])
@@ -212,9 +229,9 @@ def cmd_quantize(args) -> int:
         "weights_sha256": weights_sha, "scheme": scheme.name, "scheme_config": scheme.to_dict(),
         "method": cal_info.get("method") if args.init_state else args.method, "refine": args.refine,
         "w_bits": scheme.w_bits, "a_bits": scheme.a_bits, "seed": args.seed, "device": str(device),
-        "threads": args.threads, "calib_dir": os.path.abspath(args.calib),
+        "threads": args.threads, "calib_dir": None if num_synthetic else os.path.abspath(args.calib),
         "calib_files": [os.path.relpath(r.path, args.calib) for r in calib_records],
-        "calib_skipped": calib_skipped, "num_calib": int(images.shape[0]),
+        "calib_skipped": calib_skipped, "num_calib": run["num_calib"], "calib_source": run["calib_source"],
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *args.argv],
         "calibration": cal_info, "weight_rounding": round_info, "refinement": ref_info, "recipe": recipe_info,
         "float": None, "quant": None,
@@ -226,6 +243,8 @@ def cmd_quantize(args) -> int:
                         "labels": args.labels, "class_map": os.path.abspath(args.class_map) if class_map else None,
                         "val_skipped": val_skipped, "float": metrics["float"], "quant": metrics["quant"]})
     results["timings"] = {"calibrate_s": calibrate_s, "refine_s": refine_s, "eval_s": eval_s}
+    if run["calib_source"]["num_synthetic"]:
+        results["timings"]["synthesize_s"] = synth_s
 
     with out:
         save(qmodel.cpu(), out.tmp, model=args.model, model_args=kwargs, weights_sha256=weights_sha,
