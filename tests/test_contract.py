@@ -54,6 +54,8 @@ REFUSES: set[tuple[str, str]] = {
     ("apq", "timm-cnn"), ("apq", "timm-levit"),  # BBC searches transformer blocks (QTransformerBlock) only
     # LeViT's attention projects through Hardswish + LinearNorm, so its matmuls cannot be placed before a proj
     ("ptqvit", "timm-levit"), ("easyquant", "timm-levit"),
+    # the generic path has no QTransformerBlock (BBC, RepQ's LayerNorm -> qkv/fc1 pairs)
+    ("apq", "generic"), ("repq", "generic"),
 }
 # (family, regime) pairs refused by design: every method is refused there with a VitqError naming the family
 REFUSED_REGIMES: set[tuple[str, str]] = {("generic", "fq")}  # fq needs a dedicated family's residual quantizers
@@ -103,7 +105,12 @@ def test_every_family_has_a_contract_model():
 
 
 # ------------------------------------------------------------------------------------------------------ methods
-METHOD_CASES = [(m, k, r) for m in METHODS for k in MODELS for r in METHODS[m].regimes]
+# known gaps (strict xfail: the marker must go once fixed): ptqvit calibrates attention through QAttentionBase
+# only and leaves the generic path's intercepted attention quantizers uninitialized (issue 22)
+KNOWN_GAPS = {("ptqvit", "g_cait", "matmul"): "ptqvit leaves the generic path's attention quantizers uninitialized"}
+METHOD_CASES = [pytest.param(m, k, r, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[m, k, r])]
+                             if (m, k, r) in KNOWN_GAPS else []) for m in METHODS for k in MODELS
+                for r in METHODS[m].regimes]
 
 
 @pytest.mark.parametrize("method,key,regime", METHOD_CASES)
