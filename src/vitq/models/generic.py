@@ -185,6 +185,19 @@ def _refuse_leftovers(model: nn.Module, param_ops: list[tuple[str, str]]) -> lis
                    if list(m.parameters(recurse=False)) and not isinstance(m, QWeighted)})
 
 
+_TORCH_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_TORCH_COMPUTING = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                    nn.modules.rnn.RNNBase, _BN)
+
+
+def _plain_torch(model: nn.Module) -> bool:
+    """Whether ``model`` is torch's containers around torch's own layers (no code of its own, no attention, no
+    BatchNorm), e.g. ``nn.Sequential(nn.Linear(...))``: its layers can be swapped without tracing it."""
+    return type(model) in _TORCH_CONTAINERS and all(
+        type(m).__module__.startswith("torch.nn.modules") and not isinstance(m, _TORCH_COMPUTING)
+        for m in model.modules())
+
+
 def convert(model: nn.Module, scheme) -> None:
     if scheme.fully_quantized:
         raise VitqError(f"{type(model).__name__} is prepared by vitq's generic path (family {NAME!r}), which "
@@ -194,6 +207,11 @@ def convert(model: nn.Module, scheme) -> None:
     _string_padding(model)
     _call_modules(model)
     fused = _reparameterize(model)
+    if _plain_torch(model):  # nothing to trace: no BatchNorm, no forward but torch's own layers
+        swap_weighted(model, scheme)
+        _refuse_leftovers(model, [])
+        model.vitq_notes = ["torch layers only: every Linear/Conv2d quantized (nothing traced)"]
+        return
     try:
         info, kept_bn = fold_where_possible(model, example)
     except VitqError:
