@@ -125,6 +125,32 @@ def test_batchnorm_after_an_addition_is_kept_in_float_with_a_note():
         assert torch.allclose(q(x), m(x), atol=1e-5)
 
 
+def test_a_batchnorm_whose_layer_output_is_read_elsewhere_is_not_folded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2, self.bn2, self.head = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.c1(x)
+            return self.head((self.bn2(self.c2(self.bn1(y))) + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+    with pytest.warns(UserWarning, match="bn1"):
+        q = vitq.prepare(m, Scheme("matmul"))
+    assert isinstance(q.bn1, nn.BatchNorm2d) and isinstance(q.bn2, nn.Identity)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(q(x), m(x), atol=1e-5)
+
+
 def test_what_cannot_be_quantized_is_refused_by_name():
     class Own(nn.Module):  # feeds a child's weight to F.linear: the layer's quantizers would be bypassed
         def __init__(self):

@@ -88,22 +88,19 @@ def fold_where_possible(model: nn.Module, example: torch.Tensor) -> tuple[dict, 
             plans[name] = (prev, "previous")
         elif nxt is not None and model.get_submodule(nxt).weight.shape[1] == bn.num_features:
             plans[name] = (nxt, "next")
-    saved = {}
-    for layer, _ in plans.values():
-        m = model.get_submodule(layer)
-        saved[layer] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-
     def apply(name):
+        """Fold one BatchNorm; returns what undoes it (the BatchNorm and its layer's weight and bias before)."""
         layer, how = plans[name]
         m, bn = model.get_submodule(layer), model.get_submodule(name)
         bn_factors(bn)  # refuses a BatchNorm without running statistics
+        before = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
         (fold_into_previous(m, bn) if how == "previous" else fold_into_next(bn, m))
         _set(model, name, _remainder(bn))
-        return bn
+        return bn, before
 
-    def undo(name, bn):
+    def undo(name, state):
+        bn, (w, b) = state
         m = model.get_submodule(plans[name][0])
-        w, b = saved[plans[name][0]]
         m.weight.copy_(w)
         if b is None:
             m.bias = None
@@ -116,9 +113,9 @@ def fold_where_possible(model: nn.Module, example: torch.Tensor) -> tuple[dict, 
         for name in reversed(list(done)):
             undo(name, done[name])
         for name in list(plans):
-            bn = apply(name)
+            state = apply(name)
             if not _close(model(example), ref):
-                undo(name, bn)
+                undo(name, state)
                 del plans[name]
     kept = sorted(set(bns) - set(plans))
     return info, kept
@@ -227,7 +224,8 @@ def convert(model: nn.Module, scheme) -> None:
     sites = attach_sites(model, rec, scheme)
     kept = _refuse_leftovers(model, rec.param_ops)
     notes = [f"reparameterized by timm (branches fused): {', '.join(fused)}"] if fused else []
-    bn_note = (f"{len(kept_bn)} BatchNorm(s) not next to a conv/linear layer kept in float: "
+    bn_note = (f"{len(kept_bn)} BatchNorm(s) kept in float (not next to a conv/linear layer, or that layer's output "
+               f"is also read elsewhere): "
                f"{', '.join(kept_bn[:6])}{' ...' if len(kept_bn) > 6 else ''}")
     notes += [bn_note] if kept_bn else []
     notes += [f"kept in float (norms, scales, embeddings): {', '.join(kept)}"] if kept else []
