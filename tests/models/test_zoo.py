@@ -26,7 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # W8A8 minmax, the lowest over the images of quantized vs float logits cosine (seen on these tiny random-init
 # models: matmul >= 0.997, fq >= 0.98 except DeiT's, below)
 MIN_COSINE = {"matmul": 0.99, "fq": 0.97}
-EXPORT_COSINE = 0.999  # onnxruntime vs vitq's fake-quantized model, per image (round-off: a code flips now and then)
+# onnxruntime vs vitq's fake-quantized model, the lowest over the images: round-off flips a code now and then, more
+# often in deep plain CNNs (RepVGG after reparameterization: 0.9967); a wrong graph (e.g. TF-'SAME' padding
+# dropped) gives far less (0.81 on EfficientNet-Lite0)
+EXPORT_COSINE = 0.995
 FQ_REFUSED = {"generic"}  # families that refuse the fq regime by design
 # failures known today, each owned by another part of issue 22; strict, so a marker must go once its fix lands
 _WEIGHT_METHOD = "export: the export form's weight is a method, the model reads .weight.dtype/.device (issue 22)"
