@@ -33,7 +33,7 @@ from vitq.scheme import SCHEMES, Scheme
 # one tiny model per registered family (test_every_family_has_a_contract_model checks that), and Swin beside the
 # plain timm ViT for its window attention: the timm ViT and Swin, a ResNet, LeViT and the Hugging Face ViT
 # (skipped without transformers). DeiT and the other CNNs are covered by each method's own tests.
-MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "cait", "eva02", "convnext")
+MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "cait", "eva02", "convnext", "g_xcit")
 N_IMAGES = 4
 # smaller still than the entries' quick_options (which aim at a quick run on a real model), so that the
 # contract runs in about a minute; an entry not listed runs its quick_options
@@ -62,7 +62,11 @@ REFUSES: set[tuple[str, str]] = {
     # ConvNeXt: no LayerNorm → qkv/fc1 pairs (repq), no transformer blocks (apq's BBC), depthwise convolutions the
     # layer-wise search does not take (ptqvit, easyquant)
     ("repq", "timm-convnext"), ("apq", "timm-convnext"), ("ptqvit", "timm-convnext"), ("easyquant", "timm-convnext"),
+    # the generic path has no QTransformerBlock (BBC, RepQ's LayerNorm -> qkv/fc1 pairs)
+    ("apq", "generic"), ("repq", "generic"),
 }
+# (family, regime) pairs refused by design: every method is refused there with a VitqError naming the family
+REFUSED_REGIMES: set[tuple[str, str]] = {("generic", "fq")}  # fq needs a dedicated family's residual quantizers
 # quantizer kinds that need no calibration (they may stay uninitialized after a method ran); none today
 NEEDS_NO_CALIBRATION: set[str] = set()
 
@@ -109,7 +113,12 @@ def test_every_family_has_a_contract_model():
 
 
 # ------------------------------------------------------------------------------------------------------ methods
-METHOD_CASES = [(m, k, r) for m in METHODS for k in MODELS for r in METHODS[m].regimes]
+# known gaps (strict xfail: the marker must go once fixed): ptqvit calibrates attention through QAttentionBase
+# only and leaves the generic path's intercepted attention quantizers uninitialized (issue 22)
+KNOWN_GAPS = {("ptqvit", "g_cait", "matmul"): "ptqvit leaves the generic path's attention quantizers uninitialized"}
+METHOD_CASES = [pytest.param(m, k, r, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[m, k, r])]
+                             if (m, k, r) in KNOWN_GAPS else []) for m in METHODS for k in MODELS
+                for r in METHODS[m].regimes]
 
 
 @pytest.mark.parametrize("method,key,regime", METHOD_CASES)
@@ -118,7 +127,7 @@ def test_method(method, key, regime):
     family = ZOO[key].family
     run = lambda: vitq.quantize(model, x, regime, method, options=method_options(method),  # noqa: E731
                                 batch_size=N_IMAGES, progress=False, w_bits=4, a_bits=8)
-    if (method, family) in REFUSES:
+    if (method, family) in REFUSES or (family, regime) in REFUSED_REGIMES:
         with pytest.raises(VitqError) as e:
             run()
         assert names_a_class(str(e.value), model), f"the refusal names no class of the model: {e.value}"

@@ -83,14 +83,25 @@ def test_unsupported_modules_are_named():
     with pytest.raises(VitqError, match=r"q_norm"):
         vitq.prepare(model, Scheme("fq"))
 
-    class WithBatchNorm(torch.nn.Module):
+    class WithConv1d(torch.nn.Module):  # no family knows it: the generic path takes it and refuses the Conv1d
         def __init__(self):
             super().__init__()
             self.fc = torch.nn.Linear(4, 4)
-            self.bn = torch.nn.BatchNorm1d(4)
+            self.conv = torch.nn.Conv1d(4, 4, 1)
 
-    with pytest.raises(VitqError, match=r"unsupported module bn \(BatchNorm1d\)"):
-        vitq.prepare(WithBatchNorm(), Scheme("matmul"))
+        def forward(self, x):
+            return self.conv(self.fc(x[:, 0, 0, :4]).unsqueeze(-1)).flatten(1)
+
+    with pytest.raises(VitqError, match=r"unsupported module conv \(Conv1d\)"):
+        vitq.prepare(WithConv1d(), Scheme("matmul"))
+
+    class NoForward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+    with pytest.raises(VitqError, match=r"NoForward: vitq's generic path runs the model once"):
+        vitq.prepare(NoForward(), Scheme("matmul"))
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

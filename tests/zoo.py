@@ -28,6 +28,12 @@ class Tiny:
     size: int = 32  # input height = width
 
 
+def gen(name: str, kwargs: dict, size: int = 32) -> Tiny:
+    """A tiny model of the generic path: timm's pretrained_cfg told the size it is built for (the generic path
+    traces a model at that size; a tiny model built smaller than its pretrained size would not run there)."""
+    return Tiny("generic", name, {**kwargs, "pretrained_cfg_overlay": {"input_size": (3, size, size)}}, size)
+
+
 # key -> tiny model. ViT/DeiT/Swin: the timm transformer family; the CNNs cover residual blocks (ResNet,
 # RegNet), depthwise convolutions and TF 'SAME' padding (EfficientNet-Lite), squeeze-excite and Hardswish
 # (MobileNetV3); LeViT its convolutional stem, attention biases and downsampling attention.
@@ -64,6 +70,32 @@ ZOO: dict[str, Tiny] = {
     "convnext_convmlp": Tiny("timm-convnext", "convnext_atto", dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
                                                                     conv_mlp=True, num_classes=10)),
     # ---- end of the families helper's block
+    # --- the generic path (family "generic", matmul only): architectures no dedicated family knows, one tiny
+    # variant each; their blocks, attention modules and BatchNorms are whatever timm builds (ConvNeXt blocks,
+    # EVA rotary attention, CaiT class attention, XCiT cross-covariance attention, CrossViT's two branches,
+    # EfficientFormer's 4-D attention, MobileViT, FastViT's reparameterizable blocks, TinyViT, RepVGG, GhostNet,
+    # LeViT's conv variant, EfficientViT's linear attention, ConViT's gated positional attention)
+    "g_xcit": gen("xcit_nano_12_p16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32,
+                                                           num_heads=2, cls_attn_layers=1, num_classes=10)),
+    "g_crossvit": gen("crossvit_tiny_240", dict(img_size=48, img_scale=(1.0, 1.0), patch_size=[12, 16],
+                                                            embed_dim=[16, 32], depth=[[1, 1, 0]], num_heads=[2, 2],
+                                                            mlp_ratio=[2, 2, 1], num_classes=10), size=48),
+    "g_convit": gen("convit_tiny", dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1,
+                                                    embed_dim=16, num_heads=2, num_classes=10)),
+    "g_efficientformer": gen("efficientformer_l1", dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32),
+                                                                    num_vit=1, num_classes=10), size=224),
+    "g_mobilevit": gen("mobilevit_xxs", dict(num_classes=10), size=64),
+    "g_fastvit": gen("fastvit_sa12", dict(layers=(1, 1, 1, 1), embed_dims=(32, 32, 64, 64),
+                                                      num_classes=10), size=64),
+    "g_tinyvit": gen("tiny_vit_5m_224", dict(embed_dims=(16, 24, 32, 48), depths=(1, 1, 1, 1),
+                                                         num_heads=(1, 2, 2, 3), num_classes=10), size=64),
+    "g_repvgg": gen("repvgg_a0", dict(num_classes=10)),
+    "g_ghostnet": gen("ghostnet_050", dict(num_classes=10)),
+    "g_levit_conv": gen("levit_conv_128s", dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8,
+                                                            num_heads=(2, 3, 4), depth=(1, 1, 1), num_classes=10),
+                         size=64),
+    "g_efficientvit": gen("efficientvit_b0", dict(num_classes=10), size=64),
+    # --- end of the generic path's block
 }
 HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
 

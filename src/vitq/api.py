@@ -193,6 +193,8 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     calib = as_calib(calib, batch_size, device, seed, progress)
     if start is None:
         qmodel = prepare(model, scheme, method=method, options=options)
+        if getattr(qmodel, "vitq_notes", None):  # what a family kept in float and why (the generic path)
+            record["prepare_notes"] = list(qmodel.vitq_notes)
         record["calibration"] = calibrate(qmodel, calib, method=method, seed=seed, **(options or {}))
     else:
         qmodel = start.to(calib.device)

@@ -93,10 +93,11 @@ def test_conv_subclass_with_its_own_forward_is_refused():
     assert isinstance(quantized_weighted("c", Conv2dSame(3, 4, 3, stride=2), Scheme("fq")), QConv2dSame)
 
 
-def test_levit_conv_variant_is_refused():
+def test_levit_conv_variant_goes_to_the_generic_path_which_refuses_fq_by_name():
     m = timm.create_model("levit_conv_128s", img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
                           depth=(1, 1, 1), num_classes=10)
-    with pytest.raises(VitqError, match="use_conv"):
+    assert family_of(m).name == "generic"
+    with pytest.raises(VitqError, match="generic"):
         prepare(m, Scheme("fq"))
 
 

@@ -1,10 +1,10 @@
 """Models: loading them (timm names with local weights, Hugging Face folders) and one module per model family.
 
 Importing this package registers every built-in family (:mod:`vitq.models.family` holds the registry); the
-timm ViT/DeiT/Swin family is the fallback, tried after the others.
+generic path (:mod:`vitq.models.generic`) is the fallback, tried after the others.
 """
 
-from vitq.models import cait, convnext, eva, hf, levit, timm_cnn, timm_vit  # noqa: F401  (each registers its family)
+from vitq.models import cait, convnext, eva, generic, hf, levit, timm_cnn, timm_vit  # noqa: F401  (each registers its family)
 from vitq.models.family import FAMILIES, Family, TrunkParts, family_of, register_family
 from vitq.models.loading import create_model, load_weights, read_state_dict, sha256_file
 

@@ -125,7 +125,7 @@ class QLevitDownsample(nn.Module):
 
 
 def detect(model: nn.Module) -> bool:
-    return type(model).__module__ == "timm.models.levit"
+    return type(model).__module__ == "timm.models.levit" and not getattr(model, "use_conv", False)
 
 
 def input_size(model: nn.Module) -> tuple[int, int]:

@@ -206,11 +206,27 @@ def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     return group_paths(unit, {"attn": "attn", "mlp": "mlp"}, groups)
 
 
+def detect(model: nn.Module) -> bool:
+    """A model built from timm's ViT/Swin parts: at least one of their blocks, every block / attention module
+    one of them, and no BatchNorm (others go to the generic path)."""
+    Attention, Block, WindowAttention, SwinBlock = timm_classes()
+    known = (Attention, Block, WindowAttention, SwinBlock)
+    found = False
+    for m in model.modules():
+        cls = type(m)
+        if cls in known:
+            found = True
+        elif cls.__name__.endswith("Block") or "Attention" in cls.__name__ or isinstance(
+                m, nn.modules.batchnorm._BatchNorm):
+            return False
+    return found
+
+
 register_family(Family(
     name="timm-vit",
     description="timm VisionTransformer (ViT, DeiT) and SwinTransformer, or any model built from their "
                 "Attention/Block/WindowAttention/SwinTransformerBlock",
-    detect=lambda model: True, convert=convert, trunk=trunk, search_paths=search_paths, fallback=True,
+    detect=detect, convert=convert, trunk=trunk, search_paths=search_paths,
     quantizes={
         "fq": "weights per output channel (uint), every linear input, q/k/v, attention scores, softmax output, "
               "LayerNorm inputs and the residual stream (PTF; class/register tokens with their own range)",
