@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated scheme:W/A:method[+adalog][+gptq]")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration draws")
-    p.add_argument("--num-calib", type=int, default=RECON_CPU["num_calib"])
+    p.add_argument("--num-calib", type=int, default=None, help="calibration images (default: all of calib/)")
     p.add_argument("--batch-size", type=int, default=50, help="calibration / evolq batch (the CLI default)")
     p.add_argument("--recon-iters", type=int, default=RECON_CPU["recon_iters"])
     p.add_argument("--recon-batch", type=int, default=RECON_CPU["recon_batch"])
@@ -196,8 +196,8 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         f"{len(kept['rows'])} runs (configuration × draw), {compute_min:.0f} min of calibration, refinement and "
         "evaluation in all. Every row ran on the 2 CPU cores of this machine (no GPU was lent).",
         "",
-        f"**Reduced for CPU time:** {s['num_calib']} of the 250 `calib/` images (BRECQ/QDrop: 1,024), used for the "
-        f"base calibration, the reconstruction and the Evol-Q search alike; recon **{s['recon_iters']} steps per "
+        f"**Reduced for CPU time:** {s['num_calib'] or 'all'} of the 250 `calib/` images (BRECQ/QDrop: 1,024), "
+        f"used for the base calibration, the reconstruction and the Evol-Q search alike; recon **{s['recon_iters']} steps per "
         f"piece** (BRECQ/QDrop: 20,000) on mini-batches of {s['recon_batch']} images (BRECQ: 32), AdaRound "
         f"learning rate {s['recon_lr']:g} (BRECQ 1e-3, raised because of the few steps), step-size learning "
         f"rate {s['recon_scale_lr']:g} relative to each step size (BRECQ: 4e-5 absolute, about 1e-3 relative); "

@@ -273,11 +273,14 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
         log.warning("recon: %d layer(s) started with their weights already on the quantizer grid (GPTQ or an "
                     "earlier recon): AdaRound can move each such weight by one level in one direction only; "
                     "reconstruct from round-to-nearest (no --weight-rounding gptq) for the full search", on_grid)
+    seconds = time.perf_counter() - t_start
+    log.info("recon: %d pieces on %d calibration images, %d steps of %d images per piece: %.0f s", len(pieces),
+             len(calib), cfg.iters, cfg.batch, seconds)
     return {
         "config": {**cfg.to_dict(), "seed": seed},
         "num_calib": len(calib),
         "trace": state["trace"],
         "pieces_kept_start": [e["piece"] for e in state["trace"] if e["kept_start"]],
-        "recon_seconds": time.perf_counter() - t_start,
+        "recon_seconds": seconds,
         "checkpoint": {"path": path, "resumed": resumed, "runs": state["runs"]},
     }
