@@ -198,7 +198,8 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         "",
         f"**Reduced for CPU time:** {s['num_calib'] or 'all'} of the 250 `calib/` images (BRECQ/QDrop: 1,024), "
         "used for the base calibration, the reconstruction and the Evol-Q search alike; recon "
-        f"**{s['recon_iters']} steps per piece** (BRECQ/QDrop: 20,000) on mini-batches of {s['recon_batch']} images (BRECQ: 32), AdaRound "
+        f"**{s['recon_iters']} steps per piece** (BRECQ/QDrop: 20,000) on mini-batches of {s['recon_batch']} "
+        "images (BRECQ: 32), AdaRound "
         f"learning rate {s['recon_lr']:g} (BRECQ 1e-3, raised because of the few steps), step-size learning "
         f"rate {s['recon_scale_lr']:g} relative to each step size (BRECQ: 4e-5 absolute, about 1e-3 relative); "
         f"regulariser weight 0.01, warm-up 20 %, β 20 → 2, QDrop probability 0.5 as the defaults. Evol-Q "
