@@ -50,6 +50,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--num-calib", type=int, default=32)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--only-repq", action="store_true", help="only the plain repq rows (no GPTQ, adalog or "
+                    "reference rows)")
     ap.add_argument("--reference-seeds", type=int, default=1,
                     help="draws for the ptq4vit reference rows (expensive); fqvit uses all seeds")
     ap.add_argument("--adalog-nearest", action="store_true", help="also evaluate the adalog variant before GPTQ")
@@ -107,6 +109,8 @@ def main() -> int:
             torch.manual_seed(seed)
             row = quantize(name, "repq", seed)
             record(name, "repq", seed, row.seconds, row.qmodel, {"reparam_r1_max": row.info.get("reparam_r1_max")})
+            if args.only_repq:
+                continue
             g, t_g = gptq(row.qmodel, seed)  # on the repq calibration just evaluated
             record(name, "repq + GPTQ", seed, row.seconds + t_g, row.qmodel,
                    {"gptq_s": t_g, "gptq_proxy_ratio": g["gptq"]["mean_proxy_error_ratio"]})
@@ -121,7 +125,7 @@ def main() -> int:
             del row
             if SETTINGS[name][3] == "fqvit":
                 reference(name, seed)
-    for seed in args.seeds[:args.reference_seeds]:  # the expensive ptq4vit references last
+    for seed in ([] if args.only_repq else args.seeds[:args.reference_seeds]):  # the expensive ptq4vit last
         for name in args.settings:
             if SETTINGS[name][3] != "fqvit":
                 reference(name, seed)
