@@ -38,8 +38,8 @@ def _recon(q, model, images, **options):
     return vitq.refine(q, model, images, "recon", batch_size=4, progress=False, **opts)
 
 
-def _piece_errors(q, model, images, kl_head=True) -> dict[str, float]:
-    """Each piece's output MSE against the float piece (the head: KL of its logits, as recon's default
+def _piece_errors(q, model, images, kl_head=False) -> dict[str, float]:
+    """Each piece's output MSE against the float piece (with ``kl_head`` the head's: KL of its logits, as
     --recon-head-loss kl measures it), inputs from the quantized model as it is now."""
     cache = Cache(CalibData(images, batch_size=4, progress=False))
     out = {}

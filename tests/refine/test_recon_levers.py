@@ -17,7 +17,7 @@ from vitq.quant.uniform import PTFQuantizer
 from vitq.refine.gptq import CONTINUOUS
 from vitq.refine.recon_budget import plan_iters
 from vitq.refine.recon_learn import Dropper, LogScaleQuantizer, PtfLsqQuantizer, Rounding, kl_loss
-from vitq.refine.recon_pieces import pieces_of
+from vitq.refine.recon_pieces import Cache, pieces_of
 
 FAST = {"iters": 12, "batch": 4, "lr": 0.05, "scale_lr": 0.01}
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,28 +98,40 @@ def test_ptf_lsq_matches_the_quantizer_and_recon_learns_ptf_scales_and_biases():
         isinstance(m, PTFQuantizer) for n, m in qm.named_modules() if k == n + ".scale"))
     biases = _state(qm, lambda k: k.endswith(".bias") and "norm" not in k)
     assert ptf and biases
-    _recon(qm, model, images, iters=20, bias_lr=1e-2)
+    _recon(qm, model, images, iters=20, bias_lr=1e-2, learn_bias=True, learn_ptf=True)
     after = qm.state_dict()
     assert any(not torch.equal(ptf[k], after[k]) for k in ptf)
     assert any(not torch.equal(biases[k], after[k]) for k in biases)
     q2, model2, images2 = _calibrated(scheme="fq", w_bits=3, a_bits=4)
     b2 = _state(q2, lambda k: k.endswith(".bias") and "norm" not in k)
     p2 = _state(q2, lambda k: k in ptf)
-    _recon(q2, model2, images2, iters=20, learn_bias=False, learn_ptf=False)
+    _recon(q2, model2, images2, iters=20)  # off by default
     assert all(torch.equal(b2[k], q2.state_dict()[k]) for k in b2)
     assert all(torch.equal(p2[k], q2.state_dict()[k]) for k in p2)
 
 
 def test_kl_head_loss_and_normalized_loss_are_recorded():
     q, model, images = _calibrated()
-    info = _recon(q, model, images, iters=4)
+    info = _recon(q, model, images, iters=4, head_loss="kl", normalize=True)
+    errors = _errors_kl_head(q, model, images)
+    assert info["trace"][-1]["mse_after"] == pytest.approx(errors[-1], rel=1e-5)
     assert info["trace"][-1]["metric"] == "kl" and all(e["metric"] == "mse" for e in info["trace"][:-1])
     assert all(e["output_energy"] > 0 for e in info["trace"])
     t = torch.randn(3, 10)
     assert float(kl_loss(t, t)) == pytest.approx(0.0, abs=1e-6) and float(kl_loss(t + torch.randn(3, 10), t)) > 0
     q, model, images = _calibrated()
-    info = _recon(q, model, images, iters=4, head_loss="mse", normalize=False)
+    info = _recon(q, model, images, iters=4)  # the defaults: MSE everywhere, not normalized
     assert info["trace"][-1]["metric"] == "mse"
+
+
+def _errors_kl_head(q, model, images) -> list[float]:
+    cache = Cache(CalibData(images, batch_size=4, progress=False))
+    pieces, out = pieces_of(q, model), []
+    for p in pieces:
+        t = cache.targets(p)
+        out.append(cache.error(p, t, kl_loss if p is pieces[-1] else None))
+        cache.advance(p, t)
+    return out
 
 
 def test_held_out_early_stop_keeps_the_best_checked_state():

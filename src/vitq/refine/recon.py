@@ -21,6 +21,23 @@ Swin's patch merging), and the tail (final norm and head). For each piece:
   probability ``drop_prob`` (the value passes unquantized), and the piece's input mixes, elementwise with the
   same probability, the float model's input into the quantized model's input.
 
+Optional (issue 26; off by default until measured on the real model, see BENCHMARKS.md):
+
+* ``learn_log``: the top level of each log quantizer (``adalog``, ``logsqrt2``; a signed adalog's negative step
+  too) learns through a straight-through estimator (:class:`vitq.refine.recon_learn.LogScaleQuantizer`);
+  ``learn_ptf``: the global scale of each PTF quantizer learns with LSQ through every channel's power-of-two
+  factor; ``learn_bias``: the biases of the piece's quantized layers learn (Adam, ``bias_lr``, cosine).
+* ``normalize``: the loss is divided by the piece's float output energy (times the first piece's, so the
+  regulariser weight means the same in every piece: the raw error grows ~8x from the first to the last DeiT
+  block); ``head_loss="kl"``: the last piece (the logits) learns KL(float ‖ quant) and is accepted on it.
+* ``holdout``: that fraction of the images is left out of the steps; every ``check_every`` steps the
+  hard-rounded error on them is measured, the best checked state is kept, and the piece stops after
+  ``patience`` checks without improvement (so the steps follow each piece's progress).
+* ``start="gptq"``: AdaRound starts from GPTQ's compensated weights before their rounding (kept by
+  :mod:`vitq.refine.gptq` on each layer) instead of the weights on the grid.
+* ``budget_min``: a timed probe turns a wall-clock budget into steps per piece (:mod:`vitq.refine.recon_budget`);
+  the choice is logged and returned under ``budget``.
+
 The input of each piece is the output of the already reconstructed quantized pieces before it. After a piece
 the output error (plain MSE over all calibration images, no dropping, hard rounding) is measured again; if it
 is larger than before, the piece's starting state is restored and this is recorded.
@@ -92,15 +109,15 @@ class ReconOptions(Options):
                            minimum=0.0, below=1.0, metavar="P")
     learn_weights: bool = opt(True, "AdaRound: learn the weights' rounding")
     learn_scales: bool = opt(True, "LSQ: learn the step sizes of the uniform activation quantizers")
-    learn_log: bool = opt(True, "learn the top level of the log quantizers (adalog, logsqrt2) with a "
+    learn_log: bool = opt(False, "learn the top level of the log quantizers (adalog, logsqrt2) with a "
                           "straight-through estimator")
-    learn_ptf: bool = opt(True, "LSQ on the global scale of the PTF quantizers (fq LayerNorm inputs)")
-    learn_bias: bool = opt(True, "learn the biases of the piece's quantized layers")
+    learn_ptf: bool = opt(False, "LSQ on the global scale of the PTF quantizers (fq LayerNorm inputs)")
+    learn_bias: bool = opt(False, "learn the biases of the piece's quantized layers")
     bias_lr: float = opt(1e-3, "Adam learning rate of the biases (absolute), cosine-annealed to 0", minimum=0.0,
                          metavar="LR")
-    normalize: bool = opt(True, "each piece's loss relative to its float output energy (times the first "
+    normalize: bool = opt(False, "each piece's loss relative to its float output energy (times the first "
                           "piece's energy, so the regulariser weight means the same in every piece)")
-    head_loss: str = opt("kl", "loss of the last piece (the head's logits): kl = KL(float || quant) of the "
+    head_loss: str = opt("mse", "loss of the last piece (the head's logits): kl = KL(float || quant) of the "
                          "softmax, mse = the block loss", choices=("kl", "mse"))
     holdout: float = opt(0.0, "fraction of the calibration images held out of the steps: every --recon-check-every "
                          "steps the hard-rounded error on them is measured, the best state kept, and a piece "
