@@ -14,7 +14,7 @@ Steps (each recorded in the returned dict, i.e. results.json):
    observed values;
 3. weights: per output channel, the OMSE-searched range (``weights="omse"``; ``minmax`` also accepted),
    asymmetric (unsigned, a zero point per channel: all 2^b levels, as RepQ-ViT) unless the scheme names
-   ``weight_signed`` or ``--repq-asym-weights false`` (issue 26: in ``matmul`` the signed symmetric grid has
+   ``weight_signed`` or ``--repq-no-asym-weights`` (issue 26: in ``matmul`` the signed symmetric grid has
    2^b - 1 levels and a larger weight error).
 
 Options of the fold (issue 26): ``--repq-channel-range percentile`` searches each channel's range over
