@@ -264,7 +264,8 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         f"regulariser weight 0.01, warm-up 20 %, β 20 → 2, QDrop probability 0.5 as the defaults. Evol-Q "
         f"(default checked mode) with **{s['evolq_passes']} pass(es)** (default 10), batches of "
         f"{s['batch_size']}. More recon options: {s.get('recon_options') or 'none'}; rows `recon[NAME]` are "
-        "extra reconstructions (`--variants`) from a copy of the same base. Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
+        "extra reconstructions (`--variants`) from a copy of the same base. "
+        f"Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
         "a row has. Base methods alone at other settings: sections lowbit, baselines, ptqvit and apq.",
         "",
         f"Evaluation: all {num_val} images of `val/` (float top-1 {float_top1:.2f}). Cells are mean ± std over "
