@@ -25,7 +25,7 @@ from vitq.calib import CalibData
 from vitq.options import Options, opt
 from vitq.quant.base import passthrough
 from vitq.quant.modules import QLinear
-from vitq.refine.recon_pieces import Cache, pieces_of, piece_state, restore_piece
+from vitq.refine.recon_pieces import Cache, piece_state, pieces_of, restore_piece
 from vitq.registry import register_refiner
 
 
