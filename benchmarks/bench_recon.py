@@ -170,7 +170,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("num_calib", "batch_size", "recon_iters", "recon_batch", "recon_lr",
-                                              "recon_scale_lr", "evolq_passes", "num_val", "recon_options")}
+                                              "recon_scale_lr", "evolq_passes", "num_val")}
+    if args.recon_options:  # (absent from the settings of rows kept before the option existed)
+        settings["recon_options"] = args.recon_options
     fresh_run = args.no_write and not args.render  # a --no-write run neither reads nor writes the kept runs
     kept = {"settings": settings, "rows": {}} if fresh_run else load_kept_rows(Path(args.rows), settings, args.fresh)
     seeds = [int(s) for s in args.seeds.split(",")]
