@@ -15,9 +15,11 @@ started again) does only what is missing; the section, the figure and the recipe
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,8 +62,46 @@ def parse_spec(spec: str) -> tuple[str, int, int, str, list[str]]:
     return scheme, w, a, method_spec, extras
 
 
+def parse_options(text: str) -> dict:
+    """``k=v,k=v`` -> {k: v} with v as bool (true/false), int, float or str."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        k, _, v = item.partition("=")
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
+def parse_variants(text: str) -> dict[str, dict]:
+    """``name:k=v,k=v;name2:...`` -> {name: options}: extra recon runs from a copy of the same base."""
+    out = {}
+    for part in filter(None, (t.strip() for t in text.split(";"))):
+        name, _, opts = part.partition(":")
+        out[name] = parse_options(opts)
+    return out
+
+
+def _recon_record(info: dict, cost: float) -> dict:
+    return {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"],
+            "pieces_kept_start": info["pieces_kept_start"], "steps_taken": info.get("steps_taken"),
+            "budget": info.get("budget"),
+            "trace": [{k: e.get(k) for k in ("piece", "mse_before", "mse_learned", "mse_after", "kept_start",
+                                             "iters", "seconds")} for e in info["trace"]]}
+
+
 def run_one(bench, calib_x, spec: str, seed: int, args) -> dict:
-    """Base calibration, + recon, + recon + evolq for one configuration and calibration draw."""
+    """Base calibration, + recon (+ each --variants recon from a copy of the base), + recon + evolq for one
+    configuration and calibration draw."""
     scheme, w, a, method_spec, extras = parse_spec(spec)
     method = method_spec.split("+")[0]
     kinds = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"} if "adalog" in extras else {}
@@ -72,23 +112,33 @@ def run_one(bench, calib_x, spec: str, seed: int, args) -> dict:
     cost = run.info["seconds"] + run.record["weight_rounding"].get("seconds", 0.0)
     out, record, chain = {}, {"seconds": cost, "step_seconds": cost}, []
     recon_opts = {"iters": args.recon_iters, "batch": args.recon_batch, "lr": args.recon_lr,
-                  "scale_lr": args.recon_scale_lr}
-    for name, opts in ((None, None), ("recon", recon_opts), ("evolq", {"passes": args.evolq_passes})):
+                  "scale_lr": args.recon_scale_lr, **parse_options(args.recon_options)}
+    base_cost = cost
+    steps = [(None, None)]
+    for vname, vopts in parse_variants(args.variants).items():
+        steps.append((f"recon[{vname}]", {**recon_opts, **vopts}))
+    steps.append(("recon", recon_opts))
+    if args.evolq_passes > 0:
+        steps.append(("evolq", {"passes": args.evolq_passes}))
+    for name, opts in steps:
+        model_q = copy.deepcopy(q) if name is not None and name.startswith("recon[") else q
         if name is not None:
-            info = vitq.refine(q, bench.model, calib, name, batch_size=args.batch_size, seed=seed, progress=False,
-                               **opts)
-            chain.append(name)
-            cost += info["seconds"]
-            record = {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"]}
-            if name == "recon":
-                record["pieces_kept_start"] = info["pieces_kept_start"]
-                record["trace"] = [{k: e.get(k) for k in ("piece", "mse_before", "mse_learned", "mse_after",
-                                                          "kept_start", "seconds")} for e in info["trace"]]
-        result, eval_seconds = bench.score(q)
+            refiner = "recon" if name.startswith("recon") else name
+            info = vitq.refine(model_q, bench.model, calib, refiner, batch_size=args.batch_size, seed=seed,
+                               progress=False, **opts)
+            if model_q is q:
+                chain.append(name)
+                cost += info["seconds"]
+            record = (_recon_record(info, (cost if model_q is q else base_cost + info["seconds"]))
+                      if refiner == "recon" else {"seconds": cost, "step_seconds": info["seconds"],
+                                                  "calib_kl": info["calib_kl"]})
+        result, eval_seconds = bench.score(model_q)
         r = result["quant"]
         record.update({"eval_seconds": eval_seconds, **r})
-        out[",".join(chain)] = record
-        print(f"seed {seed} {spec} {','.join(chain) or 'base'}: top-1 {r['top1']:.2f} agreement "
+        key = name if model_q is not q else ",".join(chain)
+        out[key] = record
+        del model_q
+        print(f"seed {seed} {spec} {key or 'base'}: top-1 {r['top1']:.2f} agreement "
               f"{r['agreement']:.2f} KL {r['kl']:.4f} step {record['step_seconds']:.0f} s", flush=True)
     return out
 
@@ -98,13 +148,17 @@ def main() -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated scheme:W/A:method[+adalog][+gptq]")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration draws")
-    p.add_argument("--num-calib", type=int, default=RECON_CPU["num_calib"])
+    p.add_argument("--num-calib", type=int, default=None, help="calibration images (default: all of calib/)")
     p.add_argument("--batch-size", type=int, default=50, help="calibration / evolq batch (the CLI default)")
     p.add_argument("--recon-iters", type=int, default=RECON_CPU["recon_iters"])
     p.add_argument("--recon-batch", type=int, default=RECON_CPU["recon_batch"])
     p.add_argument("--recon-lr", type=float, default=RECON_CPU["recon_lr"])
     p.add_argument("--recon-scale-lr", type=float, default=RECON_CPU["recon_scale_lr"])
-    p.add_argument("--evolq-passes", type=int, default=EVOLQ_CPU["evolq_passes"])
+    p.add_argument("--evolq-passes", type=int, default=EVOLQ_CPU["evolq_passes"], help="0: no Evol-Q step")
+    p.add_argument("--recon-options", default="", help="more recon options, k=v,k=v (e.g. learn_log=false)")
+    p.add_argument("--variants", default="", help="extra recon runs from a copy of each base, recorded as "
+                   "pipeline recon[NAME]: NAME:k=v,k=v;NAME2:...")
+    p.add_argument("--rows", default=str(ROWS), help="file of the kept runs")
     p.add_argument("--num-val", type=int, default=None, help="val images (default all 500; fewer for a smoke run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help=f"forget the runs kept in {ROWS.name}")
@@ -117,8 +171,10 @@ def main() -> None:
     t_start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("num_calib", "batch_size", "recon_iters", "recon_batch", "recon_lr",
                                               "recon_scale_lr", "evolq_passes", "num_val")}
+    if args.recon_options:  # (absent from the settings of rows kept before the option existed)
+        settings["recon_options"] = args.recon_options
     fresh_run = args.no_write and not args.render  # a --no-write run neither reads nor writes the kept runs
-    kept = {"settings": settings, "rows": {}} if fresh_run else load_kept_rows(ROWS, settings, args.fresh)
+    kept = {"settings": settings, "rows": {}} if fresh_run else load_kept_rows(Path(args.rows), settings, args.fresh)
     seeds = [int(s) for s in args.seeds.split(",")]
     specs = args.configs.split(",")
     for spec in specs:
@@ -139,7 +195,7 @@ def main() -> None:
                                                   "command": command(),
                                                   "pipelines": run_one(bench, calib_x, spec, seed, args)}
                 if not args.no_write:
-                    save_kept_rows(ROWS, kept)
+                    save_kept_rows(Path(args.rows), kept)
                     report(args, kept, t_start, partial=True)
     report(args, kept, t_start, partial=False)
 
@@ -163,7 +219,8 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
     for spec in sorted(runs, key=setting_order):
         scheme, w, a, method_spec, _ = parse_spec(spec)
         for pipeline, recs in runs[spec].items():
-            recipe = RECIPE_OF[pipeline].format(scheme=scheme, method=method_spec.replace("+", "-"))
+            recipe = RECIPE_OF.get(pipeline, "{scheme}-{method}-" + pipeline).format(
+                scheme=scheme, method=method_spec.replace("+", "-"))
             step = [r["step_seconds"] for r in recs]
             kl_cal = [r["calib_kl"]["before"] - r["calib_kl"]["after"] for r in recs if "calib_kl" in r]
             steps = method_spec.replace("+", " + ") + (" + " + pipeline.replace(",", " + ") if pipeline else "")
@@ -173,7 +230,10 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
                          mean_std([r["agreement"] for r in recs]), mean_std([r["kl"] for r in recs], ".4f"),
                          mean_std(kl_cal, ".4f") if kl_cal else "-", mean_std(step, ".0f"),
                          mean_std([r["seconds"] for r in recs], ".0f"),
-                         "/".join(str(len(r["pieces_kept_start"])) for r in recs) if pipeline == "recon" else "-"])
+                         "/".join(str(len(r["pieces_kept_start"])) for r in recs)
+                         if pipeline.startswith("recon") and "evolq" not in pipeline else "-"])
+            if pipeline not in RECIPE_OF:  # a --variants run: in the table, not a recipe
+                continue
             steps_of[(recipe, w, a)] = steps
             measured[(recipe, w, a)] = {
                 "agreement": round(agree, 2), "top1": round(top1, 2),
@@ -189,21 +249,25 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         "## Block reconstruction (recon), chains and recipes on the real DeiT-Tiny (issue 11)",
         "",
         *(["**Partial: the run was cut off after the configurations shown.**", ""] if partial else []),
-        "Commands (each runs only what `benchmarks/" + ROWS.name + "` lacks; `--render` rewrites this section "
-        "from it): " + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", "?") for r in kept["rows"].values()))
+        "Commands (each runs only what `benchmarks/" + Path(args.rows).name + "` lacks; `--render` rewrites this "
+        "section from it): "
+        + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", "?") for r in kept["rows"].values()))
         + "  ",
         f"{environment()}  ",
         f"{len(kept['rows'])} runs (configuration × draw), {compute_min:.0f} min of calibration, refinement and "
         "evaluation in all. Every row ran on the 2 CPU cores of this machine (no GPU was lent).",
         "",
-        f"**Reduced for CPU time:** {s['num_calib']} of the 250 `calib/` images (BRECQ/QDrop: 1,024), used for the "
-        f"base calibration, the reconstruction and the Evol-Q search alike; recon **{s['recon_iters']} steps per "
-        f"piece** (BRECQ/QDrop: 20,000) on mini-batches of {s['recon_batch']} images (BRECQ: 32), AdaRound "
+        f"**Reduced for CPU time:** {s['num_calib'] or 'all'} of the 250 `calib/` images (BRECQ/QDrop: 1,024), "
+        "used for the base calibration, the reconstruction and the Evol-Q search alike; recon "
+        f"**{s['recon_iters']} steps per piece** (BRECQ/QDrop: 20,000) on mini-batches of {s['recon_batch']} "
+        "images (BRECQ: 32), AdaRound "
         f"learning rate {s['recon_lr']:g} (BRECQ 1e-3, raised because of the few steps), step-size learning "
         f"rate {s['recon_scale_lr']:g} relative to each step size (BRECQ: 4e-5 absolute, about 1e-3 relative); "
         f"regulariser weight 0.01, warm-up 20 %, β 20 → 2, QDrop probability 0.5 as the defaults. Evol-Q "
         f"(default checked mode) with **{s['evolq_passes']} pass(es)** (default 10), batches of "
-        f"{s['batch_size']}. Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
+        f"{s['batch_size']}. More recon options: {s.get('recon_options') or 'none'}; rows `recon[NAME]` are "
+        "extra reconstructions (`--variants`) from a copy of the same base. "
+        f"Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
         "a row has. Base methods alone at other settings: sections lowbit, baselines, ptqvit and apq.",
         "",
         f"Evaluation: all {num_val} images of `val/` (float top-1 {float_top1:.2f}). Cells are mean ± std over "
@@ -222,7 +286,7 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
                     for (sch, w, a), name in sorted(best.items(), key=lambda kv: (REGIME_ORDER.get(kv[0][0], 9),
                                                                                    -kv[0][2], -kv[0][1]))) + ".",
         "",
-        f"Per-piece traces (MSE before → after, seconds): `benchmarks/{ROWS.name}`. Figure: "
+        f"Per-piece traces (MSE before → after, seconds): `benchmarks/{Path(args.rows).name}`. Figure: "
         "`benchmarks/figures/recon_agreement.png`.",
     ]
     text = "\n".join(md)

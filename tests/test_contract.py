@@ -183,7 +183,7 @@ def spread_channels(model) -> None:
 
 
 SOFTMAX = {"log2", "twin", "mpq", "logsqrt2", "adalog"}  # post-softmax values: Scheme(softmax_quantizer=kind)
-GELU = {"twin_gelu", "adalog"}  # the fc2 input after a GELU: Scheme(gelu_quantizer=kind)
+GELU = {"twin_gelu", "adalog", "adalog_shift"}  # the fc2 input after a GELU: Scheme(gelu_quantizer=kind)
 PLACEMENTS: dict[str, list[Placement]] = {
     "uniform": [Placement("matmul")],  # weights, linear inputs, q/k/v of every scheme
     "ptf": [Placement("fq", "fqvit")],  # LayerNorm inputs and the residual stream under fq

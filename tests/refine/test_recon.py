@@ -14,7 +14,7 @@ from vitq.errors import VitqError
 from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import UniformQuantizer
 from vitq.refine.recon import make_config
-from vitq.refine.recon_learn import Dropper, LsqQuantizer
+from vitq.refine.recon_learn import Dropper, LsqQuantizer, kl_loss
 from vitq.refine.recon_pieces import Cache, pieces_of
 from vitq.state import load, save
 
@@ -38,13 +38,15 @@ def _recon(q, model, images, **options):
     return vitq.refine(q, model, images, "recon", batch_size=4, progress=False, **opts)
 
 
-def _piece_errors(q, model, images) -> dict[str, float]:
-    """Each piece's output MSE against the float piece, inputs from the quantized model as it is now."""
+def _piece_errors(q, model, images, kl_head=False) -> dict[str, float]:
+    """Each piece's output MSE against the float piece (with ``kl_head`` the head's: KL of its logits, as
+    --recon-head-loss kl measures it), inputs from the quantized model as it is now."""
     cache = Cache(CalibData(images, batch_size=4, progress=False))
     out = {}
-    for p in pieces_of(q, model):
+    pieces = pieces_of(q, model)
+    for p in pieces:
         t = cache.targets(p)
-        out[p.name] = cache.error(p, t)
+        out[p.name] = cache.error(p, t, kl_loss if kl_head and p is pieces[-1] else None)
         cache.advance(p, t)
     return out
 

@@ -12,7 +12,13 @@ Steps (each recorded in the returned dict, i.e. results.json):
    ends by one factor, which on the post-GELU ``fc2`` input [-0.17, 40] clips away GELU's whole negative side
    and stops at 0.11 of the max), searched kinds (``logsqrt2``'s scale, ``adalog``'s base) search on the
    observed values;
-3. weights: per output channel, the OMSE-searched range (``weights="omse"``; ``minmax`` also accepted).
+3. weights: per output channel, the OMSE-searched range (``weights="omse"``; ``minmax`` also accepted),
+   asymmetric (unsigned, a zero point per channel: all 2^b levels, as RepQ-ViT) unless the scheme names
+   ``weight_signed`` or ``--repq-no-asym-weights`` (issue 26: in ``matmul`` the signed symmetric grid has
+   2^b - 1 levels and a larger weight error).
+
+Options of the fold (issue 26): ``--repq-channel-range percentile`` searches each channel's range over
+percentiles as RepQ-ViT does (min/max by default); ``--repq-fold-power P`` folds only r1^P of the scales.
 
 The softmax quantizer is ``logsqrt2`` unless the scheme names another kind; ``--softmax-quantizer adalog
 --gelu-quantizer adalog`` gives the adaptive-log variant. All calibration images given are used (RepQ-ViT
@@ -29,7 +35,7 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.methods.baselines import calibrate_observed
-from vitq.methods.reparam import reparameterize
+from vitq.methods.reparam import CHANNEL_RANGES, reparameterize
 from vitq.options import Options, opt
 from vitq.registry import register_method
 
@@ -42,23 +48,32 @@ class RepqOptions(Options):
                    "range clipped on its own)", choices=RANGES)
     weights: str = opt("omse", "range of the per-channel weight quantizers", choices=RANGES)
     reparam: bool = opt(True, "the scale reparameterization (off: ablation)")
+    asym_weights: bool = opt(True, "asymmetric per-channel weights (a zero point per channel, all 2^b levels) "
+                             "where the scheme leaves weight_signed unset")
+    channel_range: str = opt("minmax", "per-channel range folded by the reparameterization (percentile: "
+                             "RepQ-ViT's per-channel percentile search at the activation bits)",
+                             choices=CHANNEL_RANGES)
+    fold_power: float = opt(1.0, "fold r1^P of the per-channel scales (1: full fold; 0.5: half)", minimum=0.0,
+                            maximum=1.0, metavar="P")
 
 
 def _repq_scheme(scheme, cfg: RepqOptions):
     if scheme.softmax_quantizer is None:
-        return dataclasses.replace(scheme, softmax_quantizer="logsqrt2")
+        scheme = dataclasses.replace(scheme, softmax_quantizer="logsqrt2")
+    if scheme.weight_signed is None and cfg.asym_weights:
+        scheme = dataclasses.replace(scheme, weight_signed=False)
     return scheme
 
 
 @register_method("repq", "RepQ-ViT style (both regimes): post-LayerNorm scales folded into LayerNorm and "
                  "qkv/fc1 (exact rewrite), log√2 softmax with a searched scale (default), activations by least "
-                 "squared error with each range end clipped on its own, per-channel OMSE weights",
+                 "squared error with each range end clipped on its own, per-channel asymmetric OMSE weights",
                  config=RepqOptions, adjust_scheme=_repq_scheme)
 def repq(model: nn.Module, calib: CalibData, cfg: RepqOptions) -> dict:
     info = {"effective_options": cfg.to_dict()}
     t0 = time.perf_counter()
     if cfg.reparam:
-        info.update(reparameterize(model, calib))
+        info.update(reparameterize(model, calib, cfg.channel_range, cfg.fold_power))
     info["seconds_reparam"] = time.perf_counter() - t0
     info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
     info["calibration_passes"] = 2 if cfg.reparam else 1

@@ -197,3 +197,66 @@ class AdaLogQuantizer(Quantizer):
         self.scale.fill_(best[2])
         self.mark_initialized()
         return {"base_exp": best[1], "scale": best[2]}
+
+
+@register_quantizer("adalog_shift")
+class AdaLogShiftQuantizer(AdaLogQuantizer):
+    """Adaptive-base log quantizer for post-GELU values, shifted (AdaLog's form): the input is moved up by
+    ``shift`` (the depth of GELU's negative tail, about 0.17) so that every value is ≥ 0, quantized with all
+    ``2^b - 1`` log levels ``scale · 2^(-k/r)`` and the zero code, and moved back. No code is spent on a sign:
+    at 4 bits 15 levels instead of the signed ``adalog``'s 8 log levels and 7 negative steps. The lowest value
+    (code "zero") is ``-shift``, GELU's minimum. In integer arithmetic the shift folds into the next layer's
+    bias (``b - Ŵ · shift · 1``); the fake-quantized value here is the same number."""
+
+    def __init__(self, bits: int, role: str):
+        super().__init__(bits, role)
+        self.register_buffer("shift", torch.tensor(0.0))
+
+    @property
+    def signed(self) -> bool:
+        return False
+
+    def _codes(self) -> tuple[int, int]:
+        depth = int(math.floor(MAX_DEPTH * float(self.base_exp)))
+        return min(2**self.bits - 2, depth), 0
+
+    def _quant(self, x: torch.Tensor, r, scale, neg_scale, shift=None) -> torch.Tensor:
+        shift = self.shift if shift is None else shift
+        return self._log_part(x + shift, r, scale, self._codes()[0]) - shift
+
+    def level_set(self) -> torch.Tensor:
+        k = torch.arange(self._codes()[0] + 1, dtype=torch.float32, device=self.scale.device)
+        levels = torch.cat([self.scale * torch.pow(2.0, -k / self.base_exp), torch.zeros(1, device=k.device)])
+        return (levels - self.shift).unique()
+
+    def set_range(self, lo, hi) -> None:
+        """Without a sample: the shift covers ``lo``, the top level is ``hi`` (base kept)."""
+        self.shift.fill_(max(-float(lo), 0.0))
+        self.scale.fill_(max(float(hi) + float(self.shift), EPS))
+        self.neg_scale.fill_(0.0)
+        self.mark_initialized()
+
+    @torch.no_grad()
+    def fit(self, obs) -> dict:
+        """The shift from the observed minimum; the base and the top level searched for the least squared error
+        over every observed value (the observer's histogram), as :meth:`AdaLogQuantizer.fit`."""
+        lo, hi = min(obs.min, 0.0), max(obs.max, EPS)
+        if getattr(obs, "hist", None) is None:
+            self.set_range(lo, hi)
+            return {"base_exp": float(self.base_exp), "scale": float(self.scale), "shift": float(self.shift)}
+        x, wts = _observed_values(obs, self.scale.device)
+        shift = -lo
+        self.shift.fill_(shift)
+        self.neg_scale.fill_(0.0)
+        best = None
+        for r in R_GRID:
+            for f in SCALE_GRID:
+                s = (hi + shift) * f
+                xq = self._quant(x, torch.tensor(r), torch.tensor(s), self.neg_scale)
+                err = float(((xq - x).double().pow(2) * wts).sum())
+                if best is None or err < best[0]:
+                    best = (err, r, s)
+        self.base_exp.fill_(best[1])
+        self.scale.fill_(best[2])
+        self.mark_initialized()
+        return {"base_exp": best[1], "scale": best[2], "shift": shift}

@@ -42,6 +42,9 @@ ROUNDINGS = {
             "already-quantized earlier layers; weights written on the grid (reload exactly)",
 }
 GPTQ_DEFAULTS = {"damp": 0.01, "act_order": True, "block_size": 128}
+# attribute (not saved) GPTQ leaves on each layer it rounds: the compensated weight just before each column was
+# rounded, which recon can take as AdaRound's continuous start (``--recon-start gptq``)
+CONTINUOUS = "gptq_continuous"
 
 
 def grid_quant(q: UniformQuantizer, groups: int | None = None):
@@ -68,9 +71,10 @@ def grid_quant(q: UniformQuantizer, groups: int | None = None):
 
 
 def gptq_rows(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_order: bool = True,
-              block_size: int = 128) -> torch.Tensor:
+              block_size: int = 128, continuous: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ on a weight matrix ``w`` [out, in] with Hessian ``h`` [in, in]; ``quant`` rounds a column [out]
-    to the grid. Returns the rounded matrix (float64, on the grid up to float64 round-off)."""
+    to the grid. Returns the rounded matrix (float64, on the grid up to float64 round-off). ``continuous``
+    ([out, in], optional) receives each column as compensated just before its rounding."""
     w = w.double().clone()
     h = h.double().clone()
     cols = w.shape[1]
@@ -93,6 +97,8 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_o
             col = w1[:, i]
             qc = quant(col)
             q[:, i1 + i] = qc
+            if continuous is not None:
+                continuous[:, i1 + i if perm is None else perm[i1 + i]] = col
             e = (col - qc) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
@@ -195,8 +201,10 @@ def gptq_layer(layer: QWeighted, h: torch.Tensor, damp: float, act_order: bool, 
     quant = grid_quant(wq)
     nearest = quant(w2)
     groups = getattr(layer, "groups", 1)
+    pre = None  # the compensated weights before rounding (grouped convolutions: not kept)
     if groups == 1:
-        q = gptq_rows(w2, h, quant, damp=damp, act_order=act_order, block_size=block_size)
+        pre = torch.empty_like(w2)
+        q = gptq_rows(w2, h, quant, damp=damp, act_order=act_order, block_size=block_size, continuous=pre)
     else:  # one problem per group: rows = its output channels, columns = its input channels' patches
         grid = grid_quant(wq, groups)
         q = gptq_groups(w2.reshape(groups, -1, w2.shape[1]), h, grid, damp=damp, act_order=act_order)
@@ -214,6 +222,8 @@ def gptq_layer(layer: QWeighted, h: torch.Tensor, damp: float, act_order: bool, 
 
     corrected = bool(layer.weight_correction)
     layer.weight.copy_(new)
+    if pre is not None:
+        setattr(layer, CONTINUOUS, pre.to(w.dtype).reshape(w.shape))
     layer.weight_correction.fill_(False)
     return {"proxy_error_nearest": err(nearest), "proxy_error_gptq": err(new.reshape(w2.shape).double()),
             "bias_correction_turned_off": corrected}

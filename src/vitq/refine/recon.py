@@ -21,6 +21,23 @@ Swin's patch merging), and the tail (final norm and head). For each piece:
   probability ``drop_prob`` (the value passes unquantized), and the piece's input mixes, elementwise with the
   same probability, the float model's input into the quantized model's input.
 
+Optional (issue 26; off by default until measured on the real model, see BENCHMARKS.md):
+
+* ``learn_log``: the top level of each log quantizer (``adalog``, ``logsqrt2``; a signed adalog's negative step
+  too) learns through a straight-through estimator (:class:`vitq.refine.recon_learn.LogScaleQuantizer`);
+  ``learn_ptf``: the global scale of each PTF quantizer learns with LSQ through every channel's power-of-two
+  factor; ``learn_bias``: the biases of the piece's quantized layers learn (Adam, ``bias_lr``, cosine).
+* ``normalize``: the loss is divided by the piece's float output energy (times the first piece's, so the
+  regulariser weight means the same in every piece: the raw error grows ~8x from the first to the last DeiT
+  block); ``head_loss="kl"``: the last piece (the logits) learns KL(float ‖ quant) and is accepted on it.
+* ``holdout``: that fraction of the images is left out of the steps; every ``check_every`` steps the
+  hard-rounded error on them is measured, the best checked state is kept, and the piece stops after
+  ``patience`` checks without improvement (so the steps follow each piece's progress).
+* ``start="gptq"``: AdaRound starts from GPTQ's compensated weights before their rounding (kept by
+  :mod:`vitq.refine.gptq` on each layer) instead of the weights on the grid.
+* ``budget_min``: a timed probe turns a wall-clock budget into steps per piece (:mod:`vitq.refine.recon_budget`);
+  the choice is logged and returned under ``budget``.
+
 The input of each piece is the output of the already reconstructed quantized pieces before it. After a piece
 the output error (plain MSE over all calibration images, no dropping, hard rounding) is measured again; if it
 is larger than before, the piece's starting state is restored and this is recorded.
@@ -36,6 +53,7 @@ The options are the fields of :class:`ReconOptions`; the pieces and their input 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -49,8 +67,18 @@ from torch import nn
 from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.options import OptionError, Options, opt
-from vitq.quant.base import EPS
-from vitq.refine.recon_learn import Dropper, LsqQuantizer, Rounding, SoftWeights, rec_loss
+from vitq.quant.base import EPS, Quantizer
+from vitq.refine.gptq import CONTINUOUS
+from vitq.refine.recon_budget import plan_iters
+from vitq.refine.recon_learn import (
+    LEARNED_KINDS,
+    Dropper,
+    Rounding,
+    SoftWeights,
+    kl_loss,
+    learned_buffers,
+    rec_loss,
+)
 from vitq.refine.recon_pieces import Cache, Piece, frozen_parameters, piece_state, pieces_of, restore_piece, swapped
 from vitq.registry import register_refiner
 from vitq.state import read_checkpoint, write_checkpoint
@@ -81,6 +109,28 @@ class ReconOptions(Options):
                            minimum=0.0, below=1.0, metavar="P")
     learn_weights: bool = opt(True, "AdaRound: learn the weights' rounding")
     learn_scales: bool = opt(True, "LSQ: learn the step sizes of the uniform activation quantizers")
+    learn_log: bool = opt(False, "learn the top level of the log quantizers (adalog, logsqrt2) with a "
+                          "straight-through estimator")
+    learn_ptf: bool = opt(False, "LSQ on the global scale of the PTF quantizers (fq LayerNorm inputs)")
+    learn_bias: bool = opt(False, "learn the biases of the piece's quantized layers")
+    bias_lr: float = opt(1e-3, "Adam learning rate of the biases (absolute), cosine-annealed to 0", minimum=0.0,
+                         metavar="LR")
+    normalize: bool = opt(False, "each piece's loss relative to its float output energy (times the first "
+                          "piece's energy, so the regulariser weight means the same in every piece)")
+    head_loss: str = opt("mse", "loss of the last piece (the head's logits): kl = KL(float || quant) of the "
+                         "softmax, mse = the block loss", choices=("kl", "mse"))
+    holdout: float = opt(0.0, "fraction of the calibration images held out of the steps: every --recon-check-every "
+                         "steps the hard-rounded error on them is measured, the best state kept, and a piece "
+                         "stops after --recon-patience checks without improvement (0 = off)", minimum=0.0,
+                         below=1.0, metavar="F")
+    check_every: int = opt(25, "steps between two held-out checks", minimum=1, metavar="N")
+    patience: int = opt(3, "held-out checks without improvement before a piece stops", minimum=1, metavar="N")
+    start: str = opt("weights", "AdaRound's continuous start: the layer's weights, or gptq = GPTQ's compensated "
+                     "weights before rounding (needs --weight-rounding gptq in the same run)",
+                     choices=("weights", "gptq"))
+    budget_min: float | None = opt(None, "wall-clock budget of the whole reconstruction in minutes: a timed "
+                                   "probe turns it into steps per piece (replaces --recon-iters; the choice is "
+                                   "logged and recorded)", above=0.0, metavar="MIN")
     seed: int | None = opt(None, "seed of the mini-batches and drops; none = the calibration seed (--seed)",
                            metavar="N")
     checkpoint_path: str | None = opt(None, "resume file written after every block (a rerun of the same command "
@@ -112,50 +162,83 @@ def derive_seed(seed: int, piece: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * piece + 17) % (2**63 - 1)
 
 
+def _learned_scales(p: Piece, cfg: ReconOptions) -> list[tuple[str, Quantizer]]:
+    kinds = {"uniform": cfg.learn_scales, "ptf": cfg.learn_ptf, "adalog": cfg.learn_log, "logsqrt2": cfg.learn_log}
+    return [(n, q) for n, q in p.scales if kinds.get(q.kind, False)]
+
+
+def _start_of(module, cfg: ReconOptions, name: str):
+    if cfg.start != "gptq":
+        return None
+    w = getattr(module, CONTINUOUS, None)
+    if w is None:
+        raise VitqError(f"--recon-start gptq: {name} has no GPTQ compensated weights (run --weight-rounding gptq "
+                        "in the same run, before recon)")
+    return w
+
+
 def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: ReconOptions,
-                      gen: torch.Generator, bar=None) -> dict:
-    """Optimise one piece in place; returns its trace entry (losses, accepted or not)."""
+                      gen: torch.Generator, bar=None, energy_ref: float | None = None, last: bool = False,
+                      holdout: torch.Tensor | None = None) -> dict:
+    """Optimise one piece in place; returns its trace entry (losses, accepted or not). ``energy_ref``: the
+    first piece's output energy (--recon-normalize); ``last``: the head (--recon-head-loss); ``holdout``: the
+    indices of the held-out images (--recon-holdout)."""
     t0 = time.perf_counter()
-    before = cache.error(p, targets)
+    kl_head = last and cfg.head_loss == "kl"
+    metric = kl_loss if kl_head else None
+    before = cache.error(p, targets, metric)
     start = piece_state(p)
     xq, xf, tg = torch.cat(cache.q), torch.cat(cache.f), torch.cat(targets)
     n = xq.shape[0]
-    roundings = [Rounding(m) for _, m in p.weighted] if cfg.learn_weights else []
-    scales = [q for _, q in p.scales] if cfg.learn_scales else []
-    entry = {"piece": p.name, "layers": len(roundings), "step_sizes": len(scales), "mse_before": before,
+    train = torch.arange(n)
+    if holdout is not None:
+        train = train[~torch.isin(train, holdout)]
+    roundings = [Rounding(m, _start_of(m, cfg, nm)) for nm, m in p.weighted] if cfg.learn_weights else []
+    learned = _learned_scales(p, cfg)
+    biases = [m.bias for _, m in p.weighted if m.bias is not None] if cfg.learn_bias else []
+    energy = float(tg.pow(2).sum(-1).mean())
+    entry = {"piece": p.name, "layers": len(roundings), "step_sizes": len(learned), "biases": len(biases),
+             "mse_before": before, "metric": "kl" if kl_head else "mse", "output_energy": energy,
              "layers_on_grid": sum(r.on_grid > 0.5 for r in roundings)}
-    if cfg.iters == 0 or (not roundings and not scales):
+    if cfg.iters == 0 or (not roundings and not learned and not biases):
         entry.update({"mse_after": before, "kept_start": False, "iters": 0, "seconds": time.perf_counter() - t0})
         return entry
     for r in roundings:
         r.module.weight_correction.fill_(False)
     opt_v = torch.optim.Adam([r.v for r in roundings], lr=cfg.lr) if roundings else None
-    opt_s, base_lr = None, []
-    if scales:
-        groups = []
-        for q in scales:
-            q.scale.requires_grad_(True)
-            base_lr.append(cfg.scale_lr * float(q.scale.detach().abs().mean()))
-            groups.append({"params": [q.scale], "lr": base_lr[-1]})
-        opt_s = torch.optim.Adam(groups)
+    groups, base_lr, leaves = [], [], []
+    for _, q in learned:
+        for b in learned_buffers(q):
+            leaves.append(b)
+            base_lr.append(cfg.scale_lr * float(b.detach().abs().mean()))
+            groups.append({"params": [b], "lr": base_lr[-1]})
+    for b in biases:
+        leaves.append(b)
+        base_lr.append(cfg.bias_lr)
+        groups.append({"params": [b], "lr": cfg.bias_lr})
+    for b in leaves:
+        b.requires_grad_(True)
+    opt_s = torch.optim.Adam(groups) if groups else None
     dropper = Dropper(p.acts, cfg.drop_prob)
     dropper.gen = gen
     soft = SoftWeights(roundings)
     first_loss = last_loss = None
-    swap = [(name, LsqQuantizer(q, dropper)) for name, q in p.scales if q in scales]
+    scale = 1.0 if not cfg.normalize else (energy_ref or energy) / max(energy, 1e-12)
+    swap = [(name, LEARNED_KINDS[q.kind](q, dropper)) for name, q in learned]
+    best, stale, steps, checks = None, 0, 0, []
     try:
         with swapped(p.root, swap):
             dropper.active = True
             for step in range(cfg.iters):
-                idx = torch.randint(n, (min(cfg.batch, n),), generator=gen).to(xq.device)
+                idx = train[torch.randint(len(train), (min(cfg.batch, len(train)),), generator=gen)].to(xq.device)
                 x_in = xq[idx]
                 if cfg.drop_prob > 0:
                     mix = torch.rand(x_in.shape, generator=gen).to(x_in.device) < cfg.drop_prob
                     x_in = torch.where(mix, xf[idx], x_in)
                 out = p.quant(x_in)
-                rec = rec_loss(out, tg[idx])
+                rec = kl_loss(out, tg[idx]) if kl_head else rec_loss(out, tg[idx])
                 beta = beta_at(step, cfg)
-                loss = rec
+                loss = rec * scale
                 if beta is not None and roundings and cfg.weight > 0:
                     loss = loss + cfg.weight * sum(r.regularizer(beta) for r in roundings)
                 if opt_v is not None:
@@ -171,29 +254,71 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
                 if opt_s is not None:
                     opt_s.step()
                     with torch.no_grad():
-                        for q in scales:
-                            q.scale.clamp_(min=EPS)
+                        for _, q in learned:
+                            for b in learned_buffers(q):
+                                b.clamp_(min=EPS)
+                steps = step + 1
                 last_loss = float(rec.detach())
                 first_loss = last_loss if first_loss is None else first_loss
                 if bar is not None and (step % 50 == 0 or step == cfg.iters - 1):
                     bar.set_postfix_str(f"{p.name} step {step + 1}/{cfg.iters} rec {last_loss:.4g}")
+                if holdout is not None and (steps % cfg.check_every == 0 or steps == cfg.iters):
+                    dropper.active = False
+                    err = _held_out_error(p, soft, xq[holdout], tg[holdout], metric)
+                    dropper.active = True
+                    checks.append(err)
+                    if best is None or err < best[0]:
+                        best, stale = (err, _snapshot(roundings, leaves)), 0
+                    else:
+                        stale += 1
+                        if stale >= cfg.patience:
+                            break
     finally:
         dropper.active = False
         dropper.remove()
         soft.remove()
-        for q in scales:
-            q.scale.requires_grad_(False)
+        for b in leaves:
+            b.requires_grad_(False)
+    if best is not None:
+        _restore_snapshot(roundings, leaves, best[1])
     with torch.no_grad():
         for r in roundings:
             r.module.weight.copy_(r.hard())
-    after = cache.error(p, targets)
+    after = cache.error(p, targets, metric)
     kept = not after <= before  # also when the learned state is not finite
     if kept:
         restore_piece(p, start)
     entry.update({"mse_after": before if kept else after, "mse_learned": after, "kept_start": kept,
-                  "iters": cfg.iters, "train_loss_first": first_loss, "train_loss_last": last_loss,
+                  "iters": steps, "train_loss_first": first_loss, "train_loss_last": last_loss,
                   "seconds": time.perf_counter() - t0})
+    if holdout is not None:
+        entry["held_out"] = checks
     return entry
+
+
+@torch.no_grad()
+def _held_out_error(p: Piece, soft: SoftWeights, x: torch.Tensor, t: torch.Tensor, metric) -> float:
+    """The piece's error on the held-out images with the weights rounded hard (what stopping now would give)."""
+    soft.hard = True
+    try:
+        total = 0.0
+        for i in range(0, x.shape[0], 32):
+            out = p.quant(x[i:i + 32])
+            total += float(metric(out, t[i:i + 32]) * out.shape[0] if metric else rec_loss(out, t[i:i + 32])
+                           * out.shape[0])
+        return total / x.shape[0]
+    finally:
+        soft.hard = False
+
+
+def _snapshot(roundings: list[Rounding], leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [r.v.detach().clone() for r in roundings] + [b.detach().clone() for b in leaves]
+
+
+@torch.no_grad()
+def _restore_snapshot(roundings: list[Rounding], leaves: list[torch.Tensor], snap: list[torch.Tensor]) -> None:
+    for t, v in zip([r.v for r in roundings] + leaves, snap, strict=True):
+        t.copy_(v)
 
 
 def _write_checkpoint(path: str, model: nn.Module, meta: dict) -> None:
@@ -243,6 +368,19 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
     state["runs"] += 1
 
     cache = Cache(calib)
+    holdout = None
+    if cfg.holdout > 0:
+        n_out = max(1, min(len(calib) - 1, round(cfg.holdout * len(calib))))
+        holdout = torch.randperm(len(calib), generator=torch.Generator().manual_seed(derive_seed(seed, -1)))[:n_out]
+    with frozen_parameters(model, float_model):
+        if cfg.budget_min is not None and "budget" not in state:
+            iters, state["budget"] = plan_iters(pieces, calib.images, cfg.batch, cfg.budget_min)
+            log.info("recon: --recon-budget-min %g: %d steps per piece (probe: %.3g s per step, %.3g s of "
+                     "forwards per piece on %d images)", cfg.budget_min, iters,
+                     state["budget"]["seconds_per_step"], state["budget"]["fixed_seconds"] / len(pieces),
+                     len(calib))
+    if cfg.budget_min is not None:
+        cfg = dataclasses.replace(cfg, iters=state["budget"]["iters"])
     bar = calib.bar(None, "recon", total=len(pieces))
     try:
         with frozen_parameters(model, float_model):
@@ -252,8 +390,11 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
                     bar.update(1)
                     continue
                 targets = cache.targets(p)
+                if "energy_ref" not in state:
+                    state["energy_ref"] = float(torch.cat(targets).pow(2).sum(-1).mean())
                 gen = torch.Generator().manual_seed(derive_seed(seed, i))
-                entry = reconstruct_piece(p, cache, targets, cfg, gen, bar)
+                entry = reconstruct_piece(p, cache, targets, cfg, gen, bar, energy_ref=state["energy_ref"],
+                                          last=i == len(pieces) - 1, holdout=holdout)
                 cache.advance(p, targets)
                 state["trace"].append(entry)
                 state["done"] = i + 1
@@ -273,11 +414,16 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
         log.warning("recon: %d layer(s) started with their weights already on the quantizer grid (GPTQ or an "
                     "earlier recon): AdaRound can move each such weight by one level in one direction only; "
                     "reconstruct from round-to-nearest (no --weight-rounding gptq) for the full search", on_grid)
+    seconds = time.perf_counter() - t_start
+    log.info("recon: %d pieces on %d calibration images, %d steps of %d images per piece: %.0f s", len(pieces),
+             len(calib), cfg.iters, cfg.batch, seconds)
     return {
         "config": {**cfg.to_dict(), "seed": seed},
         "num_calib": len(calib),
         "trace": state["trace"],
         "pieces_kept_start": [e["piece"] for e in state["trace"] if e["kept_start"]],
-        "recon_seconds": time.perf_counter() - t_start,
+        "recon_seconds": seconds,
         "checkpoint": {"path": path, "resumed": resumed, "runs": state["runs"]},
+        "budget": state.get("budget"),
+        "steps_taken": [e.get("iters", 0) for e in state["trace"]],
     }

@@ -19,12 +19,14 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 class Rounding:
-    """The AdaRound variables of one quantized layer (its weight quantizer's scale and zero point fixed)."""
+    """The AdaRound variables of one quantized layer (its weight quantizer's scale and zero point fixed).
+    ``start``: the continuous weight to round (default the layer's weight; GPTQ's compensated weights before
+    their rounding, :data:`vitq.refine.gptq.CONTINUOUS`, give AdaRound GPTQ's error feedback as its starting point)."""
 
-    def __init__(self, module: QWeighted):
+    def __init__(self, module: QWeighted, start: torch.Tensor | None = None):
         self.module = module
         q = module.weight_quant
-        w = module.weight.detach()
+        w = (module.weight if start is None else start).detach()
         self.scale = q._view(q.scale, w).detach()
         self.zero = q._view(q.zero_point, w).detach()
         self.qmin, self.qmax = q.qmin, q.qmax
@@ -117,14 +119,15 @@ class LsqQuantizer(nn.Module):
 
 
 class SoftWeights:
-    """Forward hooks on the weight quantizers that replace their output by the AdaRound soft weight."""
+    """Forward hooks on the weight quantizers that replace their output by the AdaRound soft weight (by the
+    hard-rounded one while ``hard`` is set)."""
 
     def __init__(self, roundings: list[Rounding]):
+        self.hard = False
         self.handles = [r.module.weight_quant.register_forward_hook(self._make(r)) for r in roundings]
 
-    @staticmethod
-    def _make(r: Rounding):
-        return lambda module, inputs, output: r.soft()
+    def _make(self, r: Rounding):
+        return lambda module, inputs, output: r.hard() if self.hard else r.soft()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -134,3 +137,71 @@ class SoftWeights:
 def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over the feature axis, mean over the rest."""
     return (out - target).pow(2).sum(-1).mean()
+
+
+class LogScaleQuantizer(nn.Module):
+    """Stands in for one log quantizer (``adalog``, ``logsqrt2``) while its piece is reconstructed: its top
+    level ``scale`` (and, for a signed ``adalog``, the negative step ``neg_scale``) learn with a
+    straight-through estimator. The codes are those of the original (base kept); each output level is
+    ``scale · 2^(-k/r)``, so its gradient with respect to the scale is ``level / scale``; values above the top
+    level are clipped (no gradient to the input), every other value passes the gradient straight through."""
+
+    def __init__(self, original: Quantizer, dropper: Dropper):
+        super().__init__()
+        self.original = original
+        self.dropper = dropper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.original
+        with torch.no_grad():
+            xq = q.fake_quant(x.detach())
+        s = q.scale
+        out = torch.where(xq > 0, xq * (s / s.detach()), xq)
+        if getattr(q, "signed", False):
+            ns = q.neg_scale
+            out = torch.where(xq < 0, xq * (ns / ns.detach()), out)
+        inside = (x <= s.detach()).to(x.dtype)
+        out = out + (x - x.detach()) * inside
+        return self.dropper.drop(x, out)
+
+
+class PtfLsqQuantizer(nn.Module):
+    """Stands in for one PTF quantizer (FQ-ViT's LayerNorm input) while its piece is reconstructed: the global
+    scale learns with the LSQ gradient through every channel's ``scale · 2^-shift`` (shifts and zero point
+    kept), and QDrop's bypass."""
+
+    def __init__(self, original: Quantizer, dropper: Dropper):
+        super().__init__()
+        self.original = original
+        self.dropper = dropper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.original
+        s = q.channel_scale()
+        out = _LsqFakeQuant.apply(x, s, q.zero_point, q.qmin, q.qmax, tuple(range(x.dim() - 1)))
+        return self.dropper.drop(x, out)
+
+
+LEARNED_KINDS = {"uniform": LsqQuantizer, "ptf": PtfLsqQuantizer, "adalog": LogScaleQuantizer,
+                 "logsqrt2": LogScaleQuantizer}
+LEARNED_BUFFERS = ("scale", "neg_scale")  # what a learned activation quantizer changes
+
+
+def learned_buffers(q: Quantizer) -> list[torch.Tensor]:
+    """The buffers reconstruction learns in ``q``: its scale, and a signed adalog's negative step."""
+    out = [q.scale]
+    if getattr(q, "signed", False) and hasattr(q, "neg_scale"):
+        out.append(q.neg_scale)
+    return out
+
+
+def rel_loss(out: torch.Tensor, target: torch.Tensor, energy: float) -> torch.Tensor:
+    """The reconstruction loss relative to the float output's energy (``rec_loss(target, 0)`` over the
+    calibration images): the same number means the same relative error in every piece."""
+    return rec_loss(out, target) / max(energy, 1e-12)
+
+
+def kl_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(float ‖ quantized) of the logits' softmax, mean over the images (the head's loss)."""
+    logp = torch.log_softmax(target.float(), -1)
+    return (logp.exp() * (logp - torch.log_softmax(out.float(), -1))).sum(-1).mean()

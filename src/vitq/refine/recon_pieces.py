@@ -17,7 +17,7 @@ from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
 from vitq.quant.base import Quantizer
 from vitq.quant.modules import QWeighted
-from vitq.quant.uniform import UniformQuantizer
+from vitq.refine.recon_learn import LEARNED_KINDS, learned_buffers
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Piece:
     quant: Callable[[torch.Tensor], torch.Tensor]
     float: Callable[[torch.Tensor], torch.Tensor]
     weighted: list[tuple[str, QWeighted]]
-    scales: list[tuple[str, UniformQuantizer]]  # learnable activation step sizes
+    scales: list[tuple[str, Quantizer]]  # activation quantizers whose scales can learn (LEARNED_KINDS)
     acts: list[tuple[str, Quantizer]]  # every activation quantizer (QDrop bypass)
     root: nn.Module  # the quantized model (names above are qualified in it)
 
@@ -95,7 +95,7 @@ def pieces_of(qmodel: nn.Module, float_model: nn.Module, probe: torch.Tensor | N
         mods = owned[name]
         weighted = [(n, m) for n, m in mods if isinstance(m, QWeighted)]
         acts = [(n, m) for n, m in mods if isinstance(m, Quantizer) and m.role != "weight"]
-        scales = [(n, m) for n, m in acts if m.kind == "uniform" and bool(m.initialized)]
+        scales = [(n, m) for n, m in acts if m.kind in LEARNED_KINDS and bool(m.initialized)]
         out.append(Piece(name, fq, ff, weighted, scales, acts, qmodel))
     for p in out:
         for n, m in p.weighted:
@@ -105,13 +105,16 @@ def pieces_of(qmodel: nn.Module, float_model: nn.Module, probe: torch.Tensor | N
 
 
 def piece_state(p: Piece) -> dict[str, torch.Tensor]:
-    """What reconstruction of ``p`` changes: weights, weight-correction flags, activation step sizes."""
+    """What reconstruction of ``p`` changes: weights, biases, weight-correction flags, activation scales."""
     st = {}
     for n, m in p.weighted:
         st[f"{n}.weight"] = m.weight.detach().clone()
+        if m.bias is not None:
+            st[f"{n}.bias"] = m.bias.detach().clone()
         st[f"{n}.weight_correction"] = m.weight_correction.clone()
     for n, q in p.scales:
-        st[f"{n}.scale"] = q.scale.detach().clone()
+        for i, b in enumerate(learned_buffers(q)):
+            st[f"{n}.learned{i}"] = b.detach().clone()
     return st
 
 
@@ -119,9 +122,12 @@ def piece_state(p: Piece) -> dict[str, torch.Tensor]:
 def restore_piece(p: Piece, st: dict[str, torch.Tensor]) -> None:
     for n, m in p.weighted:
         m.weight.copy_(st[f"{n}.weight"])
+        if m.bias is not None:
+            m.bias.copy_(st[f"{n}.bias"])
         m.weight_correction.copy_(st[f"{n}.weight_correction"])
     for n, q in p.scales:
-        q.scale.copy_(st[f"{n}.scale"])
+        for i, b in enumerate(learned_buffers(q)):
+            b.copy_(st[f"{n}.learned{i}"])
 
 
 @contextmanager
@@ -166,10 +172,15 @@ class Cache:
         return [p.float(h) for h in self.f]
 
     @torch.no_grad()
-    def error(self, p: Piece, targets: list[torch.Tensor]) -> float:
-        """Plain MSE of the quantized piece (its current state) against the float targets, all images."""
+    def error(self, p: Piece, targets: list[torch.Tensor], metric=None) -> float:
+        """Plain MSE of the quantized piece (its current state) against the float targets, all images; with
+        ``metric(out, target)`` (a mean over images) that metric's mean over all images instead."""
         total = n = 0.0
         for h, t in zip(self.q, targets, strict=True):
+            if metric is not None:
+                total += float(metric(p.quant(h), t)) * t.shape[0]
+                n += t.shape[0]
+                continue
             total += float((p.quant(h) - t).pow(2).sum())
             n += t.numel()
         return total / n
