@@ -106,8 +106,10 @@ register_target(Target(
     "the attention (q·kᵀ, softmax, ·v) becomes one MHA subgraph that runs in f32 on AVX2 CPUs",
     integer={"image": "FullyConnected u8 (patchify) / Convolution u8", "weight": "i8/u8 per-channel weights",
              "linear_input": "FullyConnected u8 / Convolution u8"},
-    floating={"qk": "OpenVINO fuses q·kᵀ → softmax → ·v into one MHA subgraph (jit_avx2_f32): quantized q/k "
-                    "only add FakeQuantize steps, no integer kernel",
+    floating={"qk": "on vitq's exported attention OpenVINO fuses q·kᵀ → softmax → ·v into one MHA snippet that "
+                    "runs in f32 (jit_avx2_f32): quantized q/k only add FakeQuantize steps (NNCF's graph, "
+                    "FakeQuantize on q and k only, keeps q·kᵀ an i8 MatMul; vitq's export form does not match "
+                    "that pattern yet)",
               "attn_v": "same MHA subgraph in f32: the softmax and v FakeQuantize steps only round",
               "scores": "inside the f32 MHA subgraph", "residual": "the residual add runs in f32",
               "norm_input": "MVN (LayerNorm) runs in f32"},
