@@ -54,7 +54,8 @@ def scheme_for_target(scheme: Scheme) -> Scheme:
 
 def apply_target(model: nn.Module, scheme: Scheme) -> dict:
     """Replace every quantizer the scheme's target does not run as an integer kernel (or that ``keep_float``
-    names) with a ``float`` quantizer, give the rest the codes the target takes (TensorRT: signed, symmetric),
+    names) with a ``float`` quantizer, give the rest the codes the target takes (TensorRT: signed, symmetric;
+    OpenVINO: signed, symmetric q and k),
     and return what was left in float and why: ``{"target", "float": {reason: [names]}, "weights"}``."""
     target = get_target(scheme.target)
     reasons: dict[str, str] = {}
@@ -78,7 +79,8 @@ def apply_target(model: nn.Module, scheme: Scheme) -> dict:
         parent = model.get_submodule(parent_name) if parent_name else model
         if name in reasons:
             setattr(parent, attr, KeptFloat(q.bits, q.role))
-        elif target.signed_activations and type(q) is UniformQuantizer and q.role != "weight" and not q.signed:
+        elif (type(q) is UniformQuantizer and q.role != "weight" and not q.signed
+              and (target.signed_activations or (target.symmetric_qk and q.role in GROUPS["qk"]))):
             setattr(parent, attr, UniformQuantizer(q.bits, q.role, signed=True, channel_axis=q.channel_axis,
                                                    num_channels=q.scale.numel()))
     roles = {n: q.role for n, q in quantizers_of(model).items()}

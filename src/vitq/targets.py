@@ -53,6 +53,7 @@ class Target:
     symmetric_activations: bool = False  # True: zero point 0 (TensorRT)
     symmetric_weights: bool = True  # per-channel weights with zero point 0
     per_head_attention: bool = False  # per-head (per-axis) q/k/v QDQ pairs fuse into the attention matmul
+    symmetric_qk: bool = False  # q and k must be signed symmetric for q·kᵀ to run as an integer kernel
     formats: tuple[str, ...] = ("onnx",)  # what `vitq export --format` writes for it
 
     def __post_init__(self):
@@ -103,17 +104,16 @@ register_target(Target(
 register_target(Target(
     "openvino", "openvino",
     "OpenVINO CPU plugin: FakeQuantize (QDQ) around MatMul/Conv fused into u8/i8 FullyConnected / Convolution; "
-    "the attention (q·kᵀ, softmax, ·v) becomes one MHA subgraph that runs in f32 on AVX2 CPUs",
+    "q·kᵀ an i8 MatMul when q and k are symmetric; softmax·v in f32",
     integer={"image": "FullyConnected u8 (patchify) / Convolution u8", "weight": "i8/u8 per-channel weights",
-             "linear_input": "FullyConnected u8 / Convolution u8"},
-    floating={"qk": "on vitq's exported attention OpenVINO fuses q·kᵀ → softmax → ·v into one MHA snippet that "
-                    "runs in f32 (jit_avx2_f32): quantized q/k only add FakeQuantize steps (NNCF's graph, "
-                    "FakeQuantize on q and k only, keeps q·kᵀ an i8 MatMul; vitq's export form does not match "
-                    "that pattern yet)",
-              "attn_v": "same MHA subgraph in f32: the softmax and v FakeQuantize steps only round",
-              "scores": "inside the f32 MHA subgraph", "residual": "the residual add runs in f32",
+             "linear_input": "FullyConnected u8 / Convolution u8",
+             "qk": "MatMul i8 (q and k signed symmetric: with an asymmetric q or k OpenVINO fuses q·kᵀ → softmax "
+                   "→ ·v into one MHA snippet that runs in f32 on AVX2, jit_avx2_f32)"},
+    floating={"attn_v": "softmax·v runs as an f32 MatMul (a quantized softmax output and v only add FakeQuantize "
+                        "steps; NNCF's transformer preset leaves them float too)",
+              "scores": "Softmax runs in f32", "residual": "the residual add runs in f32",
               "norm_input": "MVN (LayerNorm) runs in f32"},
-    formats=("onnx", "openvino")))
+    symmetric_qk=True, formats=("onnx", "openvino")))
 
 register_target(Target(
     "tensorrt", "tensorrt",

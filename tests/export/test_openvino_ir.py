@@ -36,7 +36,7 @@ def test_ir_runs_like_the_fake_quantized_model_and_like_its_onnx(tmp_path):
     export(q, tmp_path / "onnx" / "m.onnx", float_model=m)
     via_onnx = Runner(str(tmp_path / "onnx" / "m.onnx"), "openvino")(x)
     # the same graph up to OpenVINO's conversion-time rewrites (a last-bit change may move one activation code)
-    assert np.abs(ir - via_onnx).mean() <= 1e-3 * np.abs(via_onnx).max()
+    assert np.abs(ir - via_onnx).mean() <= 5e-3 * np.abs(via_onnx).max()
     assert (ir.argmax(1) == via_onnx.argmax(1)).mean() >= 0.9
     with torch.no_grad():
         ref = q(x).numpy()
@@ -69,7 +69,7 @@ def test_cli_quantize_for_a_target_then_export_ir_and_check(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "m.xml"), "--format", "openvino", "--target", "openvino",
                  "--check", "--val", str(val), "--batch-size", "4", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "kernels openvino runs: " in text and "linear_input: 9/9 integer" in text and "qk: 0/2" in text
+    assert "kernels openvino runs: " in text and "linear_input: 9/9 integer" in text and "qk: 2/2 integer" in text
     assert "openvino on 6 images" in text and "fake-quantized model 100.00 %" in text
     assert main([*args, "--out", str(tmp_path / "n.xml"), "--format", "openvino", "--runtime", "onnxruntime"]) == 2
     assert "cannot run" in capsys.readouterr().err

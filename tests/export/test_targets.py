@@ -45,6 +45,8 @@ def test_prepare_builds_only_what_the_target_runs_as_integer(target):
         assert q.vitq_scheme.signed_weights
         acts = [m for m in quantizers_of(q).values() if not isinstance(m, KeptFloat) and m.role != "weight"]
         assert all(m.signed for m in acts) == bool(t.symmetric_activations)
+        qk = [m for m in acts if m.role in ("q", "k")]
+        assert all(m.signed for m in qk) == bool(t.symmetric_activations or t.symmetric_qk)
 
 
 def test_kind_without_kernel_and_its_partner_stay_float_and_say_why():
@@ -125,13 +127,13 @@ def test_openvino_runs_what_the_target_declares(tmp_path):
     from vitq.export.kernels import openvino_kernels, summary
 
     nodes = openvino_kernels(_exported(tmp_path, "openvino"))
-    assert _check_declared(nodes, "openvino") >= {"image", "linear_input"}
-    assert summary(nodes)["linear_input"]["integer"] == 9
-    # the reason q/k/v and the softmax output stay float under openvino: quantized anyway (no target), OpenVINO
-    # still runs the attention as one f32 subgraph
-    every = openvino_kernels(_exported(tmp_path / "all", "none"))
-    s = summary(every)
-    assert s["qk"]["integer"] == 0 and s["attn_v"]["integer"] == 0 and s["linear_input"]["integer"] == 9
+    assert _check_declared(nodes, "openvino") >= {"image", "linear_input", "qk"}
+    s = summary(nodes)
+    assert s["linear_input"]["integer"] == 9 and s["qk"] == {"integer": 2, "float": 0, "ops": {"MatMul i8": 2}}
+    # why the target makes q and k symmetric and leaves softmax·v float: with every quantizer of the scheme
+    # (asymmetric uint8 q, k, v, softmax; no target) OpenVINO runs the whole attention as one f32 MHA snippet
+    every = summary(openvino_kernels(_exported(tmp_path / "all", "none")))
+    assert every["qk"]["integer"] == 0 and every["attn_v"]["integer"] == 0 and every["linear_input"]["integer"] == 9
 
 
 def test_cli_recipe_best_for_a_target_alone_gives_the_deployable_model(tmp_path, capsys):
@@ -157,4 +159,5 @@ def test_cli_recipe_best_for_a_target_alone_gives_the_deployable_model(tmp_path,
     assert res["weight_rounding"]["weight_rounding"] == "gptq"
     assert main(["recipes", "--target", "openvino"]) == 0
     text = capsys.readouterr().out
-    assert "qk            float:" in text and "--recipe best --target openvino for matmul W8A8: ship-repq-gptq" in text
+    assert "qk            integer: MatMul i8" in text
+    assert "--recipe best --target openvino for matmul W8A8: ship-repq-gptq" in text

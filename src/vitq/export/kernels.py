@@ -84,6 +84,9 @@ def openvino_kernels(path: str) -> list[dict]:
         groups = {group_of(s) for s in work}
         if any("Softmax" in s for s in sources):  # an MHA snippet (its nodes may be renamed by the converter)
             groups = {"qk", "attn_v"}
+        elif kind == "MatMul":  # two activations (linears become FullyConnected): attention, by what feeds it
+            fed = [i.get_source_output().get_node().get_rt_info()["layerType"].astype(str) for i in op.inputs()]
+            groups = {"attn_v" if "Softmax" in fed else "qk"}
         out.append({"name": op.get_friendly_name(), "op": f"{kind} {precision}",
                     "integer": precision in OV_INTEGER_PRECISIONS, "groups": sorted(groups)})
     return out
