@@ -47,9 +47,10 @@ THREADS = 2
 VITQ_CONFIGS = [
     ("vitq --recipe best --target onnxruntime", "onnxruntime", []),
     ("vitq --recipe best --target openvino", "openvino", []),
-    ("vitq --recipe best --target onnxruntime --keep-float '' (softmax·v integer too)", "onnxruntime",
-     ["--keep-float", ""]),
 ]
+if os.environ.get("VITQ_BENCH_MORE"):  # softmax·v integer too (slower to run the whole benchmark)
+    VITQ_CONFIGS.append(("vitq --recipe best --target onnxruntime --keep-float ''", "onnxruntime",
+                         ["--keep-float", ""]))
 FLOAT = "float"
 OV_DEFAULT = "OpenVINO float, default precision"
 
@@ -154,7 +155,8 @@ def main() -> int:
         models[label] = {"onnxruntime": row["files"]["onnx"], "openvino": row["files"].get("openvino",
                                                                                              row["files"]["onnx"])}
         log(f"{label}: {row['how']}, {row['seconds']:.0f}s")
-    for label, path in ort_references(float_onnx, calib_x.numpy(), tmp).items():
+    more = bool(os.environ.get("VITQ_BENCH_MORE"))
+    for label, path in ort_references(float_onnx, calib_x.numpy(), tmp, more).items():
         models[label] = {"onnxruntime": path, "openvino": path}
     nncf_files, nncf_version = ({}, "not run") if args.no_nncf else nncf_references(float_onnx, calib_x.numpy(), tmp)
     for label, path in nncf_files.items():

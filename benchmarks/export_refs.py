@@ -23,15 +23,17 @@ def calib_reader(calib_x: np.ndarray, batch: int = 16):
     return Reader()
 
 
-def ort_references(float_onnx: str, calib_x: np.ndarray, tmp: str) -> dict[str, str]:
-    """onnxruntime's own quantizers: label -> file."""
+def ort_references(float_onnx: str, calib_x: np.ndarray, tmp: str, more: bool = False) -> dict[str, str]:
+    """onnxruntime's own quantizers: label -> file (``more``: a second quantize_static setting)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     files = {}
-    for label, ops, method in (
-            ("ort quantize_static (QDQ U8S8 per-channel, MatMul only, MinMax)", ["MatMul"], CalibrationMethod.MinMax),
-            ("ort quantize_static (QDQ U8S8 per-channel, MatMul/Gemm/Conv, Percentile)", ["MatMul", "Gemm", "Conv"],
-             CalibrationMethod.Percentile)):
+    settings = [("ort quantize_static (QDQ U8S8 per-channel, MatMul only, MinMax)", ["MatMul"],
+                 CalibrationMethod.MinMax)]
+    if more:  # a second setting (the best of the earlier runs is the one above)
+        settings.append(("ort quantize_static (QDQ U8S8 per-channel, MatMul/Gemm/Conv, Percentile)",
+                         ["MatMul", "Gemm", "Conv"], CalibrationMethod.Percentile))
+    for label, ops, method in settings:
         path = os.path.join(tmp, f"static{len(files)}.onnx")
         quantize_static(float_onnx, path, calib_reader(calib_x), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
