@@ -67,8 +67,8 @@ REFUSES: set[tuple[str, str]] = {
 }
 # (family, regime) pairs refused by design: every method is refused there with a VitqError naming the family
 REFUSED_REGIMES: set[tuple[str, str]] = {("generic", "fq")}  # fq needs a dedicated family's residual quantizers
-# quantizer kinds that need no calibration (they may stay uninitialized after a method ran); none today
-NEEDS_NO_CALIBRATION: set[str] = set()
+# quantizer kinds that need no calibration (they may stay uninitialized after a method ran)
+NEEDS_NO_CALIBRATION: set[str] = {"float"}  # kept in float by a deployment target: never calibrated
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,6 +189,8 @@ PLACEMENTS: dict[str, list[Placement]] = {
     "ptf": [Placement("fq", "fqvit")],  # LayerNorm inputs and the residual stream under fq
     # made by ACIQ's per-channel weight bit allocation where the channels' ranges differ
     "uniform_mixed": [Placement("matmul", "aciq", uneven_channels=True)],
+    # what a deployment target (or keep_float) leaves in float
+    "float": [Placement("matmul", scheme={"target": "openvino"}), Placement("fq", scheme={"keep_float": ("qk",)})],
     **{k: [Placement("matmul", scheme={"softmax_quantizer": k})] for k in sorted(SOFTMAX)},
 }
 for _k in sorted(GELU):

@@ -162,7 +162,11 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     if recipe is not None:
         w_bits = scheme.w_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("w_bits", DEFAULT_W_BITS)
         a_bits = scheme.a_bits if isinstance(scheme, Scheme) else scheme_kwargs.get("a_bits", DEFAULT_A_BITS)
-        chosen, why = choose_recipe(recipe, regime, w_bits, a_bits)
+        target = scheme.target if isinstance(scheme, Scheme) else scheme_kwargs.get("target")
+        deploy = target not in (None, "none")
+        chosen, why = choose_recipe(recipe, regime if scheme is not None or not deploy else None, w_bits, a_bits,
+                                    target=target)
+        regime = regime if scheme is not None else chosen.scheme
         plan = chosen.plan(str(device))
         method = method or plan["method"]
         rounding = rounding or plan["rounding"]

@@ -9,28 +9,102 @@ how to quantize, and any attention or block type we do not handle, stops prepara
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 
 from torch import nn
 
 from vitq.errors import VitqError
 from vitq.models.family import family_of
-from vitq.quant.base import Quantizer, make_quantizer
+from vitq.quant.base import Quantizer, make_quantizer, quantizers_of
+from vitq.quant.keep_float import KeptFloat
 from vitq.quant.modules import QAttentionBase, QLayerNorm, QLinear, QTransformerBlock, QWeighted, activation_quantizer
+from vitq.quant.uniform import UniformQuantizer
 from vitq.scheme import Scheme
+from vitq.targets import GROUPS, ROLE_GROUP, float_reason, get_target, weight_note
+
+log = logging.getLogger("vitq")
 
 # parameter-holding leaves that are fine to leave in float (LayerScale multiplies the residual branch)
 _FLOAT_OK = ("LayerScale", "LayerNorm")
 
 
 def prepare(model: nn.Module, scheme: Scheme) -> nn.Module:
-    """Return a quantization-ready copy of ``model`` (quantizers uncalibrated, i.e. the identity)."""
+    """Return a quantization-ready copy of ``model`` (quantizers uncalibrated, i.e. the identity). Under a
+    deployment target (``scheme.target``) only the quantizers the target runs as integer kernels are built; the
+    others are ``float`` quantizers, and ``qmodel.vitq_target_report`` says which and why."""
+    scheme = scheme_for_target(scheme)
     qmodel = copy.deepcopy(model).eval()
     family = family_of(qmodel)
     family.convert(qmodel, scheme)
     set_gelu_quantizers(qmodel, scheme)
+    qmodel.vitq_target_report = apply_target(qmodel, scheme)
     check_supported(qmodel, family.float_ok)
     qmodel.vitq_scheme = scheme
     return qmodel
+
+
+def scheme_for_target(scheme: Scheme) -> Scheme:
+    """The scheme with what its target requires of it: symmetric (signed) per-channel weights."""
+    target = get_target(scheme.target)
+    if not target.simulation and target.symmetric_weights and not scheme.signed_weights:
+        return dataclasses.replace(scheme, weight_signed=True)
+    return scheme
+
+
+def apply_target(model: nn.Module, scheme: Scheme) -> dict:
+    """Replace every quantizer the scheme's target does not run as an integer kernel (or that ``keep_float``
+    names) with a ``float`` quantizer, give the rest the codes the target takes (TensorRT: signed, symmetric;
+    OpenVINO: signed, symmetric q and k),
+    and return what was left in float and why: ``{"target", "float": {reason: [names]}, "weights"}``."""
+    target = get_target(scheme.target)
+    reasons: dict[str, str] = {}
+    for name, q in quantizers_of(model).items():
+        per_axis = q.role != "weight" and getattr(q, "channel_axis", None) is not None
+        why = float_reason(target, q.role, q.kind, q.bits, per_axis, scheme.keep_float)
+        if why:
+            reasons[name] = why
+    # both inputs of an attention matmul or neither: one in float makes it a float matmul
+    for name, q in quantizers_of(model).items():
+        parent, _, _ = name.rpartition(".")
+        group = ROLE_GROUP.get(q.role)
+        if name in reasons or group not in ("qk", "attn_v"):
+            continue
+        partner = next((n for n, p in quantizers_of(model.get_submodule(parent) if parent else model).items()
+                        if "." not in n and ROLE_GROUP.get(p.role) == group and f"{parent}.{n}" in reasons), None)
+        if partner is not None:
+            reasons[name] = f"its partner {partner} is float, so the {group} matmul runs in float"
+    for name, q in quantizers_of(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if name in reasons:
+            setattr(parent, attr, KeptFloat(q.bits, q.role))
+        elif (type(q) is UniformQuantizer and q.role != "weight" and not q.signed
+              and (target.signed_activations or (target.symmetric_qk and q.role in GROUPS["qk"]))):
+            setattr(parent, attr, UniformQuantizer(q.bits, q.role, signed=True, channel_axis=q.channel_axis,
+                                                   num_channels=q.scale.numel()))
+    roles = {n: q.role for n, q in quantizers_of(model).items()}
+    by_reason: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        by_reason.setdefault(why, []).append(name)
+    report = {"target": target.name, "float": by_reason, "keep_float": list(scheme.keep_float),
+              "weights": weight_note(target, scheme.w_bits)}
+    for why, names in by_reason.items():
+        groups = sorted({ROLE_GROUP.get(roles[n], roles[n]) for n in names})
+        log.info("target %s: %d quantizers left in float (%s): %s", target.name, len(names), ", ".join(groups),
+                 why)
+    if report["weights"]:
+        log.info("target %s: %s", target.name, report["weights"])
+    return report
+
+
+def target_groups(model: nn.Module) -> dict[str, int]:
+    """How many quantizers of each group a prepared model computes (``float`` ones not counted)."""
+    out = dict.fromkeys(GROUPS, 0)
+    for q in quantizers_of(model).values():
+        if not isinstance(q, KeptFloat) and q.role in ROLE_GROUP:
+            out[ROLE_GROUP[q.role]] += 1
+    return out
 
 
 def set_gelu_quantizers(model: nn.Module, scheme: Scheme) -> None:

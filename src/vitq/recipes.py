@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from vitq.errors import VitqError
 from vitq.recipes_measured import MEASURED
+from vitq.targets import get_target
 
 log = logging.getLogger("vitq")
 
@@ -31,6 +32,7 @@ class Recipe:
     flags: dict = field(default_factory=dict)  # CLI destinations -> values (besides method and refine)
     cpu_flags: dict = field(default_factory=dict)  # the cheaper setting used with --device cpu
     note: str = ""
+    targets: tuple[str, ...] = ()  # deployment targets it is made for (--recipe best --target picks it there)
 
     def settings(self, device: str = "cpu") -> dict:
         """Every CLI destination this recipe sets, for ``device``."""
@@ -76,7 +78,8 @@ class Recipe:
 
 
 FLAG_NAMES = {"recon_batch": "--recon-batch-size"}  # destinations whose flag is not --DEST
-SCHEME_FIELDS = ("softmax_quantizer", "gelu_quantizer", "attn_granularity", "attn_bits", "weight_signed")
+SCHEME_FIELDS = ("softmax_quantizer", "gelu_quantizer", "attn_granularity", "attn_bits", "weight_signed",
+                 "keep_float")
 
 # the reduced CPU setting of the benchmark (BENCHMARKS.md "recon" section states it). Every calibration image the
 # user gives is used: a step's cost does not depend on their number (only the per-piece caches and error passes
@@ -113,6 +116,12 @@ RECIPES: tuple[Recipe, ...] = (
              "RepQ-ViT with adaptive-log softmax and post-GELU quantizers"),
     *_family("matmul", "repq", "repq-adalog-gptq", {**ADALOG, **GPTQ},
              "RepQ-ViT with adaptive-log softmax and post-GELU quantizers and GPTQ weight rounding"),
+    # deployable: every quantizer it builds is a QDQ pair the runtimes fuse into an integer kernel
+    Recipe("ship-repq-gptq", "matmul", "repq", flags={"softmax_quantizer": "uniform", "keep_float": "attn_v", **GPTQ},
+           cpu_flags=CALIB_CPU, targets=("onnxruntime", "openvino", "tensorrt"),
+           note="deployable W8A8: RepQ-ViT fold (exact), uniform per-tensor activations, per-channel symmetric "
+                "GPTQ weights, softmax·v left in float (its softmax-output quantizer is most of the error and "
+                "attn·v a few % of the matmul work)"),
 )
 
 
@@ -129,9 +138,17 @@ def by_name(name: str) -> Recipe:
     raise VitqError(f"--recipe {name!r} is unknown (expected best or one of {', '.join(r.name for r in RECIPES)})")
 
 
-def unavailable(recipe: Recipe, dests: set[str] | None = None) -> str | None:
-    """Why ``recipe`` cannot run in this installation (None if it can). ``dests``: the CLI destinations."""
+def unavailable(recipe: Recipe, dests: set[str] | None = None, target: str | None = None) -> str | None:
+    """Why ``recipe`` cannot run in this installation, or ship to ``target`` (None if it can). ``dests``: the CLI
+    destinations."""
     from vitq.registry import METHODS, REFINERS
+    t = get_target(target)
+    if not t.simulation:
+        kept = str(recipe.flags.get("keep_float", "")).split(",")
+        for dest, group in (("softmax_quantizer", "attn_v"), ("gelu_quantizer", "linear_input")):
+            kind = recipe.flags.get(dest)
+            if kind not in (None, *t.kinds) and group not in kept and group in t.integer:
+                return f"its {dest.replace('_', ' ')} {kind!r} has no integer kernel in {t.name}"
     if recipe.method not in METHODS:
         return f"method {recipe.method!r} is not registered"
     missing = [r for r in recipe.refine if r not in REFINERS]
@@ -150,16 +167,21 @@ def unavailable(recipe: Recipe, dests: set[str] | None = None) -> str | None:
     return None
 
 
-def choose(name: str, scheme: str, w_bits: int, a_bits: int, dests: set[str] | None = None) -> tuple[Recipe, str]:
-    """The recipe for ``name`` (or ``best``) at this regime and bits, and why it was chosen."""
+def choose(name: str, scheme: str | None, w_bits: int, a_bits: int, dests: set[str] | None = None,
+           target: str | None = None) -> tuple[Recipe, str]:
+    """The recipe for ``name`` (or ``best``) at this regime and bits (``scheme`` None: the default regime, or
+    under a deployment ``target`` any regime), and why it was chosen."""
     if name != "best":
         recipe = by_name(name)
-        if recipe.scheme != scheme:
+        if scheme is not None and recipe.scheme != scheme:
             raise VitqError(f"--recipe {name} is for the {recipe.scheme} regime, not --scheme {scheme}")
-        why = unavailable(recipe, dests)
+        why = unavailable(recipe, dests, target)
         if why:
             raise VitqError(f"--recipe {name} cannot run here: {why}")
         return recipe, "named"
+    if not get_target(target).simulation:
+        return _choose_for_target(get_target(target).name, scheme, dests)
+    scheme = scheme or "fq"
     usable = []
     for r in RECIPES:
         if r.scheme != scheme:
@@ -179,12 +201,33 @@ def choose(name: str, scheme: str, w_bits: int, a_bits: int, dests: set[str] | N
     return usable[0], f"nothing measured at {scheme} W{w_bits}A{a_bits}: first usable recipe of the table"
 
 
+def _choose_for_target(target: str, scheme: str | None, dests: set[str] | None) -> tuple[Recipe, str]:
+    """--recipe best under a deployment target: the recipe made for it, else the first of the table it can ship."""
+    usable = []
+    for r in RECIPES:
+        why = unavailable(r, dests, target)
+        if (scheme is None or r.scheme == scheme) and why is None:
+            usable.append(r)
+        elif why:
+            log.info("recipe %s skipped for --target %s: %s", r.name, target, why)
+    made = [r for r in usable if target in r.targets]
+    if made:
+        return made[0], (f"the recipe made for --target {target}: every quantizer it builds runs as an integer "
+                         "kernel there (BENCHMARKS.md, export section)")
+    if not usable:
+        raise VitqError(f"--recipe best --target {target}: no usable recipe"
+                        + (f" for --scheme {scheme}" if scheme else ""))
+    return usable[0], f"no recipe made for --target {target} in this regime: the first of the table it can ship"
+
+
 def format_table() -> str:
     lines = []
     for r in RECIPES:
         why = unavailable(r)
         lines.append(f"{r.name}{'  [skipped: ' + why + ']' if why else ''}")
         lines.append(f"    {r.note}")
+        if r.targets:
+            lines.append(f"    made for --target {', '.join(r.targets)}")
         lines.append(f"    flags (cpu): {' '.join(r.as_flags('cpu'))}")
         if r.cpu_flags:
             lines.append(f"    flags (cuda): {' '.join(r.as_flags('cuda'))}")

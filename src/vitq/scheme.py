@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from vitq.errors import VitqError
+from vitq.targets import GROUPS, get_target
 
 SCHEMES = {
     "fq": "fully quantized (FQ-ViT/Evol-Q): weights, linear inputs, q/k/v, scores, softmax output, "
@@ -63,6 +64,8 @@ class Scheme:
     attn_granularity: str = "tensor"  # q/k/v quantizers: one scale per "tensor" or per "head"
     overrides: tuple[Override, ...] = field(default_factory=tuple)
     gelu_quantizer: str | None = None  # fc2 input after GELU; None = "uniform"; adalog / twin_gelu where registered
+    target: str | None = None  # deployment target (vitq.targets); None = "none", simulation
+    keep_float: tuple[str, ...] = ()  # quantizer groups (vitq.targets.GROUPS) left in float
 
     def __post_init__(self):
         if self.name not in SCHEMES:
@@ -73,6 +76,12 @@ class Scheme:
         check_bits("input_bits", self.input_bits, A_BITS)
         if self.attn_granularity not in ("tensor", "head"):
             raise VitqError(f"attn_granularity {self.attn_granularity!r} is not supported (expected tensor or head)")
+        get_target(self.target)
+        kept = self.keep_float.split(",") if isinstance(self.keep_float, str) else self.keep_float
+        object.__setattr__(self, "keep_float", tuple(g.strip() for g in kept if g.strip()))
+        bad = [g for g in self.keep_float if g not in GROUPS]
+        if bad:
+            raise VitqError(f"keep_float group {bad[0]!r} is unknown (expected some of {', '.join(GROUPS)})")
         for o in self.overrides:
             if o.w_bits is not None:
                 check_bits(f"override {o} weight bits", o.w_bits, W_BITS)
@@ -111,12 +120,14 @@ class Scheme:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["overrides"] = [str(o) for o in self.overrides]
+        d["keep_float"] = list(self.keep_float)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Scheme:
         d = dict(d)
         d["overrides"] = tuple(Override.parse(o) for o in d.get("overrides", ()))
+        d["keep_float"] = tuple(d.get("keep_float", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

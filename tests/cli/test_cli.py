@@ -122,7 +122,8 @@ def test_export_command_keeps_its_flags_and_refuses_bad_combinations(tmp_path, c
     assert args.func.__module__ == "vitq.cli.export"
     assert (args.opset, args.no_int4, args.overwrite, args.check, args.val, args.num_val, args.labels, args.runtime,
             args.batch_size, args.seed, args.quiet, args.weights) == (21, False, False, False, None, None, "wnid",
-                                                                      "onnxruntime", 50, 0, False, None)
+                                                                      None, 50, 0, False, None)
+    assert (args.format, args.target) == ("onnx", None)  # runtime None: the target's, else onnxruntime
     full = [*base, "--weights", "w.safetensors", "--opset", "17", "--no-int4", "--overwrite", "--check", "--val",
             "v", "--num-val", "3", "--labels", "folder", "--runtime", "openvino", "--batch-size", "2", "--seed",
             "1", "--quiet"]

@@ -22,13 +22,20 @@ DESCRIPTION = (
 def add_command(subparsers) -> None:
     from vitq.export.forms import DEFAULT_OPSET, MIN_OPSET
     from vitq.export.runtimes import RUNTIMES
+    from vitq.targets import TARGETS
 
     p = subparsers.add_parser("export", help="write a saved quantized state as an ONNX QDQ model",
                               description=DESCRIPTION)
     p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
     p.add_argument("--weights", default=None, help="local weights file (.safetensors or .pth) with timm key names")
     p.add_argument("--state", required=True, help="folder written by vitq quantize --out (no calibration is run)")
-    p.add_argument("--out", required=True, help="ONNX file to write (NAME.onnx; NAME.preprocess.json beside it)")
+    p.add_argument("--out", required=True, help="file to write: NAME.onnx (--format onnx) or NAME.xml (--format "
+                                                "openvino, NAME.bin beside it); NAME.preprocess.json beside it")
+    p.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                   help="onnx: ONNX QDQ (default); openvino: OpenVINO IR (.xml/.bin) converted by OpenVINO from it")
+    p.add_argument("--target", choices=tuple(TARGETS), default=None,
+                   help="the deployment target the state was quantized for (vitq quantize --target): checked "
+                        "against the state, and the kernels its runtime runs for the file are listed")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset (default {DEFAULT_OPSET}: INT4 weights; below 21 they are int8 codes; per-channel "
                         f"quantizers need {MIN_OPSET}+)")
@@ -38,7 +45,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--val", default=None, help="labelled image folder for --check")
     p.add_argument("--num-val", type=int, default=None, help="seeded choice of N --val images (default all)")
     p.add_argument("--labels", choices=("wnid", "folder"), default="wnid")
-    p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0], help="runtime for --check")
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help="runtime for --check (default: the target's, else onnxruntime; --format openvino: openvino)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -55,20 +63,43 @@ def run(args: argparse.Namespace) -> int:
         raise VitqError("--check needs --val DIR (labelled images to run the exported model on)")
     if args.val is not None and not args.check:
         raise VitqError("--val is only used with --check (add --check, or drop --val)")
+    from vitq.targets import get_target
+
+    target = get_target(args.target) if args.target else None
+    if args.runtime is None:
+        args.runtime = "openvino" if args.format == "openvino" else (
+            target.runtime if target is not None and target.runtime in ("onnxruntime", "openvino") else "onnxruntime")
+    if args.format == "openvino" and args.runtime != "openvino":
+        raise VitqError(f"--format openvino writes OpenVINO IR, which {args.runtime} cannot run (use --runtime "
+                        "openvino, or --format onnx to check in onnxruntime)")
+    if target is not None and args.format not in target.formats:
+        raise VitqError(f"--target {target.name} does not take --format {args.format} (it takes "
+                        f"{', '.join(target.formats)})")
     require("onnx")
+    if args.format == "openvino":
+        require("openvino")
     if args.check:
         require(args.runtime)
     cfg = read_config(args.state)
     if cfg.get("model") not in (None, args.model):
         raise VitqError(f"state {args.state} was made for model {cfg['model']}, not {args.model}")
+    made_for = (cfg.get("scheme") or {}).get("target") or "none"
+    if target is not None and made_for != target.name:
+        raise VitqError(f"state {args.state} was quantized for --target {made_for}, not {target.name} (quantize "
+                        f"again with --target {target.name}, or export without --target)")
     model = create_model(args.model, weights=args.weights, pretrained=args.weights is None,
                          **(cfg.get("model_args") or {}))
     qmodel = load(model, args.state)
     meta = {"model": args.model, "weights_sha256": sha256_file(args.weights) if args.weights else None,
             "state": os.path.abspath(args.state), "scheme": cfg.get("scheme"), "method": cfg.get("method"),
             "refine": cfg.get("refine")}
-    info = export(qmodel, args.out, opset=args.opset, int4=not args.no_int4, overwrite=args.overwrite,
-                  float_model=model, metadata=meta)
+    kw = dict(opset=args.opset, int4=not args.no_int4, overwrite=args.overwrite, float_model=model, metadata=meta)
+    if args.format == "openvino":
+        from vitq.export.openvino_ir import export_openvino
+
+        info = export_openvino(qmodel, args.out, **kw)
+    else:
+        info = export(qmodel, args.out, **kw)
     n_q, n_f = len(info["quantizers_qdq"]), len(info["quantizers_float"])
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.2f} MB, opset {info['opset']}) and "
           f"{os.path.basename(info['preprocess_json'])}")
@@ -81,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(info['modules_own_forward'])} layers keep their own forward (exact, with fewer integer kernels): "
               f"{', '.join(info['modules_own_forward'])}")
     if info["quantizers_identity"]:
-        print(f"{len(info['quantizers_identity'])} uncalibrated quantizers (the identity) were left out")
+        print(f"{len(info['quantizers_identity'])} quantizers left in float (by the target, or never calibrated) "
+              "were left out")
+    if target is not None and target.runtime in ("onnxruntime", "openvino"):
+        from vitq.export.kernels import describe, kernels
+
+        print(f"kernels {target.runtime} runs: {describe(kernels(info['path'], target.runtime))}")
     if args.check:
         from vitq.data import make_loader, model_transform, scan_image_folder, select_records
 

@@ -30,6 +30,7 @@ from vitq.errors import VitqError
 from vitq.recipes import MEASURED, choose
 from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS
 from vitq.state import OutputDir
+from vitq.targets import GROUPS, TARGETS
 
 log = logging.getLogger("vitq")
 
@@ -55,6 +56,12 @@ def add_command(sub, argv: Sequence[str]) -> None:
     q.add_argument("--gelu-quantizer", default=None, help="quantizer kind for the fc2 input after GELU, e.g. adalog")
     q.add_argument("--attn-granularity", choices=("tensor", "head"), default=None,
                    help="q/k/v quantizers: one scale per tensor (default) or per attention head")
+    q.add_argument("--target", default=None, choices=tuple(TARGETS),
+                   help="deployment target: build only the quantizers it runs as integer kernels (the rest stay "
+                        "float, and the run says why); with --recipe best, a recipe it can ship (default none: "
+                        "simulation, every quantizer of the scheme)")
+    q.add_argument("--keep-float", default=None, metavar="GROUPS",
+                   help=f"comma-separated quantizer groups left in float ({', '.join(GROUPS)})")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN:wBaB",
                    help="bits for modules matching a name pattern, e.g. 'head:w8a8' (repeatable)")
     q.add_argument("--method", default=None, help="calibration method (see vitq methods)")
@@ -104,7 +111,8 @@ def cmd_quantize(args) -> int:
     scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
                     "--a-bits": args.a_bits, "--attn-bits": args.attn_bits,
                     "--softmax-quantizer": args.softmax_quantizer, "--attn-granularity": args.attn_granularity,
-                    "--override": args.override or None, "--gelu-quantizer": args.gelu_quantizer}
+                    "--override": args.override or None, "--gelu-quantizer": args.gelu_quantizer,
+                    "--target": args.target, "--keep-float": args.keep_float}
     if args.init_state is not None and any(v is not None for v in scheme_flags.values()):
         given = ", ".join(k for k, v in scheme_flags.items() if v is not None)
         raise VitqError(f"--init-state {args.init_state} brings its own scheme and calibration; {given} would be "
@@ -140,7 +148,8 @@ def cmd_quantize(args) -> int:
         a_bits = DEFAULT_A_BITS if args.a_bits is None else args.a_bits
         scheme = Scheme(args.scheme or "fq", w_bits, a_bits, attn_bits=args.attn_bits,
                         softmax_quantizer=args.softmax_quantizer, attn_granularity=args.attn_granularity or "tensor",
-                        overrides=overrides, gelu_quantizer=args.gelu_quantizer)
+                        overrides=overrides, gelu_quantizer=args.gelu_quantizer, target=args.target,
+                        keep_float=keep_float_groups(args.keep_float))
         method.adjust(scheme, method_opts)  # e.g. a method defined for the other regime
     device = resolve_device(args.device)
     validate.weights_file(args.weights)
@@ -234,7 +243,7 @@ def cmd_quantize(args) -> int:
         "calib_skipped": calib_skipped, "num_calib": run["num_calib"], "calib_source": run["calib_source"],
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *args.argv],
         "calibration": cal_info, "weight_rounding": round_info, "refinement": ref_info, "recipe": recipe_info,
-        "float": None, "quant": None,
+        "target_report": getattr(qmodel, "vitq_target_report", None), "float": None, "quant": None,
     }
     eval_s = 0.0
     if val_records is not None:
@@ -260,16 +269,27 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def keep_float_groups(text: str | None) -> tuple[str, ...]:
+    """``--keep-float a,b`` as a tuple of group names (checked by the Scheme)."""
+    if text is None:
+        return ()
+    if isinstance(text, (tuple, list)):
+        return tuple(text)
+    return tuple(g.strip() for g in text.split(",") if g.strip())
+
+
 def apply_recipe(args) -> dict:
     """Fill the unset arguments of ``vitq quantize`` from ``args.recipe``; returns what goes into results.json."""
     if args.init_state is not None:
         raise VitqError(f"--recipe {args.recipe} chooses a method; it cannot start from --init-state")
     dests = set(vars(args))
-    scheme = args.scheme or "fq"
+    scheme = args.scheme if args.scheme or args.target not in (None, "none") else "fq"
     w_bits = DEFAULT_W_BITS if args.w_bits is None else args.w_bits
     a_bits = DEFAULT_A_BITS if args.a_bits is None else args.a_bits
-    recipe, why = choose(args.recipe, scheme, w_bits, a_bits, dests)
+    recipe, why = choose(args.recipe, scheme, w_bits, a_bits, dests, target=args.target)
     applied, overridden = {}, {}
+    if args.scheme is None:
+        args.scheme = applied["scheme"] = recipe.scheme
     for dest, value in recipe.settings(args.device).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
