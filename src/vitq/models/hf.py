@@ -21,7 +21,7 @@ from vitq.errors import VitqError
 from vitq.models.common import swap_weighted
 from vitq.models.family import Family, TrunkParts, group_paths, register_family
 from vitq.quant.base import Quantizer
-from vitq.quant.modules import QAttentionBase, QLayerNorm, QTransformerBlock
+from vitq.quant.modules import QAttentionBase, QLayerNorm, QTransformerBlock, split_prefix
 from vitq.quant.uniform import PTFQuantizer
 from vitq.scheme import Scheme
 
@@ -199,6 +199,8 @@ def convert(model: HFImageClassifier, scheme: Scheme) -> None:
     base = model.base
     base_name = f"hf.{model.hf.base_model_prefix}"
     lname, layers = _layers(base)
+    emb = base.embeddings
+    prefix = sum(getattr(emb, t, None) is not None for t in ("cls_token", "distillation_token"))
     for i, layer in enumerate(layers):
         name = f"{base_name}.{lname}.{i}"
         if not _hf_class(layer, _LAYER) or not _hf_class(layer.attention, _ATTENTION):
@@ -208,12 +210,15 @@ def convert(model: HFImageClassifier, scheme: Scheme) -> None:
         layer.attention = QHFAttention(layer.attention, scheme, a, s)
         _, a, _ = scheme.bits_for(name)
         r1 = r2 = None
-        if scheme.fully_quantized:
-            r1 = PTFQuantizer(a, "residual", num_channels=layer.layernorm_before.normalized_shape[0])
-            r2 = PTFQuantizer(a, "residual", num_channels=layer.layernorm_after.normalized_shape[0])
+        if scheme.fully_quantized:  # class (and distillation) tokens with their own range, as in timm_vit
+            r1 = split_prefix(PTFQuantizer(a, "residual", num_channels=layer.layernorm_before.normalized_shape[0]),
+                              prefix, max_shift=0)
+            r2 = split_prefix(PTFQuantizer(a, "residual", num_channels=layer.layernorm_after.normalized_shape[0]),
+                              prefix, max_shift=0)
         layers[i] = QHFLayer(layer, r1, r2)
     if scheme.fully_quantized and isinstance(getattr(base, "layernorm", None), nn.LayerNorm):
         base.layernorm = QLayerNorm(base.layernorm, scheme.bits_for(f"{base_name}.layernorm")[1])
+        base.layernorm.input_quant = split_prefix(base.layernorm.input_quant, prefix, max_shift=0)
     image = {f"{base_name}.embeddings.patch_embeddings.projection"}
     swap_weighted(model, scheme, image_layers=image)
 
