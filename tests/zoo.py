@@ -100,7 +100,9 @@ ZOO: dict[str, Tiny] = {
 HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
 
 # the timm ViT/DeiT/Swin models by key: (timm name, kwargs); the table most tests parametrize over
-TINY = {k: (z.name, z.kwargs) for k, z in ZOO.items() if z.family == "timm-vit"}
+# (the LayerScale ViTs are left out: tests/models/test_layerscale.py and the zoo test cover them, and every test
+# over TINY would run twice as long)
+TINY = {k: (z.name, z.kwargs) for k, z in ZOO.items() if z.family == "timm-vit" and k not in ("deit3", "dinov2_reg")}
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

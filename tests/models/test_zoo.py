@@ -34,8 +34,6 @@ FQ_REFUSED = {"generic"}  # families that refuse the fq regime by design
 # failures known today, each owned by another part of issue 22; strict, so a marker must go once its fix lands
 _WEIGHT_METHOD = "export: the export form's weight is a method, the model reads .weight.dtype/.device (issue 22)"
 KNOWN = {
-    ("deit", "fq"): "fq: timm's class token (init std 1e-6) is rounded to 0 by the first residual quantizer "
-                    "(issue 22, LayerScale/fq fix)",
     ("levit", "matmul"): "export: LeViT attention rebuilt as a fused-qkv attention, wrong shape (issue 22)",
     ("levit", "fq"): "export: LeViT attention rebuilt as a fused-qkv attention, wrong shape (issue 22)",
     ("hf_vit", "matmul"): _WEIGHT_METHOD, ("hf_vit", "fq"): _WEIGHT_METHOD,
