@@ -47,6 +47,9 @@ ZOO: dict[str, Tiny] = {
                                                    num_heads=(2, 3, 4), depth=(1, 1, 1), num_classes=10), size=64),
     "hf_vit": Tiny("hf-vit", "ViT"),
     "hf_deit": Tiny("hf-vit", "DeiT"),
+    # --- Hugging Face classes beyond ViT/DeiT (issue 22, export helper): kwargs are the model config's
+    # (LayerScale at 0.1 and a class token of std 0.2, as a trained DINOv2 has, not init's 1e-5 / 1e-10)
+    "hf_dinov2": Tiny("hf-vit", "Dinov2", dict(layerscale_value=0.1, mlp_ratio=2)),
 }
 HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
 
@@ -77,11 +80,11 @@ def save_hf(path, key: str) -> str:
     transformers = pytest.importorskip("transformers")
     prefix = ZOO[key].name
     torch.manual_seed(0)
-    cfg = getattr(transformers, f"{prefix}Config")(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=10, initializer_range=0.2)
+    cfg = getattr(transformers, f"{prefix}Config")(**{
+        **dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, num_labels=10, initializer_range=0.2), **ZOO[key].kwargs})
     getattr(transformers, f"{prefix}ForImageClassification")(cfg).save_pretrained(path)
-    proc = getattr(transformers, f"{prefix}ImageProcessor")
+    proc = getattr(transformers, f"{prefix}ImageProcessor", transformers.ViTImageProcessor)
     extra = {"do_center_crop": False} if prefix == "DeiT" else {}
     proc(size={"height": 32, "width": 32}, **extra).save_pretrained(path)
     return str(path)

@@ -1,11 +1,13 @@
-"""Hugging Face ``transformers`` ViT and DeiT (``ViTForImageClassification``, ``DeiTForImageClassification``) as
+"""Hugging Face ``transformers`` ViT, DeiT and DINOv2 (``ViTForImageClassification``, ``DeiTForImageClassification``,
+``Dinov2ForImageClassification``) as
 a second model source: ``--model hf:DIR`` loads a folder written by ``save_pretrained`` (model and image
 processor), wrapped in :class:`HFImageClassifier` so it returns logits like a timm model, with the image
 processor's preprocessing expressed as a timm data config.
 
 Quantized modules are built from HF's own modules (no model code copied, no ``forward`` patched):
 :class:`QHFAttention` from ``ViTAttention``/``DeiTAttention`` (reusing q_proj, k_proj, v_proj, o_proj, the head
-count and scaling) and :class:`QHFLayer` from ``ViTLayer``/``DeiTLayer``. What is quantized under each scheme
+count and scaling), :class:`QHFLayer` from ``ViTLayer``/``DeiTLayer`` and :class:`QHFLayerScaleLayer` from
+``Dinov2Layer``. What is quantized under each scheme
 is what the timm ViT family quantizes. ``transformers`` is an optional extra: ``pip install -e '.[hf]'``.
 """
 
@@ -25,9 +27,10 @@ from vitq.quant.modules import QAttentionBase, QLayerNorm, QTransformerBlock
 from vitq.quant.uniform import PTFQuantizer
 from vitq.scheme import Scheme
 
-SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification")
-_ATTENTION = ("ViTAttention", "DeiTAttention")
+SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "Dinov2ForImageClassification")
+_ATTENTION = ("ViTAttention", "DeiTAttention", "Dinov2Attention")
 _LAYER = ("ViTLayer", "DeiTLayer")
+_LAYERSCALE_LAYER = ("Dinov2Layer",)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes of the image processor's ``resample``
 INSTALL_HINT = "pip install -e '.[hf]'"
 
@@ -181,6 +184,28 @@ class QHFLayer(_Aliased, QTransformerBlock):
         return x + self.dropout(self.mlp(self.layernorm_after(x)))
 
 
+class QHFLayerScaleLayer(_Aliased, QTransformerBlock):
+    """Built from HF ``Dinov2Layer`` (pre-norm block with LayerScale: ``norm1``, ``attention``,
+    ``layer_scale1``, ``drop_path``, ``norm2``, ``mlp`` (MLP or SwiGLU), ``layer_scale2``). Residual
+    quantizers as :class:`QHFLayer`; the LayerScale multipliers stay in float."""
+
+    sequential = False
+    aliases = {"attn": "attention"}
+
+    def __init__(self, layer: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
+        super().__init__()
+        for name in ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"):
+            setattr(self, name, getattr(layer, name))
+        self._init_residual(res_quant1, res_quant2)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        x = self.res_quant1(hidden_states)
+        attn, _ = self.attention(self.norm1(x), attention_mask)
+        x = x + self.drop_path(self.layer_scale1(attn))
+        x = self.res_quant2(x)
+        return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
+
+
 def detect(model: nn.Module) -> bool:
     return isinstance(model, HFImageClassifier)
 
@@ -201,17 +226,19 @@ def convert(model: HFImageClassifier, scheme: Scheme) -> None:
     lname, layers = _layers(base)
     for i, layer in enumerate(layers):
         name = f"{base_name}.{lname}.{i}"
-        if not _hf_class(layer, _LAYER) or not _hf_class(layer.attention, _ATTENTION):
+        scaled = _hf_class(layer, _LAYERSCALE_LAYER)
+        if not (scaled or _hf_class(layer, _LAYER)) or not _hf_class(layer.attention, _ATTENTION):
             raise VitqError(f"unsupported Hugging Face layer {name} ({type(layer).__name__}); supported: "
-                            f"{', '.join(_LAYER)} with {', '.join(_ATTENTION)}")
+                            f"{', '.join(_LAYER + _LAYERSCALE_LAYER)} with {', '.join(_ATTENTION)}")
         _, a, s = scheme.bits_for(f"{name}.attention")
         layer.attention = QHFAttention(layer.attention, scheme, a, s)
         _, a, _ = scheme.bits_for(name)
         r1 = r2 = None
         if scheme.fully_quantized:
-            r1 = PTFQuantizer(a, "residual", num_channels=layer.layernorm_before.normalized_shape[0])
-            r2 = PTFQuantizer(a, "residual", num_channels=layer.layernorm_after.normalized_shape[0])
-        layers[i] = QHFLayer(layer, r1, r2)
+            n1, n2 = (layer.norm1, layer.norm2) if scaled else (layer.layernorm_before, layer.layernorm_after)
+            r1 = PTFQuantizer(a, "residual", num_channels=n1.normalized_shape[0])
+            r2 = PTFQuantizer(a, "residual", num_channels=n2.normalized_shape[0])
+        layers[i] = (QHFLayerScaleLayer if scaled else QHFLayer)(layer, r1, r2)
     if scheme.fully_quantized and isinstance(getattr(base, "layernorm", None), nn.LayerNorm):
         base.layernorm = QLayerNorm(base.layernorm, scheme.bits_for(f"{base_name}.layernorm")[1])
     image = {f"{base_name}.embeddings.patch_embeddings.projection"}
@@ -223,8 +250,11 @@ def trunk(model: HFImageClassifier) -> TrunkParts:
     lname, layers = _layers(base)
     prefix = f"hf.{model.hf.base_model_prefix}.{lname}"
 
-    def tail(h: torch.Tensor) -> torch.Tensor:  # both supported heads classify the first ([CLS]) token
-        return model.hf.classifier(base.layernorm(h)[:, 0, :])
+    pooled = type(model.hf).__name__ == "Dinov2ForImageClassification"
+
+    def tail(h: torch.Tensor) -> torch.Tensor:  # the [CLS] token (Dinov2: and the mean of the patch tokens)
+        h = base.layernorm(h)
+        return model.hf.classifier(torch.cat([h[:, 0], h[:, 1:].mean(1)], 1) if pooled else h[:, 0, :])
 
     return TrunkParts(stem=base.embeddings, units=[(f"{prefix}.{i}", m) for i, m in enumerate(layers)], tail=tail,
                       is_block=lambda m: hasattr(m, "attention"))
@@ -232,17 +262,18 @@ def trunk(model: HFImageClassifier) -> TrunkParts:
 
 def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     """HF layers: ``attn`` = q/k/v/o projection weight scales, ``mlp`` = fc1/fc2."""
-    if not isinstance(unit, QHFLayer):
+    if not isinstance(unit, (QHFLayer, QHFLayerScaleLayer)):
         return None
     return group_paths(unit, {"attn": "attention", "mlp": "mlp"}, groups)
 
 
 register_family(Family(
     name="hf-vit",
-    description="Hugging Face transformers ViTForImageClassification / DeiTForImageClassification "
+    description="Hugging Face transformers ViTForImageClassification / DeiTForImageClassification / "
+                "Dinov2ForImageClassification "
                 f"(--model hf:DIR, a save_pretrained folder; {INSTALL_HINT}); one trunk unit per layer",
     detect=detect, convert=convert, trunk=trunk, search_paths=search_paths,
-    float_ok=("ViTEmbeddings", "DeiTEmbeddings"),
+    float_ok=("ViTEmbeddings", "DeiTEmbeddings", "Dinov2Embeddings", "Dinov2LayerScale"),
     quantizes={
         "fq": "as timm-vit: weights per output channel (uint), every linear input, q/k/v, attention scores, "
               "softmax output, LayerNorm inputs and the residual stream (PTF)",
