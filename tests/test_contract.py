@@ -33,7 +33,7 @@ from vitq.scheme import SCHEMES, Scheme
 # one tiny model per registered family (test_every_family_has_a_contract_model checks that), and Swin beside the
 # plain timm ViT for its window attention: the timm ViT and Swin, a ResNet, LeViT and the Hugging Face ViT
 # (skipped without transformers). DeiT and the other CNNs are covered by each method's own tests.
-MODELS = ("vit", "swin", "resnet", "levit", "hf_vit")
+MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "hf_convnext")
 N_IMAGES = 4
 # smaller still than the entries' quick_options (which aim at a quick run on a real model), so that the
 # contract runs in about a minute; an entry not listed runs its quick_options
@@ -54,6 +54,9 @@ REFUSES: set[tuple[str, str]] = {
     ("apq", "timm-cnn"), ("apq", "timm-levit"),  # BBC searches transformer blocks (QTransformerBlock) only
     # LeViT's attention projects through Hardswish + LinearNorm, so its matmuls cannot be placed before a proj
     ("ptqvit", "timm-levit"), ("easyquant", "timm-levit"),
+    # HF ConvNeXt: no LayerNorm -> qkv/fc1 pairs, no transformer block for BBC, and 7x7 depthwise (grouped)
+    # convolutions, which the layer-wise search of PTQ-ViT / EasyQuant refuses by name
+    ("repq", "hf-convnext"), ("apq", "hf-convnext"), ("ptqvit", "hf-convnext"), ("easyquant", "hf-convnext"),
 }
 # quantizer kinds that need no calibration (they may stay uninitialized after a method ran); none today
 NEEDS_NO_CALIBRATION: set[str] = set()

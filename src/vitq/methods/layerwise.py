@@ -70,8 +70,8 @@ def find_layers(model: nn.Module) -> list[Layer]:
         if not isinstance(m, QWeighted):
             continue
         if isinstance(m, QConv2d) and m.groups != 1:
-            raise VitqError(f"grouped convolution {name} is not supported by the layer-wise search "
-                            "(expected groups=1)")
+            raise VitqError(f"grouped convolution {name} ({type(m).__name__}, groups={m.groups}) is not supported by "
+                            "the layer-wise search (expected groups=1)")
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else None
         if isinstance(parent, QAttentionBase) and getattr(parent, "proj", None) is m:

@@ -4,7 +4,7 @@ Importing this package registers every built-in family (:mod:`vitq.models.family
 timm ViT/DeiT/Swin family is the fallback, tried after the others.
 """
 
-from vitq.models import hf, levit, timm_cnn, timm_vit  # noqa: F401  (each registers its family)
+from vitq.models import hf, hf_convnext, levit, timm_cnn, timm_vit  # noqa: F401  (each registers its family)
 from vitq.models.family import FAMILIES, Family, TrunkParts, family_of, register_family
 from vitq.models.loading import create_model, load_weights, read_state_dict, sha256_file
 
