@@ -33,7 +33,7 @@ from vitq.scheme import SCHEMES, Scheme
 # one tiny model per registered family (test_every_family_has_a_contract_model checks that), and Swin beside the
 # plain timm ViT for its window attention: the timm ViT and Swin, a ResNet, LeViT and the Hugging Face ViT
 # (skipped without transformers). DeiT and the other CNNs are covered by each method's own tests.
-MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "cait", "eva02", "convnext", "g_xcit")
+MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "hf_convnext", "cait", "eva02", "convnext", "g_xcit")
 N_IMAGES = 4
 # smaller still than the entries' quick_options (which aim at a quick run on a real model), so that the
 # contract runs in about a minute; an entry not listed runs its quick_options
@@ -64,6 +64,9 @@ REFUSES: set[tuple[str, str]] = {
     ("repq", "timm-convnext"), ("apq", "timm-convnext"), ("ptqvit", "timm-convnext"), ("easyquant", "timm-convnext"),
     # the generic path has no QTransformerBlock (BBC, RepQ's LayerNorm -> qkv/fc1 pairs)
     ("apq", "generic"), ("repq", "generic"),
+    # HF ConvNeXt: no LayerNorm -> qkv/fc1 pairs, no transformer block for BBC, and 7x7 depthwise (grouped)
+    # convolutions, which the layer-wise search of PTQ-ViT / EasyQuant refuses by name
+    ("repq", "hf-convnext"), ("apq", "hf-convnext"), ("ptqvit", "hf-convnext"), ("easyquant", "hf-convnext"),
 }
 # (family, regime) pairs refused by design: every method is refused there with a VitqError naming the family
 REFUSED_REGIMES: set[tuple[str, str]] = {("generic", "fq")}  # fq needs a dedicated family's residual quantizers

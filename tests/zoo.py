@@ -96,8 +96,15 @@ ZOO: dict[str, Tiny] = {
                          size=64),
     "g_efficientvit": gen("efficientvit_b0", dict(num_classes=10), size=64),
     # --- end of the generic path's block
+    # --- Hugging Face classes beyond ViT/DeiT (issue 22, export helper): kwargs are the model config's
+    # (LayerScale at 0.1 and a class token of std 0.2, as a trained DINOv2 has, not init's 1e-5 / 1e-10)
+    "hf_dinov2": Tiny("hf-vit", "Dinov2", dict(layerscale_value=0.1, mlp_ratio=2)),
+    "hf_beit": Tiny("hf-vit", "Beit", dict(use_relative_position_bias=True, layer_scale_init_value=0.1,
+                                            use_mean_pooling=True)),
+    "hf_convnext": Tiny("hf-convnext", "ConvNext", dict(num_channels=3, patch_size=4, hidden_sizes=[16, 32],
+                                                         depths=[1, 1], num_stages=2, layer_scale_init_value=0.1)),
 }
-HF_KEYS = tuple(k for k, z in ZOO.items() if z.family == "hf-vit")
+HF_KEYS = tuple(k for k, z in ZOO.items() if z.family.startswith("hf-"))
 
 # the timm ViT/DeiT/Swin models by key: (timm name, kwargs); the table most tests parametrize over
 # (the LayerScale ViTs are left out: tests/models/test_layerscale.py and the zoo test cover them, and every test
@@ -128,11 +135,17 @@ def save_hf(path, key: str) -> str:
     transformers = pytest.importorskip("transformers")
     prefix = ZOO[key].name
     torch.manual_seed(0)
-    cfg = getattr(transformers, f"{prefix}Config")(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=10, initializer_range=0.2)
-    getattr(transformers, f"{prefix}ForImageClassification")(cfg).save_pretrained(path)
-    proc = getattr(transformers, f"{prefix}ImageProcessor")
+    cfg = getattr(transformers, f"{prefix}Config")(**{
+        **dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, num_labels=10, initializer_range=0.2), **ZOO[key].kwargs})
+    model = getattr(transformers, f"{prefix}ForImageClassification")(cfg)
+    with torch.no_grad():  # relative position bias tables start at zero: random, so the bias path is exercised
+        for m in model.modules():
+            if isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter):
+                m.relative_position_bias_table.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(path)
+    own = prefix in ("ViT", "DeiT")  # the others: ViT's processor (vitq reads only its JSON)
+    proc = getattr(transformers, f"{prefix}ImageProcessor") if own else transformers.ViTImageProcessor
     extra = {"do_center_crop": False} if prefix == "DeiT" else {}
     proc(size={"height": 32, "width": 32}, **extra).save_pretrained(path)
     return str(path)
@@ -153,7 +166,7 @@ def hf_folder(key: str) -> str:
 def tiny_model(key: str, seed: int = 0) -> nn.Module:
     """The tiny model ``key`` of :data:`ZOO`, random-init with ``seed``, in eval mode."""
     z = ZOO[key]
-    if z.family == "hf-vit":
+    if z.family.startswith("hf-"):
         from vitq.models.loading import create_model
 
         return create_model(f"hf:{hf_folder(key)}")

@@ -106,7 +106,8 @@ def test_levit_conv_variant_goes_to_the_generic_path_which_refuses_fq_by_name():
 def test_family_detected_and_listed(request, fam):
     model, _ = get(request, fam)
     expected = {"resnet": "timm-cnn", "regnet": "timm-cnn", "effnet": "timm-cnn", "mbv3": "timm-cnn",
-                "levit": "timm-levit", "hf_vit": "hf-vit", "hf_deit": "hf-vit"}[fam]
+                "levit": "timm-levit", "hf_vit": "hf-vit", "hf_deit": "hf-vit", "hf_dinov2": "hf-vit",
+                "hf_beit": "hf-vit", "hf_convnext": "hf-convnext"}[fam]
     assert family_of(model).name == expected
     assert set(FAMILIES[expected].quantizes) == {"fq", "matmul"}
 

@@ -32,13 +32,9 @@ MIN_COSINE = {"matmul": 0.99, "fq": 0.97}
 EXPORT_COSINE = 0.995
 FQ_REFUSED = {"generic"}  # families that refuse the fq regime by design
 # failures known today, each owned by another part of issue 22; strict, so a marker must go once its fix lands
-_WEIGHT_METHOD = "export: the export form's weight is a method, the model reads .weight.dtype/.device (issue 22)"
 KNOWN = {
     ("levit", "matmul"): "export: LeViT attention rebuilt as a fused-qkv attention, wrong shape (issue 22)",
     ("levit", "fq"): "export: LeViT attention rebuilt as a fused-qkv attention, wrong shape (issue 22)",
-    ("hf_vit", "matmul"): _WEIGHT_METHOD, ("hf_vit", "fq"): _WEIGHT_METHOD,
-    ("hf_deit", "matmul"): _WEIGHT_METHOD, ("hf_deit", "fq"): _WEIGHT_METHOD,
-    ("g_xcit", "matmul"): _WEIGHT_METHOD,
 }
 CASES = [pytest.param(k, r, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[k, r])] if (k, r) in KNOWN else [])
          for k in ZOO for r in ("matmul", "fq")]

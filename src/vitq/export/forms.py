@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitq.errors import VitqError
+from vitq.export.ops import DQFn, PaddedConvFn, QDQFn
 from vitq.export.runtimes import (
     PER_AXIS_QDQ_AT_ATTENTION_MATMUL,
     UNSIGNED_SHIFT,
@@ -32,47 +33,6 @@ from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
-
-
-# ----------------------------------------------------------------------------------------------- QDQ ops
-class _QDQFn(torch.autograd.Function):
-    """Fake quantization that exports as [Clip] -> QuantizeLinear -> DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero, dq_scale, lo, hi, axis: int, qmin: int, qmax: int):
-        shape = [1] * x.dim()
-        if axis >= 0:
-            shape[axis] = -1
-        s, z, ds = scale.view(shape), zero.to(x.dtype).view(shape), dq_scale.view(shape)
-        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-        return (q - z) * ds
-
-    @staticmethod
-    def symbolic(g, x, scale, zero, dq_scale, lo, hi, axis: int, qmin: int, qmax: int):
-        kw = {"axis_i": axis} if axis >= 0 else {}
-        if lo is not None:
-            if axis >= 0:  # Clip takes scalars only; per-channel bounds as Max/Min
-                x = g.op("Min", g.op("Max", x, lo), hi)
-            else:
-                x = g.op("Clip", x, lo, hi)
-        q = g.op("QuantizeLinear", x, scale, zero, **kw)
-        return g.op("DequantizeLinear", q, dq_scale, zero, **kw)
-
-
-class _DQFn(torch.autograd.Function):
-    """Integer codes (a constant) -> DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, codes, scale, zero, axis: int):
-        shape = [1] * codes.dim()
-        shape[axis] = -1
-        return (codes.float() - zero.float().view(shape)) * scale.view(shape)
-
-    @staticmethod
-    def symbolic(g, codes, scale, zero, axis: int):
-        out = g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
-        out.setType(codes.type().with_dtype(torch.float32))  # Conv's exporter needs the kernel shape
-        return out
 
 
 def _integral(t: torch.Tensor) -> bool:
@@ -110,7 +70,7 @@ class ExportQDQ(nn.Module):
             shape = [1] * x.dim()
             shape[axis] = -1
             lo, hi = lo.reshape(shape), hi.reshape(shape)
-        return _QDQFn.apply(x, self.scale, self.zero, self.dq_scale, lo, hi, axis, self.qmin, self.qmax)
+        return QDQFn.apply(x, self.scale, self.zero, self.dq_scale, lo, hi, axis, self.qmin, self.qmax)
 
 
 class ExportPTF(nn.Module):
@@ -220,19 +180,23 @@ class ExportWeighted(nn.Module):
     Linear weights are stored transposed ([in, out], axis 1) so the MatMul reads the DequantizeLinear output
     directly; a patchify convolution (kernel = stride, no padding: ViT's patch embedding) becomes the same
     MatMul over patches. Weight bias correction, an affine map per output channel ``a·ŵ + b``, goes into the
-    scale (``a``) and an output term ``b·Σx`` over each output's inputs. Other convolutions keep a
-    DequantizeLinear -> Conv where the runtimes allow it (:func:`vitq.export.runtimes.conv_weights_as_qdq`)
-    and a float weight otherwise."""
+    scale (``a``) and, for a MatMul, an output term ``b·Σx`` over each output's inputs; for a convolution,
+    ``b`` is added to the dequantized weight. Other convolutions keep a DequantizeLinear -> Conv where the
+    runtimes allow it (:func:`vitq.export.runtimes.conv_weights_as_qdq`) and a float weight otherwise. A layer
+    that pads its input itself (``padded_conv``, e.g. TensorFlow 'SAME') becomes one Conv whose pads are those
+    of the input size it was last run at (:func:`record_input_sizes`: the file's input size is static)."""
 
     def __init__(self, name: str, m: QWeighted, plan: Plan):
         super().__init__()
         w = m.weight.detach()
+        self.name, self.pads = name, None
+        self.input_pads = m.input_pads if getattr(type(m), "padded_conv", False) else None
         if w.dim() == 2:
             self.mode = "linear"
         else:
             self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
             patchify = (tuple(m.stride) == tuple(w.shape[2:]) and tuple(m.padding) == (0, 0)
-                        and tuple(m.dilation) == (1, 1) and m.groups == 1)
+                        and tuple(m.dilation) == (1, 1) and m.groups == 1 and self.input_pads is None)
             self.mode = "patchify" if patchify else "conv"
             self.kernel = tuple(w.shape[2:])
         self.input_quant = _activation(f"{name}.input_quant", m.input_quant, plan)
@@ -242,8 +206,7 @@ class ExportWeighted(nn.Module):
         for buf in ("codes", "w_scale", "w_zero", "correction", "float_weight"):
             self.register_buffer(buf, None)
         corrected = bool(m.weight_correction)
-        if how == "qdq" and self.mode == "conv" and not conv_weights_as_qdq(not bool(wq.zero_point.any()),
-                                                                             corrected):
+        if how == "qdq" and self.mode == "conv" and not conv_weights_as_qdq(not bool(wq.zero_point.any())):
             how = plan.how[f"{name}.weight_quant"] = "float"
         if how != "qdq" or wq.channel_axis not in (None, 0):
             if how == "qdq":
@@ -263,9 +226,9 @@ class ExportWeighted(nn.Module):
             a = (w.std(dims) / w_hat.std(dims).clamp_min(1e-12))
             b = w.mean(dims) - w_hat.mean(dims) * a
             scale = scale * a
-            self.correction = b.float()
+            self.correction = b.float().reshape(-1, 1, 1, 1) if self.mode == "conv" else b.float()
         signed = wq.signed
-        if self.mode != "conv" and matmul_b_needs_unsigned(wq.qmin, wq.qmax, signed):
+        if matmul_b_needs_unsigned(wq.qmin, wq.qmax, signed):
             codes, zero, signed = codes + UNSIGNED_SHIFT, zero + UNSIGNED_SHIFT, False
         dtype = torch.int8 if signed else torch.uint8
         self.axis = 0 if self.mode == "conv" else 1
@@ -274,13 +237,22 @@ class ExportWeighted(nn.Module):
         plan.weights[f"{name}.weight_quant"] = {"bits": wq.bits, "signed": wq.signed, "shape": list(w.shape),
                                                 "stored_signed": signed}
 
-    def weight(self) -> torch.Tensor:
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: DequantizeLinear of the codes (plus a convolution's weight
+        correction), or the float weight ([in, out] for a MatMul, as stored)."""
         if self.codes is None:
             return self.float_weight
-        return _DQFn.apply(self.codes, self.w_scale, self.w_zero, self.axis)
+        w = DQFn.apply(self.codes, self.w_scale, self.w_zero, self.axis)
+        return w + self.correction if self.mode == "conv" and self.correction is not None else w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads a layer's ``weight`` (e.g. its dtype: Hugging Face
+        models cast the image to the patch embedding's weight dtype); traced, it is an unused node."""
+        return self.dequantized_weight()
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.weight())
+        y = torch.matmul(x, self.dequantized_weight())
         if self.correction is not None:
             y = y + x.sum(-1, keepdim=True) * self.correction
         return y + self.bias if self.bias is not None else y
@@ -288,9 +260,17 @@ class ExportWeighted(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "linear":
             return self._matmul(self.input_quant(x))
+        if self.mode == "conv" and self.input_pads is not None:
+            if not torch.jit.is_tracing():
+                self.pads = tuple(self.input_pads(x.shape[-2], x.shape[-1]))
+            elif self.pads is None:
+                raise VitqError(f"{self.name}: pads its input by its size; run the export model once on an input "
+                                "of the file's size before tracing (record_input_sizes)")
+            return PaddedConvFn.apply(self.input_quant(x), self.dequantized_weight(), self.bias, self.kernel,
+                                       self.stride, self.pads, self.dilation, self.groups)
         if self.mode == "conv":
-            return F.conv2d(self.input_quant(x), self.weight(), self.bias, self.stride, self.padding, self.dilation,
-                            self.groups)
+            return F.conv2d(self.input_quant(x), self.dequantized_weight(), self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
         B, C, H, W = x.shape  # patchify: [B, C, H, W] -> [B, h*w, C*kh*kw] patches, one MatMul, back to NCHW
         kh, kw = self.kernel
         h, w = H // kh, W // kw
@@ -299,10 +279,21 @@ class ExportWeighted(nn.Module):
         return y.transpose(1, 2).reshape(B, -1, h, w)
 
 
+def record_input_sizes(emodel: nn.Module, example: torch.Tensor) -> None:
+    """Run the export model once, untraced, on ``example``, so layers that pad by their input size hold the
+    pads of the file's (static) input size when it is traced."""
+    if any(isinstance(m, ExportWeighted) and m.input_pads is not None for m in emodel.modules()):
+        with torch.no_grad():
+            emodel(example)
+
+
 def rebuildable_weighted(m: QWeighted) -> bool:
-    """Whether ``m`` computes what :class:`ExportWeighted` rebuilds: QLinear's or QConv2d's own forward (not,
-    e.g., a convolution that pads by itself)."""
-    return type(m).forward in (QLinear.forward, QConv2d.forward) and m.weight.dim() in (2, 4)
+    """Whether ``m`` computes what :class:`ExportWeighted` rebuilds: QLinear's or QConv2d's own forward, or a
+    QConv2d that declares ``padded_conv`` (its forward zero-pads the quantized input by ``input_pads(h, w)``,
+    then convolves without padding)."""
+    known = type(m).forward in (QLinear.forward, QConv2d.forward) or (
+        isinstance(m, QConv2d) and getattr(type(m), "padded_conv", False) and callable(getattr(m, "input_pads", None)))
+    return known and m.weight.dim() in (2, 4)
 
 
 def rebuildable_attention(m: QAttentionBase) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vitq.errors import VitqError
-from vitq.export.forms import DEFAULT_OPSET, MIN_OPSET, export_module
+from vitq.export.forms import DEFAULT_OPSET, MIN_OPSET, export_module, record_input_sizes
 from vitq.export.runtimes import require
 from vitq.quant.base import quantizers_of
 from vitq.state import check_output_parent, make_parents, remove_created
@@ -97,6 +97,7 @@ def to_onnx(emodel: nn.Module, example: torch.Tensor, path: str, opset: int) -> 
     torch_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
     import warnings
 
+    record_input_sizes(emodel, example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(emodel, (example,), path, dynamo=False, opset_version=torch_opset,

@@ -26,6 +26,10 @@ RUNTIMES = ("onnxruntime", "openvino")
 # full-range codes, none for B codes in this range). Signed B codes within it cannot reach the limit
 # (255 * 64 * 2 = 32640); a wider signed range goes as uint8 codes shifted by 128 with the zero point shifted
 # alike (the same dequantized values), which those kernels multiply exactly.
+# The same holds for integer convolutions (onnxruntime's QLinearConv, uint8 input x int8 weights): measured on
+# the tiny EfficientNet-Lite's stem (input zero point 131), errors of up to 1.02 on outputs of range 3.09 (about
+# 84 steps of the next quantizer); so integer conv weights
+# wider than 7 bits go as uint8 codes shifted by 128 too (tests/export/test_export_cnn.py).
 MATMUL_B_SAFE_SIGNED_CODES = (-64, 63)
 UNSIGNED_SHIFT = 128
 
@@ -33,9 +37,11 @@ UNSIGNED_SHIFT = 128
 # MatMulIntegerToFloat kernel that then fails at run time: such quantizers go as float operations.
 PER_AXIS_QDQ_AT_ATTENTION_MATMUL = False
 
-# onnxruntime 1.32 fuses DequantizeLinear -> Conv into a QLinearConv that rejects per-channel zero points (and
-# a weight correction is no plain DequantizeLinear): other convolutions keep QDQ weights only when symmetric.
-CONV_QDQ_WEIGHTS_NEED_SYMMETRIC = True
+# Whether a convolution's weights may be a DequantizeLinear with per-channel zero points (fq: uint8 codes,
+# asymmetric). Measured with onnxruntime 1.32 (DequantizeLinear -> Conv fused into QLinearConv with uint8
+# per-channel zero points; tests/export/test_export_cnn.py) and OpenVINO 2026.4: both run it and agree with
+# vitq; so no restriction. A weight bias correction is exported as a constant added to the dequantized weight.
+CONV_QDQ_WEIGHTS_NEED_SYMMETRIC = False
 
 
 def matmul_b_needs_unsigned(qmin: int, qmax: int, signed: bool) -> bool:
@@ -45,9 +51,9 @@ def matmul_b_needs_unsigned(qmin: int, qmax: int, signed: bool) -> bool:
     return bool(signed) and (int(qmin) < lo or int(qmax) > hi)
 
 
-def conv_weights_as_qdq(symmetric: bool, corrected: bool) -> bool:
+def conv_weights_as_qdq(symmetric: bool) -> bool:
     """Whether a (non-patchify) convolution's weights may be a DequantizeLinear feeding the Conv."""
-    return not CONV_QDQ_WEIGHTS_NEED_SYMMETRIC or (symmetric and not corrected)
+    return not CONV_QDQ_WEIGHTS_NEED_SYMMETRIC or symmetric
 
 
 # ----------------------------------------------------------------------------------------------- running

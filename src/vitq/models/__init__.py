@@ -4,7 +4,17 @@ Importing this package registers every built-in family (:mod:`vitq.models.family
 generic path (:mod:`vitq.models.generic`) is the fallback, tried after the others.
 """
 
-from vitq.models import cait, convnext, eva, generic, hf, levit, timm_cnn, timm_vit  # noqa: F401  (each registers its family)
+from vitq.models import (  # noqa: F401  (each registers its family)
+    cait,
+    convnext,
+    eva,
+    generic,
+    hf,
+    hf_convnext,
+    levit,
+    timm_cnn,
+    timm_vit,
+)
 from vitq.models.family import FAMILIES, Family, TrunkParts, family_of, register_family
 from vitq.models.loading import create_model, load_weights, read_state_dict, sha256_file
 

@@ -14,17 +14,31 @@ from vitq.scheme import Scheme
 
 class QConv2dSame(QConv2d):
     """Built from timm's ``Conv2dSame`` (TensorFlow 'SAME' padding, computed from the input size): the input
-    is quantized, then zero-padded exactly as timm pads (zero is on every quantization grid)."""
+    is quantized, then zero-padded by :meth:`input_pads` (zero is on every quantization grid), then convolved
+    without padding. ``padded_conv``: the forward is exactly that, so an exporter may rebuild it as one
+    convolution with the pads of its (static) input size."""
+
+    padded_conv = True
 
     def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, signed_weights: bool, input_role: str,
                  scheme: Scheme | None = None):
         super().__init__(conv, w_bits, a_bits, signed_weights, input_role, scheme)
         self.kernel_size = conv.kernel_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from timm.layers.padding import pad_same
+    def input_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) zero padding of an input of ``height`` x ``width``, as TensorFlow's 'SAME'
+        (and timm's ``pad_same``): the output has ceil(size / stride) positions, the total padding that needs is
+        split in two with the odd one at the end."""
 
-        x = pad_same(self.input_quant(x), self.kernel_size, self.stride, self.dilation)
+        def total(size: int, k: int, s: int, d: int) -> int:
+            return max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+        ph = total(int(height), self.kernel_size[0], self.stride[0], self.dilation[0])
+        pw = total(int(width), self.kernel_size[1], self.stride[1], self.dilation[1])
+        return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(self.input_quant(x), self.input_pads(x.shape[-2], x.shape[-1]))
         return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, 0, self.dilation, self.groups)
 
 

@@ -1,12 +1,15 @@
-"""Hugging Face ``transformers`` ViT and DeiT (``ViTForImageClassification``, ``DeiTForImageClassification``) as
-a second model source: ``--model hf:DIR`` loads a folder written by ``save_pretrained`` (model and image
-processor), wrapped in :class:`HFImageClassifier` so it returns logits like a timm model, with the image
-processor's preprocessing expressed as a timm data config.
+"""Hugging Face ``transformers`` ViT, DeiT, DINOv2 and BEiT classifiers (``ViTForImageClassification``,
+``DeiTForImageClassification``, ``Dinov2ForImageClassification``, ``BeitForImageClassification``) as a second model
+source: ``--model hf:DIR`` loads a folder written by ``save_pretrained`` (model and image processor), wrapped in
+:class:`HFImageClassifier` so it returns logits like a timm model, with the image processor's preprocessing
+expressed as a timm data config (ConvNeXt, loaded the same way, is the family of :mod:`vitq.models.hf_convnext`).
 
 Quantized modules are built from HF's own modules (no model code copied, no ``forward`` patched):
-:class:`QHFAttention` from ``ViTAttention``/``DeiTAttention`` (reusing q_proj, k_proj, v_proj, o_proj, the head
-count and scaling) and :class:`QHFLayer` from ``ViTLayer``/``DeiTLayer``. What is quantized under each scheme
-is what the timm ViT family quantizes. ``transformers`` is an optional extra: ``pip install -e '.[hf]'``.
+:class:`QHFAttention` from the ``*Attention`` modules (reusing q_proj, k_proj, v_proj, o_proj, the head count and
+scaling; an additive float mask such as BEiT's relative position bias is added to the scores),
+:class:`QHFLayer` from ``ViTLayer``/``DeiTLayer``, :class:`QHFLayerScaleLayer` from ``Dinov2Layer`` and
+:class:`QHFBeitLayer` from ``BeitLayer`` (LayerScale stays in float). What is quantized under each scheme is what
+the timm ViT family quantizes. ``transformers`` is an optional extra: ``pip install -e '.[hf]'``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ from vitq.quant.modules import QAttentionBase, QLayerNorm, QTransformerBlock, sp
 from vitq.quant.uniform import PTFQuantizer
 from vitq.scheme import Scheme
 
-SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification")
-_ATTENTION = ("ViTAttention", "DeiTAttention")
+VIT_CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "Dinov2ForImageClassification",
+               "BeitForImageClassification")
+SUPPORTED = (*VIT_CLASSES, "ConvNextForImageClassification")  # the last one: family hf-convnext
+_ATTENTION = ("ViTAttention", "DeiTAttention", "Dinov2Attention", "BeitAttention")
 _LAYER = ("ViTLayer", "DeiTLayer")
+_LAYERSCALE_LAYER = ("Dinov2Layer",)
+_BEIT_LAYER = ("BeitLayer",)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes of the image processor's ``resample``
 INSTALL_HINT = "pip install -e '.[hf]'"
 
@@ -153,9 +160,14 @@ class QHFAttention(_Aliased, QAttentionBase):
         return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        if attention_mask is not None:
-            raise VitqError("attention masks are not supported by the quantized HF attention")
-        return self._attend(hidden_states), None
+        """``attention_mask``: an additive float bias of the scores (BEiT's relative position bias), added
+        before the (fq) score quantizer."""
+        if attention_mask is None:
+            return self._attend(hidden_states), None
+        if not attention_mask.is_floating_point():
+            raise VitqError("boolean attention masks are not supported by the quantized HF attention")
+        q, k, v = self._qkv(hidden_states)
+        return self._softmax_v(self._scores(q, k) + attention_mask, v), None
 
 
 class QHFLayer(_Aliased, QTransformerBlock):
@@ -181,8 +193,58 @@ class QHFLayer(_Aliased, QTransformerBlock):
         return x + self.dropout(self.mlp(self.layernorm_after(x)))
 
 
+class QHFLayerScaleLayer(_Aliased, QTransformerBlock):
+    """Built from HF ``Dinov2Layer`` (pre-norm block with LayerScale: ``norm1``, ``attention``,
+    ``layer_scale1``, ``drop_path``, ``norm2``, ``mlp`` (MLP or SwiGLU), ``layer_scale2``). Residual
+    quantizers as :class:`QHFLayer`; the LayerScale multipliers stay in float."""
+
+    sequential = False
+    aliases = {"attn": "attention"}
+
+    def __init__(self, layer: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
+        super().__init__()
+        for name in ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"):
+            setattr(self, name, getattr(layer, name))
+        self._init_residual(res_quant1, res_quant2)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        x = self.res_quant1(hidden_states)
+        attn, _ = self.attention(self.norm1(x), attention_mask)
+        x = x + self.drop_path(self.layer_scale1(attn))
+        x = self.res_quant2(x)
+        return x + self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
+
+
+class QHFBeitLayer(_Aliased, QTransformerBlock):
+    """Built from HF ``BeitLayer``: as :class:`QHFLayer`, with LayerScale (``lambda_1``, ``lambda_2``, in
+    float) and the layer's own relative position bias (``BeitRelativePositionBias``, for the window of the size
+    the model was built for) added to the attention scores."""
+
+    sequential = False
+    aliases = {"norm1": "layernorm_before", "attn": "attention", "norm2": "layernorm_after"}
+
+    def __init__(self, layer: nn.Module, res_quant1: Quantizer | None, res_quant2: Quantizer | None):
+        super().__init__()
+        for name in ("attention", "layernorm_before", "layernorm_after", "mlp", "dropout", "drop_path",
+                     "relative_position_bias", "lambda_1", "lambda_2"):
+            setattr(self, name, getattr(layer, name))
+        self._init_residual(res_quant1, res_quant2)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_, **kwargs):
+        bias = self.relative_position_bias
+        if bias is not None:
+            rel = bias(bias.window_size, False, dim_size=None)
+            attention_mask = rel if attention_mask is None else rel + attention_mask
+        x = self.res_quant1(hidden_states)
+        h = self.dropout(self.attention(self.layernorm_before(x), attention_mask)[0])
+        x = x + self.drop_path(h if self.lambda_1 is None else self.lambda_1 * h)
+        x = self.res_quant2(x)
+        h = self.dropout(self.mlp(self.layernorm_after(x)))
+        return x + self.drop_path(h if self.lambda_2 is None else self.lambda_2 * h)
+
+
 def detect(model: nn.Module) -> bool:
-    return isinstance(model, HFImageClassifier)
+    return isinstance(model, HFImageClassifier) and type(model.hf).__name__ in VIT_CLASSES
 
 
 def _layers(base: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -203,22 +265,28 @@ def convert(model: HFImageClassifier, scheme: Scheme) -> None:
     prefix = sum(getattr(emb, t, None) is not None for t in ("cls_token", "distillation_token"))
     for i, layer in enumerate(layers):
         name = f"{base_name}.{lname}.{i}"
-        if not _hf_class(layer, _LAYER) or not _hf_class(layer.attention, _ATTENTION):
+        scaled, beit = _hf_class(layer, _LAYERSCALE_LAYER), _hf_class(layer, _BEIT_LAYER)
+        if not (scaled or beit or _hf_class(layer, _LAYER)) or not _hf_class(layer.attention, _ATTENTION):
             raise VitqError(f"unsupported Hugging Face layer {name} ({type(layer).__name__}); supported: "
-                            f"{', '.join(_LAYER)} with {', '.join(_ATTENTION)}")
+                            f"{', '.join(_LAYER + _LAYERSCALE_LAYER + _BEIT_LAYER)} with {', '.join(_ATTENTION)}")
         _, a, s = scheme.bits_for(f"{name}.attention")
         layer.attention = QHFAttention(layer.attention, scheme, a, s)
         _, a, _ = scheme.bits_for(name)
         r1 = r2 = None
         if scheme.fully_quantized:  # class (and distillation) tokens with their own range, as in timm_vit
-            r1 = split_prefix(PTFQuantizer(a, "residual", num_channels=layer.layernorm_before.normalized_shape[0]),
-                              prefix, max_shift=0)
-            r2 = split_prefix(PTFQuantizer(a, "residual", num_channels=layer.layernorm_after.normalized_shape[0]),
-                              prefix, max_shift=0)
-        layers[i] = QHFLayer(layer, r1, r2)
-    if scheme.fully_quantized and isinstance(getattr(base, "layernorm", None), nn.LayerNorm):
-        base.layernorm = QLayerNorm(base.layernorm, scheme.bits_for(f"{base_name}.layernorm")[1])
-        base.layernorm.input_quant = split_prefix(base.layernorm.input_quant, prefix, max_shift=0)
+            n1, n2 = (layer.norm1, layer.norm2) if scaled else (layer.layernorm_before, layer.layernorm_after)
+            r1 = split_prefix(PTFQuantizer(a, "residual", num_channels=n1.normalized_shape[0]), prefix, max_shift=0)
+            r2 = split_prefix(PTFQuantizer(a, "residual", num_channels=n2.normalized_shape[0]), prefix, max_shift=0)
+        layers[i] = (QHFLayerScaleLayer if scaled else QHFBeitLayer if beit else QHFLayer)(layer, r1, r2)
+    if getattr(base, "shared_position_bias", None) is not None:
+        raise VitqError(f"{base_name}.shared_position_bias (BeitRelativePositionBias shared by all layers) is not "
+                        "supported; supported: BEiT with per-layer relative position bias or none")
+    if scheme.fully_quantized:
+        for owner, attr in ((base, "layernorm"), (getattr(base, "pooler", None), "layernorm")):
+            if isinstance(getattr(owner, attr, None), nn.LayerNorm):
+                setattr(owner, attr, QLayerNorm(getattr(owner, attr), scheme.bits_for(f"{base_name}.{attr}")[1]))
+        if isinstance(getattr(base, "layernorm", None), QLayerNorm):  # every token: the prefix with its own range
+            base.layernorm.input_quant = split_prefix(base.layernorm.input_quant, prefix, max_shift=0)
     image = {f"{base_name}.embeddings.patch_embeddings.projection"}
     swap_weighted(model, scheme, image_layers=image)
 
@@ -228,8 +296,14 @@ def trunk(model: HFImageClassifier) -> TrunkParts:
     lname, layers = _layers(base)
     prefix = f"hf.{model.hf.base_model_prefix}.{lname}"
 
-    def tail(h: torch.Tensor) -> torch.Tensor:  # both supported heads classify the first ([CLS]) token
-        return model.hf.classifier(base.layernorm(h)[:, 0, :])
+    pooled = type(model.hf).__name__ == "Dinov2ForImageClassification"
+    pooler = getattr(base, "pooler", None)  # BEiT: mean of the patch tokens (+ LayerNorm) or the [CLS] token
+
+    def tail(h: torch.Tensor) -> torch.Tensor:  # the [CLS] token (Dinov2: and the mean of the patch tokens)
+        h = base.layernorm(h)
+        if pooler is not None:
+            return model.hf.classifier(pooler(h))
+        return model.hf.classifier(torch.cat([h[:, 0], h[:, 1:].mean(1)], 1) if pooled else h[:, 0, :])
 
     return TrunkParts(stem=base.embeddings, units=[(f"{prefix}.{i}", m) for i, m in enumerate(layers)], tail=tail,
                       is_block=lambda m: hasattr(m, "attention"))
@@ -237,17 +311,19 @@ def trunk(model: HFImageClassifier) -> TrunkParts:
 
 def search_paths(unit: nn.Module, groups: set[str]) -> list[str] | None:
     """HF layers: ``attn`` = q/k/v/o projection weight scales, ``mlp`` = fc1/fc2."""
-    if not isinstance(unit, QHFLayer):
+    if not isinstance(unit, (QHFLayer, QHFLayerScaleLayer, QHFBeitLayer)):
         return None
     return group_paths(unit, {"attn": "attention", "mlp": "mlp"}, groups)
 
 
 register_family(Family(
     name="hf-vit",
-    description="Hugging Face transformers ViTForImageClassification / DeiTForImageClassification "
+    description="Hugging Face transformers ViTForImageClassification / DeiTForImageClassification / "
+                "Dinov2ForImageClassification / BeitForImageClassification "
                 f"(--model hf:DIR, a save_pretrained folder; {INSTALL_HINT}); one trunk unit per layer",
     detect=detect, convert=convert, trunk=trunk, search_paths=search_paths,
-    float_ok=("ViTEmbeddings", "DeiTEmbeddings"),
+    float_ok=("ViTEmbeddings", "DeiTEmbeddings", "Dinov2Embeddings", "Dinov2LayerScale", "BeitEmbeddings",
+              "BeitRelativePositionBias"),
     quantizes={
         "fq": "as timm-vit: weights per output channel (uint), every linear input, q/k/v, attention scores, "
               "softmax output, LayerNorm inputs and the residual stream (PTF)",

@@ -1,0 +1,58 @@
+"""Hugging Face models (``--model hf:DIR``) end to end: prepare -> calibrate (minmax) -> save/load -> ONNX
+export -> onnxruntime, for every HF class of tests/zoo.py under both schemes at W8A8. Exporting used to fail on
+``projection.weight.dtype`` (transformers casts the image to the patch embedding's weight dtype)."""
+
+import numpy as np
+import pytest
+import torch
+from zoo import HF_KEYS, tiny_images, tiny_model
+
+import vitq
+from vitq.export.onnx import export
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# quantized-vs-float logit cosine at W8A8 minmax on 8 generated images, lowest of the images (measured with
+# these tiny models: matmul >= 0.998, fq >= 0.978): bounds with a margin
+FLOAT_COSINE = {"matmul": 0.99, "fq": 0.95}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def run_ort(path, x, optimize: bool) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("scheme", ["matmul", "fq"])
+@pytest.mark.parametrize("key", HF_KEYS)
+def test_hf_model_end_to_end_with_export(tmp_path, key, scheme):
+    m, x = tiny_model(key), tiny_images(key, 8)
+    q = vitq.prepare(m, vitq.Scheme(scheme, 8, 8), method="minmax")
+    vitq.calibrate(q, x, method="minmax", progress=False)
+    vitq.save(q, tmp_path)
+    q2 = vitq.load(m, tmp_path)
+    with torch.no_grad():
+        ref, fl = q(x).numpy(), m(x).numpy()
+        assert np.array_equal(q2(x).numpy(), ref)
+    assert cosine(ref, fl).min() > FLOAT_COSINE[scheme]
+    info = export(q2, tmp_path / "m.onnx", float_model=m)
+    assert not info["quantizers_identity"]
+    scale = np.abs(ref).max()
+    # the reference kernels: the same up to float round-off (a code flips now and then)
+    out = run_ort(tmp_path / "m.onnx", x, optimize=False)
+    assert cosine(out, ref).min() > 0.999 and np.abs(out - ref).max() <= 0.05 * scale
+    # the fused integer kernels (QLinearSoftmax's exp table, integer requantization) move more codes
+    out = run_ort(tmp_path / "m.onnx", x, optimize=True)
+    assert cosine(out, ref).min() > 0.99
+    assert run_ort(tmp_path / "m.onnx", x[:3], optimize=True).shape == (3, ref.shape[1])  # dynamic batch
