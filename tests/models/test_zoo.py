@@ -32,10 +32,7 @@ MIN_COSINE = {"matmul": 0.99, "fq": 0.97}
 EXPORT_COSINE = 0.995
 FQ_REFUSED = {"generic"}  # families that refuse the fq regime by design
 # failures known today, each owned by another part of issue 22; strict, so a marker must go once its fix lands
-KNOWN = {
-    ("levit", "matmul"): "export: LeViT attention rebuilt as a fused-qkv attention, wrong shape (issue 22)",
-    ("levit", "fq"): "export: LeViT attention rebuilt as a fused-qkv attention, wrong shape (issue 22)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 CASES = [pytest.param(k, r, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[k, r])] if (k, r) in KNOWN else [])
          for k in ZOO for r in ("matmul", "fq")]
 N = 4

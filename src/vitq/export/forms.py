@@ -298,10 +298,13 @@ def rebuildable_weighted(m: QWeighted) -> bool:
 
 def rebuildable_attention(m: QAttentionBase) -> bool:
     """Whether ``m`` computes the shared core as :class:`ExportAttention` rebuilds it: fused ``qkv``, the base
-    class's ``_qkv`` and ``_softmax_v``, scores ``(q·scale)·kᵀ + score_bias() [+ window mask]``."""
+    class's ``_project`` (q, k, v of equal width, in that order), ``_qkv`` and ``_softmax_v``, scores
+    ``(q·scale)·kᵀ + score_bias() [+ window mask]``. (LeViT's attention splits its heads into q, k, v of different
+    widths: it keeps its own forward.)"""
     cls = type(m)
     return (isinstance(getattr(m, "qkv", None), nn.Module) and isinstance(getattr(m, "proj", None), nn.Module)
-            and cls._qkv is QAttentionBase._qkv and cls._softmax_v is QAttentionBase._softmax_v)
+            and cls._project is QAttentionBase._project and cls._qkv is QAttentionBase._qkv
+            and cls._softmax_v is QAttentionBase._softmax_v)
 
 
 class ExportAttention(nn.Module):
