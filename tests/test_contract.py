@@ -33,7 +33,7 @@ from vitq.scheme import SCHEMES, Scheme
 # one tiny model per registered family (test_every_family_has_a_contract_model checks that), and Swin beside the
 # plain timm ViT for its window attention: the timm ViT and Swin, a ResNet, LeViT and the Hugging Face ViT
 # (skipped without transformers). DeiT and the other CNNs are covered by each method's own tests.
-MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "hf_convnext", "cait", "eva02", "convnext", "g_xcit")
+MODELS = ("vit", "swin", "resnet", "levit", "hf_vit", "hf_convnext", "cait", "eva02", "convnext", "g_crossvit")
 N_IMAGES = 4
 # smaller still than the entries' quick_options (which aim at a quick run on a real model), so that the
 # contract runs in about a minute; an entry not listed runs its quick_options
@@ -118,7 +118,9 @@ def test_every_family_has_a_contract_model():
 # ------------------------------------------------------------------------------------------------------ methods
 # known gaps (strict xfail: the marker must go once fixed): ptqvit calibrates attention through QAttentionBase
 # only and leaves the generic path's intercepted attention quantizers uninitialized (issue 22)
-KNOWN_GAPS = {("ptqvit", "g_cait", "matmul"): "ptqvit leaves the generic path's attention quantizers uninitialized"}
+KNOWN_GAPS = {("ptqvit", "g_crossvit", "matmul"): "ptqvit leaves the generic path's attention quantizers uninitialized",
+              # the layer-wise capture never runs CrossViT's second patch embedding branch (KeyError 'float')
+              ("easyquant", "g_crossvit", "matmul"): "easyquant's layer-wise capture misses CrossViT's branches"}
 METHOD_CASES = [pytest.param(m, k, r, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[m, k, r])]
                              if (m, k, r) in KNOWN_GAPS else []) for m in METHODS for k in MODELS
                 for r in METHODS[m].regimes]

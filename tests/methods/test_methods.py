@@ -111,6 +111,7 @@ def test_residual_quantizers_follow_the_fqvit_rule():
     info = vitq.calibrate(q, calib, "omse", batch_size=8, progress=False)
     assert "FQ-ViT rule" in info["ptf"] and info["calibration_passes"] == 2
     rq = q.blocks[0].res_quant1
+    rq = getattr(rq, "token_quant", rq)  # the patch tokens' quantizer (the class token has its own, PrefixSplit)
     captured = []
     hook = model.blocks[0].register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
     with torch.no_grad():

@@ -180,10 +180,11 @@ def _wrap(body: nn.Module) -> nn.Module:
     return M().eval()
 
 
-@pytest.mark.parametrize("key", ["g_convnext", "g_cait", "g_crossvit"])
+# a stage-wise CNN (RepVGG), a hierarchical hybrid (TinyViT) and a model with no chain of blocks (CrossViT)
+@pytest.mark.parametrize("key", ["g_repvgg", "g_tinyvit", "g_crossvit"])
 def test_units_reproduce_the_model_and_block_wise_methods_run(key):
     model, x = tiny_model(key), tiny_images(key, 8)
-    rounding = "nearest" if key == "g_convnext" else "gptq"  # GPTQ refuses ConvNeXt's depthwise convolutions today
+    rounding = "gptq"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q, record = vitq.quantize(model, x, "matmul", "minmax", rounding=rounding, refine="evolq",

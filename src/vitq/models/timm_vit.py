@@ -214,8 +214,10 @@ def detect(model: nn.Module) -> bool:
     found = False
     for m in model.modules():
         cls = type(m)
-        if cls in known:
+        if cls in known or isinstance(m, (QBlock, QSwinBlock)):  # a model this family prepared is still its own
             found = True
+        elif cls.__module__.startswith("vitq."):  # the rest of what prepare built (QAttention, quantizers, ...)
+            continue
         elif cls.__name__.endswith("Block") or "Attention" in cls.__name__ or isinstance(
                 m, nn.modules.batchnorm._BatchNorm):
             return False
