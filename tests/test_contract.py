@@ -52,6 +52,8 @@ REFINER_SMALLER = {
 REFUSES: set[tuple[str, str]] = {
     ("repq", "timm-cnn"), ("repq", "timm-levit"),  # no LayerNorm before qkv / fc1 to reparameterize
     ("apq", "timm-cnn"), ("apq", "timm-levit"),  # BBC searches transformer blocks (QTransformerBlock) only
+    # transformers 5's ViT attention has separate q/k/v projections; BBC searches a fused qkv
+    ("apq", "hf-vit"),
     # LeViT's attention projects through Hardswish + LinearNorm, so its matmuls cannot be placed before a proj
     ("ptqvit", "timm-levit"), ("easyquant", "timm-levit"),
     # CaiT's talking heads feed attn·V the heads' mix of the probabilities (signed), which the log√2 / twin / MPQ

@@ -19,6 +19,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.methods.hessian import Capture, Grids, Knob, make_knob, search_knobs
+from vitq.models.family import family_of
 from vitq.models.trunk import Trunk
 from vitq.quant.base import passthrough
 from vitq.quant.modules import QTransformerBlock
@@ -60,6 +61,10 @@ def bbc_blocks(model: nn.Module) -> list[str]:
         if not isinstance(block, QTransformerBlock):
             raise VitqError(f"apq: block {name} ({type(block).__name__}) is not a transformer block "
                             "(QTransformerBlock), so BBC has nothing to search it with; use --apq-no-bbc")
+        if not isinstance(getattr(block.attn, "qkv", None), nn.Module):  # e.g. separate q/k/v projections
+            raise VitqError(f"apq: block {name}'s attention ({type(block.attn).__name__}, family "
+                            f"{family_of(model).name}) has no fused qkv projection, which BBC searches with the "
+                            "attention output; use --apq-no-bbc")
         names.append(name)
     return names
 
