@@ -85,12 +85,15 @@ def _calib_kl(qmodel: nn.Module, float_logits: list[torch.Tensor], calib: CalibD
 
 
 def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | list[str] = "evolq",
-           batch_size: int = 50, device="cpu", seed: int = 0, progress: bool = True, **options) -> dict:
+           batch_size: int = 50, device="cpu", seed: int = 0, progress: bool = True, after_step=None,
+           **options) -> dict:
     """Improve an already-calibrated model (e.g. Evol-Q), scored against ``float_model``.
 
     ``refiner`` may be a chain, ``"recon,evolq"`` or a list, applied in order; the options of a chain are
     given per refiner (``recon={"iters": 500}, evolq={"passes": 1}``). Each step records its time and the
-    KL(float || quant) on the calibration images before and after it."""
+    KL(float || quant) on the calibration images before and after it. ``after_step(name, qmodel, step)`` is
+    called after each step (e.g. to evaluate the model between the steps of a chain; it must leave the model
+    as it found it)."""
     names = refiner_chain(refiner)
     if len(names) == 1:
         per = {names[0]: options}
@@ -120,6 +123,8 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | 
         steps.append({"refiner": name, "options": _record(cfg), **info, "seconds": seconds,
                       "calib_kl": {"before": kl, "after": kl_after, "gain": kl - kl_after}})
         kl = kl_after
+        if after_step is not None:
+            after_step(name, qmodel, steps[-1])
     if len(steps) == 1:
         return steps[0]
     return {"refiner": ",".join(names), "chain": steps, "seconds": time.perf_counter() - t_chain,
@@ -136,7 +141,7 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
              rounding: str | None = None, refine: str | list[str] | None = None, recipe: str | None = None, *,
              options: dict | None = None, refine_options: dict | None = None, batch_size: int = 50,
              device="cpu", seed: int = 0, progress: bool = True, val_batches=None, start: nn.Module | None = None,
-             augment_synthetic: int | None = None, synthetic: dict | None = None,
+             augment_synthetic: int | None = None, synthetic: dict | None = None, after_step=None,
              **scheme_kwargs) -> tuple[nn.Module, dict]:
     """The one run order, model -> prepare -> calibrate -> round -> refine, that the CLI, the demo and the
     benchmarks call. Returns the quantized model and the record of the run (what goes into results.json).
@@ -150,7 +155,9 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     generates N images from the float model instead (data-free), ``augment_synthetic=N`` adds N synthetic images to
     the real ones; ``synthetic={"generator", "options", "directory", "budget_min"}`` says how (see
     :func:`vitq.calib.calib_source`), and ``record["calib_source"]`` what was done. ``start``: an already
-    calibrated model (e.g. :func:`vitq.load`) to round and refine instead of preparing and calibrating anew."""
+    calibrated model (e.g. :func:`vitq.load`) to round and refine instead of preparing and calibrating anew.
+    ``after_step(name, qmodel, info)``: called after the weight rounding (name ``"base"``, info the record so
+    far) and after each refiner of the chain (see :func:`refine`), e.g. to evaluate every stage of one run."""
     if isinstance(scheme, Scheme):
         if scheme_kwargs:
             raise VitqError(f"scheme fields {sorted(scheme_kwargs)} given beside a Scheme object")
@@ -206,14 +213,16 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     record.update({"scheme": qmodel.vitq_scheme.to_dict(), "num_calib": len(calib)})
     record["weight_rounding"] = round_weights(qmodel, calib, how=rounding or "nearest")
     record["refinement"] = None
+    if after_step is not None:
+        after_step("base", qmodel, record)
     if chain:
         per = {n: dict(refine_options.get(n, {})) for n in chain}
         if val_batches is not None:
             for n in chain:
                 if "val_batches" in inspect.signature(get_refiner(n).fn).parameters:
                     per[n]["val_batches"] = val_batches
-        record["refinement"] = refine_model(qmodel, model, calib, chain, seed=seed,
-                                      **(per if len(chain) > 1 else per[chain[0]]))
+        record["refinement"] = refine_model(qmodel, model, calib, chain, seed=seed, after_step=after_step,
+                                            **(per if len(chain) > 1 else per[chain[0]]))
     return qmodel, record
 
 

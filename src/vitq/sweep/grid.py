@@ -14,6 +14,9 @@ mapping ``{name, weights, model_args}``. ``grids: [{...}, {...}]`` lists sub-gri
 keys as defaults and expand on their own (settings that are not a full product). A mapping-valued key
 (``options``, ``refine_options``) is one value; give a list of mappings for several. Keys that do not change
 the numbers (``label``, ``resources``, ``save_state``, ``eval_shards``) are kept out of the job key.
+``eval_steps: true`` also evaluates the model after the base calibration (and rounding) and after each refiner
+but the last of the chain, one run giving every stage of a leaderboard (base, + recon, + recon + evolq); the job's
+own metrics stay those of the whole chain.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CONFIG_KEYS: dict[str, object] = {
     "class_map": None, "scheme": "fq", "bits": "8/8", "attn_bits": None, "softmax_quantizer": None,
     "gelu_quantizer": None, "attn_granularity": None, "method": None, "recipe": None, "options": None,
     "rounding": None, "refine": None, "refine_options": None, "seed": 0, "batch_size": 50, "device": "cpu",
+    "eval_steps": False,
 }
 # keys that describe how a job runs or is shown, not what it computes
 RUN_KEYS: dict[str, object] = {"label": None, "resources": None, "save_state": False, "eval_shards": 1}
@@ -216,6 +220,8 @@ def resolve(given: dict, base_dir: str) -> Job:
     if stray:
         raise VitqError(f"grid refine_options for {stray}, which are not in the refiner chain {chain}")
     cfg["refine_options"] = ref_opts
+    if not isinstance(cfg["eval_steps"], bool):
+        raise VitqError(f"grid key 'eval_steps': {cfg['eval_steps']!r} (expected true or false)")
     for k in ("num_calib", "num_val", "batch_size", "seed"):
         if cfg[k] is not None and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or
                                    (cfg[k] < 0 if k == "seed" else cfg[k] <= 0)):

@@ -159,8 +159,10 @@ def machine() -> str:
            f"{torch.get_num_threads()}{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''})"
 
 
-def quantize_job(cfg: dict, calib: dict, state_dir: str | None = None, ckpt_prefix: str | None = None):
-    """Calibrate (round, refine) as ``vitq quantize`` does; returns (qmodel, record, seconds)."""
+def quantize_job(cfg: dict, calib: dict, state_dir: str | None = None, ckpt_prefix: str | None = None,
+                 after_step=None):
+    """Calibrate (round, refine) as ``vitq quantize`` does; returns (qmodel, record, seconds). ``after_step``:
+    :func:`vitq.quantize`'s (called after the base and after each refiner)."""
     import vitq.api as api
     from vitq.calib import CalibData
     from vitq.registry import get_refiner
@@ -185,7 +187,7 @@ def quantize_job(cfg: dict, calib: dict, state_dir: str | None = None, ckpt_pref
     qmodel, record = api.quantize(model, data, scheme, cfg["method"], rounding=cfg["rounding"],
                                   refine=chain or None, options=cfg["options"],
                                   refine_options={n: o for n, o in refine_options.items() if o}, seed=cfg["seed"],
-                                  progress=False)
+                                  progress=False, after_step=after_step)
     seconds = time.perf_counter() - t0
     for opts in refine_options.values():
         path = opts.get("checkpoint_path")
@@ -208,20 +210,52 @@ def run_job(cfg: dict, calib: dict, evald: dict | None, threads: int = 1, state_
     t_start = time.perf_counter()
     try:
         torch.set_num_threads(threads)
-        qmodel, record, quant_s = quantize_job(cfg, calib, state_dir, ckpt_prefix)
-        metrics, eval_s = None, 0.0
-        if evald is not None:
+
+        def evaluate(qmodel):
             t0 = time.perf_counter()
             m = shard_fn(qmodel, evald) if shard_fn else evaluate_job(qmodel, evald, device=cfg["device"])
-            metrics, eval_s = m.result(), time.perf_counter() - t0
+            metrics = m.result()
             if not cfg_labels_are_classes(cfg):
                 for side in ("float", "quant"):
                     metrics[side]["top1"] = metrics[side]["top5"] = None
+            return metrics, time.perf_counter() - t0
+
+        stages: list = []
+        chain = cfg["refine"].split(",") if cfg["refine"] else []
+
+        def after_step(name, qmodel, info):  # every stage of the chain but the last (the job's own metrics)
+            if name == (chain[-1] if chain else "base"):
+                return
+            metrics, seconds = evaluate(qmodel)
+            stages.append(stage_record(name, metrics, seconds, info))
+
+        steps_on = bool(cfg.get("eval_steps")) and evald is not None
+        qmodel, record, quant_s = quantize_job(cfg, calib, state_dir, ckpt_prefix, after_step if steps_on else None)
+        quant_s -= sum(s["eval_s"] for s in stages)
+        metrics, eval_s = None, 0.0
+        if evald is not None:
+            metrics, eval_s = evaluate(qmodel)
+        if steps_on:
+            last = record["refinement"] if len(chain) < 2 else (record["refinement"] or {}).get("chain", [{}])[-1]
+            stages.append(stage_record(chain[-1] if chain else "base", metrics, eval_s, last or record))
+            record["stages"] = stages
         return {"metrics": metrics, "record": record, "quantize_s": quant_s, "eval_s": eval_s,
                 "job_s": time.perf_counter() - t_start, "machine": machine(), "state_path": state_dir,
                 "calib_skipped": calib["skipped"], "val_skipped": evald["skipped"] if evald else []}
     except Exception as e:  # noqa: BLE001  (a failed job is recorded, the others go on)
         return {"error": one_line(e), "trace": traceback.format_exc(limit=-3), "job_s": time.perf_counter() - t_start}
+
+
+def stage_record(name: str, metrics: dict, eval_s: float, info: dict) -> dict:
+    """What ``eval_steps`` keeps of one stage: after which step, its metrics, the step's seconds and calibration
+    KL (a refiner's), and the evaluation's seconds."""
+    if name == "base":
+        seconds = info["calibration"].get("seconds", 0.0) + info["weight_rounding"].get("seconds", 0.0)
+        calib_kl = None
+    else:
+        seconds, calib_kl = info.get("seconds"), info.get("calib_kl")
+    return {"after": name, "quant": metrics["quant"], "float": metrics["float"], "num_images": metrics["num_images"],
+            "step_s": seconds, "calib_kl": calib_kl, "eval_s": eval_s}
 
 
 def cfg_labels_are_classes(cfg: dict) -> bool:
