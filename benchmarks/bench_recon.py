@@ -3,201 +3,136 @@ evolq, for each configuration and calibration draw; calibrate/reconstruct/search
 val/. The defaults are the reduced CPU setting of the recipes (vitq.recipes.RECON_CPU); the written section
 states every reduction.
 
-Each finished (configuration, draw) is kept in benchmarks/recon_rows.json, so a rerun (or a run cut off and
-started again) does only what is missing; the section, the figure and the recipe numbers
-(src/vitq/recipes_measured.py, read by ``--recipe best``) are rewritten from all kept runs.
+The grid is ``benchmarks/grids/recon.yaml``: one sweep job per (configuration, draw) runs the chain recon,evolq
+with ``eval_steps`` (the base and + recon evaluated inside the job), so a job gives the three rows of its
+configuration. ``vitq sweep`` runs it into a results store (a rerun runs only unfinished jobs); this script renders
+the section, the figure and the recipe numbers (src/vitq/recipes_measured.py, read by ``--recipe best``) from
+the store. No loop, kept-row file or lock of its own. The rows the script's loop measured before sweeps were
+imported into the store once (``benchmarks/import_kept_rows.py``) and are marked as such.
 
-    python -m benchmarks.bench_recon [--configs fq:4/8:fqvit,matmul:4/4:repq+adalog+gptq] [--seeds 0,1,2]
-        [--num-calib N] [--recon-iters N] [--recon-batch N] [--evolq-passes P] [--threads N] [--fresh]
-        [--render] [--no-write]
+    vitq sweep benchmarks/grids/recon.yaml --store benchmarks/results/recon [--only seed=0 --only w_bits=4]
+    python -m benchmarks.bench_recon [--store DIR] [--run [--only KEY=VALUE]] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import textwrap
 import time
 from pathlib import Path
 
-import torch
+from benchmarks.common import FIGURES, ROOT, environment, mean_std, table, write_section
+from vitq.recipes import RECIPES, rank
 
-import vitq
-from benchmarks.common import (
-    FIGURES,
-    ROOT,
-    Bench,
-    command,
-    environment,
-    load_kept_rows,
-    mean_std,
-    parse_config,
-    save_kept_rows,
-    table,
-    write_section,
-)
-from vitq.calib import CalibData
-from vitq.recipes import EVOLQ_CPU, RECIPES, RECON_CPU, rank
-
-DEFAULT_CONFIGS = ",".join([  # the leaderboard: RepQ-ViT (RTN) and FQ-ViT bases, and the GPTQ bases as a comparison
-    "fq:8/8:repq", "fq:4/8:repq", "fq:4/8:fqvit", "fq:4/8:repq+gptq", "fq:3/8:repq", "fq:3/8:fqvit",
-    "matmul:8/8:repq+adalog", "matmul:6/6:repq+adalog", "matmul:4/4:repq+adalog", "matmul:4/4:repq+adalog+gptq",
-    "matmul:3/3:repq+adalog"])
+GRID = ROOT / "benchmarks" / "grids" / "recon.yaml"
+STORE = ROOT / "benchmarks" / "results" / "recon"
 RECIPE_OF = {"": "{scheme}-{method}", "recon": "{scheme}-{method}-recon",
              "recon,evolq": "{scheme}-{method}-recon-evolq"}
-
-
-ROWS = ROOT / "benchmarks" / "recon_rows.json"
 MEASURED_FILE = ROOT / "src" / "vitq" / "recipes_measured.py"
 REGIME_ORDER = {"fq": 0, "matmul": 1}
+CANONICAL = ("adalog", "gptq")  # the suffixes of a base's label that name a recipe
 
 
 def parse_spec(spec: str) -> tuple[str, int, int, str, list[str]]:
-    scheme, w, a, method_spec = parse_config(spec)
-    method, *extras = method_spec.split("+")  # e.g. repq+adalog+gptq
-    unknown = set(extras) - {"adalog", "gptq"}
-    if unknown:
-        raise SystemExit(f"--configs {spec}: unknown suffix {sorted(unknown)} (expected +adalog, +gptq)")
-    return scheme, w, a, method_spec, extras
+    """``scheme:W/A:label`` -> (scheme, w, a, label, label's suffixes after the method)."""
+    scheme, bits, method_spec = spec.split(":")
+    w, a = (int(v) for v in bits.split("/"))
+    return scheme, w, a, method_spec, method_spec.split("+")[1:]
 
 
-def parse_options(text: str) -> dict:
-    """``k=v,k=v`` -> {k: v} with v as bool (true/false), int, float or str."""
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        k, _, v = item.partition("=")
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
+def is_recipe(method_spec: str) -> bool:
+    """A base named by method + adalog + gptq (a recipe of vitq.recipes); other labels are variants."""
+    return set(method_spec.split("+")[1:]) <= set(CANONICAL)
+
+
+def pipelines(row: dict) -> dict[str, dict]:
+    """A store row's stages as the leaderboard's pipelines: '' (base), 'recon', 'recon,evolq' -> their record
+    (metrics, step and cumulative seconds, calibration KL gain, pieces of recon that kept their start)."""
+    rec = row["record"]
+    chain = rec["refinement"]["chain"] if "chain" in (rec.get("refinement") or {}) else [rec.get("refinement")]
+    info = {step["refiner"]: step for step in chain if step}
+    out, names, total = {}, [], 0.0
+    for stage in rec["stages"]:
+        if stage["after"] != "base":
+            names.append(stage["after"])
+        total += stage["step_s"]
+        r = {"seconds": total, "step_seconds": stage["step_s"], "eval_seconds": stage["eval_s"], **stage["quant"]}
+        if stage["calib_kl"] is not None:
+            r["calib_kl"] = stage["calib_kl"]
+        if stage["after"] == "recon":
+            r["pieces_kept_start"] = info["recon"]["pieces_kept_start"]
+        out[",".join(names)] = r
+    return out
+
+
+def store_runs(store: Path) -> dict:
+    """{"rows": {"spec|seed": {"when", "command", "pipelines", "imported"}}, "float_top1", "num_val",
+    "settings"} from the store (the latest row of each configuration and draw)."""
+    from vitq.sweep.report import results
+
+    kept: dict = {"rows": {}, "float_top1": None, "num_val": None, "settings": None}
+    if not (store / "results.sqlite").exists():
+        return kept
+    shown = store.relative_to(ROOT) if store.is_relative_to(ROOT) else store
+    for row in results(str(store)):
+        c = row["config"]
+        if not c.get("eval_steps") or c["refine"] != "recon,evolq":
             continue
-        for conv in (int, float):
-            try:
-                out[k] = conv(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k] = v
-    return out
-
-
-def parse_variants(text: str) -> dict[str, dict]:
-    """``name:k=v,k=v;name2:...`` -> {name: options}: extra recon runs from a copy of the same base."""
-    out = {}
-    for part in filter(None, (t.strip() for t in text.split(";"))):
-        name, _, opts = part.partition(":")
-        out[name] = parse_options(opts)
-    return out
-
-
-def _recon_record(info: dict, cost: float) -> dict:
-    return {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"],
-            "pieces_kept_start": info["pieces_kept_start"], "steps_taken": info.get("steps_taken"),
-            "budget": info.get("budget"),
-            "trace": [{k: e.get(k) for k in ("piece", "mse_before", "mse_learned", "mse_after", "kept_start",
-                                             "iters", "seconds")} for e in info["trace"]]}
-
-
-def run_one(bench, calib_x, spec: str, seed: int, args) -> dict:
-    """Base calibration, + recon (+ each --variants recon from a copy of the base), + recon + evolq for one
-    configuration and calibration draw."""
-    scheme, w, a, method_spec, extras = parse_spec(spec)
-    method = method_spec.split("+")[0]
-    kinds = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog"} if "adalog" in extras else {}
-    calib = CalibData(calib_x, batch_size=args.batch_size, progress=False, seed=seed)
-    run = bench.quantize(vitq.Scheme(scheme, w, a, **kinds), method, calib,
-                         rounding="gptq" if "gptq" in extras else None, seed=seed)
-    q = run.qmodel
-    cost = run.info["seconds"] + run.record["weight_rounding"].get("seconds", 0.0)
-    out, record, chain = {}, {"seconds": cost, "step_seconds": cost}, []
-    recon_opts = {"iters": args.recon_iters, "batch": args.recon_batch, "lr": args.recon_lr,
-                  "scale_lr": args.recon_scale_lr, **parse_options(args.recon_options)}
-    base_cost = cost
-    steps = [(None, None)]
-    for vname, vopts in parse_variants(args.variants).items():
-        steps.append((f"recon[{vname}]", {**recon_opts, **vopts}))
-    steps.append(("recon", recon_opts))
-    if args.evolq_passes > 0:
-        steps.append(("evolq", {"passes": args.evolq_passes}))
-    for name, opts in steps:
-        model_q = copy.deepcopy(q) if name is not None and name.startswith("recon[") else q
-        if name is not None:
-            refiner = "recon" if name.startswith("recon") else name
-            info = vitq.refine(model_q, bench.model, calib, refiner, batch_size=args.batch_size, seed=seed,
-                               progress=False, **opts)
-            if model_q is q:
-                chain.append(name)
-                cost += info["seconds"]
-            record = (_recon_record(info, (cost if model_q is q else base_cost + info["seconds"]))
-                      if refiner == "recon" else {"seconds": cost, "step_seconds": info["seconds"],
-                                                  "calib_kl": info["calib_kl"]})
-        result, eval_seconds = bench.score(model_q)
-        r = result["quant"]
-        record.update({"eval_seconds": eval_seconds, **r})
-        key = name if model_q is not q else ",".join(chain)
-        out[key] = record
-        del model_q
-        print(f"seed {seed} {spec} {key or 'base'}: top-1 {r['top1']:.2f} agreement "
-              f"{r['agreement']:.2f} KL {r['kl']:.4f} step {record['step_seconds']:.0f} s", flush=True)
-    return out
+        spec = f"{c['scheme']}:{c['w_bits']}/{c['a_bits']}:{row['label']}"
+        imported = row["record"].get("imported_from")
+        command = row["record"]["command"] if imported else \
+            f"vitq sweep {GRID.relative_to(ROOT)} --store {shown}"
+        kept["rows"][f"{spec}|{c['seed']}"] = {"when": row["finished"], "command": command, "imported": imported,
+                                               "machine": row["machine"], "pipelines": pipelines(row)}
+        kept["float_top1"], kept["num_val"] = row["float_top1"], row["num_val"]
+        ro = dict(c["refine_options"])
+        for step in (row["record"]["refinement"] or {}).get("chain", []):  # the options in effect (defaults too)
+            ro[step["refiner"]] = {**step.get("options", {}), **ro.get(step["refiner"], {})}
+        kept["settings"] = {"num_calib": c["num_calib"], "batch_size": c["batch_size"],
+                            "recon_iters": ro["recon"].get("iters"), "recon_batch": ro["recon"].get("batch"),
+                            "recon_lr": ro["recon"].get("lr"), "recon_scale_lr": ro["recon"].get("scale_lr"),
+                            "evolq_passes": ro["evolq"].get("passes")}
+        given = c["refine_options"].get("recon", {})  # what the grid sets beyond the four reduced ones
+        more = {k: v for k, v in given.items() if k not in ("iters", "batch", "lr", "scale_lr")}
+        if more:
+            kept["settings"]["recon_options"] = ",".join(f"{k}={v}" for k, v in sorted(more.items()))
+    return kept
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated scheme:W/A:method[+adalog][+gptq]")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated calibration draws")
-    p.add_argument("--num-calib", type=int, default=None, help="calibration images (default: all of calib/)")
-    p.add_argument("--batch-size", type=int, default=50, help="calibration / evolq batch (the CLI default)")
-    p.add_argument("--recon-iters", type=int, default=RECON_CPU["recon_iters"])
-    p.add_argument("--recon-batch", type=int, default=RECON_CPU["recon_batch"])
-    p.add_argument("--recon-lr", type=float, default=RECON_CPU["recon_lr"])
-    p.add_argument("--recon-scale-lr", type=float, default=RECON_CPU["recon_scale_lr"])
-    p.add_argument("--evolq-passes", type=int, default=EVOLQ_CPU["evolq_passes"], help="0: no Evol-Q step")
-    p.add_argument("--recon-options", default="", help="more recon options, k=v,k=v (e.g. learn_log=false)")
-    p.add_argument("--variants", default="", help="extra recon runs from a copy of each base, recorded as "
-                   "pipeline recon[NAME]: NAME:k=v,k=v;NAME2:...")
-    p.add_argument("--rows", default=str(ROWS), help="file of the kept runs")
-    p.add_argument("--num-val", type=int, default=None, help="val images (default all 500; fewer for a smoke run)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fresh", action="store_true", help=f"forget the runs kept in {ROWS.name}")
-    p.add_argument("--render", action="store_true", help="only rewrite the section (and recipe numbers) from the "
-                                                          "kept runs")
-    p.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md, the kept runs, the "
-                                                           "figure and the recipe numbers alone")
+    p.add_argument("--store", default=str(STORE), help="results store of the grid (default %(default)s)")
+    p.add_argument("--run", action="store_true", help="first run the grid's unfinished jobs with vitq sweep")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --run: only these jobs of the grid (as vitq sweep --only)")
+    p.add_argument("--address", default=None, help="with --run: a Ray cluster (default: a local instance)")
+    p.add_argument("--no-write", action="store_true", help="print only: leave BENCHMARKS.md, the figure and the "
+                                                           "recipe numbers alone")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    settings = {k: getattr(args, k) for k in ("num_calib", "batch_size", "recon_iters", "recon_batch", "recon_lr",
-                                              "recon_scale_lr", "evolq_passes", "num_val")}
-    if args.recon_options:  # (absent from the settings of rows kept before the option existed)
-        settings["recon_options"] = args.recon_options
-    fresh_run = args.no_write and not args.render  # a --no-write run neither reads nor writes the kept runs
-    kept = {"settings": settings, "rows": {}} if fresh_run else load_kept_rows(Path(args.rows), settings, args.fresh)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    specs = args.configs.split(",")
-    for spec in specs:
-        parse_spec(spec)
-    if not args.render:
-        bench = Bench()
-        bench.val(args.num_val)
-        kept["float_top1"] = bench.float_result["top1"]
-        kept["num_val"] = len(bench.val_x)
-        for seed in seeds:
-            calib_x = None
-            for spec in specs:
-                if f"{spec}|{seed}" in kept["rows"]:
-                    continue
-                if calib_x is None:
-                    calib_x = bench.calib(args.num_calib, seed=seed)
-                kept["rows"][f"{spec}|{seed}"] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                                  "command": command(),
-                                                  "pipelines": run_one(bench, calib_x, spec, seed, args)}
-                if not args.no_write:
-                    save_kept_rows(Path(args.rows), kept)
-                    report(args, kept, t_start, partial=True)
-    report(args, kept, t_start, partial=False)
+    store = Path(args.store).resolve()
+    if args.run:
+        import vitq
+        from vitq.cli.results import parse_where
+
+        print(vitq.sweep(str(GRID), str(store), address=args.address, where=parse_where(args.only, "--only")))
+    kept = store_runs(store)
+    report(args, kept, t_start, partial=missing_jobs(kept))
+
+
+def store_name(args) -> str:
+    store = Path(args.store).resolve()
+    return str(store.relative_to(ROOT) if store.is_relative_to(ROOT) else store)
+
+
+def missing_jobs(kept: dict) -> int:
+    """How many of the grid's (configuration, draw) the store has no run of."""
+    from vitq.sweep.grid import expand, read_grid
+
+    jobs = expand(read_grid(str(GRID)), str(GRID.parent))
+    return sum(1 for j in jobs if f"{j.config['scheme']}:{j.config['w_bits']}/{j.config['a_bits']}:{j.label}|"
+               f"{j.config['seed']}" not in kept["rows"])
 
 
 def setting_order(spec: str) -> tuple:
@@ -206,13 +141,14 @@ def setting_order(spec: str) -> tuple:
 
 
 def report(args, kept: dict, t_start: float, partial: bool) -> None:
+    """The section from the store's runs; ``partial``: the grid has jobs the store lacks."""
     runs: dict[str, dict[str, list[dict]]] = {}  # spec -> pipeline -> one record per seed
     for key, row in kept["rows"].items():
         spec = key.rsplit("|", 1)[0]
         for pipeline, rec in row["pipelines"].items():
             runs.setdefault(spec, {}).setdefault(pipeline, []).append(rec)
     if not runs:
-        print("no kept runs to report")
+        print(f"no runs of {GRID.name} in the store {args.store}")
         return
     float_top1, num_val = kept["float_top1"], kept["num_val"]
     rows, measured, steps_of = [], {}, {}
@@ -232,7 +168,7 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
                          mean_std([r["seconds"] for r in recs], ".0f"),
                          "/".join(str(len(r["pieces_kept_start"])) for r in recs)
                          if pipeline.startswith("recon") and "evolq" not in pipeline else "-"])
-            if pipeline not in RECIPE_OF:  # a --variants run: in the table, not a recipe
+            if pipeline not in RECIPE_OF or not is_recipe(method_spec):  # a variant: in the table, not a recipe
                 continue
             steps_of[(recipe, w, a)] = steps
             measured[(recipe, w, a)] = {
@@ -244,18 +180,26 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
     compute_min = sum(max(r["seconds"] for r in row["pipelines"].values())
                       + sum(r["eval_seconds"] for r in row["pipelines"].values()) for row in kept["rows"].values()) / 60
     s = kept["settings"]
+    imported = sum(1 for r in kept["rows"].values() if r.get("imported"))
+    whens = [r["when"].replace("T", " ").rstrip("Z").removesuffix(" UTC")[:16] for r in kept["rows"].values()]
     draws = sorted({int(key.rsplit("|", 1)[1]) for key in kept["rows"]})
     md = [
         "## Block reconstruction (recon), chains and recipes on the real DeiT-Tiny (issue 11)",
         "",
-        *(["**Partial: the run was cut off after the configurations shown.**", ""] if partial else []),
-        "Commands (each runs only what `benchmarks/" + Path(args.rows).name + "` lacks; `--render` rewrites this "
-        "section from it): "
+        *([f"**Partial: the store lacks {partial} of the grid's jobs (`vitq sweep --status`).**", ""]
+          if partial else []),
+        f"Grid: `{GRID.relative_to(ROOT)}`, one `vitq sweep` job per configuration and draw (the chain "
+        "recon,evolq with `eval_steps`: base and + recon evaluated inside the job); a rerun of the grid runs only "
+        "the jobs the store lacks. Section, figure and recipe numbers written by `python -m benchmarks.bench_recon` "
+        "from the store. Commands that made the rows: "
         + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", "?") for r in kept["rows"].values()))
-        + "  ",
-        f"{environment()}  ",
+        + (f" ({imported} of the runs were made by this script's loop before sweeps, with the commands shown, "
+           "and imported into the store by `benchmarks/import_kept_rows.py`; their code version says so)"
+           if imported else "") + "  ",
+        f"Written: {environment()}  ",
         f"{len(kept['rows'])} runs (configuration × draw), {compute_min:.0f} min of calibration, refinement and "
-        "evaluation in all. Every row ran on the 2 CPU cores of this machine (no GPU was lent).",
+        f"evaluation in all, from {min(whens)} to {max(whens)} UTC, on: "
+        + "; ".join(dict.fromkeys(r["machine"] or "?" for r in kept["rows"].values())) + ".",
         "",
         f"**Reduced for CPU time:** {s['num_calib'] or 'all'} of the 250 `calib/` images (BRECQ/QDrop: 1,024), "
         "used for the base calibration, the reconstruction and the Evol-Q search alike; recon "
@@ -265,8 +209,7 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         f"rate {s['recon_scale_lr']:g} relative to each step size (BRECQ: 4e-5 absolute, about 1e-3 relative); "
         f"regulariser weight 0.01, warm-up 20 %, β 20 → 2, QDrop probability 0.5 as the defaults. Evol-Q "
         f"(default checked mode) with **{s['evolq_passes']} pass(es)** (default 10), batches of "
-        f"{s['batch_size']}. More recon options: {s.get('recon_options') or 'none'}; rows `recon[NAME]` are "
-        "extra reconstructions (`--variants`) from a copy of the same base. "
+        f"{s['batch_size']}. More recon options: {s.get('recon_options') or 'none'}. "
         f"Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
         "a row has. Base methods alone at other settings: sections lowbit, baselines, ptqvit and apq.",
         "",
@@ -286,7 +229,8 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
                     for (sch, w, a), name in sorted(best.items(), key=lambda kv: (REGIME_ORDER.get(kv[0][0], 9),
                                                                                    -kv[0][2], -kv[0][1]))) + ".",
         "",
-        f"Per-piece traces (MSE before → after, seconds): `benchmarks/{Path(args.rows).name}`. Figure: "
+        f"Per-piece traces (MSE before → after, seconds): the job records of the store (`vitq results --store "
+        f"{store_name(args)} --format json`, `record.refinement.chain`). Figure: "
         "`benchmarks/figures/recon_agreement.png`.",
     ]
     text = "\n".join(md)
@@ -318,7 +262,7 @@ def write_measured(measured: dict, settings: dict) -> None:
     """The recipe numbers (vitq.recipes_measured), generated from the kept runs."""
     setting = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
     lines = ['"""Measured recipe numbers: generated by ``python -m benchmarks.bench_recon`` from',
-             "``benchmarks/recon_rows.json`` (BENCHMARKS.md, section recon). Do not edit by hand.",
+             "the sweep store ``benchmarks/results/recon`` (BENCHMARKS.md, section recon). Do not edit by hand.",
              "",
              "DeiT-Tiny, all val images, the CPU setting of the recipes:",
              *textwrap.wrap(setting, 116),

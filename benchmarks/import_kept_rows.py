@@ -1,0 +1,130 @@
+"""One-off: the rows the benchmark scripts kept in JSON files before sweeps (``benchmarks/recon_rows.json``,
+``benchmarks/ptqvit_baselines_rows.json``), imported into the sweep stores their grids now run into, so the
+measured numbers stay in the sections the renderers write from the stores.
+
+Each kept row becomes a finished job of the store whose config is the grid's job of the same setting and draw
+(so the renderer finds it where a sweep's row would be), with key ``imported-…``, code version ``imported from
+FILE`` and its original record (traces, notes, when and by which command it ran). A later sweep row of the same
+setting and draw replaces it in the section (the renderers take the latest). Run once; it refuses to import a
+file twice into the same store.
+
+    python -m benchmarks.import_kept_rows recon benchmarks/recon_rows.json
+    python -m benchmarks.import_kept_rows ptqvit-baselines benchmarks/ptqvit_baselines_rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from benchmarks.common import ROOT
+
+MACHINE = "AMD EPYC x2 (2 shared CPU cores), torch threads 2 (the benchmark machine; from the section)"
+
+
+def grid_jobs(name: str) -> list:
+    from vitq.sweep.grid import expand, read_grid
+
+    path = ROOT / "benchmarks" / "grids" / f"{name}.yaml"
+    return expand(read_grid(str(path)), str(path.parent))
+
+
+def _put(db, source: str, ident: str, cfg: dict, label: str, metrics: dict, timings: dict, record: dict,
+         when: str, float_top1, num_val) -> None:
+    key = "imported-" + hashlib.sha256(f"{source}|{ident}".encode()).hexdigest()[:11]
+    db.put(key, state="done", label=label, model=cfg["model"]["name"], scheme=cfg["scheme"], w_bits=cfg["w_bits"],
+           a_bits=cfg["a_bits"], method=cfg["method"], rounding=cfg["rounding"], refine=cfg["refine"],
+           recipe=None, num_calib=cfg["num_calib"], seed=cfg["seed"], top1=metrics["top1"],
+           top5=metrics.get("top5"), agreement=metrics["agreement"], kl=metrics["kl"], float_top1=float_top1,
+           num_val=num_val, quantize_s=timings.get("quantize_s"), eval_s=timings.get("eval_s"),
+           job_s=timings.get("job_s"), started=when, finished=when, error=None,
+           code_version=f"imported from {source}", versions=None, machine=MACHINE, state_path=None, config=cfg,
+           calib_files=None, record={**record, "imported_from": source}, sweep_id=None)
+
+
+def spec_of(cfg: dict, label: str) -> str:
+    """The old script's key of a setting: ``scheme:W/A:label``."""
+    return f"{cfg['scheme']}:{cfg['w_bits']}/{cfg['a_bits']}:{label}"
+
+
+def import_recon(db, path: Path) -> int:
+    kept = json.loads(path.read_text())
+    jobs = {(spec_of(j.config, j.label), j.config["seed"]): j for j in grid_jobs("recon")}
+    n = 0
+    for ident, row in kept["rows"].items():
+        spec, seed = ident.rsplit("|", 1)
+        job = jobs.get((spec, int(seed)))
+        if job is None:
+            raise SystemExit(f"{path}: row {ident} has no job in benchmarks/grids/recon.yaml")
+        pipes = row["pipelines"]
+        stages, chain = [], []
+        for name, after in (("", "base"), ("recon", "recon"), ("recon,evolq", "evolq")):
+            p = pipes[name]
+            stages.append({"after": after, "quant": {k: p[k] for k in ("top1", "top5", "agreement", "kl")},
+                           "float": {"top1": kept["float_top1"], "top5": None}, "num_images": kept["num_val"],
+                           "step_s": p["step_seconds"], "calib_kl": p.get("calib_kl"), "eval_s": p["eval_seconds"]})
+            if after != "base":
+                chain.append({"refiner": after, "seconds": p["step_seconds"], "calib_kl": p.get("calib_kl"),
+                              **{k: p[k] for k in ("pieces_kept_start", "steps_taken", "budget", "trace") if k in p}})
+        last = pipes["recon,evolq"]
+        record = {"stages": stages, "refinement": {"refiner": "recon,evolq", "chain": chain},
+                  "command": row["command"], "settings": kept["settings"]}
+        _put(db, str(path.relative_to(ROOT)), ident, job.config, job.label, last,
+             {"quantize_s": last["seconds"], "eval_s": last["eval_seconds"],
+              "job_s": last["seconds"] + sum(p["eval_seconds"] for p in pipes.values())},
+             record, row["when"], kept["float_top1"], kept["num_val"])
+        n += 1
+    return n
+
+
+def import_ptqvit_baselines(db, path: Path) -> int:
+    kept = json.loads(path.read_text())
+    jobs = {}
+    for j in grid_jobs("ptqvit_baselines"):
+        c = j.config
+        jobs[(f"{c['scheme']} W{c['w_bits']}A{c['a_bits']}", j.label)] = j
+    n = 0
+    for ident, row in kept["rows"].items():
+        setting, name, top1, agreement, kl, calib_s, run = row["row"]
+        job = jobs.get((setting, name))
+        if job is None:
+            raise SystemExit(f"{path}: row {ident} has no job in benchmarks/grids/ptqvit_baselines.yaml")
+        commit, when = run.split(" ", 1)
+        _put(db, str(path.relative_to(ROOT)), ident, job.config, job.label,
+             {"top1": top1, "agreement": agreement, "kl": kl}, {"quantize_s": calib_s},
+             {"note": row["note"], "commit": commit, "settings": kept["settings"],
+              "command": "python -m benchmarks.bench_ptqvit_baselines"}, when.replace(" ", "T") + "Z",
+             kept["float_top1"], kept["num_val"])
+        n += 1
+    return n
+
+
+IMPORTERS = {"recon": import_recon, "ptqvit-baselines": import_ptqvit_baselines}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=sorted(IMPORTERS))
+    ap.add_argument("rows", help="the kept-rows JSON file")
+    ap.add_argument("--store", default=None, help="default benchmarks/results/KIND (with _ for -)")
+    args = ap.parse_args()
+    from vitq.sweep.store import Store
+
+    path = Path(args.rows).resolve()
+    store = args.store or str(ROOT / "benchmarks" / "results" / args.kind.replace("-", "_"))
+    db = Store(store)
+    try:
+        source = str(path.relative_to(ROOT))
+        if any(r["code_version"] == f"imported from {source}" for r in db.rows()):
+            raise SystemExit(f"{store} already holds the rows of {source}")
+        n = IMPORTERS[args.kind](db, path)
+    finally:
+        db.close()
+    print(f"imported {n} rows of {source} into {store}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
