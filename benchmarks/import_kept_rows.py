@@ -1,6 +1,7 @@
 """One-off: the rows the benchmark scripts kept in JSON files before sweeps (``benchmarks/recon_rows.json``,
-``benchmarks/ptqvit_baselines_rows.json``), imported into the sweep stores their grids now run into, so the
-measured numbers stay in the sections the renderers write from the stores.
+``benchmarks/ptqvit_baselines_rows.json``), or only wrote into their BENCHMARKS.md table (sections baselines, apq,
+cnn, cnn-lowbit: the numbers as the table shows them, rounded), imported into the sweep stores their grids now run
+into, so the measured numbers stay in the sections the renderers write from the stores.
 
 Each kept row becomes a finished job of the store whose config is the grid's job of the same setting and draw
 (so the renderer finds it where a sweep's row would be), with key ``imported-…``, code version ``imported from
@@ -10,6 +11,7 @@ file twice into the same store.
 
     python -m benchmarks.import_kept_rows recon benchmarks/recon_rows.json
     python -m benchmarks.import_kept_rows ptqvit-baselines benchmarks/ptqvit_baselines_rows.json
+    python -m benchmarks.import_kept_rows baselines      # (apq, cnn, cnn-lowbit): from the section's table
 """
 
 from __future__ import annotations
@@ -101,25 +103,122 @@ def import_ptqvit_baselines(db, path: Path) -> int:
     return n
 
 
+def section_table(name: str) -> tuple[list[dict], str, str]:
+    """The first table of BENCHMARKS.md's section ``name`` as dicts (header -> cell), the section's command and
+    the date it names (UTC)."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    body = text.split(f"<!-- BEGIN {name} -->", 1)[1].split(f"<!-- END {name} -->", 1)[0]
+    lines = [ln.strip() for ln in body.splitlines()]
+    rows, header = [], None
+    for ln in lines:
+        if not ln.startswith("|"):
+            if header is not None:
+                break
+            continue
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(ln) <= set("|-"):
+            rows.append(dict(zip(header, cells, strict=True)))
+    command = next((ln.split("`")[1] for ln in lines if ln.startswith("Command") and "`" in ln), "")
+    when = next((ln.rsplit(";", 1)[1].strip().rstrip(".").removesuffix("UTC").strip() for ln in lines
+                 if ln.startswith("machine:")), "")
+    return rows, command, when
+
+
+def _num(text: str):
+    return None if text in ("-", "", "n/a") else float(text)
+
+
+def _import_section(db, section: str, grid: str, key_of_job, key_of_row, fields, skip=None) -> int:
+    """Rows of a section's table onto the grid's jobs: ``key_of_job(job)`` and ``key_of_row(cells)`` match
+    them, ``fields(cells)`` -> (metrics, timings, calibration record); the float row gives float top-1."""
+    rows, command, when = section_table(section)
+    jobs = {key_of_job(j): j for j in grid_jobs(grid)}
+    float_row = next((r for r in rows if next(iter(r.values())) == "float"), None)
+    float_top1 = _num(float_row.get("top-1")) if float_row else None
+    n = 0
+    for cells in rows:
+        if cells is float_row or (skip and skip(cells)):
+            continue
+        job = jobs.get(key_of_row(cells))
+        if job is None:
+            raise SystemExit(f"BENCHMARKS.md section {section}: row {cells} has no job in benchmarks/grids/{grid}.yaml")
+        metrics, timings, calibration = fields(cells)
+        _put(db, f"BENCHMARKS.md section {section}", json.dumps(cells, sort_keys=True), job.config, job.label,
+             metrics, timings, {"calibration": calibration, "command": command, "table_row": cells,
+                                "float_row": float_row},
+             when.replace(" ", "T") + "Z" if when else None, float_top1, 500)
+        n += 1
+    return n
+
+
+def _bits(c: dict) -> str:
+    return f"W{c['w_bits']}A{c['a_bits']}"
+
+
+def import_baselines(db, path: Path | None) -> int:
+    return _import_section(
+        db, "baselines", "baselines", lambda j: (j.config["method"], j.config["scheme"], _bits(j.config)),
+        lambda r: (r["method"], r["scheme"], r["bits"]),
+        lambda r: ({"top1": _num(r["top-1"]), "top5": _num(r["top-5"]), "agreement": _num(r["agreement"]),
+                    "kl": _num(r["KL"])}, {"quantize_s": _num(r["calibrate s"]), "eval_s": _num(r["eval s"])},
+                   {"seconds": _num(r["calibrate s"])}))
+
+
+def import_apq(db, path: Path | None) -> int:
+    return _import_section(
+        db, "apq", "apq", lambda j: (_bits(j.config), j.label), lambda r: (r["bits"], r["config"]),
+        lambda r: ({"top1": _num(r["top-1"]), "agreement": _num(r["agree"]), "kl": _num(r["KL"])},
+                   {"quantize_s": _num(r["calib s"])},
+                   {"seconds": _num(r["calib s"]), "softmax_quantizer": r["softmax q."]}))
+
+
+def import_cnn(db, path: Path | None) -> int:
+    """The minmax / omse rows (the Evol-Q row of the section had another setting than the grid's: base on all
+    250 images, fitness on a 64-image draw; it is not imported, the renderer quotes it)."""
+    return _import_section(
+        db, "cnn", "cnn", lambda j: (j.config["method"], j.config["scheme"], _bits(j.config))
+        if j.config["num_calib"] is None else None, lambda r: (r["method"], r["scheme"], r["bits"]),
+        lambda r: ({"top1": _num(r["top-1"]), "agreement": _num(r["agreement"]), "kl": _num(r["KL"])},
+                   {"quantize_s": _num(r["calibrate s"]), "eval_s": _num(r["eval s"])},
+                   {"seconds": _num(r["calibrate s"])}), skip=lambda r: r["method"] == "omse → evolq")
+
+
+def import_cnn_lowbit(db, path: Path | None) -> int:
+    return _import_section(
+        db, "cnn-lowbit", "cnn", lambda j: j.label.removesuffix(" (lowbit)") if j.config["num_calib"] == 128
+        else None, lambda r: r["chain"],
+        lambda r: ({"top1": _num(r["top-1"]), "agreement": _num(r["agreement"]), "kl": _num(r["KL"])},
+                   {"quantize_s": _num(r["quantize s"])}, {"seconds": None}))
+
+
 IMPORTERS = {"recon": import_recon, "ptqvit-baselines": import_ptqvit_baselines}
+SECTIONS = {"baselines": import_baselines, "apq": import_apq, "cnn": import_cnn, "cnn-lowbit": import_cnn_lowbit}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=sorted(IMPORTERS))
-    ap.add_argument("rows", help="the kept-rows JSON file")
-    ap.add_argument("--store", default=None, help="default benchmarks/results/KIND (with _ for -)")
+    ap.add_argument("kind", choices=sorted({*IMPORTERS, *SECTIONS}))
+    ap.add_argument("rows", nargs="?", default=None, help="the kept-rows JSON file (recon, ptqvit-baselines)")
+    ap.add_argument("--store", default=None, help="default benchmarks/results/GRID (the grid's name)")
     args = ap.parse_args()
     from vitq.sweep.store import Store
 
-    path = Path(args.rows).resolve()
-    store = args.store or str(ROOT / "benchmarks" / "results" / args.kind.replace("-", "_"))
+    grid = {"ptqvit-baselines": "ptqvit_baselines", "cnn-lowbit": "cnn"}.get(args.kind, args.kind)
+    store = args.store or str(ROOT / "benchmarks" / "results" / grid)
+    if args.kind in IMPORTERS:
+        if args.rows is None:
+            raise SystemExit(f"{args.kind}: give the kept-rows JSON file")
+        path = Path(args.rows).resolve()
+        source = str(path.relative_to(ROOT))
+    else:
+        path, source = None, f"BENCHMARKS.md section {args.kind}"
     db = Store(store)
     try:
-        source = str(path.relative_to(ROOT))
         if any(r["code_version"] == f"imported from {source}" for r in db.rows()):
             raise SystemExit(f"{store} already holds the rows of {source}")
-        n = IMPORTERS[args.kind](db, path)
+        n = (IMPORTERS.get(args.kind) or SECTIONS[args.kind])(db, path)
     finally:
         db.close()
     print(f"imported {n} rows of {source} into {store}")
