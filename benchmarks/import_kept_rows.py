@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from benchmarks.common import ROOT
@@ -103,11 +104,15 @@ def import_ptqvit_baselines(db, path: Path) -> int:
     return n
 
 
+def section_text(name: str) -> str:
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    return text.split(f"<!-- BEGIN {name} -->", 1)[1].split(f"<!-- END {name} -->", 1)[0]
+
+
 def section_table(name: str) -> tuple[list[dict], str, str]:
     """The first table of BENCHMARKS.md's section ``name`` as dicts (header -> cell), the section's command and
     the date it names (UTC)."""
-    text = (ROOT / "BENCHMARKS.md").read_text()
-    body = text.split(f"<!-- BEGIN {name} -->", 1)[1].split(f"<!-- END {name} -->", 1)[0]
+    body = section_text(name)
     lines = [ln.strip() for ln in body.splitlines()]
     rows, header = [], None
     for ln in lines:
@@ -130,13 +135,14 @@ def _num(text: str):
     return None if text in ("-", "", "n/a") else float(text)
 
 
-def _import_section(db, section: str, grid: str, key_of_job, key_of_row, fields, skip=None) -> int:
+def _import_section(db, section: str, grid: str, key_of_job, key_of_row, fields, skip=None,
+                    float_top1=None) -> int:
     """Rows of a section's table onto the grid's jobs: ``key_of_job(job)`` and ``key_of_row(cells)`` match
     them, ``fields(cells)`` -> (metrics, timings, calibration record); the float row gives float top-1."""
     rows, command, when = section_table(section)
     jobs = {key_of_job(j): j for j in grid_jobs(grid)}
     float_row = next((r for r in rows if next(iter(r.values())) == "float"), None)
-    float_top1 = _num(float_row.get("top-1")) if float_row else None
+    float_top1 = _num(float_row.get("top-1")) if float_row else float_top1
     n = 0
     for cells in rows:
         if cells is float_row or (skip and skip(cells)):
@@ -171,7 +177,8 @@ def import_apq(db, path: Path | None) -> int:
         db, "apq", "apq", lambda j: (_bits(j.config), j.label), lambda r: (r["bits"], r["config"]),
         lambda r: ({"top1": _num(r["top-1"]), "agreement": _num(r["agree"]), "kl": _num(r["KL"])},
                    {"quantize_s": _num(r["calib s"])},
-                   {"seconds": _num(r["calib s"]), "softmax_quantizer": r["softmax q."]}))
+                   {"seconds": _num(r["calib s"]), "softmax_quantizer": r["softmax q."]}),
+        float_top1=float(re.search(r"Float top-1 here: \*\*([0-9.]+)\*\*", section_text("apq")).group(1)))
 
 
 def import_cnn(db, path: Path | None) -> int:
