@@ -1,0 +1,42 @@
+"""Every grid file of benchmarks/grids parses and expands to the jobs its BENCHMARKS.md section shows (no run):
+the counts below are the tables' rows (recon: one job per configuration and draw, its three rows evaluated inside
+the job), so a grid that loses or gains jobs is noticed."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vitq.sweep.grid import expand, read_grid
+
+pytest.importorskip("yaml")
+GRIDS = Path(__file__).resolve().parents[2] / "benchmarks" / "grids"
+# grid -> (jobs, settings without the seed, labels)
+EXPECTED = {
+    "lowbit": (54, 20, 5),          # 5 settings x 3 configs x 3 draws; references: ptq4vit x 3 (1 draw), fqvit x 2
+    "recon": (23, 11, 5),           # 11 configurations: 4 with 3 draws, 7 with one
+    "baselines": (32, 32, 32),      # 2 schemes x 4 bit widths x 4 methods
+    "ptqvit_baselines": (40, 40, 9),  # 6 settings x 6 methods + 4 aciq ablations
+    "apq": (18, 18, 6),             # 3 bit widths x 6 configs
+    "cnn": (17, 15, 15),            # 10 minmax/omse, omse + evolq x 3 draws, 4 W4A8 chains
+}
+
+
+def test_every_grid_file_is_known():
+    assert sorted(p.stem for p in GRIDS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_benchmark_grid_expands_to_its_jobs(name, monkeypatch):
+    monkeypatch.setenv("VITQ_SHARED", "/nonexistent/shared")  # paths are resolved, not read
+    path = GRIDS / f"{name}.yaml"
+    jobs = expand(read_grid(str(path)), str(path.parent))
+    settings = {(j.label, *(str(v) for k, v in sorted(j.config.items()) if k != "seed")) for j in jobs}
+    assert (len(jobs), len(settings), len({j.label for j in jobs})) == EXPECTED[name]
+    for j in jobs:
+        assert j.config["calib"].startswith("/nonexistent/shared/data/imagenet-sample/")
+        assert j.config["model"]["weights"].startswith("/nonexistent/shared/models/")
+        assert os.path.basename(j.config["model"]["weights"]) == j.config["model"]["name"] + ".safetensors"
+        assert j.config["val"].endswith("/val") and j.config["num_val"] is None  # all of val/
+    if name == "recon":  # a job gives the three rows of its configuration
+        assert all(j.config["refine"] == "recon,evolq" and j.config["eval_steps"] for j in jobs)
