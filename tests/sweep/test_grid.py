@@ -117,3 +117,20 @@ def test_store_round_trips(tmp_path):
     with pytest.raises(VitqError, match="holds no results"):
         Store(str(tmp_path / "empty"), create=False)
     assert json.loads(json.dumps(row["config"])) == config
+
+
+def test_set_overrides_every_job_over_its_sub_grid(folders):
+    from vitq.sweep.grid import parse_overrides
+
+    grid = read_grid_text(folders, ISSUE_GRID + "grids: [{resources: {num_cpus: 2}}, {seed: 3}]\n")
+    plain = assign_keys(expand(grid, str(folders)), code="v1")
+    sets = parse_overrides(["resources={num_cpus: 4, num_gpus: 1}", "batch_size=25"])
+    assert sets == {"resources": {"num_cpus": 4, "num_gpus": 1}, "batch_size": 25}
+    moved = assign_keys(expand(grid, str(folders), sets), code="v1")
+    assert len(moved) == len(plain) == 24
+    assert all(j.run["resources"] == {"num_cpus": 4, "num_gpus": 1} and j.config["batch_size"] == 25 for j in moved)
+    only_resources = assign_keys(expand(grid, str(folders), {"resources": {"num_gpus": 1}}), code="v1")
+    assert [j.key for j in only_resources] == [j.key for j in plain]  # where a job runs is not what it computes
+    assert not {j.key for j in moved} & {j.key for j in plain}  # another batch size: other jobs
+    with pytest.raises(VitqError, match="--set 'device'"):
+        parse_overrides(["device"])

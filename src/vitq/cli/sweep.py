@@ -33,6 +33,9 @@ def add_command(sub) -> None:
     s.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
                    help="run only the grid's jobs whose KEY (a grid key, or label) has one of the values, e.g. "
                         "seed=0 or w_bits=4 (repeatable)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="set a grid key on every job, over the grid's own (value in YAML; repeatable), e.g. "
+                        "device=cuda or 'resources={num_cpus: 4, num_gpus: 1}' for another machine")
     s.add_argument("--max-jobs", type=int, default=None, help="start at most this many of the unfinished jobs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sweep)
@@ -47,14 +50,16 @@ def cmd_sweep(args) -> int:
                         ("--max-jobs", args.max_jobs)):
         validate.positive(flag, value)
     from vitq.cli.results import parse_where
+    from vitq.sweep.grid import parse_overrides
 
     where = parse_where(args.only, "--only")
+    overrides = parse_overrides(args.overrides) if args.overrides else None
     if args.status:
         keys = None
         if args.grid is not None:
             from vitq.sweep.grid import load_jobs
 
-            keys = [j.key for j in load_jobs(args.grid, where=where)]
+            keys = [j.key for j in load_jobs(args.grid, where=where, overrides=overrides)]
         print(status_line(status(args.store, keys)))
         return 0
     if args.grid is None:
@@ -63,7 +68,7 @@ def cmd_sweep(args) -> int:
 
     summary = sweep(args.grid, args.store, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     threads=args.job_threads, progress=not args.quiet, max_jobs=args.max_jobs, shards=args.shards,
-                    where=where)
+                    where=where, overrides=overrides)
     print(json.dumps(summary))
     print(status_line(status(args.store)))
     return 1 if summary["failed"] else 0

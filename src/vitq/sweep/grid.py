@@ -87,10 +87,12 @@ def read_grid(path: str) -> dict:
     return data
 
 
-def expand(grid: dict, base_dir: str = ".") -> list[Job]:
+def expand(grid: dict, base_dir: str = ".", overrides: dict | None = None) -> list[Job]:
     """Every combination of the grid's list-valued keys (per sub-grid), as jobs with resolved configs (no key
-    yet: :func:`assign_keys`). Duplicates (the same config twice) are kept once."""
+    yet: :func:`assign_keys`). Duplicates (the same config twice) are kept once. ``overrides``: keys set for every
+    job, over the grid's and its sub-grids' own (``vitq sweep --set``; e.g. the resources of another machine)."""
     grid = {ALIASES.get(k, k): v for k, v in grid.items()}
+    overrides = {ALIASES.get(k, k): v for k, v in (overrides or {}).items()}
     subs = grid.pop("grids", None)
     if subs is None:
         subs = [{}]
@@ -98,7 +100,7 @@ def expand(grid: dict, base_dir: str = ".") -> list[Job]:
         raise VitqError("grid key 'grids' must be a non-empty list of mappings (sub-grids)")
     jobs, seen = [], set()
     for sub in subs:
-        merged = {**grid, **{ALIASES.get(k, k): v for k, v in sub.items()}}
+        merged = {**grid, **{ALIASES.get(k, k): v for k, v in sub.items()}, **overrides}
         unknown = sorted(set(merged) - set(CONFIG_KEYS) - set(RUN_KEYS))
         if unknown:
             raise VitqError(f"grid key(s) {unknown} unknown (expected some of {sorted({*CONFIG_KEYS, *RUN_KEYS})})")
@@ -291,9 +293,29 @@ def matches(job: Job, where: dict | None) -> bool:
     return True
 
 
-def load_jobs(path: str, code: str | None = None, where: dict | None = None) -> list[Job]:
-    """The keyed jobs of a grid file (those matching ``where``: {config key or label: value or values})."""
-    jobs = [j for j in expand(read_grid(path), os.path.dirname(os.path.abspath(path))) if matches(j, where)]
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as a mapping; VALUE is read as YAML (``num_gpus: 1`` style values, lists,
+    mappings: ``resources={num_cpus: 4, num_gpus: 1}``)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VitqError(f"--set {item!r}: expected KEY=VALUE (e.g. device=cuda or resources={{num_gpus: 1}})")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise VitqError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def load_jobs(path: str, code: str | None = None, where: dict | None = None,
+              overrides: dict | None = None) -> list[Job]:
+    """The keyed jobs of a grid file (those matching ``where``: {config key or label: value or values}), with
+    ``overrides`` set on every job."""
+    jobs = [j for j in expand(read_grid(path), os.path.dirname(os.path.abspath(path)), overrides)
+            if matches(j, where)]
     if where and not jobs:
         raise VitqError(f"--only {where}: no job of {path} matches")
     return assign_keys(jobs, code)

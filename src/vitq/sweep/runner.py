@@ -60,7 +60,8 @@ def _eval_key(cfg: dict, weights_sha: str | None, code: str) -> str:
 
 def sweep(grid: str, store: str, address: str | None = None, num_cpus: int | None = None,
           num_gpus: int | None = None, threads: int | None = None, progress: bool = True,
-          max_jobs: int | None = None, shards: int | None = None, where: dict | None = None) -> dict:
+          max_jobs: int | None = None, shards: int | None = None, where: dict | None = None,
+          overrides: dict | None = None) -> dict:
     """Run the grid file ``grid`` into the results store folder ``store``; returns a summary
     ``{"jobs", "skipped", "done", "failed", "ray_start_s", "seconds"}``.
 
@@ -68,10 +69,11 @@ def sweep(grid: str, store: str, address: str | None = None, num_cpus: int | Non
     this machine's by default). ``threads``: torch threads per job (default its ``num_cpus``). ``max_jobs``:
     stop after starting this many (for a partial run). ``shards``: evaluate each job's images in this many Ray
     tasks (default the grid's ``eval_shards``, 1). ``where``: run only the jobs whose config has these values
-    (``{"method": ["repq"], "seed": [0]}``)."""
+    (``{"method": ["repq"], "seed": [0]}``). ``overrides``: grid keys set on every job (``--set``), e.g.
+    ``{"device": "cuda", "resources": {"num_cpus": 4, "num_gpus": 1}}`` for a GPU machine."""
     t_begin = time.perf_counter()
     code = code_version()
-    jobs = load_jobs(grid, code, where)
+    jobs = load_jobs(grid, code, where, overrides)
     db = Store(store)
     try:
         return _run(jobs, db, grid, code, address, num_cpus, num_gpus, threads, progress, max_jobs, shards, t_begin)
