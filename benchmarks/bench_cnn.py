@@ -105,7 +105,7 @@ def render_cnn(rows: list[dict], missing: list, store) -> str:
         info = evolq[0]["record"]["refinement"]
         md += ["", f"Evol-Q (reduced, to fit the CPU budget): on top of omse calibrated on the same draw of "
                f"{evolq[0]['config']['num_calib']} images of `calib/` (one draw per seed), "
-               f"{info['config']['passes']} pass over the 16 blocks, the same images as fitness (one batch of "
+               f"{info['config']['passes']} pass over the 16 blocks, the same images as fitness (batches of up to "
                f"{info['config']['batch_size']}, infoNCE), the release's faithful settings otherwise (population "
                f"{info['config']['population']}, {info['config']['cycles']} cycles per block, absolute radius "
                f"{info['config'].get('radius')}); the search vector of a block is the per-channel weight scales of "

@@ -8,7 +8,9 @@ vitq rows are made as a user makes them: ``vitq quantize --recipe best --target 
 (benchmarks/export_refs.py): onnxruntime ``quantize_dynamic`` / ``quantize_static`` (two settings), NNCF PTQ
 (TRANSFORMER, with and without SmoothQuant) -> OpenVINO, and OpenVINO's default-precision float model.
 
-Run it alone on the machine: ``flock /tmp/vitq-real.lock python -m benchmarks.bench_export``.
+Run it alone on the machine (its latency columns are meaningless beside other work): ``python -m
+benchmarks.bench_export``. It is not a grid of quantize jobs (one process times the runtimes against each other), so
+it keeps its own structure; it keeps no rows across runs and takes no lock.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load
     lines = [
         "## ONNX QDQ export (`vitq export`) on DeiT-Tiny: deployment targets against the runtimes' own quantizers",
         "",
-        f"Command: `flock /tmp/vitq-real.lock {command()}` (commit {git_commit()})",
+        f"Command: `{command()}` (commit {git_commit()})",
         "",
         environment(),
         "",
@@ -211,7 +213,7 @@ def render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load
         f"{_version('onnx')}; {THREADS} threads everywhere. Load average (1/5/15 min) {load_before[0]:.1f}/"
         f"{load_before[1]:.1f}/{load_before[2]:.1f} at the start, {load_after[0]:.1f}/{load_after[1]:.1f}/"
         f"{load_after[2]:.1f} at the end. **Timings from a loaded machine** (other agents' tests ran on the 2 "
-        "cores; the lock only keeps other benchmarks out): the speed ratios are noisy. Rerun quiet with the "
+        "cores): the speed ratios are noisy. Rerun quiet with the "
         "command above.",
         "",
         f"Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); {len(val_y)} images of val/ (float top-1 "

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table, write_section
+from benchmarks.sweep_section import shown
 
 GRID = ROOT / "benchmarks" / "grids" / "ptqvit_baselines.yaml"
 STORE = ROOT / "benchmarks" / "results" / "ptqvit_baselines"
@@ -123,7 +124,7 @@ def write(args, kept, order, opts, store) -> str:
     """The section from the store's rows, in the grid's order."""
     n_calib, n_val = kept.get("num_calib", "?"), kept.get("num_val", "?")
     pq, eq, lq = opts.get("ptqvit", {}), opts.get("easyquant", {}), opts.get("lapq", {})
-    shown = store.relative_to(ROOT) if store.is_relative_to(ROOT) else store
+    where = shown(store)
     done = [k for k in order if k in kept["rows"]]
     missing = [k.replace(" | ", ": ") for k in order if k not in kept["rows"]]
     status = "complete" if not missing else (f"partial, {len(done)} of {len(order)} rows; not run yet: "
@@ -138,7 +139,7 @@ def write(args, kept, order, opts, store) -> str:
     notes = [kept["rows"][k]["note"] for k in done if kept["rows"][k]["note"]]
     md = f"""## Baselines of PTQ-ViT: EasyQuant, ACIQ, LAPQ on DeiT-Tiny (issue 14)
 
-Grid: `{GRID.relative_to(ROOT)}`, run by `vitq sweep {GRID.relative_to(ROOT)} --store {shown}` (a rerun runs
+Grid: `{shown(GRID)}`, run by `vitq sweep {shown(GRID)} --store {where}` (a rerun runs
 only the jobs the store lacks); this text written from the store by `{command()}`. The run column names the commit
 (rows measured by this script's loop before sweeps, imported into the store by `benchmarks/import_kept_rows.py`)
 or the code version of the sweep job, and the UTC time of each row's run.

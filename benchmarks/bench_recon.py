@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import FIGURES, ROOT, environment, mean_std, table, write_section
+from benchmarks.sweep_section import shown
 from vitq.recipes import RECIPES, rank
 
 GRID = ROOT / "benchmarks" / "grids" / "recon.yaml"
@@ -74,7 +75,7 @@ def store_runs(store: Path) -> dict:
     kept: dict = {"rows": {}, "float_top1": None, "num_val": None, "settings": None}
     if not (store / "results.sqlite").exists():
         return kept
-    shown = store.relative_to(ROOT) if store.is_relative_to(ROOT) else store
+    where = shown(store)
     for row in results(str(store)):
         c = row["config"]
         if not c.get("eval_steps") or c["refine"] != "recon,evolq":
@@ -82,7 +83,7 @@ def store_runs(store: Path) -> dict:
         spec = f"{c['scheme']}:{c['w_bits']}/{c['a_bits']}:{row['label']}"
         imported = row["record"].get("imported_from")
         command = row["record"]["command"] if imported else \
-            f"vitq sweep {GRID.relative_to(ROOT)} --store {shown}"
+            f"vitq sweep {shown(GRID)} --store {where}"
         kept["rows"][f"{spec}|{c['seed']}"] = {"when": row["finished"], "command": command, "imported": imported,
                                                "machine": row["machine"], "pipelines": pipelines(row)}
         kept["float_top1"], kept["num_val"] = row["float_top1"], row["num_val"]
@@ -188,7 +189,7 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         "",
         *([f"**Partial: the store lacks {partial} of the grid's jobs (`vitq sweep --status`).**", ""]
           if partial else []),
-        f"Grid: `{GRID.relative_to(ROOT)}`, one `vitq sweep` job per configuration and draw (the chain "
+        f"Grid: `{shown(GRID)}`, one `vitq sweep` job per configuration and draw (the chain "
         "recon,evolq with `eval_steps`: base and + recon evaluated inside the job); a rerun of the grid runs only "
         "the jobs the store lacks. Section, figure and recipe numbers written by `python -m benchmarks.bench_recon` "
         "from the store. Commands that made the rows: "

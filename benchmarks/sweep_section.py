@@ -79,11 +79,17 @@ def provenance(rows: list[dict], grid: Path, store: Path) -> str:
     return " ".join(parts)
 
 
+def _name(job) -> str:
+    c = job.config
+    setting = f"{c['scheme']} W{c['w_bits']}A{c['a_bits']}"
+    return f"{'' if job.label.startswith(setting) else setting + ' '}{job.label} (seed {c['seed']})"
+
+
 def missing_line(missing: list) -> str:
     if not missing:
         return ""
     return (f"**Partial: {len(missing)} job(s) of the grid are not in the store yet** ("
-            + ", ".join(f"{j.label} s{j.config['seed']}" if j.label else "?" for j in missing[:12])
+            + ", ".join(_name(j) for j in missing[:12])
             + (", …" if len(missing) > 12 else "") + ").")
 
 
