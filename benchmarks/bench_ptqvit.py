@@ -1,155 +1,67 @@
 """PTQ-ViT on the real DeiT-Tiny (matmul regime) against percentile and OMSE at the same bits: both weight
 granularities (per output channel, the default, and the paper's per tensor), mixed precision against the uniform
 model of the same size (the default relative sensitivity with its check, and the first version: post-softmax
-sensitivity, no check), and the ablations.
+sensitivity, no check), and the ablations, from a sweep.
 
-Lean by design (2 shared CPU cores): the val images are decoded once and the float logits computed once; the
-search runs with reduced candidates / rounds / cached tokens (stated in the section); rows run in priority order
-and the section is rewritten after every row, so a run stopped by its time budget still leaves honest partial
-results.
+The grid is ``benchmarks/grids/ptqvit.yaml`` (one row per label, the search reduced for CPU time as the section
+states); ``vitq sweep`` runs it into a results store (a rerun runs only the jobs the store lacks; ``--only
+label=...`` runs some rows) and this script renders the section from the store. No loop, time budget or kept-row
+file of its own; the 34 rows the script's loop measured before sweeps were imported into the store once
+(``benchmarks/import_kept_rows.py``).
+
+    vitq sweep benchmarks/grids/ptqvit.yaml --store benchmarks/results/ptqvit
+    python -m benchmarks.bench_ptqvit [--store DIR] [--run [--only KEY=VALUE]] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
 
-import torch
+from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table, write_section
+from benchmarks.sweep_section import arguments, grid_jobs, latest, shown
 
-import vitq
-from benchmarks.common import (
-    DEIT_WEIGHTS,
-    ROOT,
-    Bench,
-    Budget,
-    command,
-    environment,
-    git_commit,
-    load_kept_rows,
-    save_kept_rows,
-    table,
-    write_section,
-)
+GRID = ROOT / "benchmarks" / "grids" / "ptqvit.yaml"
+STORE = ROOT / "benchmarks" / "results" / "ptqvit"
 
-ROWS_FILE = ROOT / "benchmarks" / "ptqvit_rows.json"
+
+def row_of(r: dict) -> tuple[list, str]:
+    """The table row of a store row (label, top-1, agreement, KL, calib s, MP size, run) and its MP note."""
+    rec = r["record"]
+    if rec.get("imported_from"):
+        return rec["table_row"], rec.get("note") or ""
+    info = rec["calibration"]
+    mp = info.get("mixed_precision")
+    size = f"{mp['model_size_mb']:.3f} ({mp['average_weight_bits']:.2f} b)" if mp else ""
+    row = [r["label"], r["top1"], r["agreement"], round(r["kl"], 4), round(info["seconds"], 1), size,
+           f"{r['code_version']} {(r['finished'] or '')[:16].replace('T', ' ')}"]
+    note = ""
+    if mp:
+        chk = mp["check"]
+        kl = (f"; composed KL on the calibration images: program's allocation {chk['kl_chosen']:.4f}, uniform "
+              f"{chk['kl_uniform']:.4f}" if "kl_chosen" in chk else "")
+        note = (f"- {r['label']}: sigma {mp['sensitivity']}; sum of Omega: program's allocation "
+                f"{chk['omega_chosen']:.4g}, uniform {chk.get('omega_uniform', float('nan')):.4g}{kl}; "
+                f"fallback to uniform: {'yes' if chk['fallback_to_uniform'] else 'no'}; program's bits "
+                f"{_short(mp['program_bits'])}; used {_short(mp['bits'])}")
+    return row, note
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--num-calib", type=int, default=64)
-    ap.add_argument("--budget-min", type=float, default=45.0, help="start no new row after this many minutes")
-    ap.add_argument("--candidates", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--pairs", type=int, default=128)
-    ap.add_argument("--mp-candidates", type=int, default=10)
-    ap.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
-    ap.add_argument("--no-write", action="store_true", help="print the rows, leave BENCHMARKS.md alone")
-    ap.add_argument("--fresh", action="store_true", help=f"forget the rows kept in {ROWS_FILE.name}")
-    args = ap.parse_args()
-    budget = Budget(args.budget_min)
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-
-    bench = Bench()
-    calib_x = bench.calib(args.num_calib)
-    bench.val()
-    val_x = bench.val_x
-    print(f"data ready: calib {tuple(calib_x.shape)}, val {tuple(val_x.shape)} "
-          f"({budget.elapsed:.0f}s)", flush=True)
-
-    search = {"candidates": args.candidates, "rounds": args.rounds, "tokens": args.tokens, "rows": args.rows,
-              "pairs": args.pairs, "mp_candidates": args.mp_candidates}
-    # every non-default row keeps the signed symmetric input grid it was run with (the default before
-    # --ptqvit-input-grid asymmetric became it)
-    sym = dict(search, input_grid="symmetric")
-    tensor = dict(sym, weight_granularity="tensor", softmax_signed=True)
-    signed = dict(sym, softmax_signed=True)
-    plan = [
-        ("ptqvit W6A6", 6, "ptqvit", search),
-        ("omse W6A6", 6, "omse", {}),
-        ("ptqvit W6A6 per-tensor W", 6, "ptqvit", tensor),
-        ("ptqvit MP6", 6, "ptqvit", dict(search, mixed_precision=6)),
-        ("ptqvit MP6 first version", 6, "ptqvit",
-         dict(tensor, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
-        ("ptqvit W4A4", 4, "ptqvit", search),
-        ("ptqvit W4A4 per-tensor W", 4, "ptqvit", tensor),
-        ("ptqvit W8A8", 8, "ptqvit", search),
-        ("ptqvit W8A8 per-tensor W", 8, "ptqvit", tensor),
-        ("ptqvit MP8", 8, "ptqvit", dict(search, mixed_precision=8)),
-        ("omse W8A8", 8, "omse", {}),
-        ("omse W4A4", 4, "omse", {}),
-    ]
-    for bits in (8, 6, 4):
-        plan.append((f"percentile W{bits}A{bits}", bits, "percentile", {}))
-    # the first per-channel search (each step also tries every channel's own factor by its output error), kept as
-    # the option channel_search="own"; the ablations were run with it
-    own = dict(sym, channel_search="own", softmax_signed=True)
-    plan += [
-        ("ptqvit W6A6 own-channel", 6, "ptqvit", own),
-        ("ptqvit W4A4 own-channel", 4, "ptqvit", own),
-        ("ptqvit W8A8 own-channel", 8, "ptqvit", own),
-        ("ptqvit MP6 own-channel", 6, "ptqvit", dict(own, mixed_precision=6)),
-        ("ptqvit MP8 own-channel", 8, "ptqvit", dict(own, mixed_precision=8)),
-        ("ptqvit W6A6 own-channel no ranking", 6, "ptqvit", dict(own, no_ranking=True)),
-        ("ptqvit W6A6 own-channel no bias corr", 6, "ptqvit", dict(own, no_bias_corr=True)),
-        ("ptqvit MP6 own-channel softmax-sigma no check", 6, "ptqvit",
-         dict(own, mixed_precision=6, mp_sensitivity="softmax", mp_no_check=True)),
-        ("ptqvit MP6 own-channel raw-sigma", 6, "ptqvit", dict(own, mixed_precision=6, mp_sensitivity="raw")),
-    ]
-    plan += [  # per-channel weights, shared factor, the paper's signed softmax quantizer
-        ("ptqvit W6A6 signed softmax", 6, "ptqvit", signed),
-        ("ptqvit W4A4 signed softmax", 4, "ptqvit", signed),
-        ("ptqvit W8A8 signed softmax", 8, "ptqvit", signed),
-        ("ptqvit MP6 signed softmax", 6, "ptqvit", dict(signed, mixed_precision=6)),
-        ("ptqvit MP8 signed softmax", 8, "ptqvit", dict(signed, mixed_precision=8)),
-    ]
-    plan += [  # the defaults before the asymmetric input grid (signed symmetric linear-layer inputs)
-        ("ptqvit W6A6 symmetric inputs", 6, "ptqvit", sym),
-        ("ptqvit W8A8 symmetric inputs", 8, "ptqvit", sym),
-        ("ptqvit W4A4 symmetric inputs", 4, "ptqvit", sym),
-        ("ptqvit MP6 symmetric inputs", 6, "ptqvit", dict(sym, mixed_precision=6)),
-        ("ptqvit MP8 symmetric inputs", 8, "ptqvit", dict(sym, mixed_precision=8)),
-    ]
-    full_plan = list(plan)
-    if args.only:
-        wanted = [w.strip() for w in args.only.split(",")]
-        unknown = set(wanted) - {p[0] for p in plan}
-        if unknown:
-            raise SystemExit(f"--only: unknown rows {sorted(unknown)}")
-        plan = [p for p in plan if p[0] in wanted]
-    settings = {k: getattr(args, k) for k in ("num_calib", "candidates", "rounds", "tokens", "rows", "pairs",
-                                              "mp_candidates")}
-    kept = load_kept_rows(ROWS_FILE, settings, args.fresh)
-    commit = git_commit()
-    for label, bits, method, opts in plan:
-        if budget.over(label):
-            continue
-        run = bench.row(vitq.Scheme("matmul", bits, bits), method, options=opts, batch_size=len(calib_x), chunk=50)
-        r, info = run.result, run.info
-        mp = info.get("mixed_precision")
-        size = (f"{mp['model_size_mb']:.3f} ({mp['average_weight_bits']:.2f} b)" if mp else "")
-        row = [label, r["quant"]["top1"], r["quant"]["agreement"], round(r["quant"]["kl"], 4),
-               round(info["seconds"], 1), size, f"{commit} {time.strftime('%H:%M', time.gmtime())}"]
-        note = ""
-        if mp:
-            chk = mp["check"]
-            kl = (f"; composed KL on the calibration images: program's allocation {chk['kl_chosen']:.4f}, uniform "
-                  f"{chk['kl_uniform']:.4f}" if "kl_chosen" in chk else "")
-            note = (f"- {label}: sigma {mp['sensitivity']}; sum of Omega: program's allocation "
-                    f"{chk['omega_chosen']:.4g}, uniform {chk.get('omega_uniform', float('nan')):.4g}{kl}; "
-                    f"fallback to uniform: {'yes' if chk['fallback_to_uniform'] else 'no'}; program's bits "
-                    f"{_short(mp['program_bits'])}; used {_short(mp['bits'])}")
-            print(note, flush=True)
-        print(row, f"elapsed {budget.elapsed:.0f}s", flush=True)
-        if not args.no_write:
-            kept["rows"][label] = {"row": row, "note": note, "float_top1": r["float"]["top1"]}
-            save_kept_rows(ROWS_FILE, kept)
-            write(args, kept, budget.skipped, full_plan, len(calib_x), len(val_x), done=False)
-    if not args.no_write:
-        write(args, kept, budget.skipped, full_plan, len(calib_x), len(val_x), done=True)
+    args = arguments(GRID, STORE, __doc__)
+    found, missing = latest(args.store, GRID)
+    kept = {"rows": {}}
+    for r in found.values():
+        row, note = row_of(r)
+        kept["rows"][r["label"]] = {"row": row, "note": note, "float_top1": r["float_top1"]}
+    plan = [(j.label,) for j in grid_jobs(GRID)]
+    search = next((j.config["options"] for j in grid_jobs(GRID) if j.label == "ptqvit W6A6"), {})
+    first = next(iter(found.values()), None)
+    md = write(search, kept, plan, first["config"]["num_calib"] if first else "?", first["num_val"] if first else "?",
+               args.store, found)
+    if args.no_write:
+        print(md)
+    else:
+        write_section("ptqvit", md)
     return 0
 
 
@@ -181,30 +93,35 @@ def before_after(rows) -> str:
     return table(["setting (matmul, this section's calibration images and search)", "before", "after"], lines)
 
 
-def write(args, kept, skipped, plan, n_calib, n_val, done: bool) -> None:
+def write(search, kept, plan, n_calib, n_val, store, found) -> str:
     rows = [kept["rows"][p[0]]["row"] for p in plan if p[0] in kept["rows"]]
     notes = [kept["rows"][p[0]]["note"] for p in plan if kept["rows"].get(p[0], {}).get("note")]
     float_top1 = next(iter(kept["rows"].values()))["float_top1"]
     missing = [p[0] for p in plan if p[0] not in kept["rows"]]
-    status = ("complete" if not missing else f"not run: {', '.join(missing)}") if done and not skipped \
-        else f"PARTIAL ({len(rows)} of {len(plan)} rows)"
+    status = "complete" if not missing else f"PARTIAL ({len(rows)} of {len(plan)} rows; not run: {', '.join(missing)})"
+    imported = sorted({r["record"]["imported_from"] for r in found.values() if r["record"].get("imported_from")})
     md = f"""## PTQ-ViT (`ptqvit`) on DeiT-Tiny, `matmul` regime
 
-Command (rows are kept in `benchmarks/{ROWS_FILE.name}` across runs with the same settings, e.g. with `--only`; the
-last column names the commit and UTC time of each row's run): `{command()}`
+Grid: `{shown(GRID)}`, run by `vitq sweep {shown(GRID)} --store {shown(store)}` (a rerun runs only the jobs the store
+lacks); this text written from the store by `{command()}`. The last column names the commit (rows measured by
+this script's loop before sweeps, `python -m benchmarks.bench_ptqvit`, imported into the store from
+{', '.join(imported) or '-'} by `benchmarks/import_kept_rows.py`) or the code version of the sweep job, and the
+UTC time of each row's run.
 
-{environment()}
+Written: {environment()}
 
 Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); calibration: {n_calib} images of calib/ (seed 0, the same
 images for every method); evaluation: all {n_val} images of val/. Float top-1 on val: {float_top1:.2f} %.
 Agreement = top-1 agreement with the float model (%), KL = mean KL(float ‖ quant) in nats; time = calibration
-seconds on this machine's 2 CPU cores (1-minute load average {os.getloadavg()[0]:.1f} when this was written).
+seconds on the 2 CPU cores of the machine of each row (1-minute load average {os.getloadavg()[0]:.1f} when this was
+written).
 
 Reductions (all for CPU time; the method's defaults are candidates 100, rounds 20, tokens 64, rows 32, pairs
-256, mp-candidates 20, on all calibration images): {n_calib} calibration images, candidates {args.candidates},
-at most {args.rounds} rounds, {args.tokens} cached token positions per image for linear layers, {args.rows}
-query rows per image and head for the attention matmuls, {args.pairs} ranking pairs per row, Ω estimated with
-{args.mp_candidates} candidates and 1 round. Calibration order: sequential (the default). percentile /
+256, mp-candidates 20, on all calibration images): {n_calib} calibration images, candidates
+{search.get('candidates')}, at most {search.get('rounds')} rounds, {search.get('tokens')} cached token positions per
+image for linear layers, {search.get('rows')} query rows per image and head for the attention matmuls,
+{search.get('pairs')} ranking pairs per row, Ω estimated with {search.get('mp_candidates')} candidates and 1 round.
+Calibration order: sequential (the default). percentile /
 omse use their defaults (per-channel min/max and OMSE weights, per-tensor activations) on the same images.
 W9/W10 modules in MP8 are allowed only through mixed precision (quantizers rebuilt with those bits).
 
@@ -236,7 +153,7 @@ item-1 observer fix, not re-run):
 
 {chr(10).join(notes)}
 """
-    write_section("ptqvit", md)
+    return md
 
 
 if __name__ == "__main__":

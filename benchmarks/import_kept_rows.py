@@ -1,7 +1,8 @@
 """One-off: the rows the benchmark scripts kept in JSON files before sweeps (``benchmarks/recon_rows.json``,
-``benchmarks/ptqvit_baselines_rows.json``), or only wrote into their BENCHMARKS.md table (sections baselines, apq,
-cnn, cnn-lowbit: the numbers as the table shows them, rounded), imported into the sweep stores their grids now run
-into, so the measured numbers stay in the sections the renderers write from the stores.
+``benchmarks/ptqvit_baselines_rows.json``, ``benchmarks/ptqvit_rows.json``), or only wrote into their BENCHMARKS.md
+table (sections baselines, apq, cnn, cnn-lowbit: the numbers as the table shows them, rounded), imported into the
+sweep stores their grids now run into, so the measured numbers stay in the sections the renderers write from the
+stores.
 
 Each kept row becomes a finished job of the store whose config is the grid's job of the same setting and draw
 (so the renderer finds it where a sweep's row would be), with key ``imported-…``, code version ``imported from
@@ -11,6 +12,7 @@ file twice into the same store.
 
     python -m benchmarks.import_kept_rows recon benchmarks/recon_rows.json
     python -m benchmarks.import_kept_rows ptqvit-baselines benchmarks/ptqvit_baselines_rows.json
+    python -m benchmarks.import_kept_rows ptqvit benchmarks/ptqvit_rows.json
     python -m benchmarks.import_kept_rows baselines      # (apq, cnn, cnn-lowbit): from the section's table
 """
 
@@ -200,7 +202,24 @@ def import_cnn_lowbit(db, path: Path | None) -> int:
                    {"quantize_s": _num(r["quantize s"])}, {"seconds": None}))
 
 
-IMPORTERS = {"recon": import_recon, "ptqvit-baselines": import_ptqvit_baselines}
+def import_ptqvit(db, path: Path) -> int:
+    kept = json.loads(path.read_text())
+    jobs = {j.label: j for j in grid_jobs("ptqvit")}
+    n = 0
+    for label, row in kept["rows"].items():
+        job = jobs.get(label)
+        if job is None:
+            raise SystemExit(f"{path}: row {label} has no job in benchmarks/grids/ptqvit.yaml")
+        _, top1, agreement, kl, calib_s, _size, run = row["row"]
+        _put(db, str(path.relative_to(ROOT)), label, job.config, label, {"top1": top1, "agreement": agreement,
+                                                                           "kl": kl}, {"quantize_s": calib_s},
+             {"note": row["note"], "table_row": row["row"], "run": run, "settings": kept["settings"],
+              "command": "python -m benchmarks.bench_ptqvit"}, None, row["float_top1"], 500)
+        n += 1
+    return n
+
+
+IMPORTERS = {"recon": import_recon, "ptqvit-baselines": import_ptqvit_baselines, "ptqvit": import_ptqvit}
 SECTIONS = {"baselines": import_baselines, "apq": import_apq, "cnn": import_cnn, "cnn-lowbit": import_cnn_lowbit}
 
 

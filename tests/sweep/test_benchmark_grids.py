@@ -19,6 +19,7 @@ EXPECTED = {
     "ptqvit_baselines": (40, 40, 9),  # 6 settings x 6 methods + 4 aciq ablations
     "apq": (18, 18, 6),             # 3 bit widths x 6 configs
     "cnn": (17, 15, 15),            # 10 minmax/omse, omse + evolq x 3 draws, 4 W4A8 chains
+    "ptqvit": (34, 34, 34),         # one row per label: bit widths, MP, ablations
 }
 
 
