@@ -230,8 +230,8 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
                     for (sch, w, a), name in sorted(best.items(), key=lambda kv: (REGIME_ORDER.get(kv[0][0], 9),
                                                                                    -kv[0][2], -kv[0][1]))) + ".",
         "",
-        f"Per-piece traces (MSE before → after, seconds): the job records of the store (`vitq results --store "
-        f"{store_name(args)} --format json`, `record.refinement.chain`). Figure: "
+        f"Per-piece traces (MSE before → after, seconds): the job records of the store (column `record` of "
+        f"`{store_name(args)}/results.sqlite`, `refinement.chain[0].trace`). Figure: "
         "`benchmarks/figures/recon_agreement.png`.",
     ]
     text = "\n".join(md)

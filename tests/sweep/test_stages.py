@@ -54,6 +54,19 @@ def test_eval_steps_gives_every_stage_of_one_chain(folder):
     assert len(recon["trace"]) > 1 and "mse_before" in recon["trace"][0]  # the per-piece trace is in the record
     json.dumps(staged["record"], default=str)  # the store keeps it as JSON
     assert "stages" not in same["biascorr"]["record"]
+    # the store keeps the stages, and vitq results --format json prints them
+    from vitq.sweep.report import render
+    from vitq.sweep.store import Store
+
+    db = Store(str(folder / "store"))
+    for k, o in (("staged", staged), ("plain", same["biascorr"])):
+        q = o["metrics"]["quant"]
+        db.put(k, state="done", label=k, config=cfgs[("recon,biascorr", k == "staged")], record=o["record"],
+               top1=q["top1"], agreement=q["agreement"], kl=q["kl"])
+    db.close()
+    printed = {r["key"]: r for r in map(json.loads, render(str(folder / "store"), "json").splitlines())}
+    assert [s["after"] for s in printed["staged"]["stages"]] == ["base", "recon", "biascorr"]
+    assert printed["staged"]["stages"][0]["quant"] == stages[0]["quant"] and "stages" not in printed["plain"]
 
 
 def test_eval_steps_must_be_a_boolean(folder):

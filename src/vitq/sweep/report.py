@@ -38,6 +38,9 @@ def record(row: dict) -> dict:
            "timings": {k: row[k] for k in ("quantize_s", "eval_s", "job_s")}, "machine": row["machine"],
            "versions": row["versions"], "code_version": row["code_version"], "state_path": row["state_path"],
            "finished": row["finished"], "config": row["config"]}
+    stages = (row.get("record") or {}).get("stages")
+    if stages:  # eval_steps: the metrics after the base and after each refiner of the chain
+        out["stages"] = stages
     return out
 
 
