@@ -13,7 +13,6 @@ loop of its own.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from benchmarks.common import DEIT, DEIT_WEIGHTS, ROOT, environment, table, write_section
@@ -92,7 +91,7 @@ def render(opts, results, float_top1, n_val, n_calib, done, total, missing, prov
 
 {missing}{provenance}
 Written: {environment()}.
-Model `deit_tiny_patch16_224` from `{os.path.relpath(DEIT_WEIGHTS, ROOT)}`
+Model `deit_tiny_patch16_224` from `../shared/models/{DEIT_WEIGHTS.name}`
 (sha256 {weights_sha()}); transform {transform_text()}.
 Calibration: {n_calib} images of `calib/` (seeded subset, seed 0), the same for every method (PTQ4ViT's
 default is 32). Evaluation: all {n_val} `val/` images, float logits computed once.
