@@ -72,6 +72,7 @@ from vitq.refine.gptq import CONTINUOUS
 from vitq.refine.recon_budget import plan_iters
 from vitq.refine.recon_learn import (
     LEARNED_KINDS,
+    UNROUNDED,
     Dropper,
     Rounding,
     SoftWeights,
@@ -288,6 +289,10 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
     kept = not after <= before  # also when the learned state is not finite
     if kept:
         restore_piece(p, start)
+    else:
+        for r in roundings:
+            if r.on_grid <= 0.5:
+                setattr(r.module, UNROUNDED, r.continuous)
     entry.update({"mse_after": before if kept else after, "mse_learned": after, "kept_start": kept,
                   "iters": steps, "train_loss_first": first_loss, "train_loss_last": last_loss,
                   "seconds": time.perf_counter() - t0})
