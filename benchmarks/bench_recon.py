@@ -9,7 +9,12 @@ started again) does only what is missing; the section, the figure and the recipe
 
     python -m benchmarks.bench_recon [--configs fq:4/8:fqvit,matmul:4/4:repq+adalog+gptq] [--seeds 0,1,2]
         [--num-calib N] [--recon-iters N] [--recon-batch N] [--evolq-passes P] [--threads N] [--fresh]
-        [--render] [--no-write]
+        [--render] [--no-write] [--recon-options k=v,...] [--variants NAME:k=v,...;...]
+        [--evolq-options k=v,...] [--evolq-variants NAME:k=v,...;...] [--no-recon]
+
+Evol-Q variants (``--evolq-variants``) run from a copy of the chain's model after recon (after the base with
+``--no-recon``) and are recorded as pipeline ``recon,evolq[NAME]`` (``evolq[NAME]``); a value listing several
+groups joins them with ``+`` (``search=logq+wscale_pre``), since ``,`` separates the options.
 """
 
 from __future__ import annotations
@@ -91,6 +96,19 @@ def parse_variants(text: str) -> dict[str, dict]:
     return out
 
 
+def evolq_options(text: str) -> dict:
+    """``k=v,k=v`` as :func:`parse_options`; a value ``a+b`` is the list ``a,b`` (e.g. search=logq+ptf)."""
+    return {k: v.replace("+", ",") if isinstance(v, str) else v for k, v in parse_options(text).items()}
+
+
+def _evolq_record(info: dict, cost: float) -> dict:
+    out = {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"]}
+    for key in ("fitness", "check", "evaluations", "passes_done"):
+        if key in info:
+            out[f"evolq_{key}"] = info[key]
+    return out
+
+
 def _recon_record(info: dict, cost: float) -> dict:
     return {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"],
             "pieces_kept_start": info["pieces_kept_start"], "steps_taken": info.get("steps_taken"),
@@ -117,25 +135,35 @@ def run_one(bench, calib_x, spec: str, seed: int, args) -> dict:
     steps = [(None, None)]
     for vname, vopts in parse_variants(args.variants).items():
         steps.append((f"recon[{vname}]", {**recon_opts, **vopts}))
-    steps.append(("recon", recon_opts))
+    if not args.no_recon:
+        steps.append(("recon", recon_opts))
+    evolq_opts = {**({"passes": args.evolq_passes} if args.evolq_passes > 0 else {}),
+                  **evolq_options(args.evolq_options)}  # (--evolq-passes 0: variants take their mode's passes)
+    for vname, vopts in parse_variants(args.evolq_variants).items():
+        steps.append((f"evolq[{vname}]", {**evolq_opts, **evolq_options(",".join(f"{k}={v}" for k, v in
+                                                                                 vopts.items()))}))
     if args.evolq_passes > 0:
-        steps.append(("evolq", {"passes": args.evolq_passes}))
+        steps.append(("evolq", evolq_opts))
     for name, opts in steps:
-        model_q = copy.deepcopy(q) if name is not None and name.startswith("recon[") else q
+        variant = name is not None and "[" in name
+        model_q = copy.deepcopy(q) if variant else q
+        chain_cost = cost
         if name is not None:
-            refiner = "recon" if name.startswith("recon") else name
+            refiner = "recon" if name.startswith("recon") else "evolq"
             info = vitq.refine(model_q, bench.model, calib, refiner, batch_size=args.batch_size, seed=seed,
                                progress=False, **opts)
             if model_q is q:
                 chain.append(name)
                 cost += info["seconds"]
-            record = (_recon_record(info, (cost if model_q is q else base_cost + info["seconds"]))
-                      if refiner == "recon" else {"seconds": cost, "step_seconds": info["seconds"],
-                                                  "calib_kl": info["calib_kl"]})
+            # a recon variant starts from the base, an evolq variant from the chain so far
+            start_cost = base_cost if refiner == "recon" else chain_cost
+            total = cost if model_q is q else start_cost + info["seconds"]
+            record = _recon_record(info, total) if refiner == "recon" else _evolq_record(info, total)
         result, eval_seconds = bench.score(model_q)
         r = result["quant"]
         record.update({"eval_seconds": eval_seconds, **r})
-        key = name if model_q is not q else ",".join(chain)
+        key = ",".join(chain + [name]) if name is not None and name.startswith("evolq[") else \
+            (name if model_q is not q else ",".join(chain))
         out[key] = record
         del model_q
         print(f"seed {seed} {spec} {key or 'base'}: top-1 {r['top1']:.2f} agreement "
@@ -158,6 +186,12 @@ def main() -> None:
     p.add_argument("--recon-options", default="", help="more recon options, k=v,k=v (e.g. learn_log=false)")
     p.add_argument("--variants", default="", help="extra recon runs from a copy of each base, recorded as "
                    "pipeline recon[NAME]: NAME:k=v,k=v;NAME2:...")
+    p.add_argument("--no-recon", action="store_true", help="no recon step in the chain (base, then Evol-Q)")
+    p.add_argument("--evolq-options", default="", help="more evolq options of every Evol-Q step, k=v,k=v (a "
+                   "list joined by +: mode=discrete,search=logq+ptf)")
+    p.add_argument("--evolq-variants", default="", help="extra Evol-Q runs from a copy of the chain after recon "
+                   "(after the base with --no-recon), recorded as pipeline recon,evolq[NAME]: "
+                   "NAME:k=v,k=v;NAME2:...")
     p.add_argument("--rows", default=str(ROWS), help="file of the kept runs")
     p.add_argument("--num-val", type=int, default=None, help="val images (default all 500; fewer for a smoke run)")
     p.add_argument("--threads", type=int, default=2)
@@ -171,8 +205,9 @@ def main() -> None:
     t_start = time.perf_counter()
     settings = {k: getattr(args, k) for k in ("num_calib", "batch_size", "recon_iters", "recon_batch", "recon_lr",
                                               "recon_scale_lr", "evolq_passes", "num_val")}
-    if args.recon_options:  # (absent from the settings of rows kept before the option existed)
-        settings["recon_options"] = args.recon_options
+    for k in ("recon_options", "evolq_options", "evolq_variants", "no_recon"):
+        if getattr(args, k):  # (absent from the settings of rows kept before the option existed)
+            settings[k] = getattr(args, k)
     fresh_run = args.no_write and not args.render  # a --no-write run neither reads nor writes the kept runs
     kept = {"settings": settings, "rows": {}} if fresh_run else load_kept_rows(Path(args.rows), settings, args.fresh)
     seeds = [int(s) for s in args.seeds.split(",")]
