@@ -138,9 +138,12 @@ class SoftWeights:
             h.remove()
 
 
-def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BRECQ's reconstruction loss: squared error summed over the feature axis, mean over the rest."""
-    return (out - target).pow(2).sum(-1).mean()
+def rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over the feature axis, mean over the rest; with
+    ``weight`` (the Fisher weights of :mod:`vitq.refine.recon_fisher`, the output's shape) each squared error
+    is weighted."""
+    err = (out - target).pow(2)
+    return (err if weight is None else err * weight.to(err.dtype)).sum(-1).mean()
 
 
 class LogScaleQuantizer(nn.Module):
