@@ -232,3 +232,48 @@ def test_a_search_with_nothing_to_search_is_refused():
     q, model, images = _calibrated("matmul")  # the matmul regime has no PTF quantizer
     with pytest.raises(VitqError, match="finds nothing to search"):
         _evolq(q, model, images, search="ptf")
+
+
+def test_discrete_cli_flags_parse():
+    import argparse
+
+    from vitq.cli.flags import add_entry_flags, entry_options
+    from vitq.registry import get_refiner
+
+    entry = get_refiner("evolq")
+    parser = argparse.ArgumentParser()
+    add_entry_flags(parser.add_argument_group("evolq"), entry)
+    args = parser.parse_args(["--evolq-mode", "discrete", "--evolq-search", "logq,wscale_pre",
+                              "--evolq-radius", "0.05"])
+    opts = entry_options(args, entry)
+    cfg = entry.make_config(opts)
+    assert cfg.mode == "discrete" and cfg.search == ("logq", "wscale_pre") and cfg.radius == 0.05
+    assert cfg.loss == "kl" and cfg.children == 4
+
+
+def test_discrete_resume_equals_uninterrupted_run(tmp_path):
+    """Killed after its first block, the knob search restarted with the same options from the same GPTQ model
+    ends with the same state (scales, bases, re-rounded weights) as an uninterrupted run."""
+    q0, model, images = _calibrated(**ADALOG, n=16)
+    round_weights(q0, images, "gptq")
+    opts = dict(mode="discrete", cycles=1, seed=5)
+    full = copy.deepcopy(q0)
+    _evolq(full, model, images, checkpoint_path=str(tmp_path / "a.ckpt"), **opts)
+
+    class Killed(Exception):
+        pass
+
+    def kill(event):
+        raise Killed
+
+    ckpt = str(tmp_path / "b.ckpt")
+    with pytest.raises(Killed):
+        _evolq(copy.deepcopy(q0), model, images, checkpoint_path=ckpt, on_block_end=kill, **opts)
+    again = copy.deepcopy(q0)
+    for a, b in zip(again.modules(), q0.modules(), strict=True):  # (GPTQ's continuous weights: not saved state)
+        if hasattr(b, CONTINUOUS):
+            setattr(a, CONTINUOUS, getattr(b, CONTINUOUS))
+    res = _evolq(again, model, images, checkpoint_path=ckpt, **opts)
+    assert res["checkpoint"]["resumed"]["from_position"] == 1
+    a, b = full.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

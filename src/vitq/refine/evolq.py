@@ -120,7 +120,7 @@ class IntLayerNormTeacher(nn.Module):
 
 def int_layernorm_teacher(qmodel: nn.Module) -> nn.Module:
     """The teacher of ``teacher="int_layernorm"`` (:class:`IntLayerNormTeacher`), built once from the state before
-    the search (the search never changes PTF scales)."""
+    the search (it keeps the calibrated PTF shifts when the ``ptf`` group changes the model's)."""
     return IntLayerNormTeacher(qmodel).eval()
 
 
@@ -161,6 +161,7 @@ def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: EvolQ
         return _search(model, float_model, calib, cfg, val_batches, on_block_end)
 
 
+@torch.no_grad()  # (nothing here needs gradients; the knob search writes into weights that are parameters)
 def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: EvolQOptions, val_batches,
             on_block_end: Callable[[dict], None] | None) -> dict:
     seed = cfg.seed if cfg.seed is not None else calib.seed
