@@ -112,7 +112,7 @@ def _evolq_record(info: dict, cost: float) -> dict:
 def _recon_record(info: dict, cost: float) -> dict:
     return {"seconds": cost, "step_seconds": info["seconds"], "calib_kl": info["calib_kl"],
             "pieces_kept_start": info["pieces_kept_start"], "steps_taken": info.get("steps_taken"),
-            "budget": info.get("budget"),
+            "budget": info.get("budget"), "fisher_seconds": (info.get("fisher") or {}).get("seconds"),
             "trace": [{k: e.get(k) for k in ("piece", "mse_before", "mse_learned", "mse_after", "kept_start",
                                              "iters", "seconds")} for e in info["trace"]]}
 
@@ -302,6 +302,10 @@ def report(args, kept: dict, t_start: float, partial: bool) -> None:
         f"(default checked mode) with **{s['evolq_passes']} pass(es)** (default 10), batches of "
         f"{s['batch_size']}. More recon options: {s.get('recon_options') or 'none'}; rows `recon[NAME]` are "
         "extra reconstructions (`--variants`) from a copy of the same base. "
+        + (f"More Evol-Q options: {s.get('evolq_options') or 'none'}; rows `evolq[NAME]` are extra Evol-Q runs "
+           f"(`--evolq-variants` {s['evolq_variants']}) from a copy of the chain before them. "
+           if s.get("evolq_variants") else "")
+        + ("No recon step in the chain (`--no-recon`). " if s.get("no_recon") else "") +
         f"Calibration draws (seeds): {', '.join(map(str, draws))}; column n says how many "
         "a row has. Base methods alone at other settings: sections lowbit, baselines, ptqvit and apq.",
         "",
