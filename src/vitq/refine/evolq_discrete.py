@@ -129,7 +129,7 @@ class GainKnob(Knob):
         self.live = {"scale": q.scale}
 
     def genes(self) -> torch.Tensor:
-        return self.q.scale.detach().double().reshape(-1).clone()
+        return self.q.scale.detach().double().reshape(-1).cpu().clone()
 
     def apply(self, genes: torch.Tensor) -> None:
         self.q.scale.copy_(genes.reshape(self.q.scale.shape).to(self.q.scale))
@@ -149,7 +149,7 @@ class ShiftKnob(Knob):
         self.live = {"shift": q.shift}
 
     def genes(self) -> torch.Tensor:
-        return self.q.shift.detach().double().clone()
+        return self.q.shift.detach().double().cpu().clone()
 
     def apply(self, genes: torch.Tensor) -> None:
         self.q.shift.copy_(genes.to(self.q.shift))
@@ -184,7 +184,7 @@ class ScaleKnob(Knob):
                 self.offset = torch.round(layer.weight.detach() / s) + z - nearest
 
     def genes(self) -> torch.Tensor:
-        return self.q.scale.detach().double().reshape(-1).clone()
+        return self.q.scale.detach().double().reshape(-1).cpu().clone()
 
     @torch.no_grad()
     def apply(self, genes: torch.Tensor) -> None:
