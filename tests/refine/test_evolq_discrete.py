@@ -51,6 +51,8 @@ def test_discrete_preset_and_groups():
     assert make_config({}).search == ("attn",) and make_config({"mode": "faithful"}).check_fraction == 0.0
     with pytest.raises(VitqError, match="search"):
         make_config({"search": "logq,nope"})
+    with pytest.raises(VitqError, match="wscale_pre without attn"):
+        make_config({"search": "attn,wscale_pre"})
 
 
 def test_kl_fitness_is_the_mean_over_every_image():

@@ -101,6 +101,9 @@ class EvolQOptions(Options):
             raise OptionError("children", self.children, "an integer >= 1 and smaller than the population")
         if not self.search or len(set(self.search)) != len(self.search):
             raise OptionError("search", ",".join(self.search), f"a comma-separated subset of {', '.join(GROUPS)}")
+        if "wscale_pre" in self.search and {"attn", "mlp"} & set(self.search):
+            raise OptionError("search", ",".join(self.search), "wscale_pre without attn/mlp (all three search the "
+                              "same weight scales; wscale_pre also re-rounds the continuous weights)")
 
 
 def make_config(options: dict | None = None) -> EvolQOptions:
