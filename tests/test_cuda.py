@@ -72,3 +72,21 @@ def test_evolq_and_save_load_on_cuda(tmp_path):
     x = images.cuda()
     with torch.no_grad():
         assert torch.equal(q(x), again(x))
+
+
+def test_evolq_discrete_and_fisher_recon_on_cuda():
+    """The knob search (GPTQ weights re-rounded, PTF shifts, per-head gains) and the Fisher-weighted recon on
+    the GPU: they run there, keep every tensor on it, and the search never makes its fitness worse."""
+    from vitq.refine.gptq import round_weights
+
+    model = tiny_model("deit").cuda()
+    images = tiny_images("deit", n=8)
+    q = calibrated(model, vitq.Scheme("fq", 4, 8, attn_granularity="head"), "fqvit", images, "cuda")
+    round_weights(q, images.cuda(), "gptq")
+    info = vitq.refine(q, model, images, "evolq", batch_size=4, device="cuda", progress=False, mode="discrete",
+                       check_fraction=0.25, cycles=1)
+    assert info["fitness"]["final"] <= info["fitness"]["initial"]
+    assert all(t.is_cuda for t in q.state_dict().values())
+    info = vitq.refine(q, model, images, "recon", batch_size=4, device="cuda", progress=False, iters=4, batch=4,
+                       loss_weight="fisher")
+    assert info["fisher"]["images"] == 8 and all(t.is_cuda for t in q.state_dict().values())

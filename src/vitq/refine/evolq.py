@@ -5,7 +5,7 @@ scales of one transformer block at a time (last block to first) with a small evo
 scores each candidate with a contrastive loss between the quantized and the float network's logits on the
 calibration images.
 
-Three modes:
+Four modes:
 
 * ``checked`` (the default): the faithful search below, but the calibration images are split (seeded) into
   a search part and a check part (``check_fraction``, default 0.2; unlabelled). The search scores candidates
@@ -27,6 +27,11 @@ Three modes:
   the search space, 4 children per cycle (each from its own tournament), and early stop when a whole pass
   improves the fitness by less than ``min_improvement`` (relative) ``patience`` times in a row; with the
   check part of ``checked``.
+* ``discrete`` (issue 26): the knobs gradients and reconstruction cannot reach
+  (:mod:`vitq.refine.evolq_discrete`: log quantizers' base and top level, per-head q/k/v gains, PTF shifts, and
+  weight scales with the weights rounded again from their continuous values), scored by KL(float ‖ quant)
+  over every search image, with the check part (KL too) of ``checked``: a block's change that makes the
+  held-out part worse is reverted. One short pass by default.
 
 Every option is a field of :class:`vitq.refine.evolq_options.EvolQOptions`; the effective values go into the
 returned dict.
@@ -65,8 +70,9 @@ from vitq.errors import VitqError
 from vitq.precision import full_float32
 from vitq.quant.base import passthrough, quantizers_of
 from vitq.quant.uniform import PTFQuantizer
+from vitq.refine.evolq_discrete import KnobSpace, knob_space, search_knobs, uses_knobs
 from vitq.refine.evolq_options import EvolQOptions, default_radius
-from vitq.refine.evolq_search import derive_seed, get_vector, search_block, search_space, set_vector
+from vitq.refine.evolq_search import derive_seed, search_block, search_space
 from vitq.refine.fitness import FitnessEvaluator
 from vitq.registry import register_refiner
 from vitq.state import read_checkpoint, write_checkpoint
@@ -114,7 +120,7 @@ class IntLayerNormTeacher(nn.Module):
 
 def int_layernorm_teacher(qmodel: nn.Module) -> nn.Module:
     """The teacher of ``teacher="int_layernorm"`` (:class:`IntLayerNormTeacher`), built once from the state before
-    the search (the search never changes PTF scales)."""
+    the search (it keeps the calibrated PTF shifts when the ``ptf`` group changes the model's)."""
     return IntLayerNormTeacher(qmodel).eval()
 
 
@@ -155,6 +161,7 @@ def evolq(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: EvolQ
         return _search(model, float_model, calib, cfg, val_batches, on_block_end)
 
 
+@torch.no_grad()  # (nothing here needs gradients; the knob search writes into weights that are parameters)
 def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: EvolQOptions, val_batches,
             on_block_end: Callable[[dict], None] | None) -> dict:
     seed = cfg.seed if cfg.seed is not None else calib.seed
@@ -172,8 +179,14 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
     order = list(reversed(evaluator.trunk.blocks()))
     if not order:
         raise VitqError("the model has no transformer blocks for evolq to search")
-    spaces = {unit: search_space(name, block, cfg.search) for unit, name, block in order}
-    all_qs = [nq for unit, _, _ in reversed(order) for nq in spaces[unit]]
+    knobs = uses_knobs(cfg.search)
+    spaces = {unit: knob_space(name, block, cfg) if knobs else search_space(name, block, cfg.search)
+              for unit, name, block in order}
+    if knobs and not any(spaces[u].knobs for u, _, _ in order):
+        raise VitqError(f"evolq --evolq-search {','.join(cfg.search)} finds nothing to search in this model (no "
+                        "log, q/k/v, PTF or weight quantizer of those groups, or every weight already on its grid "
+                        "with no continuous weights); pick groups the scheme has")
+    all_qs = [nt for unit, _, _ in reversed(order) for nt in _live(spaces[unit])]  # (name, tensor searched)
     initial = evaluator.evaluate(None)  # whole-model forward: also the reference time for the block cache
     check_initial = checker.evaluate(None) if checker is not None else None
 
@@ -186,7 +199,7 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
         state["val"] = {"rule": "release: every block of pass 0 saved unconditionally, later blocks only when "
                                 "val top-1 beats the saved state",
                         "initial_top1": top1, "best_top1": top1, "selected_after": None, "top1_trace": []}
-        valbest = {n: q.scale.detach().clone() for n, q in all_qs}
+        valbest = {n: t.detach().clone() for n, t in all_qs}
     fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_path"}, "seed": seed,
                    "quantizers": [n for n, _ in all_qs], "num_calib": len(calib), "batch_size": cfg.batch_size,
                    "initial_fitness": initial}
@@ -196,10 +209,10 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
         tensors, meta = read_search_checkpoint(path)
         _check_fingerprint(path, meta["fingerprint"], fingerprint)
         qmap = dict(all_qs)
-        for n, q in qmap.items():
-            q.scale.copy_(tensors[f"scale::{n}"].to(q.scale))
+        for n, t in qmap.items():
+            t.copy_(tensors[f"scale::{n}"].to(t))
         if cfg.select_on_val:
-            valbest = {n: tensors[f"valbest::{n}"].to(q.scale) for n, q in qmap.items()}
+            valbest = {n: tensors[f"valbest::{n}"].to(t) for n, t in qmap.items()}
         state = meta["state"]
         resumed = {"from_pass": state["pass"], "from_position": state["position"], "done": state["done"]}
     state["runs"] += 1
@@ -207,7 +220,7 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
     def save_checkpoint() -> None:
         if not path:
             return
-        tensors = {f"scale::{n}": q.scale for n, q in all_qs}
+        tensors = {f"scale::{n}": t for n, t in all_qs}
         tensors.update({f"valbest::{n}": t for n, t in valbest.items()})
         write_search_checkpoint(path, tensors, {"fingerprint": fingerprint, "state": state})
 
@@ -221,20 +234,21 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
                 unit, name, _ = order[pos]
                 t0 = time.perf_counter()
                 gen = torch.Generator().manual_seed(derive_seed(seed, p, unit))
-                start = get_vector(spaces[unit])
-                before, candidate, n = search_block(evaluator, unit, spaces[unit], cfg, gen)
+                start = [t.detach().clone() for _, t in _live(spaces[unit])]
+                search = search_knobs if knobs else search_block
+                before, candidate, n = search(evaluator, unit, spaces[unit], cfg, gen)
                 entry = {"pass": p, "block": name, "before": before, "candidate": candidate, "after": candidate,
                          "evaluations": n}
                 if checker is not None:
                     entry["check_before"] = state["check"]
                     entry["check_candidate"] = None
                     entry["kept"] = True
-                    if not torch.equal(get_vector(spaces[unit]), start):
+                    if _changed(spaces[unit], start):
                         checker.cache_inputs(unit)
                         c = checker.evaluate(unit)
                         entry["check_candidate"] = c
                         if c > state["check"]:  # the held-out part got worse: undo this block's change
-                            set_vector(spaces[unit], start)
+                            _restore(spaces[unit], start)
                             entry["kept"], entry["after"] = False, before
                             state["rejected"] += 1
                         else:
@@ -248,7 +262,7 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
                     if p == 0 or top1 > state["val"]["best_top1"]:  # the release's rule
                         state["val"]["best_top1"] = top1
                         state["val"]["selected_after"] = {"pass": p, "block": name}
-                        valbest = {m: q.scale.detach().clone() for m, q in all_qs}
+                        valbest = {m: t.detach().clone() for m, t in all_qs}
                 state["trace"].append(entry)
                 state["evaluations"] += n
                 state["position"] = pos + 1
@@ -274,8 +288,8 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
         bar.close()
 
     if cfg.select_on_val:
-        for n, q in all_qs:
-            q.scale.copy_(valbest[n])
+        for n, t in all_qs:
+            t.copy_(valbest[n])
     final = evaluator.evaluate(None)
     check_final = checker.evaluate(None) if checker is not None else None
     out = _report(cfg, seed, evaluator, order, spaces, state, initial, final, resumed,
@@ -291,6 +305,22 @@ def _search(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Evo
                         "rejected_steps": state["rejected"], "steps": len(state["trace"])}
         out["curves"]["check"] = [check_initial] + [e["check"] for e in state["trace"]]
     return out
+
+
+def _live(space) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of what a block's search changes: the release's scale vector (named by quantizer), or the
+    knobs' buffers and re-rounded weights."""
+    return space.live() if isinstance(space, KnobSpace) else [(n, q.scale) for n, q in space]
+
+
+def _changed(space, start: list[torch.Tensor]) -> bool:
+    return any(not torch.equal(t, s) for (_, t), s in zip(_live(space), start, strict=True))
+
+
+@torch.no_grad()
+def _restore(space, start: list[torch.Tensor]) -> None:
+    for (_, t), s in zip(_live(space), start, strict=True):
+        t.copy_(s)
 
 
 def _check_fingerprint(path: str, saved: dict, now: dict) -> None:
@@ -309,7 +339,8 @@ def _report(cfg: EvolQOptions, seed: int, ev: FitnessEvaluator, order, spaces, s
             final: float, resumed, seconds: float) -> dict:
     config = cfg.to_dict()
     config["seed"] = seed
-    if cfg.mutation == "absolute" and cfg.radius is None:
+    knobs = any(isinstance(sp, KnobSpace) for sp in spaces.values())
+    if cfg.mutation == "absolute" and cfg.radius is None and not knobs:
         bits = sorted({q.bits for qs in spaces.values() for _, q in qs})
         config["radius"] = {f"{b}-bit": default_radius(b) for b in bits}
     per_block = {}
@@ -328,7 +359,13 @@ def _report(cfg: EvolQOptions, seed: int, ev: FitnessEvaluator, order, spaces, s
         "search_space": {"groups": list(cfg.search),
                          "scales_per_block": {name: sum(q.scale.numel() for _, q in spaces[u])
                                               for u, name, _ in order},
-                         "quantizers_per_block": {name: [n for n, _ in spaces[u]] for u, name, _ in order}},
+                         "quantizers_per_block": {name: [n for n, _ in spaces[u]] for u, name, _ in order}}
+        if not knobs else
+        {"groups": list(cfg.search), "engine": "knobs (vitq.refine.evolq_discrete)",
+         "genes_per_block": {name: spaces[u].num_genes() for u, name, _ in order},
+         "knobs_per_block": {name: [k.name for k in spaces[u].knobs] for u, name, _ in order},
+         "left_out": {n: why for u, _, _ in order for n, why in spaces[u].skipped.items()},
+         "continuous_weights": {n: what for u, _, _ in order for n, what in spaces[u].sources.items()}},
         "passes_done": state["pass"],
         "stopped_early_after_pass": state["stopped_early_after_pass"],
         "evaluations": state["evaluations"],

@@ -95,8 +95,10 @@ class FitnessEvaluator:
             batches = (self.qmodel(x) for x in self.calib.batches())
         else:
             batches = (self.trunk.forward_from(unit, h) for h in self._inputs)
+        per_image = self.loss_name != "infonce"
         for zq, zf in zip(batches, self.float_logits, strict=True):
-            total += float(self._loss(zq, zf, self.temperature))
-        value = total / len(self.float_logits)  # mean over batches, as the official code
+            total += float(self._loss(zq, zf, self.temperature)) * (zf.shape[0] if per_image else 1)
+        # infoNCE: mean over batches, as the official code; the per-image losses: mean over every image
+        value = total / (sum(z.shape[0] for z in self.float_logits) if per_image else len(self.float_logits))
         self.times.setdefault(unit, []).append(time.perf_counter() - t0)
         return value if math.isfinite(value) else math.inf

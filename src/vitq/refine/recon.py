@@ -33,6 +33,8 @@ Optional (issue 26; off by default until measured on the real model, see BENCHMA
 * ``holdout``: that fraction of the images is left out of the steps; every ``check_every`` steps the
   hard-rounded error on them is measured, the best checked state is kept, and the piece stops after
   ``patience`` checks without improvement (so the steps follow each piece's progress).
+* ``loss_weight="fisher"``: each block-output squared error weighted by the float model's squared gradient there
+  (its cross-entropy to its own prediction, one backward pass; :mod:`vitq.refine.recon_fisher`).
 * ``start="gptq"``: AdaRound starts from GPTQ's compensated weights before their rounding (kept by
   :mod:`vitq.refine.gptq` on each layer) instead of the weights on the grid.
 * ``budget_min``: a timed probe turns a wall-clock budget into steps per piece (:mod:`vitq.refine.recon_budget`);
@@ -70,8 +72,10 @@ from vitq.options import OptionError, Options, opt
 from vitq.quant.base import EPS, Quantizer
 from vitq.refine.gptq import CONTINUOUS
 from vitq.refine.recon_budget import plan_iters
+from vitq.refine.recon_fisher import WEIGHTS, fisher_weights
 from vitq.refine.recon_learn import (
     LEARNED_KINDS,
+    UNROUNDED,
     Dropper,
     Rounding,
     SoftWeights,
@@ -117,6 +121,10 @@ class ReconOptions(Options):
                          metavar="LR")
     normalize: bool = opt(False, "each piece's loss relative to its float output energy (times the first "
                           "piece's energy, so the regulariser weight means the same in every piece)")
+    loss_weight: str = opt("none", "weights of the block-output squared error: fisher = the squared gradient of "
+                           "the float model's cross-entropy to its own prediction (no labels) w.r.t. each output "
+                           "element, from one backward pass over the calibration images (BRECQ/APHQ/FIMA-Q's "
+                           "diagonal Fisher)", choices=WEIGHTS)
     head_loss: str = opt("mse", "loss of the last piece (the head's logits): kl = KL(float || quant) of the "
                          "softmax, mse = the block loss", choices=("kl", "mse"))
     holdout: float = opt(0.0, "fraction of the calibration images held out of the steps: every --recon-check-every "
@@ -179,16 +187,18 @@ def _start_of(module, cfg: ReconOptions, name: str):
 
 def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: ReconOptions,
                       gen: torch.Generator, bar=None, energy_ref: float | None = None, last: bool = False,
-                      holdout: torch.Tensor | None = None) -> dict:
+                      holdout: torch.Tensor | None = None, fisher: list[torch.Tensor] | None = None) -> dict:
     """Optimise one piece in place; returns its trace entry (losses, accepted or not). ``energy_ref``: the
     first piece's output energy (--recon-normalize); ``last``: the head (--recon-head-loss); ``holdout``: the
     indices of the held-out images (--recon-holdout)."""
     t0 = time.perf_counter()
     kl_head = last and cfg.head_loss == "kl"
     metric = kl_loss if kl_head else None
-    before = cache.error(p, targets, metric)
+    fisher = None if kl_head else fisher  # (--recon-loss-weight: per batch, the outputs' shape)
+    before = cache.error(p, targets, metric, fisher)
     start = piece_state(p)
     xq, xf, tg = torch.cat(cache.q), torch.cat(cache.f), torch.cat(targets)
+    fw = torch.cat(fisher) if fisher is not None else None
     n = xq.shape[0]
     train = torch.arange(n)
     if holdout is not None:
@@ -198,8 +208,8 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
     biases = [m.bias for _, m in p.weighted if m.bias is not None] if cfg.learn_bias else []
     energy = float(tg.pow(2).sum(-1).mean())
     entry = {"piece": p.name, "layers": len(roundings), "step_sizes": len(learned), "biases": len(biases),
-             "mse_before": before, "metric": "kl" if kl_head else "mse", "output_energy": energy,
-             "layers_on_grid": sum(r.on_grid > 0.5 for r in roundings)}
+             "mse_before": before, "metric": "kl" if kl_head else "mse" if fisher is None else "fisher-mse",
+             "output_energy": energy, "layers_on_grid": sum(r.on_grid > 0.5 for r in roundings)}
     if cfg.iters == 0 or (not roundings and not learned and not biases):
         entry.update({"mse_after": before, "kept_start": False, "iters": 0, "seconds": time.perf_counter() - t0})
         return entry
@@ -236,7 +246,7 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
                     mix = torch.rand(x_in.shape, generator=gen).to(x_in.device) < cfg.drop_prob
                     x_in = torch.where(mix, xf[idx], x_in)
                 out = p.quant(x_in)
-                rec = kl_loss(out, tg[idx]) if kl_head else rec_loss(out, tg[idx])
+                rec = kl_loss(out, tg[idx]) if kl_head else rec_loss(out, tg[idx], None if fw is None else fw[idx])
                 beta = beta_at(step, cfg)
                 loss = rec * scale
                 if beta is not None and roundings and cfg.weight > 0:
@@ -264,7 +274,8 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
                     bar.set_postfix_str(f"{p.name} step {step + 1}/{cfg.iters} rec {last_loss:.4g}")
                 if holdout is not None and (steps % cfg.check_every == 0 or steps == cfg.iters):
                     dropper.active = False
-                    err = _held_out_error(p, soft, xq[holdout], tg[holdout], metric)
+                    err = _held_out_error(p, soft, xq[holdout], tg[holdout], metric,
+                                          None if fw is None else fw[holdout])
                     dropper.active = True
                     checks.append(err)
                     if best is None or err < best[0]:
@@ -284,10 +295,14 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
     with torch.no_grad():
         for r in roundings:
             r.module.weight.copy_(r.hard())
-    after = cache.error(p, targets, metric)
+    after = cache.error(p, targets, metric, fisher)
     kept = not after <= before  # also when the learned state is not finite
     if kept:
         restore_piece(p, start)
+    else:
+        for r in roundings:
+            if r.on_grid <= 0.5:
+                setattr(r.module, UNROUNDED, r.continuous)
     entry.update({"mse_after": before if kept else after, "mse_learned": after, "kept_start": kept,
                   "iters": steps, "train_loss_first": first_loss, "train_loss_last": last_loss,
                   "seconds": time.perf_counter() - t0})
@@ -297,15 +312,14 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
 
 
 @torch.no_grad()
-def _held_out_error(p: Piece, soft: SoftWeights, x: torch.Tensor, t: torch.Tensor, metric) -> float:
+def _held_out_error(p: Piece, soft: SoftWeights, x: torch.Tensor, t: torch.Tensor, metric, w=None) -> float:
     """The piece's error on the held-out images with the weights rounded hard (what stopping now would give)."""
     soft.hard = True
     try:
         total = 0.0
         for i in range(0, x.shape[0], 32):
-            out = p.quant(x[i:i + 32])
-            total += float(metric(out, t[i:i + 32]) * out.shape[0] if metric else rec_loss(out, t[i:i + 32])
-                           * out.shape[0])
+            out, ti, wi = p.quant(x[i:i + 32]), t[i:i + 32], None if w is None else w[i:i + 32]
+            total += float((metric(out, ti) if metric else rec_loss(out, ti, wi)) * out.shape[0])
         return total / x.shape[0]
     finally:
         soft.hard = False
@@ -379,6 +393,7 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
                      "forwards per piece on %d images)", cfg.budget_min, iters,
                      state["budget"]["seconds_per_step"], state["budget"]["fixed_seconds"] / len(pieces),
                      len(calib))
+        fisher, fisher_info = fisher_weights(pieces, calib) if cfg.loss_weight == "fisher" else (None, None)
     if cfg.budget_min is not None:
         cfg = dataclasses.replace(cfg, iters=state["budget"]["iters"])
     bar = calib.bar(None, "recon", total=len(pieces))
@@ -394,7 +409,8 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
                     state["energy_ref"] = float(torch.cat(targets).pow(2).sum(-1).mean())
                 gen = torch.Generator().manual_seed(derive_seed(seed, i))
                 entry = reconstruct_piece(p, cache, targets, cfg, gen, bar, energy_ref=state["energy_ref"],
-                                          last=i == len(pieces) - 1, holdout=holdout)
+                                          last=i == len(pieces) - 1, holdout=holdout,
+                                          fisher=None if fisher is None else fisher[i])
                 cache.advance(p, targets)
                 state["trace"].append(entry)
                 state["done"] = i + 1
@@ -425,5 +441,6 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
         "recon_seconds": seconds,
         "checkpoint": {"path": path, "resumed": resumed, "runs": state["runs"]},
         "budget": state.get("budget"),
+        "fisher": fisher_info,
         "steps_taken": [e.get("iters", 0) for e in state["trace"]],
     }

@@ -12,6 +12,9 @@ from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import UniformQuantizer
 
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+# attribute (not saved) reconstruction leaves on each layer whose rounding it fixed: the continuous weights it
+# rounded (when they were not already on the grid), which Evol-Q's ``wscale_pre`` rounds again with a new scale
+UNROUNDED = "unrounded_weight"
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -32,6 +35,7 @@ class Rounding:
         self.qmin, self.qmax = q.qmin, q.qmax
         x = w / self.scale
         self.floor = torch.floor(x)
+        self.continuous = w.clone()  # (w may be the live weight, which the hard rounding overwrites)
         # a weight already on its grid (GPTQ, an earlier recon) can move one level in one direction only
         self.on_grid = float(((x - torch.round(x)).abs() < 1e-3).float().mean())
         rest = (x - self.floor).clamp(1e-4, 1.0 - 1e-4)
@@ -134,9 +138,12 @@ class SoftWeights:
             h.remove()
 
 
-def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BRECQ's reconstruction loss: squared error summed over the feature axis, mean over the rest."""
-    return (out - target).pow(2).sum(-1).mean()
+def rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over the feature axis, mean over the rest; with
+    ``weight`` (the Fisher weights of :mod:`vitq.refine.recon_fisher`, the output's shape) each squared error
+    is weighted."""
+    err = (out - target).pow(2)
+    return (err if weight is None else err * weight.to(err.dtype)).sum(-1).mean()
 
 
 class LogScaleQuantizer(nn.Module):

@@ -172,16 +172,18 @@ class Cache:
         return [p.float(h) for h in self.f]
 
     @torch.no_grad()
-    def error(self, p: Piece, targets: list[torch.Tensor], metric=None) -> float:
+    def error(self, p: Piece, targets: list[torch.Tensor], metric=None, weights=None) -> float:
         """Plain MSE of the quantized piece (its current state) against the float targets, all images; with
-        ``metric(out, target)`` (a mean over images) that metric's mean over all images instead."""
+        ``metric(out, target)`` (a mean over images) that metric's mean over all images instead; with
+        ``weights`` (per batch, the targets' shape: Fisher weights) the weighted squared error."""
         total = n = 0.0
-        for h, t in zip(self.q, targets, strict=True):
+        for i, (h, t) in enumerate(zip(self.q, targets, strict=True)):
             if metric is not None:
                 total += float(metric(p.quant(h), t)) * t.shape[0]
                 n += t.shape[0]
                 continue
-            total += float((p.quant(h) - t).pow(2).sum())
+            err = (p.quant(h) - t).pow(2)
+            total += float((err if weights is None else err * weights[i].to(err.dtype)).sum())
             n += t.numel()
         return total / n
 
