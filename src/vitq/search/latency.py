@@ -3,7 +3,8 @@ with vitq's own ONNX QDQ writer and timed in the target's runtime on this machin
 
 Timing: every file of one stage is loaded into its own session first; each session is called twice to warm up;
 then ``rounds`` rounds call every session once on the same batch (the order rotated each round, so no file always
-runs first or last), and a file's latency is the median of its rounds. Short by default (batch 8, 5 rounds): the
+runs first or last; a call under 20 ms is repeated within the round, up to 50 times, and averaged), and a file's
+latency is the median of its rounds. Short by default (batch 8, 5 rounds): the
 ratios of a loaded machine are noisy, and the search re-measures what it chooses.
 
 Latency model (:class:`LatencyModel`), additive per group: leaving group ``u`` float costs ``c_u`` seconds over the
@@ -16,6 +17,7 @@ goes below the fastest latency measured.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -34,6 +36,7 @@ from vitq.quant.base import quantizers_of
 from vitq.quant.keep_float import KeptFloat
 
 TIMED_RUNTIMES = ("onnxruntime", "openvino")
+MIN_ROUND_S, MAX_REPS = 0.02, 50  # a call shorter than 20 ms is repeated within its round (tiny models)
 
 
 @contextmanager
@@ -93,16 +96,20 @@ def time_files(paths: dict, runtime: str, x: np.ndarray, rounds: int, threads: i
     """Median latency in seconds of each file (key -> path) on the batch ``x``, in alternated rounds."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     runs = {k: session(p, runtime, threads) for k, p in paths.items()}
-    for run in runs.values():
+    reps = {}
+    for k, run in runs.items():
         run(x)
+        t0 = time.perf_counter()
         run(x)
+        reps[k] = min(max(1, math.ceil(MIN_ROUND_S / max(time.perf_counter() - t0, 1e-6))), MAX_REPS)
     keys = list(runs)
     times: dict = {k: [] for k in keys}
     for r in range(rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
-            runs[k](x)
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(reps[k]):
+                runs[k](x)
+            times[k].append((time.perf_counter() - t0) / reps[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
