@@ -179,6 +179,16 @@ def test_search_refuses_what_it_cannot_measure():
         vitq.search(q, m, x, how="evo", min_speedup=1.2, progress=False)
 
 
+def test_an_unreachable_constraint_is_an_error_that_leaves_the_model_as_it_was():
+    pytest.importorskip("onnxruntime")
+    m, x, q = _calibrated()
+    before = {n: type(p) for n, p in quantizers_of(q).items()}
+    with pytest.raises(VitqError, match=r"meets --min-speedup 1000: the fastest runs at [0-9.]+× float \((float: qk|"
+                                        r"every searched group quantized)\)"):
+        vitq.search(q, m, x, min_speedup=1000, groups="qk", rounds=1, batch=1, progress=False)
+    assert {n: type(p) for n, p in quantizers_of(q).items()} == before and q.vitq_scheme.keep_float == ()
+
+
 def test_cli_recipe_best_target_search(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from conftest import TINY, make_image_folder
