@@ -308,7 +308,7 @@ def apply_recipe(args) -> dict:
     if args.scheme is None:
         args.scheme = applied["scheme"] = recipe.scheme
     for dest, value in recipe.settings(args.device).items():
-        if dest == "keep_float" and args.search is not None:
+        if dest == "keep_float" and args.search is not None and args.keep_float is None:
             applied["keep_float_left_to_search"] = value
             continue
         if getattr(args, dest) is None:
