@@ -46,9 +46,15 @@ from vitq.export.runtimes import require
 
 THREADS = 2
 # label, target, extra flags of vitq quantize (besides --recipe best --target TARGET)
+# the hago search (vitq.search.hago): which of the target's groups to quantize, timed at the benchmark's batch 32
+HAGO = ["--search", "hago", "--search-batch", "32", "--search-rounds", "7"]
 VITQ_CONFIGS = [
     ("vitq --recipe best --target onnxruntime", "onnxruntime", []),
     ("vitq --recipe best --target openvino", "openvino", []),
+    ("vitq --recipe best --target onnxruntime --search hago --min-speedup 1.5", "onnxruntime",
+     [*HAGO, "--min-speedup", "1.5"]),
+    ("vitq --recipe best --target openvino --search hago --min-speedup 1.6", "openvino",
+     [*HAGO, "--min-speedup", "1.6"]),
 ]
 if os.environ.get("VITQ_BENCH_MORE"):  # softmax·v integer too (slower to run the whole benchmark)
     VITQ_CONFIGS.append(("vitq --recipe best --target onnxruntime --keep-float ''", "onnxruntime",
@@ -98,8 +104,13 @@ def quantize_cli(model, label: str, target: str, extra: list[str], out: str, ir:
             raise SystemExit(f"vitq export of {label} failed")
         files[fmt] = path
     rec = res["recipe"]
+    how = f"recipe {rec['name']} ({', '.join(f'{k} {v}' for k, v in rec['applied'].items())})"
+    if res.get("search"):
+        c = res["search"]["chosen"]
+        how += (f"; hago kept float: {', '.join(c['float']) or 'nothing'} (searched {c['speedup']:.2f}× float, "
+                f"calibration KL {c['kl']:.4f}, {res['search']['seconds']:.0f} s)")
     return {"qmodel": load(model, out).eval(), "files": files, "seconds": seconds, "num_calib": res["num_calib"],
-            "how": f"recipe {rec['name']} ({', '.join(f'{k} {v}' for k, v in rec['applied'].items())})",
+            "how": how,
             "float": sorted({n for names in res["target_report"]["float"].values() for n in names})}
 
 

@@ -27,6 +27,7 @@ from vitq.recipes import choose as choose_recipe
 from vitq.refine.gptq import round_weights  # noqa: F401  (part of the API: vitq.round_weights)
 from vitq.registry import get_method, get_refiner
 from vitq.scheme import DEFAULT_A_BITS, DEFAULT_W_BITS, Scheme
+from vitq.search import search as search_model
 
 
 def _record(cfg) -> dict:
@@ -141,8 +142,8 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
              rounding: str | None = None, refine: str | list[str] | None = None, recipe: str | None = None, *,
              options: dict | None = None, refine_options: dict | None = None, batch_size: int = 50,
              device="cpu", seed: int = 0, progress: bool = True, val_batches=None, start: nn.Module | None = None,
-             augment_synthetic: int | None = None, synthetic: dict | None = None, after_step=None,
-             **scheme_kwargs) -> tuple[nn.Module, dict]:
+             augment_synthetic: int | None = None, synthetic: dict | None = None, search: str | None = None,
+             search_options: dict | None = None, after_step=None, **scheme_kwargs) -> tuple[nn.Module, dict]:
     """The one run order, model -> prepare -> calibrate -> round -> refine, that the CLI, the demo and the
     benchmarks call. Returns the quantized model and the record of the run (what goes into results.json).
 
@@ -156,6 +157,9 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
     the real ones; ``synthetic={"generator", "options", "directory", "budget_min"}`` says how (see
     :func:`vitq.calib.calib_source`), and ``record["calib_source"]`` what was done. ``start``: an already
     calibrated model (e.g. :func:`vitq.load`) to round and refine instead of preparing and calibrating anew.
+    ``search="hago"`` with ``search_options={"min_speedup": 1.5}`` (or ``max_kl`` / ``min_agreement``, see
+    :class:`vitq.search.hago.HagoOptions`) then chooses which of the target's quantizer groups to keep
+    (:mod:`vitq.search`; ``record["search"]``); a recipe's keep_float is left to the search.
     ``after_step(name, qmodel, info)``: called after the weight rounding (name ``"base"``, info the record so
     far) and after each refiner of the chain (see :func:`refine`), e.g. to evaluate every stage of one run."""
     if isinstance(scheme, Scheme):
@@ -181,6 +185,8 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
         options = {**plan["options"], **(options or {})}
         for name, opts in plan["refine_options"].items():
             refine_options[name] = {**opts, **refine_options.get(name, {})}
+        if search is not None and "keep_float" not in scheme_kwargs and plan["scheme"].pop("keep_float", None):
+            record["recipe_keep_float_left_to_search"] = True
         if not isinstance(scheme, Scheme):
             scheme_kwargs = {**plan["scheme"], **scheme_kwargs}
         if plan["num_calib"] is not None and synthetic_count(calib) is None:
@@ -223,6 +229,9 @@ def quantize(model: nn.Module, calib, scheme: Scheme | str | None = None, method
                     per[n]["val_batches"] = val_batches
         record["refinement"] = refine_model(qmodel, model, calib, chain, seed=seed, after_step=after_step,
                                             **(per if len(chain) > 1 else per[chain[0]]))
+    record["search"] = None
+    if search is not None:
+        record["search"] = search_model(qmodel, model, calib, how=search, progress=progress, **(search_options or {}))
     return qmodel, record
 
 

@@ -21,7 +21,7 @@ from vitq.quant.keep_float import KeptFloat
 from vitq.quant.modules import QAttentionBase, QLayerNorm, QLinear, QTransformerBlock, QWeighted, activation_quantizer
 from vitq.quant.uniform import UniformQuantizer
 from vitq.scheme import Scheme
-from vitq.targets import GROUPS, ROLE_GROUP, float_reason, get_target, weight_note
+from vitq.targets import GROUPS, ROLE_GROUP, SPLITS, float_reason, get_target, weight_note
 
 log = logging.getLogger("vitq")
 
@@ -59,9 +59,11 @@ def apply_target(model: nn.Module, scheme: Scheme) -> dict:
     and return what was left in float and why: ``{"target", "float": {reason: [names]}, "weights"}``."""
     target = get_target(scheme.target)
     reasons: dict[str, str] = {}
+    units = quantizer_units(model)
     for name, q in quantizers_of(model).items():
         per_axis = q.role != "weight" and getattr(q, "channel_axis", None) is not None
-        why = float_reason(target, q.role, q.kind, q.bits, per_axis, scheme.keep_float)
+        kept = next((g for g in (ROLE_GROUP.get(q.role), units[name]) if g in scheme.keep_float), None)
+        why = keep_float_reason(scheme, kept) if kept else float_reason(target, q.role, q.kind, q.bits, per_axis, ())
         if why:
             reasons[name] = why
     # both inputs of an attention matmul or neither: one in float makes it a float matmul
@@ -96,6 +98,48 @@ def apply_target(model: nn.Module, scheme: Scheme) -> dict:
     if report["weights"]:
         log.info("target %s: %s", target.name, report["weights"])
     return report
+
+
+def keep_float_reason(scheme: Scheme, group: str) -> str:
+    """Why a quantizer of ``group`` (a name of ``scheme.keep_float``) is a float one."""
+    if group in scheme.search_float:
+        return f"group {group} kept float by the {scheme.search_why}"
+    return f"group {group} kept in float by the scheme (keep_float)"
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The qualified name of the model's classifier (timm's ``get_classifier()``, else a top-level ``head`` /
+    ``classifier`` / ``fc`` module), or None."""
+    get = getattr(model, "get_classifier", None)
+    head = None
+    if callable(get):
+        try:
+            head = get()
+        except (AttributeError, TypeError, NotImplementedError):
+            head = None
+    if isinstance(head, nn.Module):
+        found = next((n for n, m in model.named_modules() if m is head and n), None)
+        if found:
+            return found
+    return next((n for n in ("head", "classifier", "fc") if isinstance(getattr(model, n, None), nn.Module)), None)
+
+
+def quantizer_units(model: nn.Module) -> dict[str, str]:
+    """Quantizer name -> the finest group that names it (:data:`vitq.targets.KEEP_FLOAT_NAMES`): its role's
+    group, split where :data:`vitq.targets.SPLITS` says (linear inputs: ``.post_gelu`` for fc2's input after a
+    GELU, ``.head`` for the classifier's, ``.other`` for the rest). A role of no group keeps its own name."""
+    head = classifier_name(model)
+    post_gelu = {f"{n}.fc2.input_quant" if n else "fc2.input_quant" for n, m in model.named_modules()
+                 if isinstance(getattr(m, "fc2", None), QLinear) and isinstance(getattr(m, "act", None), nn.GELU)}
+    out = {}
+    for name, q in quantizers_of(model).items():
+        group = ROLE_GROUP.get(q.role, q.role)
+        if group in SPLITS:
+            part = ("head" if head and name.startswith(head + ".") else
+                    "post_gelu" if name in post_gelu else "other")
+            group = f"{group}.{part}"
+        out[name] = group
+    return out
 
 
 def target_groups(model: nn.Module) -> dict[str, int]:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from vitq.errors import VitqError
-from vitq.targets import GROUPS, get_target
+from vitq.targets import KEEP_FLOAT_NAMES, get_target
 
 SCHEMES = {
     "fq": "fully quantized (FQ-ViT/Evol-Q): weights, linear inputs, q/k/v, scores, softmax output, "
@@ -65,7 +65,9 @@ class Scheme:
     overrides: tuple[Override, ...] = field(default_factory=tuple)
     gelu_quantizer: str | None = None  # fc2 input after GELU; None = "uniform"; adalog / twin_gelu where registered
     target: str | None = None  # deployment target (vitq.targets); None = "none", simulation
-    keep_float: tuple[str, ...] = ()  # quantizer groups (vitq.targets.GROUPS) left in float
+    keep_float: tuple[str, ...] = ()  # quantizer groups (vitq.targets.KEEP_FLOAT_NAMES) left in float
+    search_float: tuple[str, ...] = ()  # those of keep_float a search chose (vitq.search), and which search:
+    search_why: str = ""  # e.g. "hago search (--min-speedup 1.50 on onnxruntime)"
 
     def __post_init__(self):
         if self.name not in SCHEMES:
@@ -79,9 +81,14 @@ class Scheme:
         get_target(self.target)
         kept = self.keep_float.split(",") if isinstance(self.keep_float, str) else self.keep_float
         object.__setattr__(self, "keep_float", tuple(g.strip() for g in kept if g.strip()))
-        bad = [g for g in self.keep_float if g not in GROUPS]
+        bad = [g for g in self.keep_float if g not in KEEP_FLOAT_NAMES]
         if bad:
-            raise VitqError(f"keep_float group {bad[0]!r} is unknown (expected some of {', '.join(GROUPS)})")
+            raise VitqError(f"keep_float group {bad[0]!r} is unknown (expected some of {', '.join(KEEP_FLOAT_NAMES)})")
+        object.__setattr__(self, "search_float", tuple(self.search_float))
+        stray = [g for g in self.search_float if g not in self.keep_float]
+        if stray or (self.search_float and not self.search_why):
+            raise VitqError(f"search_float {list(self.search_float)} must be groups of keep_float, with search_why "
+                            "saying which search chose them")
         for o in self.overrides:
             if o.w_bits is not None:
                 check_bits(f"override {o} weight bits", o.w_bits, W_BITS)
@@ -121,6 +128,7 @@ class Scheme:
         d = dataclasses.asdict(self)
         d["overrides"] = [str(o) for o in self.overrides]
         d["keep_float"] = list(self.keep_float)
+        d["search_float"] = list(self.search_float)
         return d
 
     @classmethod
@@ -128,6 +136,7 @@ class Scheme:
         d = dict(d)
         d["overrides"] = tuple(Override.parse(o) for o in d.get("overrides", ()))
         d["keep_float"] = tuple(d.get("keep_float", ()))
+        d["search_float"] = tuple(d.get("search_float", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

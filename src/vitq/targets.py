@@ -34,6 +34,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "norm_input": ("norm_input",),  # LayerNorm input (fq, PTF)
 }
 ROLE_GROUP = {role: g for g, roles in GROUPS.items() for role in roles}
+# groups split by where their quantizers sit, so the search (vitq.search) and keep_float can choose finer:
+# ``linear_input.post_gelu`` (fc2's input after a GELU), ``linear_input.head`` (the classifier's input) and
+# ``linear_input.other`` (every other linear / convolution input). The group's own name still means all of it.
+SPLITS: dict[str, tuple[str, ...]] = {"linear_input": ("post_gelu", "head", "other")}
+UNITS = tuple(f"{g}.{part}" for g, parts in SPLITS.items() for part in parts)
+KEEP_FLOAT_NAMES = (*GROUPS, *UNITS)  # what keep_float may name
 
 
 @dataclass(frozen=True)

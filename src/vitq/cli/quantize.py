@@ -25,6 +25,7 @@ from vitq.cli.common import (
     versions,
 )
 from vitq.cli.flags import add_entry_flags, entry_options
+from vitq.cli.search import add_search_flags, search_settings
 from vitq.cli.synthetic import add_synthetic_flags, synthetic_settings
 from vitq.errors import VitqError
 from vitq.recipes import MEASURED, choose
@@ -77,6 +78,7 @@ def add_command(sub, argv: Sequence[str]) -> None:
                    help="start from a saved state (a previous --out) instead of calibrating")
     q.add_argument("--out", required=True,
                    help="output folder (must not exist unless --overwrite; missing parents are created)")
+    add_search_flags(q, argv)
     add_synthetic_flags(q, argv)
     owners: dict = {}
     shown = {"method": given(argv, "--method"), "refiner": given(argv, "--refine")}
@@ -106,6 +108,7 @@ def cmd_quantize(args) -> int:
     recipe_info = None
     if args.recipe is not None:
         recipe_info = apply_recipe(args)  # fills only the flags left unset
+    search, search_options = search_settings(args)
     if args.init_state is None and args.method is None:
         raise VitqError("--method is required (or --init-state DIR to start from a saved state)")
     scheme_flags = {"--method": args.method, "--scheme": args.scheme, "--w-bits": args.w_bits,
@@ -214,7 +217,8 @@ def cmd_quantize(args) -> int:
             refine=chain or None, options=None if start is not None else method_opts,
             refine_options={n: o for n, o in chain_opts.items() if o}, seed=args.seed, start=start,
             val_batches=val_batches, augment_synthetic=args.augment_synthetic or None, synthetic=synthetic,
-            batch_size=args.batch_size, device=device, progress=progress)
+            batch_size=args.batch_size, device=device, progress=progress, search=search,
+            search_options=search_options)
     except KeyboardInterrupt:
         for name, ckpt in ckpts.items():
             if os.path.exists(ckpt):
@@ -224,9 +228,10 @@ def cmd_quantize(args) -> int:
     scheme = qmodel.vitq_scheme
     cal_info = cal_info or run["calibration"]
     round_info, ref_info = run["weight_rounding"], run["refinement"]
+    search_s = run["search"]["seconds"] if run["search"] else 0.0
     refine_s = ref_info["seconds"] if ref_info else 0.0
     synth_s = (run["calib_source"].get("synthetic") or {}).get("seconds", 0.0)
-    calibrate_s = time.perf_counter() - t0 - refine_s - round_info.get("seconds", 0.0) - synth_s
+    calibrate_s = time.perf_counter() - t0 - refine_s - round_info.get("seconds", 0.0) - synth_s - search_s
     log.info("calibrated in %.1f s", calibrate_s)
     if round_info["weight_rounding"] != "nearest":
         log.info("weights rounded (%s) in %.1f s", round_info["weight_rounding"], round_info["seconds"])
@@ -243,7 +248,8 @@ def cmd_quantize(args) -> int:
         "calib_skipped": calib_skipped, "num_calib": run["num_calib"], "calib_source": run["calib_source"],
         "transform": transform_desc, "versions": versions(), "command": ["vitq", *args.argv],
         "calibration": cal_info, "weight_rounding": round_info, "refinement": ref_info, "recipe": recipe_info,
-        "target_report": getattr(qmodel, "vitq_target_report", None), "float": None, "quant": None,
+        "target_report": getattr(qmodel, "vitq_target_report", None), "search": run["search"], "float": None,
+        "quant": None,
     }
     eval_s = 0.0
     if val_records is not None:
@@ -252,18 +258,29 @@ def cmd_quantize(args) -> int:
                         "labels": args.labels, "class_map": os.path.abspath(args.class_map) if class_map else None,
                         "val_skipped": val_skipped, "float": metrics["float"], "quant": metrics["quant"]})
     results["timings"] = {"calibrate_s": calibrate_s, "refine_s": refine_s, "eval_s": eval_s}
+    if run["search"]:
+        results["timings"]["search_s"] = search_s
     if run["calib_source"]["num_synthetic"]:
         results["timings"]["synthesize_s"] = synth_s
 
     with out:
         save(qmodel.cpu(), out.tmp, model=args.model, model_args=kwargs, weights_sha256=weights_sha,
              method=results["method"], refine=args.refine)
+        if run["search"]:
+            from vitq.search.report import plot
+
+            if plot(run["search"], out.file("hago_pareto.png")):
+                run["search"]["plot"] = "hago_pareto.png"
         write_json(out.file("results.json"), results)
         out.commit()
     for name, ckpt in ckpts.items():
         if os.path.exists(ckpt):
             os.remove(ckpt)  # the finished run is in the state; a given path too: it could only resume a done run
             log.info("removed the %s checkpoint %s (it finished)", name, ckpt)
+    if run["search"]:
+        from vitq.search.report import text
+
+        print(text(run["search"]))
     print(summary_line(results))
     print(f"wrote {out.path}/results.json, quant_state.safetensors, config.json")
     return 0
@@ -291,6 +308,9 @@ def apply_recipe(args) -> dict:
     if args.scheme is None:
         args.scheme = applied["scheme"] = recipe.scheme
     for dest, value in recipe.settings(args.device).items():
+        if dest == "keep_float" and args.search is not None and args.keep_float is None:
+            applied["keep_float_left_to_search"] = value
+            continue
         if getattr(args, dest) is None:
             setattr(args, dest, value)
             applied[dest] = value
