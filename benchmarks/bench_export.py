@@ -160,9 +160,15 @@ def main() -> int:
     # model label -> {runtime: file}
     models: dict[str, dict[str, str]] = {FLOAT: {"onnxruntime": float_onnx, "openvino": float_onnx}}
     vitq_rows, fake = {}, {}
+    failed = {}
     for label, target, extra in VITQ_CONFIGS:
-        row = quantize_cli(model, label, target, extra, os.path.join(tmp, f"state{len(vitq_rows)}"),
-                           target == "openvino", tmp)
+        try:
+            row = quantize_cli(model, label, target, extra, os.path.join(tmp, f"state{len(vitq_rows)}"),
+                               target == "openvino", tmp)
+        except (SystemExit, Exception) as e:  # e.g. a search whose constraint nothing reaches: the row says so
+            failed[label] = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            log(f"{label}: FAILED: {failed[label]}")
+            continue
         vitq_rows[label] = row
         fake[label] = batched_logits(row["qmodel"], val_x)
         models[label] = {"onnxruntime": row["files"]["onnx"], "openvino": row["files"].get("openvino",
@@ -202,7 +208,7 @@ def main() -> int:
 
     fake_m = {n: metrics(float_logits, fl, val_y)["quant"] for n, fl in fake.items()}
     text = render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load_before, os.getloadavg(),
-                  time.perf_counter() - t_start)
+                  time.perf_counter() - t_start, failed)
     print(text)
     if not args.no_write and args.num_val is None:
         write_section("export", text)
@@ -211,7 +217,7 @@ def main() -> int:
 
 
 def render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load_before, load_after,
-           seconds) -> str:
+           seconds, failed=None) -> str:
     float_top1 = 100.0 * float((float_logits.argmax(1) == val_y).float().mean())
     lines = [
         "## ONNX QDQ export (`vitq export`) on DeiT-Tiny: deployment targets against the runtimes' own quantizers",
@@ -223,9 +229,10 @@ def render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load
         f"onnxruntime {_version('onnxruntime')}, OpenVINO {_version('openvino')}, NNCF {nncf_version}, onnx "
         f"{_version('onnx')}; {THREADS} threads everywhere. Load average (1/5/15 min) {load_before[0]:.1f}/"
         f"{load_before[1]:.1f}/{load_before[2]:.1f} at the start, {load_after[0]:.1f}/{load_after[1]:.1f}/"
-        f"{load_after[2]:.1f} at the end. **Timings from a loaded machine** (other agents' tests ran on the 2 "
-        "cores): the speed ratios are noisy. Rerun quiet with the "
-        "command above.",
+        f"{load_after[2]:.1f} at the end"
+        + (". **Timings from a loaded machine** (other work ran on the 2 cores): the speed ratios are noisy; "
+           "rerun quiet with the command above." if max(load_before[0], load_after[0]) > 3.0 else
+           " (no other job ran beside it)."),
         "",
         f"Model `deit_tiny_patch16_224` ({DEIT_WEIGHTS.name}); {len(val_y)} images of val/ (float top-1 "
         f"{float_top1:.2f} %). vitq rows: `vitq quantize --recipe best --target T` (the recipe it chose is named "
@@ -258,6 +265,7 @@ def render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load
                   "Kernels run:", ""]
         lines += [f"- {n}: {r['kernels']}" for (rt, n), r in res.items() if rt == runtime]
         lines.append("")
+    lines += [f"- **{n}: failed**: {why}" for n, why in (failed or {}).items()]
     lines += [f"Whole script: {seconds / 60:.1f} min."]
     return "\n".join(lines)
 
