@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--stop-at", default=None, help="UTC HH:MM after which no row starts")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--figure", action="store_true", help="only draw the figure from the kept sets")
+    p.add_argument("--render", action="store_true", help="only rewrite the section from the kept rows (give the "
+                   "settings of the run that made them)")
     args = p.parse_args()
     torch.set_num_threads(2)
     counts = [int(c) for c in args.counts.split(",")]
@@ -94,7 +96,7 @@ def main() -> None:
     if args.figure:
         figure(kept, args)
         return
-    budget = Budget(1e9, args.stop_at)
+    budget = Budget(0.0 if args.render else 1e9, args.stop_at)
     benches: dict[str, Bench] = {}
     todo = [r for r in plan(counts, seeds, bits_list) if r[0] in args.models.split(",")]
     for row in todo:
@@ -164,8 +166,8 @@ def report(kept: dict, todo, budget, args, partial: bool) -> str:
           table(["model", "bits", "source", "N", "generator", "runs", "agreement", "KL", "top-1", "gen s",
                  "gen iters"], rows)]
     if missing:
-        md += ["", f"Rows not run ({len(missing)} of {len(todo)}; every real-model run on this machine waits for one "
-               "shared lock, and the time before `--stop-at` ran out): " + ", ".join(missing) + "."]
+        md += ["", f"Rows not run ({len(missing)} of {len(todo)}: the time before `--stop-at` ran out): "
+               + ", ".join(missing) + "."]
     if (FIGURES / "synth_grid.png").exists():
         md += ["", "![generated next to real images](benchmarks/figures/synth_grid.png)"]
     return "\n".join(md)
