@@ -168,8 +168,9 @@ def report(kept: dict, todo, budget, args, partial: bool) -> str:
     if missing:
         md += ["", f"Rows not run ({len(missing)} of {len(todo)}: the time before `--stop-at` ran out): "
                + ", ".join(missing) + "."]
-    if (FIGURES / "synth_grid.png").exists():
-        md += ["", "![generated next to real images](benchmarks/figures/synth_grid.png)"]
+    md += ["", "Figure: `python -m benchmarks.bench_synth --figure` draws the generated sets next to real `calib/` "
+           "images into `benchmarks/figures/synth_grid.png`. It is not committed (git-ignored): it shows thumbnails "
+           "of the shared images, which the repository does not carry."]
     return "\n".join(md)
 
 
