@@ -98,7 +98,7 @@ def quantize_cli(model, label: str, target: str, extra: list[str], out: str, ir:
         res = json.load(f)
     files = {}
     for fmt in ("onnx", "openvino") if ir else ("onnx",):
-        path = os.path.join(tmp, f"{os.path.basename(out)}.{'xml' if fmt == 'openvino' else 'onnx'}")
+        path = os.path.join(tmp, f"{os.path.basename(out)}{'-ir.xml' if fmt == 'openvino' else '.onnx'}")
         if vitq_main(["export", "--model", DEIT, "--weights", str(DEIT_WEIGHTS), "--state", out, "--out", path,
                       "--format", fmt, "--target", target]) != 0:
             raise SystemExit(f"vitq export of {label} failed")
@@ -161,9 +161,9 @@ def main() -> int:
     models: dict[str, dict[str, str]] = {FLOAT: {"onnxruntime": float_onnx, "openvino": float_onnx}}
     vitq_rows, fake = {}, {}
     failed = {}
-    for label, target, extra in VITQ_CONFIGS:
+    for i, (label, target, extra) in enumerate(VITQ_CONFIGS):
         try:
-            row = quantize_cli(model, label, target, extra, os.path.join(tmp, f"state{len(vitq_rows)}"),
+            row = quantize_cli(model, label, target, extra, os.path.join(tmp, f"state{i}"),
                                target == "openvino", tmp)
         except (SystemExit, Exception) as e:  # e.g. a search whose constraint nothing reaches: the row says so
             failed[label] = str(e).splitlines()[-1] if str(e) else type(e).__name__
