@@ -14,12 +14,12 @@ every job the store holds is also compared, draw by draw, with that previous run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 
 from benchmarks.common import DEIT_WEIGHTS, FIGURES, ROOT, command, environment, mean_std, table, write_section
+from benchmarks.sweep_section import arguments
 
 GRID = ROOT / "benchmarks" / "grids" / "lowbit.yaml"
 STORE = ROOT / "benchmarks" / "results" / "lowbit"
@@ -163,22 +163,8 @@ Targets (issue 10): {"; ".join(f"{k}: {v}" for k, v in TARGETS.items())}.
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--store", default=str(STORE), help="results store of the grid (default %(default)s)")
-    ap.add_argument("--run", action="store_true", help="first run the grid's unfinished jobs with vitq sweep")
-    ap.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                    help="with --run: only these jobs of the grid (as vitq sweep --only)")
-    ap.add_argument("--address", default=None, help="with --run: a Ray cluster (default: a local instance)")
-    ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
-    args = ap.parse_args()
-    from pathlib import Path
-
-    store = Path(args.store).resolve()
-    if args.run:
-        import vitq
-        from vitq.cli.results import parse_where
-
-        print(vitq.sweep(str(GRID), str(store), address=args.address, where=parse_where(args.only, "--only")))
+    args = arguments(GRID, STORE, __doc__)
+    store = args.store
     md = render(store)
     if args.no_write:
         print(md)

@@ -13,12 +13,11 @@ commit (or code version) and time of each row.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table, write_section
-from benchmarks.sweep_section import shown
+from benchmarks.sweep_section import arguments, shown
 
 GRID = ROOT / "benchmarks" / "grids" / "ptqvit_baselines.yaml"
 STORE = ROOT / "benchmarks" / "results" / "ptqvit_baselines"
@@ -96,20 +95,8 @@ METHOD_ORDER = ["minmax", "omse", "ptqvit", "aciq", "easyquant", "lapq"]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--store", default=str(STORE), help="results store of the grid (default %(default)s)")
-    ap.add_argument("--run", action="store_true", help="first run the grid's unfinished jobs with vitq sweep")
-    ap.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                    help="with --run: only these jobs of the grid (as vitq sweep --only)")
-    ap.add_argument("--address", default=None, help="with --run: a Ray cluster (default: a local instance)")
-    ap.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
-    args = ap.parse_args()
-    store = Path(args.store).resolve()
-    if args.run:
-        import vitq
-        from vitq.cli.results import parse_where
-
-        print(vitq.sweep(str(GRID), str(store), address=args.address, where=parse_where(args.only, "--only")))
+    args = arguments(GRID, STORE, __doc__)
+    store = args.store
     kept = kept_from_store(store)
     order, opts = grid_plan()
     md = write(args, kept, order, opts, store)
