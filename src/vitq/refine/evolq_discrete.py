@@ -42,6 +42,7 @@ from vitq.quant.log import R_GRID, AdaLogQuantizer, LogSqrt2Quantizer
 from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 from vitq.refine.evolq_options import DISCRETE_GROUPS, EvolQOptions, default_radius
+from vitq.refine.evolq_search import replace_worst
 from vitq.refine.fitness import FitnessEvaluator
 from vitq.refine.gptq import CONTINUOUS
 from vitq.refine.recon_learn import UNROUNDED
@@ -329,12 +330,7 @@ def search_knobs(evaluator: FitnessEvaluator, unit: int, space: KnobSpace, cfg: 
             f = evaluator.evaluate(unit)
             new.append((child, f if math.isfinite(f) else math.inf))
             evals += 1
-        for child, f in new:
-            pop.append(child)
-            fit.append(f)
-        for _ in new:
-            worst = max(range(len(fit)), key=lambda j: (fit[j], j))
-            del pop[worst], fit[worst]
+        replace_worst(pop, fit, new)
     best = min(range(len(fit)), key=lambda j: (fit[j], j))
     _apply(pop[best], knobs, start)
     return before, fit[best], evals

@@ -72,6 +72,17 @@ def derive_seed(seed: int, pass_index: int, unit: int) -> int:
     return (int(seed) * 1_000_003 + pass_index * 10_007 + unit) % (2**63 - 1)
 
 
+def replace_worst(pop: list, fit: list[float], new: list[tuple]) -> None:
+    """A generation's children (member, fitness) join the population, then as many of its worst members (ties:
+    the later one) leave: the population keeps its size."""
+    for child, f in new:
+        pop.append(child)
+        fit.append(f)
+    for _ in new:
+        worst = max(range(len(fit)), key=lambda j: (fit[j], j))
+        del pop[worst], fit[worst]
+
+
 def search_block(evaluator: FitnessEvaluator, unit: int, qs: list[tuple[str, UniformQuantizer]],
                  cfg: EvolQOptions, gen: torch.Generator) -> tuple[float, float, int]:
     """Evolve the scales of one block; writes back the best member. Returns (before, after, evaluations).
@@ -95,12 +106,7 @@ def search_block(evaluator: FitnessEvaluator, unit: int, qs: list[tuple[str, Uni
             set_vector(qs, child)
             new.append((child, evaluator.evaluate(unit)))
             evals += 1
-        for child, f in new:
-            pop.append(child)
-            fit.append(f)
-        for _ in new:
-            worst = max(range(len(fit)), key=lambda j: (fit[j], j))
-            del pop[worst], fit[worst]
+        replace_worst(pop, fit, new)
     best = min(range(len(fit)), key=lambda j: (fit[j], j))
     set_vector(qs, pop[best])
     return before, fit[best], evals
