@@ -8,12 +8,16 @@ Each kept row becomes a finished job of the store whose config is the grid's job
 (so the renderer finds it where a sweep's row would be), with key ``imported-…``, code version ``imported from
 FILE`` and its original record (traces, notes, when and by which command it ran). A later sweep row of the same
 setting and draw replaces it in the section (the renderers take the latest). Run once; it refuses to import a
-file twice into the same store.
+file twice into the same store, except the kinds ``synth`` and ``evolq-seeds``, which are keyed per row (the key
+hashes the row's name in the file): a rerun on a file that has gained rows adds only those, and says how many it
+found there already.
 
     python -m benchmarks.import_kept_rows recon benchmarks/recon_rows.json
     python -m benchmarks.import_kept_rows ptqvit-baselines benchmarks/ptqvit_baselines_rows.json
     python -m benchmarks.import_kept_rows ptqvit benchmarks/ptqvit_rows.json
     python -m benchmarks.import_kept_rows baselines      # (apq, cnn, cnn-lowbit): from the section's table
+    python -m benchmarks.import_kept_rows synth benchmarks/synth_rows.json            # rerunnable
+    python -m benchmarks.import_kept_rows evolq-seeds benchmarks/evolq_seed_rows.json  # rerunnable
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ def grid_jobs(name: str) -> list:
     return expand(read_grid(str(path)), str(path.parent))
 
 
+def imported_key(source: str, ident: str) -> str:
+    return "imported-" + hashlib.sha256(f"{source}|{ident}".encode()).hexdigest()[:11]
+
+
 def _put(db, source: str, ident: str, cfg: dict, label: str, metrics: dict, timings: dict, record: dict,
          when: str, float_top1, num_val) -> None:
-    key = "imported-" + hashlib.sha256(f"{source}|{ident}".encode()).hexdigest()[:11]
+    key = imported_key(source, ident)
     db.put(key, state="done", label=label, model=cfg["model"]["name"], scheme=cfg["scheme"], w_bits=cfg["w_bits"],
            a_bits=cfg["a_bits"], method=cfg["method"], rounding=cfg["rounding"], refine=cfg["refine"],
            recipe=None, num_calib=cfg["num_calib"], seed=cfg["seed"], top1=metrics["top1"],
@@ -219,20 +227,68 @@ def import_ptqvit(db, path: Path) -> int:
     return n
 
 
+def import_synth(db, path: Path) -> tuple[int, int]:
+    """The rows of ``benchmarks/synth_rows.json`` (bench_synth's loop before sweeps, ``model|source|N|WwAa|seed``)
+    onto the jobs of ``benchmarks/grids/synth.yaml``; the generation seconds and iterations go where a sweep job
+    keeps them (``record.calib_source.synthetic.made``). Keyed per row: a rerun adds only rows not imported yet."""
+    from benchmarks.bench_synth import row_key
+
+    kept = json.loads(path.read_text())
+    source = "benchmarks/synth_rows.json"  # the key's source, wherever the file is read from
+    jobs = {row_key(j.config, j.label): j for j in grid_jobs("synth")}
+    have = db.states()
+    added = skipped = 0
+    for ident, row in kept["rows"].items():
+        job = jobs.get(ident)
+        if job is None:
+            raise SystemExit(f"{path}: row {ident} has no job in benchmarks/grids/synth.yaml")
+        if imported_key(source, ident) in have:
+            skipped += 1
+            continue
+        n = job.config["num_calib"]
+        calib_source = {"kind": "real", "num_real": n, "num_synthetic": 0}
+        if row.get("generator"):
+            run, asked = (int(v) for v in row["gen_iters"].split("/"))
+            real = job.config.get("augment_synthetic") is not None
+            calib_source = {"kind": "real+synthetic" if real else "synthetic", "num_real": n if real else 0,
+                            "num_synthetic": n, "synthetic": {
+                                "generator": row["generator"], "dir": row.get("gen_dir"),
+                                "made": {"seconds": row["gen_s"], "iterations_run": run, "iterations_asked": asked}}}
+        model = ident.split("|", 1)[0]
+        _put(db, source, ident, job.config, job.label, row, {"quantize_s": row.get("quantize_s")},
+             {"calib_source": calib_source, "num_calib": row.get("num_calib"), "kept_row": row,
+              "settings": kept["settings"], "command": "python -m benchmarks.bench_synth"}, None,
+             kept.get("float", {}).get(model, {}).get("top1"), 500)
+        added += 1
+    return added, skipped
+
+
 IMPORTERS = {"recon": import_recon, "ptqvit-baselines": import_ptqvit_baselines, "ptqvit": import_ptqvit}
+INCREMENTAL = {"synth": import_synth}  # keyed per row: rerunnable on a file that has gained rows
 SECTIONS = {"baselines": import_baselines, "apq": import_apq, "cnn": import_cnn, "cnn-lowbit": import_cnn_lowbit}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=sorted({*IMPORTERS, *SECTIONS}))
-    ap.add_argument("rows", nargs="?", default=None, help="the kept-rows JSON file (recon, ptqvit-baselines)")
+    ap.add_argument("kind", choices=sorted({*IMPORTERS, *INCREMENTAL, *SECTIONS}))
+    ap.add_argument("rows", nargs="?", default=None, help="the kept-rows JSON file (recon, ptqvit-baselines, ptqvit, "
+                                                          "synth, evolq-seeds)")
     ap.add_argument("--store", default=None, help="default benchmarks/results/GRID (the grid's name)")
     args = ap.parse_args()
     from vitq.sweep.store import Store
 
     grid = {"ptqvit-baselines": "ptqvit_baselines", "cnn-lowbit": "cnn"}.get(args.kind, args.kind)
     store = args.store or str(ROOT / "benchmarks" / "results" / grid)
+    if args.kind in INCREMENTAL:
+        if args.rows is None:
+            raise SystemExit(f"{args.kind}: give the kept-rows JSON file")
+        db = Store(store)
+        try:
+            added, skipped = INCREMENTAL[args.kind](db, Path(args.rows).resolve())
+        finally:
+            db.close()
+        print(f"imported {added} rows of {args.rows} into {store} ({skipped} were there already)")
+        return 0
     if args.kind in IMPORTERS:
         if args.rows is None:
             raise SystemExit(f"{args.kind}: give the kept-rows JSON file")
