@@ -236,12 +236,13 @@ def import_synth(db, path: Path) -> tuple[int, int]:
     kept = json.loads(path.read_text())
     source = "benchmarks/synth_rows.json"  # the key's source, wherever the file is read from
     jobs = {row_key(j.config, j.label): j for j in grid_jobs("synth")}
+    stray = [ident for ident in kept["rows"] if ident not in jobs]
+    if stray:  # nothing is written then
+        raise SystemExit(f"{path}: row(s) {', '.join(stray)} have no job in benchmarks/grids/synth.yaml")
     have = db.states()
     added = skipped = 0
     for ident, row in kept["rows"].items():
-        job = jobs.get(ident)
-        if job is None:
-            raise SystemExit(f"{path}: row {ident} has no job in benchmarks/grids/synth.yaml")
+        job = jobs[ident]
         if imported_key(source, ident) in have:
             skipped += 1
             continue
