@@ -8,16 +8,16 @@ calibrate and search on calib/, evaluate on all of val/; the search and check fi
     python -m benchmarks.bench_evolq [--num-calib N] [--passes P] [--modes faithful,checked]
         [--configs fq:4/8:fqvit,fq:3/8:fqvit] [--issue-row] [--landscape] [--threads N] [--no-write]
 
-``--seeds 0,1,2`` instead runs every config and mode once per seed (calibration order, search/check split and
-search) and writes the "evolq-seeds" section: the change against the base as mean ± std over the seeds.
+This script is one run of each config (one seed): the figures and traces of that run (fitness curves, the
+landscape of one block, issue 15's before/after row) are what it is for, so it stays a script. The spread over
+seeds (section "evolq-seeds") is a grid, ``benchmarks/grids/evolq.yaml``, run by ``vitq sweep`` and rendered by
+``python -m benchmarks.bench_evolq_seeds`` (this script's ``--seeds`` loop and its kept-row file before that).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
 import time
 
 import torch
@@ -25,14 +25,9 @@ import torch
 import vitq
 from benchmarks.common import (
     FIGURES,
-    ROOT,
     Bench,
-    git_commit,
     head,
-    load_kept_rows,
-    mean_std,
     parse_config,
-    save_kept_rows,
     table,
     write_json,
     write_section,
@@ -41,7 +36,6 @@ from vitq.calib import CalibData
 from vitq.precision import full_float32
 from vitq.refine.landscape import compute_landscape, plot_landscape
 
-SEED_ROWS = ROOT / "benchmarks" / "evolq_seed_rows.json"
 # issue 15's report of the old code (fq W4A8 fqvit -> --refine evolq --evolq-passes 1, 64 images): quoted, not re-run
 ISSUE_BEFORE = {"base": (84.8, 0.194), "evolq": (82.0, 0.203)}
 
@@ -83,10 +77,6 @@ def main() -> None:
     p.add_argument("--modes", default="faithful,checked")
     p.add_argument("--configs", default="fq:4/8:fqvit,fq:3/8:fqvit")
     p.add_argument("--seed", type=int, default=0, help="calibration-subset, split and search seed")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds: the seed-spread table instead (section "
-                                                 "evolq-seeds; finished runs are kept in "
-                                                 f"{SEED_ROWS.name} and not run again)")
-    p.add_argument("--fresh", action="store_true", help=f"--seeds: forget the runs kept in {SEED_ROWS.name}")
     p.add_argument("--issue-row", action="store_true", help="also issue 15's setting: fq W4A8 fqvit, 64 images, "
                                                              "1 pass, faithful and checked")
     p.add_argument("--landscape", action="store_true", help="also the landscape figure (first config)")
@@ -108,9 +98,6 @@ def main() -> None:
     val_x = bench.val_x
     print(f"calib {len(calib_x)} images, val {len(val_x)} images", flush=True)
     float_top1 = bench.float_result["top1"]
-    if args.seeds:
-        seed_spread(args, bench, float_top1, modes, t_start)
-        return
 
     rows, details, landscape, curves = [], {}, None, []
     with full_float32():
@@ -202,85 +189,6 @@ def main() -> None:
     print(text)
     if not args.no_write:
         write_section("evolq", text)
-    print(f"done in {total_min:.1f} min", flush=True)
-
-
-def pm(values, fmt: str) -> str:
-    return mean_std(values, fmt, always=True)
-
-
-def seed_spread(args, bench, float_top1, modes, t_start) -> None:
-    """Every config and mode once per seed; mean ± std of the result and of its change against the base. Each
-    finished (config, mode, seed) is kept in SEED_ROWS with the settings it ran with, so a later run with more
-    seeds or configs runs only what is missing."""
-    seeds = [int(s) for s in args.seeds.split(",")]
-    num_val = len(bench.val_x)
-    settings = {"num_calib": args.num_calib, "passes": args.passes, "num_val": num_val}
-    kept = load_kept_rows(SEED_ROWS, settings, args.fresh)
-    commit = git_commit()
-    specs = args.configs.split(",")
-
-    def key(spec, mode, seed):
-        return f"{spec} | {mode} | seed {seed}"
-
-    with full_float32():
-        for seed in seeds:
-            calib_x = None
-            for spec in specs:
-                if all(key(spec, mode, seed) in kept["rows"] for mode in modes):
-                    continue
-                if calib_x is None:
-                    calib_x = bench.calib(args.num_calib, seed=seed)
-                scheme, w, a, method = parse_config(spec)
-                _, runs, _, _ = run_config(bench, calib_x, scheme, w, a, method, modes, args.passes, seed)
-                b = runs["base"]["metrics"]
-                for mode in modes:
-                    m, info = runs[mode]["metrics"], runs[mode]["info"]
-                    kept["rows"][key(spec, mode, seed)] = {
-                        "seed": seed, "base_agree": b["agreement"], "base_kl": b["kl"], "agree": m["agreement"],
-                        "kl": m["kl"], "d_agree": m["agreement"] - b["agreement"], "d_kl": m["kl"] - b["kl"],
-                        "rejected": (info.get("check") or {}).get("rejected_steps"),
-                        "search_s": info["search_seconds"],
-                        "run": f"{commit} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
-                        "info": json.loads(json.dumps(info, default=str))}
-                if not args.no_write:
-                    save_kept_rows(SEED_ROWS, kept)
-    per: dict = {}
-    for spec in specs:
-        scheme, w, a, method = parse_config(spec)
-        for mode in modes:
-            per[(f"{scheme} W{w}A{a}", f"{method} + evolq {mode}")] = [
-                kept["rows"][key(spec, mode, seed)] for seed in seeds if key(spec, mode, seed) in kept["rows"]]
-    rows = []
-    for (tag, name), d in per.items():
-        if not d:
-            continue
-        rows.append([tag, name, len(d), pm([x["base_agree"] for x in d], ".2f"), pm([x["agree"] for x in d], ".2f"),
-                     pm([x["d_agree"] for x in d], "+.2f"), pm([x["base_kl"] for x in d], ".4f"),
-                     pm([x["kl"] for x in d], ".4f"), pm([x["d_kl"] for x in d], "+.4f"),
-                     " / ".join(f"{x['d_agree']:+.1f}, {x['d_kl']:+.4f}" for x in d),
-                     " / ".join("-" if x["rejected"] is None else str(x["rejected"]) for x in d),
-                     f"{statistics.mean(x['search_s'] for x in d):.0f}"])
-    total_min = (time.perf_counter() - t_start) / 60
-    md = "\n".join([
-        *head("Evol-Q: spread over seeds (issue 15)", note=" (runs kept from earlier invocations with the same "
-              "settings are not rerun; each record names its commit)"),
-        f"Whole script: {total_min:.1f} min. Seeds {', '.join(map(str, seeds))}: each seed sets the calibration draw "
-        f"({args.num_calib} of the 250 `calib/` images, in a seeded order that the base calibration follows), the "
-        f"search/check split and the search. Same reductions and settings as the section above "
-        f"({args.passes} pass(es), {args.threads} torch thread(s)); evaluation on all {num_val} `val/` images "
-        f"(float top-1 {float_top1:.2f}), full float32. Values are mean ± sample std over the seeds; "
-        "Δ = run − its own base; rejected = block steps undone by the check (checked mode).",
-        "",
-        table(["scheme", "method", "seeds", "base agreement", "agreement", "Δ agree", "base KL", "KL", "Δ KL",
-               "per seed Δ agree, Δ KL", "rejected", "search s (mean)"], rows),
-        "",
-        f"Per-run records (with the commit that ran each, and the search's own record): `benchmarks/"
-        f"{SEED_ROWS.name}`.",
-    ])
-    print(md)
-    if not args.no_write:
-        write_section("evolq-seeds", md)
     print(f"done in {total_min:.1f} min", flush=True)
 
 

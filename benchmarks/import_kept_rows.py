@@ -265,7 +265,48 @@ def import_synth(db, path: Path) -> tuple[int, int]:
 
 
 IMPORTERS = {"recon": import_recon, "ptqvit-baselines": import_ptqvit_baselines, "ptqvit": import_ptqvit}
-INCREMENTAL = {"synth": import_synth}  # keyed per row: rerunnable on a file that has gained rows
+def import_evolq_seeds(db, path: Path) -> tuple[int, int]:
+    """The rows of ``benchmarks/evolq_seed_rows.json`` (``bench_evolq.py --seeds`` before sweeps, ``fq:4/8:fqvit |
+    checked | seed 0``) onto the jobs of ``benchmarks/grids/evolq.yaml``: the base's numbers as the job's
+    ``eval_steps`` stage, the search's record as its refinement. Keyed per row, as :func:`import_synth`."""
+    kept = json.loads(path.read_text())
+    source = "benchmarks/evolq_seed_rows.json"
+    jobs = {}
+    for j in grid_jobs("evolq"):
+        c = j.config
+        spec = f"{c['scheme']}:{c['w_bits']}/{c['a_bits']}:{c['method']}"
+        jobs[f"{spec} | {c['refine_options']['evolq']['mode']} | seed {c['seed']}"] = j
+    stray = [ident for ident in kept["rows"] if ident not in jobs]
+    if stray:
+        raise SystemExit(f"{path}: row(s) {', '.join(stray)} have no job in benchmarks/grids/evolq.yaml")
+    found = re.search(r"float top-1 ([0-9.]+)", section_text("evolq-seeds")) if "evolq-seeds" in \
+        (ROOT / "BENCHMARKS.md").read_text() else None
+    float_top1 = float(found.group(1)) if found else None
+    have = db.states()
+    added = skipped = 0
+    for ident, row in kept["rows"].items():
+        if imported_key(source, ident) in have:
+            skipped += 1
+            continue
+        job, info = jobs[ident], row["info"]
+        commit, day, clock = (row["run"].split(" ") + ["", ""])[:3]
+        when = f"{day}T{clock[:5]}:00Z" if day else None
+        base = {"top1": None, "top5": None, "agreement": row["base_agree"], "kl": row["base_kl"]}
+        refined = {"top1": None, "top5": None, "agreement": row["agree"], "kl": row["kl"]}
+        stages = [{"after": "base", "quant": base, "float": {"top1": float_top1, "top5": None},
+                   "num_images": kept["settings"]["num_val"], "step_s": None, "calib_kl": None, "eval_s": None},
+                  {"after": "evolq", "quant": refined, "float": {"top1": float_top1, "top5": None},
+                   "num_images": kept["settings"]["num_val"], "step_s": info.get("seconds"),
+                   "calib_kl": info.get("calib_kl"), "eval_s": None}]
+        _put(db, source, ident, job.config, job.label, refined, {"quantize_s": info.get("seconds")},
+             {"stages": stages, "refinement": info, "commit": commit, "settings": kept["settings"],
+              "command": "python -m benchmarks.bench_evolq --seeds"}, when, float_top1, kept["settings"]["num_val"])
+        added += 1
+    return added, skipped
+
+
+# keyed per row: rerunnable on a file that has gained rows
+INCREMENTAL = {"synth": import_synth, "evolq-seeds": import_evolq_seeds}
 SECTIONS = {"baselines": import_baselines, "apq": import_apq, "cnn": import_cnn, "cnn-lowbit": import_cnn_lowbit}
 
 
@@ -278,7 +319,8 @@ def main() -> int:
     args = ap.parse_args()
     from vitq.sweep.store import Store
 
-    grid = {"ptqvit-baselines": "ptqvit_baselines", "cnn-lowbit": "cnn"}.get(args.kind, args.kind)
+    grid = {"ptqvit-baselines": "ptqvit_baselines", "cnn-lowbit": "cnn", "evolq-seeds": "evolq"}.get(args.kind,
+                                                                                                  args.kind)
     store = args.store or str(ROOT / "benchmarks" / "results" / grid)
     if args.kind in INCREMENTAL:
         if args.rows is None:

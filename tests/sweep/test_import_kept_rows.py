@@ -54,5 +54,27 @@ def test_synth_rows_import_once_and_a_rerun_adds_only_new_rows(importer, monkeyp
     assert groups[("deit", "real", 32, (4, 8))][0]["record"]["calib_source"]["kind"] == "real"
     kept["rows"]["deit|synthetic|32|W5A5|0"] = synth_row(1.0, "psaq")  # not a job of the grid
     path.write_text(json.dumps(kept))
-    with pytest.raises(SystemExit, match="W5A5|0 have no job"):
+    with pytest.raises(SystemExit, match=r"W5A5\|0 have no job"):
         run(importer, monkeypatch, capsys, "synth", str(path), "--store", str(store))
+
+
+def test_evolq_seed_rows_become_jobs_with_their_base_stage(importer, monkeypatch, capsys, tmp_path):
+    from benchmarks.bench_evolq_seeds import render
+
+    def row(seed, base, agree):
+        return {"seed": seed, "base_agree": base, "base_kl": 0.19, "agree": agree, "kl": 0.18, "run": "abc1234 "
+                "2026-11-24 02:57-03:18", "info": {"seconds": 400.0, "search_seconds": 380.0 + seed,
+                                                   "check": {"rejected_steps": seed}}}
+
+    kept = {"settings": {"num_calib": 250, "passes": 1, "num_val": 500},
+            "rows": {f"fq:4/8:fqvit | checked | seed {s}": row(s, 84.6, 84.0 + s) for s in (0, 1)}}
+    path, store = tmp_path / "evolq_seed_rows.json", tmp_path / "store"
+    path.write_text(json.dumps(kept))
+    assert "imported 2 rows" in run(importer, monkeypatch, capsys, "evolq-seeds", str(path), "--store", str(store))
+    out = run(importer, monkeypatch, capsys, "evolq-seeds", str(path), "--store", str(store))
+    assert "imported 0 rows" in out and "(2 were there already)" in out
+    md = render(store)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| fq W4A8"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:6] == ["2", "84.60 ± 0.00", "84.50 ± 0.71", "-0.10 ± 0.71"] and cells[10:] == ["0 / 1", "380"]
+    assert "**Partial" in md and "on 2026-11-24" in md
