@@ -89,6 +89,7 @@ def test_the_job_key_covers_the_generator_and_its_options(folder):
     moved = expand(grid("deit", **base, synthetic_dir="elsewhere"), str(folder))
     assert assign_keys(moved, code="test")[0].key == keys[0] and moved[0].run["synthetic_dir"].endswith("elsewhere")
     assert jobs[0].config["num_calib"] == 4 and jobs[0].calib_files == []
+    assert jobs[0].label == "fq W4A8 minmax (synthetic:4 psaq)" and jobs[-1].label == "fq W4A8 minmax"
     assert "synthetic" not in jobs[-1].config and "augment_synthetic" not in jobs[-1].config
 
 

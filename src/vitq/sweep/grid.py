@@ -65,10 +65,15 @@ class Job:
 
 
 def describe(config: dict) -> str:
-    """A short name of a job's setting (its seed aside): ``fq W4A8 repq+gptq``."""
+    """A short name of a job's setting (its seed aside): ``fq W4A8 repq+gptq``, with its synthetic images
+    ``(synthetic:32 psaq)`` / ``(+32 fdda)``."""
     what = config["method"] + ("+gptq" if config.get("rounding") == "gptq" else "")
     if config.get("refine"):
         what += "+" + config["refine"]
+    synth = config.get("synthetic")
+    if synth:
+        source = f"+{config['augment_synthetic']}" if config.get("augment_synthetic") else config["calib"]
+        what += f" ({source} {synth['generator']})"
     return f"{config['scheme']} W{config['w_bits']}A{config['a_bits']} {what}"
 
 
