@@ -8,10 +8,15 @@ calibrate and search on calib/, evaluate on all of val/; the search and check fi
     python -m benchmarks.bench_evolq [--num-calib N] [--passes P] [--modes faithful,checked]
         [--configs fq:4/8:fqvit,fq:3/8:fqvit] [--issue-row] [--landscape] [--threads N] [--no-write]
 
-This script is one run of each config (one seed): the figures and traces of that run (fitness curves, the
-landscape of one block, issue 15's before/after row) are what it is for, so it stays a script. The spread over
-seeds (section "evolq-seeds") is a grid, ``benchmarks/grids/evolq.yaml``, run by ``vitq sweep`` and rendered by
-``python -m benchmarks.bench_evolq_seeds`` (this script's ``--seeds`` loop and its kept-row file before that).
+Kept as a script (issue 23): one invocation is one seed's study, not rows kept across runs. Per config it
+calibrates one base and refines a copy of that same model per mode (Δ is against the identical base), records the
+search and check fitness curves of those runs (``benchmarks/figures/evolq_runs.json``) and, with ``--landscape``,
+the loss landscape around that base, which no sweep job computes. It loops over the configs and modes of one
+invocation (4 runs by default) with no kept rows, resume or lock. The spread over seeds (section "evolq-seeds", the
+loop that kept rows) is the grid ``benchmarks/grids/evolq.yaml``, run by ``vitq sweep`` and rendered by
+``python -m benchmarks.bench_evolq_seeds``; the four runs here could be jobs of that grid too (a faithful-mode
+sub-grid, seed 0), but their checked runs are the grid's seed-0 jobs, whose kept records differ from this run's
+(top-1 only here, other search seconds), so merging the two sections' records is left for a rerun of both.
 """
 
 from __future__ import annotations
