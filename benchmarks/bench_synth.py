@@ -22,6 +22,11 @@ a time, each followed by the renderer:
     $S --only num_calib=32 --only seed=0     # then seed=1, seed=2, and --only num_calib=250 likewise
     python -m benchmarks.bench_synth [--store DIR] [--run [--only KEY=VALUE]] [--no-write]
     python -m benchmarks.bench_synth --figure    # only the figure of the generated sets the store's rows used
+
+The data-free sets the script's loop generated (``/tmp/vitq-bench-synthetic`` by default) have the keys a sweep
+asks for (same model, generator, options, seed and count), so ``$S --set synthetic_dir=/tmp/vitq-bench-synthetic``
+reads them instead of generating them again (the row then records the original generation seconds); an FDDA set
+is keyed by its real images too, and is reused only where the sweep's draw equals the script's.
 """
 
 from __future__ import annotations
