@@ -23,10 +23,12 @@ a time, each followed by the renderer:
     python -m benchmarks.bench_synth [--store DIR] [--run [--only KEY=VALUE]] [--no-write]
     python -m benchmarks.bench_synth --figure    # only the figure of the generated sets the store's rows used
 
-The data-free sets the script's loop generated (``/tmp/vitq-bench-synthetic`` by default) have the keys a sweep
-asks for (same model, generator, options, seed and count), so ``$S --set synthetic_dir=/tmp/vitq-bench-synthetic``
-reads them instead of generating them again (the row then records the original generation seconds); an FDDA set
-is keyed by its real images too, and is reused only where the sweep's draw equals the script's.
+The data-free sets the script's loop generated (``/tmp/vitq-bench-synthetic`` by default) were keyed on the same
+fields a sweep's are (the model's weights, the resolved generator and its full options, seed, count, input size and
+normalisation; their manifests say psaq / bn, iters 100, seeds 0 and 1, N 32), so ``$S --set
+synthetic_dir=/tmp/vitq-bench-synthetic`` should read them instead of generating them again (the row's
+``record.calib_source.synthetic.reused`` says whether it did; its ``made.seconds`` stays the original generation
+time). An FDDA set is keyed by its real images too: reused only where the sweep's draw equals the script's.
 """
 
 from __future__ import annotations
