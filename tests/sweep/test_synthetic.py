@@ -85,6 +85,8 @@ def test_the_job_key_covers_the_generator_and_its_options(folder):
     jobs = [j for v in variants for j in expand(grid("deit", **v), str(folder))]
     keys = [j.key for j in assign_keys(jobs, code="test")]
     assert len(set(keys)) == len(variants)
+    (default,) = expand(grid("deit", calib="synthetic", synthetic={"generator": "psaq", "options": GEN}), str(folder))
+    assert default.config["calib"] == "synthetic:32" and default.config["num_calib"] == 32
     # the folder the sets go to is not part of the key; synthetic:N gives num_calib N and no calibration files
     moved = expand(grid("deit", **base, synthetic_dir="elsewhere"), str(folder))
     assert assign_keys(moved, code="test")[0].key == keys[0] and moved[0].run["synthetic_dir"].endswith("elsewhere")

@@ -25,8 +25,9 @@ SYNTHETIC_FIELDS = ("generator", "options", "budget_min")
 
 
 def resolve_synthetic(cfg: dict) -> None:
-    """Check and normalise a job's synthetic keys in place (``calib: synthetic:N`` sets ``num_calib`` to N;
-    ``synthetic`` becomes ``{generator, options, budget_min}`` when images are generated, else None)."""
+    """Check and normalise a job's synthetic keys in place: ``calib: synthetic[:N]`` becomes ``synthetic:N`` with
+    ``num_calib`` N; ``synthetic`` becomes ``{generator, options, budget_min}`` when images are generated; a job
+    that generates none loses both keys (its config and key stay those of a grid without them)."""
     from vitq.calib import synthetic_count
     from vitq.synth import GENERATORS
     from vitq.synth.base import LoopOptions, get_generator
@@ -43,7 +44,7 @@ def resolve_synthetic(cfg: dict) -> None:
         if aug:
             raise VitqError(f"grid: augment_synthetic with calib {cfg['calib']} (every image is synthetic already; "
                             "augment_synthetic adds synthetic images to a real calib folder)")
-        cfg["num_calib"] = n
+        cfg["calib"], cfg["num_calib"] = f"synthetic:{n}", n  # synthetic (32 by default) is synthetic:32
     given = cfg["synthetic"]
     if n is None and not aug:
         if given is not None:
