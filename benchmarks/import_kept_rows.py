@@ -239,6 +239,11 @@ def import_synth(db, path: Path) -> tuple[int, int]:
     stray = [ident for ident in kept["rows"] if ident not in jobs]
     if stray:  # nothing is written then
         raise SystemExit(f"{path}: row(s) {', '.join(stray)} have no job in benchmarks/grids/synth.yaml")
+    gen = next(j.config["synthetic"] for j in jobs.values() if j.config.get("synthetic"))
+    grid_settings = {"iters": gen["options"].get("iters"), "set_budget_min": gen["budget_min"]}
+    ran = {k: kept["settings"].get(k) for k in grid_settings}
+    if ran != grid_settings:
+        raise SystemExit(f"{path}: its rows ran with {ran}, the grid's jobs have {grid_settings}: not the same jobs")
     have = db.states()
     added = skipped = 0
     for ident, row in kept["rows"].items():

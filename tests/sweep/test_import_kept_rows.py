@@ -36,7 +36,8 @@ def synth_row(agreement, generator=None):
 def test_synth_rows_import_once_and_a_rerun_adds_only_new_rows(importer, monkeypatch, capsys, tmp_path):
     from benchmarks.bench_synth import collect
 
-    kept = {"settings": {"iters": 100}, "float": {"deit": {"top1": 78.2}, "effnet": {"top1": 86.0}},
+    kept = {"settings": {"iters": 100, "set_budget_min": 30.0},
+            "float": {"deit": {"top1": 78.2}, "effnet": {"top1": 86.0}},
             "rows": {"deit|synthetic|32|W4A8|0": synth_row(75.6, "psaq"), "deit|real|32|W4A8|0": synth_row(87.0)}}
     path, store = tmp_path / "synth_rows.json", tmp_path / "store"
     path.write_text(json.dumps(kept))
@@ -78,3 +79,11 @@ def test_evolq_seed_rows_become_jobs_with_their_base_stage(importer, monkeypatch
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2:6] == ["2", "84.60 ± 0.00", "84.50 ± 0.71", "-0.10 ± 0.71"] and cells[10:] == ["0 / 1", "380"]
     assert "**Partial" in md and "on 2026-11-24" in md
+
+
+def test_synth_rows_of_other_generator_settings_are_refused(importer, monkeypatch, capsys, tmp_path):
+    kept = {"settings": {"iters": 200, "set_budget_min": 8.0}, "float": {},
+            "rows": {"deit|synthetic|32|W4A8|0": synth_row(75.6, "psaq")}}
+    (tmp_path / "rows.json").write_text(json.dumps(kept))
+    with pytest.raises(SystemExit, match="not the same jobs"):
+        run(importer, monkeypatch, capsys, "synth", str(tmp_path / "rows.json"), "--store", str(tmp_path / "s"))
