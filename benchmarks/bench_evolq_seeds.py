@@ -1,11 +1,13 @@
 """Evol-Q's spread over seeds (issue 15, section "evolq-seeds"), from a sweep: fq W4A8 and W3A8, the fqvit base on all
 250 ``calib/`` images, then Evol-Q (checked mode, one pass), three seeds; the change against each seed's own base as
-mean ± std. The grid is ``benchmarks/grids/evolq.yaml`` (6 jobs; ``eval_steps`` evaluates the base inside each job);
-``vitq sweep`` runs it into ``benchmarks/results/evolq`` and this script renders the section from the store. No
+mean ± std. The jobs are the checked ones of ``benchmarks/grids/evolq.yaml`` (``eval_steps`` evaluates the base
+inside each job); ``vitq sweep`` runs the grid into ``benchmarks/results/evolq`` and ``python -m
+benchmarks.bench_evolq`` renders this section with section "evolq" (this module alone renders only this one). No
 loop or kept-row file of its own (the rows ``bench_evolq.py --seeds`` kept before sweeps,
-``benchmarks/evolq_seed_rows.json``, were imported by ``python -m benchmarks.import_kept_rows evolq-seeds FILE``).
+``benchmarks/evolq_seed_rows.json``, were imported by ``python -m benchmarks.import_kept_rows evolq-seeds FILE``;
+seed 0 is the same job as section "evolq"'s checked runs, and came from that section's record, imported first).
 
-    vitq sweep benchmarks/grids/evolq.yaml --store benchmarks/results/evolq [--only seed=3]   # (after adding it)
+    vitq sweep benchmarks/grids/evolq.yaml --store benchmarks/results/evolq --only "label=fqvit + evolq checked"
     python -m benchmarks.bench_evolq_seeds [--store DIR] [--run [--only KEY=VALUE]] [--no-write]
 """
 
@@ -28,6 +30,7 @@ from benchmarks.sweep_section import (
 SECTION = "evolq-seeds"
 GRID = ROOT / "benchmarks" / "grids" / "evolq.yaml"
 STORE = ROOT / "benchmarks" / "results" / "evolq"
+MODE = "checked"  # the mode the grid runs over seeds
 
 
 def pm(values, fmt: str) -> str:
@@ -48,6 +51,8 @@ def render(store) -> str:
     per: dict = {}
     cfg = None
     for job in grid_jobs(GRID):
+        if job.config["refine_options"]["evolq"]["mode"] != MODE:
+            continue  # the faithful runs of section "evolq" (one seed)
         row = found.get(setting_key(job.config, job.label))
         c = cfg = job.config
         per.setdefault((f"{c['scheme']} W{c['w_bits']}A{c['a_bits']}", job.label), [])
@@ -64,7 +69,8 @@ def render(store) -> str:
                      " / ".join(f"{x['d_agree']:+.1f}, {x['d_kl']:+.4f}" for x in d),
                      " / ".join("-" if x["rejected"] is None else str(x["rejected"]) for x in d),
                      f"{statistics.mean(x['search_s'] for x in d):.0f}"])
-    done = list(found.values())
+    done = [r for r in found.values() if r["config"]["refine_options"]["evolq"]["mode"] == MODE]
+    missing = [j for j in missing if j.config["refine_options"]["evolq"]["mode"] == MODE]
     seeds = sorted({r["seed"] for r in done})
     floats = [r["float_top1"] for r in done if r["float_top1"] is not None]
     evolq = cfg["refine_options"]["evolq"]

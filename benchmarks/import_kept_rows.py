@@ -4,19 +4,20 @@ table (sections baselines, apq, cnn, cnn-lowbit: the numbers as the table shows 
 sweep stores their grids now run into, so the measured numbers stay in the sections the renderers write from the
 stores.
 
-Each kept row becomes a finished job of the store whose config is the grid's job of the same setting and draw
-(so the renderer finds it where a sweep's row would be), with key ``imported-…``, code version ``imported from
-FILE`` and its original record (traces, notes, when and by which command it ran). A later sweep row of the same
-setting and draw replaces it in the section (the renderers take the latest). Run once; it refuses to import a
-file twice into the same store, except the kinds ``synth`` and ``evolq-seeds``, which are keyed per row (the key
-hashes the row's name in the file): a rerun on a file that has gained rows adds only those, and says how many it
-found there already.
+Each kept row becomes a finished job of the store whose config is the grid's job of the same setting and draw (so
+the renderer finds it where a sweep's row would be), with key ``imported-…``, code version ``imported from FILE``
+and its original record (traces, notes, when and by which command it ran). A later sweep row of the same setting and
+draw replaces it in the section (the renderers take the latest). Run once; it refuses to import a file twice into
+the same store, except the kinds ``synth``, ``evolq`` and ``evolq-seeds``, which are keyed per row (the key hashes
+the row's name in the file): a rerun on a file that has gained rows adds only those, and says how many it found
+there already.
 
     python -m benchmarks.import_kept_rows recon benchmarks/recon_rows.json
     python -m benchmarks.import_kept_rows ptqvit-baselines benchmarks/ptqvit_baselines_rows.json
     python -m benchmarks.import_kept_rows ptqvit benchmarks/ptqvit_rows.json
     python -m benchmarks.import_kept_rows baselines      # (apq, cnn, cnn-lowbit): from the section's table
     python -m benchmarks.import_kept_rows synth benchmarks/synth_rows.json            # rerunnable
+    python -m benchmarks.import_kept_rows evolq benchmarks/figures/evolq_runs.json     # rerunnable
     python -m benchmarks.import_kept_rows evolq-seeds benchmarks/evolq_seed_rows.json  # rerunnable
 """
 
@@ -45,8 +46,8 @@ def imported_key(source: str, ident: str) -> str:
 
 
 def _put(db, source: str, ident: str, cfg: dict, label: str, metrics: dict, timings: dict, record: dict,
-         when: str, float_top1, num_val) -> None:
-    key = imported_key(source, ident)
+         when: str, float_top1, num_val, key: str | None = None) -> None:
+    key = key or imported_key(source, ident)
     db.put(key, state="done", label=label, model=cfg["model"]["name"], scheme=cfg["scheme"], w_bits=cfg["w_bits"],
            a_bits=cfg["a_bits"], method=cfg["method"], rounding=cfg["rounding"], refine=cfg["refine"],
            recipe=None, num_calib=cfg["num_calib"], seed=cfg["seed"], top1=metrics["top1"],
@@ -276,11 +277,7 @@ def import_evolq_seeds(db, path: Path) -> tuple[int, int]:
     ``eval_steps`` stage, the search's record as its refinement. Keyed per row, as :func:`import_synth`."""
     kept = json.loads(path.read_text())
     source = "benchmarks/evolq_seed_rows.json"
-    jobs = {}
-    for j in grid_jobs("evolq"):
-        c = j.config
-        spec = f"{c['scheme']}:{c['w_bits']}/{c['a_bits']}:{c['method']}"
-        jobs[f"{spec} | {c['refine_options']['evolq']['mode']} | seed {c['seed']}"] = j
+    jobs = evolq_jobs()
     stray = [ident for ident in kept["rows"] if ident not in jobs]
     if stray:
         raise SystemExit(f"{path}: row(s) {', '.join(stray)} have no job in benchmarks/grids/evolq.yaml")
@@ -290,7 +287,7 @@ def import_evolq_seeds(db, path: Path) -> tuple[int, int]:
     have = db.states()
     added = skipped = 0
     for ident, row in kept["rows"].items():
-        if imported_key(source, ident) in have:
+        if imported_key("evolq", ident) in have:
             skipped += 1
             continue
         job, info = jobs[ident], row["info"]
@@ -305,13 +302,67 @@ def import_evolq_seeds(db, path: Path) -> tuple[int, int]:
                    "calib_kl": info.get("calib_kl"), "eval_s": None}]
         _put(db, source, ident, job.config, job.label, refined, {"quantize_s": info.get("seconds")},
              {"stages": stages, "refinement": info, "commit": commit, "settings": kept["settings"],
-              "command": "python -m benchmarks.bench_evolq --seeds"}, when, float_top1, kept["settings"]["num_val"])
+              "command": "python -m benchmarks.bench_evolq --seeds"}, when, float_top1, kept["settings"]["num_val"],
+             key=imported_key("evolq", ident))
+        added += 1
+    return added, skipped
+
+
+def evolq_jobs() -> dict:
+    """The jobs of ``benchmarks/grids/evolq.yaml`` by the old script's name of a run: ``fq:4/8:fqvit | checked |
+    seed 0``. Both evolq importers key a row by that name alone (not by its file): the section's seed-0 checked
+    runs and the seed loop's are the same job, and whichever file is imported first gives its row."""
+    jobs = {}
+    for j in grid_jobs("evolq"):
+        c = j.config
+        spec = f"{c['scheme']}:{c['w_bits']}/{c['a_bits']}:{c['method']}"
+        jobs[f"{spec} | {c['refine_options']['evolq']['mode']} | seed {c['seed']}"] = j
+    return jobs
+
+
+def import_evolq_runs(db, path: Path) -> tuple[int, int]:
+    """The runs of section "evolq" before sweeps (``benchmarks/figures/evolq_runs.json``: per config the base and one
+    search per mode, seed 0, made by ``python -m benchmarks.bench_evolq --threads 2`` on 2026-11-23) onto the
+    grid's seed-0 jobs, the base's metrics as each job's ``eval_steps`` stage."""
+    runs = json.loads(path.read_text())
+    jobs = evolq_jobs()
+    text = section_text("evolq") if "<!-- BEGIN evolq -->" in (ROOT / "BENCHMARKS.md").read_text() else ""
+    found = re.search(r"float top-1 ([0-9.]+)", text)
+    when = re.search(r"(\d{4}-\d\d-\d\d) (\d\d:\d\d) UTC", text)
+    float_top1 = float(found.group(1)) if found else None
+    have = db.states()
+    todo = []
+    for tag, per in runs.items():
+        m = re.fullmatch(r"(\w+) W(\d+)A(\d+) (\w+)", tag)
+        if m is None:
+            raise SystemExit(f"{path}: run {tag!r} is not 'scheme WxAy method'")
+        for mode in (k for k in per if k != "base"):
+            ident = f"{m.group(1)}:{m.group(2)}/{m.group(3)}:{m.group(4)} | {mode} | seed 0"
+            if ident not in jobs:
+                raise SystemExit(f"{path}: run {tag} {mode} has no job in benchmarks/grids/evolq.yaml")
+            todo.append((ident, per["base"], per[mode]))
+    added = skipped = 0
+    for ident, base, run in todo:
+        if imported_key("evolq", ident) in have:
+            skipped += 1
+            continue
+        job, info = jobs[ident], run["info"]
+        stage = {"float": {"top1": float_top1, "top5": None}, "num_images": 500, "eval_s": None}
+        stages = [{"after": "base", "quant": base["metrics"], "step_s": base["calibrate_seconds"], "calib_kl": None,
+                   **stage},
+                  {"after": "evolq", "quant": run["metrics"], "step_s": info.get("seconds"),
+                   "calib_kl": info.get("calib_kl"), **stage}]
+        _put(db, "benchmarks/figures/evolq_runs.json", ident, job.config, job.label, run["metrics"],
+             {"quantize_s": base["calibrate_seconds"] + info.get("seconds", 0.0)},
+             {"stages": stages, "refinement": info, "command": "python -m benchmarks.bench_evolq --threads 2"},
+             f"{when.group(1)}T{when.group(2)}:00Z" if when else None, float_top1, 500,
+             key=imported_key("evolq", ident))
         added += 1
     return added, skipped
 
 
 # keyed per row: rerunnable on a file that has gained rows
-INCREMENTAL = {"synth": import_synth, "evolq-seeds": import_evolq_seeds}
+INCREMENTAL = {"synth": import_synth, "evolq-seeds": import_evolq_seeds, "evolq": import_evolq_runs}
 SECTIONS = {"baselines": import_baselines, "apq": import_apq, "cnn": import_cnn, "cnn-lowbit": import_cnn_lowbit}
 
 

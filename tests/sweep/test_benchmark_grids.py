@@ -22,7 +22,8 @@ EXPECTED = {
     "apq": (18, 18, 6),             # 3 bit widths x 6 configs
     "cnn": (17, 15, 15),            # 10 minmax/omse, omse + evolq x 3 draws, 4 W4A8 chains
     "ptqvit": (34, 34, 34),         # one row per label: bit widths, MP, ablations
-    "evolq": (6, 2, 1),             # fqvit + evolq checked at W4A8 and W3A8 x 3 seeds (the base: eval_steps)
+    "evolq": (8, 4, 2),             # fqvit + evolq checked at W4A8 and W3A8 x 3 seeds, faithful x seed 0 (the
+                                    # base: eval_steps)
     "synth": (120, 40, 3),          # (deit: real, synthetic; effnet: real, synthetic, real+fdda) x N 32, 250 x
                                     # 4 bit widths x 3 draws; labels: the sources
 }
