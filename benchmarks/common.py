@@ -3,9 +3,10 @@
 - :class:`Bench`: a model, its transform, its val images and their float logits, loaded once per model; a row is
   one :func:`vitq.quantize` call (:meth:`Bench.row`) scored against the float logits with
   :class:`vitq.evaluate.Metrics` (top-1, agreement, KL).
-- Real data paths, machine/version info, the time budget of a run.
-- Rows kept across runs (``{"settings", "rows"}`` JSON files), tables, mean ± std cells, and writing one section
-  of BENCHMARKS.md (between markers, so each script owns its section and reruns replace it).
+- Real data paths, machine/version info.
+- JSON records, tables, mean ± std cells, and writing one section of BENCHMARKS.md (between markers, so each
+  script owns its section and reruns replace it). Rows kept across runs live in sweep stores
+  (``benchmarks/results/``, written by ``vitq sweep``; ``benchmarks/sweep_section.py`` reads them).
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def alternated_medians(*fns, repeats: int = 3) -> tuple[float, ...]:
     return tuple(statistics.median(t) for t in times)
 
 
-# ----------------------------------------------------------------------------------------------- kept rows
+# ----------------------------------------------------------------------------------------------- records
 def write_json(path, data, **kw) -> None:
     """``data`` as indented JSON at ``path`` (its folder made when missing)."""
     path = Path(path)
