@@ -7,6 +7,12 @@ float model on the calibration images the methods did NOT use (the other 218 of 
 defaults are chosen on; val/ is reported as a measurement only.
 
     python -m benchmarks.bench_apq_bbc [--bits 4 6] [--variants old,same,same+guard,...] [--threads 2]
+
+Not a grid (issue 23): a one-off study of apq's internals, not quantize jobs. The variants are interpretations of
+BBC that ``--method apq`` does not offer as options (they call ``bbc_search`` and PTQ4ViT's ``setup`` directly, on
+a copy of one shared base per bit width), and the label-free score is on the calibration images the methods did
+not use, which a sweep job does not evaluate on. It keeps no rows: one invocation prints the table and writes its
+raw numbers to ``runs/bench_apq_bbc.json`` (git-ignored); it writes no BENCHMARKS.md section.
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ images), save/load (identical logits), ONNX QDQ export and onnxruntime (cosine t
 - **failed** otherwise (an exception, or a check below its bound: the row says which).
 
 No real data is used. ``python -m benchmarks.bench_coverage --issue`` (the table of BENCHMARKS.md), ``--all``.
+
+Not a grid (issue 23): another kind of measurement than a quantize job. A row is one timm architecture built
+with random init and run through prepare / calibrate / save-load / ONNX export / onnxruntime on generated images,
+classified handled / refused (a VitqError from prepare) / failed with a per-model time limit; a sweep job
+quantizes a named model on an image folder and scores it on labelled images. The rows of a run are written, as
+the run goes, to ``benchmarks/figures/coverage-issue_rows.json`` / ``coverage-all_rows.json`` (the full messages
+the table cuts short); they are that run's record, never read back (no resume: a rerun starts over).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ KWARGS = {"vit_small_patch14_reg4_dinov2": {"img_size": 224}}
 # bounds (random init, 4 images, the lowest cosine over them); every row gives the measured values
 MIN_COS = {"matmul": 0.98, "fq": 0.98}
 EXPORT_COS = 0.995
-OUT = ROOT / "benchmarks" / "coverage_rows.json"
+OUT = ROOT / "benchmarks" / "figures" / "coverage_rows.json"  # the run's record: SECTION_rows.json beside it
 
 
 class _Timeout(Exception):

@@ -9,6 +9,12 @@ exceed what comes back from that machine), and evaluates every state here on all
     python -m benchmarks.bench_evolq_device search --data DATA --out OUTDIR [--device cuda]
     # here:
     python -m benchmarks.bench_evolq_device evaluate --states OUTDIR [--no-write]
+
+Not a grid (issue 23): a GPU script of two halves on two machines with nothing shared between them (the lent GPU
+machine reaches no store, Ray cluster or data but what is carried to it, and brings back only small files), so
+the search writes scale deltas there and the evaluation reads them here. A sweep with ``--set device=cuda`` on a
+Ray cluster that has the GPU and the data would run the same settings as jobs; this machine has no such cluster.
+Its loop is over the configs and modes of one invocation; it keeps no rows between invocations.
 """
 
 from __future__ import annotations

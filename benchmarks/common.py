@@ -3,9 +3,10 @@
 - :class:`Bench`: a model, its transform, its val images and their float logits, loaded once per model; a row is
   one :func:`vitq.quantize` call (:meth:`Bench.row`) scored against the float logits with
   :class:`vitq.evaluate.Metrics` (top-1, agreement, KL).
-- Real data paths, machine/version info, the time budget of a run.
-- Rows kept across runs (``{"settings", "rows"}`` JSON files), tables, mean ± std cells, and writing one section
-  of BENCHMARKS.md (between markers, so each script owns its section and reruns replace it).
+- Real data paths, machine/version info.
+- JSON records, tables, mean ± std cells, and writing one section of BENCHMARKS.md (between markers, so each
+  script owns its section and reruns replace it). Rows kept across runs live in sweep stores
+  (``benchmarks/results/``, written by ``vitq sweep``; ``benchmarks/sweep_section.py`` reads them).
 """
 
 from __future__ import annotations
@@ -156,31 +157,6 @@ class Bench:
         return row
 
 
-class Budget:
-    """When a run stops starting new rows: after ``minutes`` of the script, or after the UTC wall-clock time
-    ``stop_at`` ("HH:MM"). Rows passed over are named in ``skipped``."""
-
-    def __init__(self, minutes: float, stop_at: str | None = None):
-        self.t_start, self.minutes, self.skipped = time.perf_counter(), minutes, []
-        self.stop_at = None
-        if stop_at:
-            hh, mm = (int(v) for v in stop_at.split(":"))
-            now = time.gmtime()
-            self.stop_at = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the script started."""
-        return time.perf_counter() - self.t_start
-
-    def over(self, label: str) -> bool:
-        """True (and ``label`` skipped) when the budget is spent."""
-        if self.elapsed / 60 > self.minutes or (self.stop_at is not None and time.time() > self.stop_at):
-            self.skipped.append(label)
-            return True
-        return False
-
-
 # ----------------------------------------------------------------------------------------------- run info
 def environment() -> str:
     import timm
@@ -232,26 +208,7 @@ def alternated_medians(*fns, repeats: int = 3) -> tuple[float, ...]:
     return tuple(statistics.median(t) for t in times)
 
 
-# ----------------------------------------------------------------------------------------------- kept rows
-def load_kept_rows(path: Path, settings: dict, fresh: bool) -> dict:
-    """The rows a benchmark kept from earlier runs with the same ``settings`` (``{"settings", "rows"}``); a file
-    written with other settings stops the run unless ``fresh`` (start over)."""
-    if not path.exists() or fresh:
-        return {"settings": settings, "rows": {}}
-    kept = json.loads(path.read_text())
-    if kept["settings"] != settings:
-        raise SystemExit(f"{path} holds rows run with {kept['settings']}, not {settings}: use the same settings or "
-                         "--fresh")
-    return kept
-
-
-def save_kept_rows(path: Path, kept: dict) -> None:
-    """Write the kept rows whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(kept, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------------------------- records
 def write_json(path, data, **kw) -> None:
     """``data`` as indented JSON at ``path`` (its folder made when missing)."""
     path = Path(path)

@@ -5,6 +5,10 @@ quantizers at a time (the same quantizer in every block), gives a minmax model t
 and prints the top-1 agreement with the float model on 150 val/ images. Prints only; writes nothing.
 
     python -m benchmarks.percentile_fq_ablation
+
+Not a grid (issue 23): a one-off diagnosis, not quantize jobs. Its rows are one minmax model with another
+calibration's ranges loaded into one group of quantizers (a state-dict splice no grid key expresses); it keeps no
+rows and writes no section.
 """
 
 from __future__ import annotations

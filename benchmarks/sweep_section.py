@@ -9,8 +9,11 @@ from pathlib import Path
 from benchmarks.common import ROOT
 
 
-def arguments(grid: Path, store: Path, description: str) -> argparse.Namespace:
+def arguments(grid: Path, store: Path, description: str, extra=None) -> argparse.Namespace:
+    """The renderer's flags (``extra(parser)`` adds a script's own); with ``--run``, first the grid's sweep."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--store", default=str(store), help="results store of the grid (default %(default)s)")
     ap.add_argument("--run", action="store_true", help="first run the grid's unfinished jobs with vitq sweep")
     ap.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
@@ -69,8 +72,9 @@ def provenance(rows: list[dict], grid: Path, store: Path) -> str:
              "the jobs the store lacks)."]
     if imported:
         cmds = ", ".join(dict.fromkeys(f"`{r['record']['command']}`" for r in imported))
-        parts.append(f"{len(imported)} of the {len(rows)} rows were measured before sweeps by {cmds} on "
-                     f"{min(r['finished'] or '?' for r in imported)[:10]} and imported into the store from "
+        dates = [r["finished"] for r in imported if r["finished"]]
+        parts.append(f"{len(imported)} of the {len(rows)} rows were measured before sweeps by {cmds}"
+                     f"{' on ' + min(dates)[:10] if dates else ''} and imported into the store from "
                      f"{', '.join(sorted({r['record']['imported_from'] for r in imported}))} "
                      "(`benchmarks/import_kept_rows.py`; the numbers as that table showed them).")
     machines = "; ".join(dict.fromkeys(r["machine"] or "?" for r in rows if not r["record"].get("imported_from")))

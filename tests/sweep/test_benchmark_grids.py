@@ -22,6 +22,10 @@ EXPECTED = {
     "apq": (18, 18, 6),             # 3 bit widths x 6 configs
     "cnn": (17, 15, 15),            # 10 minmax/omse, omse + evolq x 3 draws, 4 W4A8 chains
     "ptqvit": (34, 34, 34),         # one row per label: bit widths, MP, ablations
+    "evolq": (8, 4, 2),             # fqvit + evolq checked at W4A8 and W3A8 x 3 seeds, faithful x seed 0 (the
+                                    # base: eval_steps)
+    "synth": (120, 40, 3),          # (deit: real, synthetic; effnet: real, synthetic, real+fdda) x N 32, 250 x
+                                    # 4 bit widths x 3 draws; labels: the sources
 }
 
 
@@ -37,9 +41,16 @@ def test_a_benchmark_grid_expands_to_its_jobs(name, monkeypatch):
     settings = {(j.label, *(str(v) for k, v in sorted(j.config.items()) if k != "seed")) for j in jobs}
     assert (len(jobs), len(settings), len({j.label for j in jobs})) == EXPECTED[name]
     for j in jobs:
-        assert j.config["calib"].startswith("/nonexistent/shared/data/imagenet-sample/")
+        assert j.config["calib"].startswith("/nonexistent/shared/data/imagenet-sample/") or (
+            j.config["calib"] == f"synthetic:{j.config['num_calib']}" and j.config["synthetic"]["options"])
         assert j.config["model"]["weights"].startswith("/nonexistent/shared/models/")
         assert os.path.basename(j.config["model"]["weights"]) == j.config["model"]["name"] + ".safetensors"
         assert j.config["val"].endswith("/val") and j.config["num_val"] is None  # all of val/
     if name == "recon":  # a job gives the three rows of its configuration
         assert all(j.config["refine"] == "recon,evolq" and j.config["eval_steps"] for j in jobs)
+    if name == "synth":  # each source has its generator; FDDA adds as many images as the real draw has
+        gens = {(j.config["model"]["name"], j.label, (j.config.get("synthetic") or {}).get("generator"),
+                 j.config.get("augment_synthetic") == j.config["num_calib"]) for j in jobs}
+        assert gens == {("deit_tiny_patch16_224", "real", None, False), ("deit_tiny_patch16_224", "synthetic", "psaq",
+                         False), ("tf_efficientnet_lite0", "real", None, False), ("tf_efficientnet_lite0", "synthetic",
+                         "bn", False), ("tf_efficientnet_lite0", "real+fdda", "fdda", True)}

@@ -180,3 +180,26 @@ def test_without_ray_the_error_names_the_extra_and_quantize_still_works(data, mo
     assert err.count("\n") == 1 and "pip install 'vitq[sweep]'" in err
     qmodel, _ = vitq.quantize(tiny_model("deit"), tiny_images("deit", 4), "fq", "minmax", progress=False)
     assert qmodel.vitq_scheme.name == "fq"
+
+
+def test_a_synthetic_set_is_made_once_for_the_jobs_that_share_it(local_ray, data):
+    """Two bit widths on one psaq set: one generation (both jobs record the same, not reused, run), one PNG folder
+    in the store; a later sweep of another bit width reads that folder back."""
+    from vitq.sweep import sweep
+    from vitq.sweep.report import record, results
+
+    synth = {"calib": "synthetic:4", "num_calib": None, "method": "minmax", "seed": 0,
+             "synthetic": {"generator": "psaq", "options": {"iters": 2, "batch_size": 4}}}
+    store = data / "store-synth"
+    assert sweep(write_grid(data, "grid5.yaml", **synth), str(store), progress=False)["done"] == 2
+    rows = results(str(store))
+    made = [r["record"]["calib_source"]["synthetic"] for r in rows]
+    assert len(made) == 2 and made[0]["made"] == made[1]["made"] and made[0]["key"] == made[1]["key"]
+    assert not made[0]["reused"] and not made[1]["reused"]
+    assert [p.name for p in (store / "synthetic").iterdir()] == [f"{NAME}-psaq-{made[0]['key']}"]
+    assert record(rows[0])["timings"]["synthesize_s"] == made[0]["made"]["seconds"] > 0
+    again = sweep(write_grid(data, "grid6.yaml", **{**synth, "bits": ["4/8", "8/8", "6/6"]}), str(store),
+                  progress=False)
+    assert (again["skipped"], again["done"]) == (2, 1)
+    new = next(r for r in results(str(store)) if r["a_bits"] == 6)["record"]["calib_source"]["synthetic"]
+    assert new["reused"] and new["key"] == made[0]["key"] and new["made"] == made[0]["made"]

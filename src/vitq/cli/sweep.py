@@ -16,8 +16,10 @@ def add_command(sub) -> None:
                        epilog="Grid file: YAML keys with one value or a list (every combination is a job): "
                               "models, calib, val, scheme, bits (\"W/A\"), method or recipe, options, rounding, "
                               "refine, refine_options, num_calib, num_val, seed, batch_size, device, label, "
-                              "resources {num_cpus, num_gpus, memory}, save_state, eval_shards; 'grids' lists "
-                              "sub-grids. Needs the sweep extra: pip install 'vitq[sweep]'.")
+                              "resources {num_cpus, num_gpus, memory}, save_state, eval_shards; calib synthetic:N or "
+                              "augment_synthetic N with synthetic {generator, options, budget_min} and "
+                              "synthetic_dir (generated calibration images); 'grids' lists sub-grids. Needs the sweep "
+                              "extra: pip install 'vitq[sweep]'.")
     s.add_argument("grid", nargs="?", default=None, help="grid file (YAML)")
     s.add_argument("--store", required=True, metavar="DIR", help="results store folder (made when missing)")
     s.add_argument("--status", action="store_true",

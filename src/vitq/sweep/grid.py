@@ -12,8 +12,10 @@
 A model is a timm name, ``hf:DIR``, a weights file (``.safetensors`` / ``.pth``, named after its timm model) or a
 mapping ``{name, weights, model_args}``. ``grids: [{...}, {...}]`` lists sub-grids that each take the top-level
 keys as defaults and expand on their own (settings that are not a full product). A mapping-valued key
-(``options``, ``refine_options``) is one value; give a list of mappings for several. Keys that do not change
-the numbers (``label``, ``resources``, ``save_state``, ``eval_shards``) are kept out of the job key.
+(``options``, ``refine_options``, ``synthetic``) is one value; give a list of mappings for several. Keys that do
+not change the numbers (``label``, ``resources``, ``save_state``, ``eval_shards``, ``synthetic_dir``) are kept out
+of the job key. Synthetic calibration images (``calib: synthetic:N``, ``augment_synthetic``, ``synthetic``):
+:mod:`vitq.sweep.synthetic`.
 ``eval_steps: true`` also evaluates the model after the base calibration (and rounding) and after each refiner
 but the last of the chain, one run giving every stage of a leaderboard (base, + recon, + recon + evolq); the job's
 own metrics stay those of the whole chain.
@@ -36,10 +38,11 @@ CONFIG_KEYS: dict[str, object] = {
     "class_map": None, "scheme": "fq", "bits": "8/8", "attn_bits": None, "softmax_quantizer": None,
     "gelu_quantizer": None, "attn_granularity": None, "method": None, "recipe": None, "options": None,
     "rounding": None, "refine": None, "refine_options": None, "seed": 0, "batch_size": 50, "device": "cpu",
-    "eval_steps": False,
+    "eval_steps": False, "augment_synthetic": None, "synthetic": None,
 }
 # keys that describe how a job runs or is shown, not what it computes
-RUN_KEYS: dict[str, object] = {"label": None, "resources": None, "save_state": False, "eval_shards": 1}
+RUN_KEYS: dict[str, object] = {"label": None, "resources": None, "save_state": False, "eval_shards": 1,
+                               "synthetic_dir": None}
 ALIASES = {"models": "model", "seeds": "seed", "methods": "method", "schemes": "scheme", "recipes": "recipe"}
 SCHEME_EXTRAS = ("attn_bits", "softmax_quantizer", "gelu_quantizer", "attn_granularity")
 WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")
@@ -62,10 +65,15 @@ class Job:
 
 
 def describe(config: dict) -> str:
-    """A short name of a job's setting (its seed aside): ``fq W4A8 repq+gptq``."""
+    """A short name of a job's setting (its seed aside): ``fq W4A8 repq+gptq``, with its synthetic images
+    ``(synthetic:32 psaq)`` / ``(+32 fdda)``."""
     what = config["method"] + ("+gptq" if config.get("rounding") == "gptq" else "")
     if config.get("refine"):
         what += "+" + config["refine"]
+    synth = config.get("synthetic")
+    if synth:
+        source = f"+{config['augment_synthetic']}" if config.get("augment_synthetic") else config["calib"]
+        what += f" ({source} {synth['generator']})"
     return f"{config['scheme']} W{config['w_bits']}A{config['a_bits']} {what}"
 
 
@@ -170,9 +178,11 @@ def parse_bits(value) -> tuple[int, int]:
 def resolve(given: dict, base_dir: str) -> Job:
     """One combination with defaults filled, paths made absolute and a recipe turned into the settings it
     stands for (as ``vitq quantize --recipe`` fills the flags left unset)."""
+    from vitq.calib import synthetic_count
     from vitq.recipes import choose
     from vitq.registry import get_method, get_refiner
     from vitq.scheme import A_BITS, W_BITS
+    from vitq.sweep.synthetic import resolve_synthetic
 
     cfg = {k: given.get(k, d) for k, d in CONFIG_KEYS.items()}
     run = {k: given.get(k, d) for k, d in RUN_KEYS.items()}
@@ -180,7 +190,10 @@ def resolve(given: dict, base_dir: str) -> Job:
         raise VitqError("a grid needs 'models' and 'calib' (and 'val' to evaluate)")
     cfg["model"] = model_spec(cfg["model"], base_dir)
     for k in ("calib", "val", "class_map"):
-        cfg[k] = _path(cfg[k], base_dir, k)
+        if k != "calib" or synthetic_count(cfg[k]) is None:
+            cfg[k] = _path(cfg[k], base_dir, k)
+    run["synthetic_dir"] = _path(run["synthetic_dir"], base_dir, "synthetic_dir")
+    resolve_synthetic(cfg)
     w, a = parse_bits(cfg.pop("bits"))
     if w not in W_BITS or a not in A_BITS:
         raise VitqError(f"grid key 'bits': {w}/{a} is not supported (weights {W_BITS.start}..{W_BITS.stop - 1}, "
@@ -251,8 +264,12 @@ def code_version() -> str:
 
 
 def calib_files(cfg: dict) -> list[str]:
-    """The calibration images a job draws (as ``vitq quantize`` draws them)."""
+    """The calibration images a job draws (as ``vitq quantize`` draws them; none for synthetic:N)."""
+    from vitq.calib import synthetic_count
     from vitq.data import scan_image_folder, select_records
+
+    if synthetic_count(cfg["calib"]) is not None:
+        return []
 
     records = scan_image_folder(cfg["calib"], labels="folder", flag="calib")
     return [r.path for r in select_records(records, cfg["num_calib"], cfg["seed"], flag="num_calib")]

@@ -189,6 +189,8 @@ def quantize_job(cfg: dict, calib: dict, state_dir: str | None = None, ckpt_pref
                                   refine_options={n: o for n, o in refine_options.items() if o}, seed=cfg["seed"],
                                   progress=False, after_step=after_step)
     seconds = time.perf_counter() - t0
+    if calib.get("source") is not None:  # synthetic images: where they came from, as vitq quantize records it
+        record["calib_source"] = calib["source"]
     for opts in refine_options.values():
         path = opts.get("checkpoint_path")
         if path and os.path.exists(path):

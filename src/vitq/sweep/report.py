@@ -35,13 +35,22 @@ def record(row: dict) -> dict:
     """The public shape of a job's row (what ``vitq results --format json`` prints per job)."""
     out = {"key": row["key"], **{c: row[c] for c in CONFIG_COLUMNS}, **{m: row[m] for m in METRICS},
            "float_top1": row["float_top1"], "num_val": row["num_val"],
-           "timings": {k: row[k] for k in ("quantize_s", "eval_s", "job_s")}, "machine": row["machine"],
+           "timings": {**{k: row[k] for k in ("quantize_s", "eval_s", "job_s")},
+                       **synthetic_timing(row.get("record"))}, "machine": row["machine"],
            "versions": row["versions"], "code_version": row["code_version"], "state_path": row["state_path"],
            "finished": row["finished"], "config": row["config"]}
     stages = (row.get("record") or {}).get("stages")
     if stages:  # eval_steps: the metrics after the base and after each refiner of the chain
         out["stages"] = stages
     return out
+
+
+def synthetic_timing(record: dict | None) -> dict:
+    """``{"synthesize_s": seconds}`` (the generation of the job's synthetic set) where it has one."""
+    from vitq.sweep.synthetic import synthesize_seconds
+
+    seconds = synthesize_seconds(record)
+    return {} if seconds is None else {"synthesize_s": seconds}
 
 
 def _stats(values: list) -> dict:

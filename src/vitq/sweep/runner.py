@@ -1,7 +1,8 @@
-"""Running a grid on Ray: the driver (this process) keys the jobs, skips those the store has finished, makes
-each calibration draw and each evaluation set (with its float logits) once as Ray tasks whose results stay in
-the object store, then runs the jobs as Ray tasks with their declared resources, as many at a time as the
-cluster has room for, and writes each job's row into the store as it comes back (the store's only writer).
+"""Running a grid on Ray: the driver (this process) keys the jobs, skips those the store has finished, makes each
+calibration draw (with its synthetic images: :mod:`vitq.sweep.synthetic`) and each evaluation set (with its float
+logits) once as Ray tasks whose results stay in the object store, then runs the jobs as Ray tasks with their
+declared resources, as many at a time as the cluster has room for, and writes each job's row into the store as it
+comes back (the store's only writer).
 
 A local Ray instance is started in-process unless ``address`` names a cluster (``auto``, ``ray://host:10001``
 or ``host:6379``). A job that raises is recorded with its one-line error and the others go on; a sweep that is
@@ -22,6 +23,7 @@ from vitq.sweep.cluster import start_ray
 from vitq.sweep.grid import Job, code_version, load_jobs
 from vitq.sweep.job import calib_data, eval_data, one_line, run_job
 from vitq.sweep.store import Store, now, versions
+from vitq.sweep.synthetic import calib_with_synthetic, uses_synthetic
 
 log = logging.getLogger("vitq")
 DEFAULT_RESOURCES = {"num_cpus": 1, "num_gpus": 0, "memory": None}
@@ -116,9 +118,13 @@ def _run(jobs, db, grid, code, address, num_cpus, num_gpus, threads, progress, m
         spec = cfg["model"]
         if spec["weights"] and spec["weights"] not in shas:
             shas[spec["weights"]] = sha256_file(spec["weights"])
-        ck = _digest(spec, cfg["calib"], cfg["num_calib"], cfg["seed"], cfg["batch_size"])
+        synth_dir = None
+        if uses_synthetic(cfg):  # one set per model, draw and generator settings, for all the jobs using it
+            synth_dir = job.run.get("synthetic_dir") or os.path.join(db.dir, "synthetic")
+        ck = _digest(spec, cfg["calib"], cfg["num_calib"], cfg["seed"], cfg["batch_size"],
+                     cfg.get("augment_synthetic"), cfg.get("synthetic"), synth_dir)
         if ck not in calib_refs:
-            calib_refs[ck] = prep.remote("calib", spec, cfg, per_job["threads"])
+            calib_refs[ck] = prep.remote("calib", spec, cfg, per_job["threads"], synth_dir)
         if cfg["val"] is None:
             return calib_refs[ck], None
         ek = _eval_key(cfg, shas.get(spec["weights"]), code)
@@ -183,7 +189,10 @@ def _record(db: Store, job: Job, out: dict, vers: dict) -> None:
 
 
 def _prep(kind: str, spec: dict, cfg: dict, threads: int, cache_dir: str | None = None, key: str = ""):
-    """A Ray task: a calibration draw, or an evaluation set with its float logits (cached on disk per key)."""
+    """A Ray task: a calibration draw (with its synthetic images, written to and read from the folder
+    ``cache_dir``), or an evaluation set with its float logits (cached on disk per key in ``cache_dir``)."""
+    if kind == "calib" and uses_synthetic(cfg):
+        return calib_with_synthetic(spec, cfg, cache_dir, threads)
     if kind == "calib":
         return calib_data(spec, cfg["calib"], cfg["num_calib"], cfg["seed"], cfg["batch_size"], threads)
     import numpy as np
