@@ -1,0 +1,145 @@
+"""PSAQ-ViT v1 as the paper defines it, on tiny random-init transformers: the patch features at the attention
+output (head-averaged, prefix tokens dropped), the kernel-density entropy over all pairs, DeepInversion's loop
+(seeded shift and flip, warm-up + cosine per round) and the set key of the new options."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from vitq.synth import synthesize
+from vitq.synth.base import InputHooks, LoopOptions, augment, learning_rate
+from vitq.synth.psaq import (
+    GaussianKde,
+    PsaqOptions,
+    differential_entropy,
+    pair_similarities,
+    patch_features,
+    probes,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def layer_entropies(model, x, point):
+    """The entropy of each self-attention layer of ``model`` on images ``x`` at ``point``."""
+    layers = probes(model, point)
+    with InputHooks([p.module for p in layers]) as hooks, torch.no_grad():
+        model.eval()(x)
+        feats = [patch_features(a, p) for a, p in zip(hooks.inputs, layers, strict=True)]
+    return [float(differential_entropy(pair_similarities(f, len(x)))) for f in feats]
+
+
+def test_features_are_the_head_averaged_attention_output_without_the_class_token():
+    model = tiny_model("deit")  # 16 patches + a class token, 3 heads of 64
+    layers = probes(model)
+    assert [p.module for p in layers] == [b.attn.proj for b in model.blocks]
+    with InputHooks([layers[0].module]) as hooks, torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32))
+        a = hooks.inputs[0]
+    f = patch_features(a, layers[0])
+    assert f.shape == (2, 16, 64)
+    assert torch.allclose(f, a[:, 1:].reshape(2, 16, 3, 64).mean(2))
+    old = probes(model, "attention-input")
+    assert [p.module for p in old] == [b.attn.qkv for b in model.blocks] and old[0].heads == 1
+
+
+def test_the_value_path_moves_the_attention_output_entropy_and_not_the_input_one():
+    model, x = tiny_model("deit"), torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    before = {p: layer_entropies(model, x, p) for p in ("attention-output", "attention-input")}
+    with torch.no_grad():  # the last block's V projection (rows 2C..3C of qkv) only
+        c = model.embed_dim
+        model.blocks[-1].attn.qkv.weight[2 * c:] += torch.randn(c, c, generator=torch.Generator().manual_seed(2))
+    after = {p: layer_entropies(model, x, p) for p in ("attention-output", "attention-input")}
+    assert after["attention-input"] == before["attention-input"]
+    assert abs(after["attention-output"][-1] - before["attention-output"][-1]) > 1e-3
+    assert after["attention-output"][0] == before["attention-output"][0]
+
+
+def test_swin_windows_are_pooled_per_image():
+    sims = pair_similarities(torch.randn(8, 49, 16), images=2)  # 2 images of 4 windows
+    assert sims.shape == (2, 4 * 49 * 49)
+    assert torch.allclose(sims.reshape(2, 4, 49, 49).diagonal(dim1=2, dim2=3), torch.ones(2, 4, 49))
+
+
+def test_kde_gradient_and_chunks(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    sims = torch.rand(2, 40, generator=g, dtype=torch.double).requires_grad_(True)
+    grid = torch.linspace(0, 1, 5, dtype=torch.double).expand(2, 5).contiguous()
+    torch.autograd.gradcheck(lambda s: GaussianKde.apply(s, grid, 0.05), (sims,))
+    direct = (torch.exp(-0.5 * ((grid[:, :, None] - sims[:, None, :]) / 0.05) ** 2).mean(2)
+              / (0.05 * math.sqrt(2 * math.pi)))
+    whole = GaussianKde.apply(sims, grid, 0.05)
+    monkeypatch.setattr(GaussianKde, "CHUNK", 7)  # several chunks of samples
+    assert torch.allclose(whole, direct) and torch.allclose(GaussianKde.apply(sims, grid, 0.05), direct)
+
+
+def test_differential_entropy_is_larger_for_a_wider_spread():
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.rand(4, 20000, generator=g) * 0.5  # the entropy of U(0, 0.5) is -log 2
+    assert abs(float(differential_entropy(uniform)) + math.log(2)) < 0.1
+    narrow, wide = (torch.randn(4, 5000, generator=g) * s for s in (0.05, 0.3))
+    assert float(differential_entropy(wide)) > float(differential_entropy(narrow)) + 1.0
+
+
+def test_psaq_loss_falls_and_the_entropy_rises_on_a_tiny_vit():
+    x, rec = synthesize(tiny_model("deit"), 4, "psaq", {"iters": 20, "batch_size": 4}, progress=False)
+    b = rec["made"]["batches"][0]
+    assert b["last_loss"]["total"] < b["first_loss"]["total"]
+    assert b["last_loss"]["entropy"] > b["first_loss"]["entropy"] + 0.3
+    made = rec["made"]
+    assert made["point"] == "attention-output" and made["heads_averaged"] == [3] and made["prefix_tokens"] == 1
+    assert rec["options"]["jitter"] == 15 and rec["options"]["flip"] and rec["options"]["rounds"] == 2
+
+
+def test_jitter_and_flip_are_seeded_and_used():
+    def run(seed, **opts):
+        return synthesize(tiny_model("deit"), 2, "psaq", {"iters": 8, **opts}, seed=seed, progress=False)
+    (a, ra), (b, rb) = run(3, jitter=4), run(3, jitter=4)
+    assert torch.equal(a, b) and ra["made"]["batches"][0]["augment"] == rb["made"]["batches"][0]["augment"]
+    aug = ra["made"]["batches"][0]["augment"]
+    assert aug["shifted"] > 0 and 0 < aug["flipped"] < 8 and aug["largest_shift"] <= 8
+    plain, rp = run(3, jitter=0, flip=False)
+    assert not torch.equal(a, plain) and "augment" not in rp["made"]["batches"][0]
+    assert not torch.equal(a, run(4, jitter=4)[0])
+
+
+def test_augment_draws_from_the_batch_generator_and_widens_with_the_round():
+    cfg = LoopOptions(iters=10, rounds=2, jitter=1, flip=True)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    def draws(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [augment(x, cfg, s, gen)[1] for s in range(10)]
+    assert draws(5) == draws(5) and draws(5) != draws(6)
+    gen = torch.Generator().manual_seed(0)
+    shifts = [augment(x, cfg, s, gen)[1]["shift"] for s in range(10) for _ in range(20)]
+    assert max(map(abs, shifts[:100])) == 1 and max(map(abs, shifts[100:])) == 2
+    y, d = augment(x, LoopOptions(jitter=3), 0, torch.Generator().manual_seed(1))
+    assert torch.equal(y, torch.roll(x, (d["shift"], d["shift"]), (2, 3)))
+    assert augment(x, LoopOptions(), 0, gen) == (x, {})
+
+
+def test_learning_rate_warms_up_and_restarts_each_round():
+    cfg = LoopOptions(iters=20, lr=0.2, rounds=2, warmup=0.2)
+    lrs = [learning_rate(cfg, s) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.2) and lrs[2] == pytest.approx(0.2)
+    assert lrs[9] < 0.05 and lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.2)
+    plain = LoopOptions(iters=7, lr=0.3)
+    assert [learning_rate(plain, s) for s in range(7)] == \
+        [0.3 * 0.5 * (1 + math.cos(math.pi * s / 7)) for s in range(7)]
+
+
+def test_set_key_changes_with_the_psaq_options_and_keeps_plain_loop_keys(tmp_path):
+    model = tiny_model("deit")
+
+    def key(generator="psaq", **opts):
+        return synthesize(model, 1, generator, {"iters": 1, **opts}, directory=tmp_path, progress=False)[1]["key"]
+    base = key()
+    for change in ({"jitter": 0}, {"flip": False}, {"rounds": 1}, {"warmup": 0.0}, {"beta1": 0.9},
+                   {"point": "attention-input"}, {"bandwidth": 0.02}, {"prior_rms": (0.1, 0.2)}):
+        assert key(**change) != base, change
+    from vitq.synth.store import key_options
+    plain = key_options(LoopOptions().to_dict())
+    assert set(plain) == {"iters", "lr", "batch_size", "ce_weight", "tv_weight"}  # keyed as before the loop options
+    assert "jitter" in key_options(PsaqOptions().to_dict())
