@@ -57,22 +57,41 @@ def test_the_value_path_moves_the_attention_output_entropy_and_not_the_input_one
     assert after["attention-output"][0] == before["attention-output"][0]
 
 
-def test_swin_windows_are_pooled_per_image():
-    sims = pair_similarities(torch.randn(8, 49, 16), images=2)  # 2 images of 4 windows
-    assert sims.shape == (2, 4 * 49 * 49)
-    assert torch.allclose(sims.reshape(2, 4, 49, 49).diagonal(dim1=2, dim2=3), torch.ones(2, 4, 49))
+def naive_entropy(feats, images, h=0.01, k=10):
+    """The estimate written out plainly (every one of the N x N similarities a sample, autograd throughout)."""
+    t = torch.nn.functional.normalize(feats, dim=-1)
+    sims = (t @ t.transpose(1, 2)).reshape(images, -1)
+    xs = torch.linspace(float(sims.detach().min()), float(sims.detach().max()), k, dtype=feats.dtype)
+    p = torch.exp(-0.5 * ((xs[:, None] - sims[:, None, :]) / h) ** 2).mean(2) / (h * math.sqrt(2 * math.pi))
+    return torch.trapezoid(-(p + 1e-4) * (p + 1e-4).log(), xs, dim=-1).mean()
 
 
-def test_kde_gradient_and_chunks(monkeypatch):
+@pytest.mark.parametrize("rows,images,h", [(3, 3, 0.01), (8, 2, 0.01), (3, 3, 0.3)])
+def test_entropy_equals_the_plain_all_pairs_estimate(rows, images, h):
+    """Half the pairs weighted twice, the band of grid points and the custom backward change nothing: value and
+    gradient as the plain estimate over all N x N pairs (rows > images: Swin's windows pooled per image; h=0.3:
+    the band covers the grid, every point is evaluated)."""
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 12, 6, generator=g, dtype=torch.double).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    ours = differential_entropy(pair_similarities(a, images), h)
+    plain = naive_entropy(b, images, h)
+    ours.backward()
+    plain.backward()
+    assert float(ours.detach()) == pytest.approx(float(plain.detach()), rel=1e-6, abs=1e-9)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("h", [0.05, 0.2])  # a band of 3 of the 5 grid points; all of them
+def test_kde_gradient_and_chunks(monkeypatch, h):
     g = torch.Generator().manual_seed(0)
     sims = torch.rand(2, 40, generator=g, dtype=torch.double).requires_grad_(True)
-    grid = torch.linspace(0, 1, 5, dtype=torch.double).expand(2, 5).contiguous()
-    torch.autograd.gradcheck(lambda s: GaussianKde.apply(s, grid, 0.05), (sims,))
-    direct = (torch.exp(-0.5 * ((grid[:, :, None] - sims[:, None, :]) / 0.05) ** 2).mean(2)
-              / (0.05 * math.sqrt(2 * math.pi)))
-    whole = GaussianKde.apply(sims, grid, 0.05)
+    grid = torch.linspace(0, 1, 5, dtype=torch.double)
+    torch.autograd.gradcheck(lambda s: GaussianKde.apply(s, grid, h), (sims,))
+    direct = torch.exp(-0.5 * ((grid[None, :, None] - sims[:, None, :]) / h) ** 2).sum(2)
+    whole = GaussianKde.apply(sims, grid, h)
     monkeypatch.setattr(GaussianKde, "CHUNK", 7)  # several chunks of samples
-    assert torch.allclose(whole, direct) and torch.allclose(GaussianKde.apply(sims, grid, 0.05), direct)
+    assert torch.allclose(whole, direct) and torch.allclose(GaussianKde.apply(sims, grid, h), direct)
 
 
 def test_differential_entropy_is_larger_for_a_wider_spread():

@@ -154,57 +154,88 @@ def patch_features(a: torch.Tensor, probe: Probe) -> torch.Tensor | None:
     return a if a.shape[1] >= 2 else None
 
 
-def pair_similarities(feats: torch.Tensor, images: int) -> torch.Tensor:
-    """Cosine similarity of every pair of tokens ([B', N, d] -> [B', N, N]), flattened per image ([images, ...]
-    where B' is a multiple of the images, e.g. Swin's windows; else per row of B')."""
-    t = nn.functional.normalize(feats.float(), dim=-1)
+def pair_similarities(feats: torch.Tensor, images: int) -> list[tuple[torch.Tensor, float]]:
+    """The cosine similarities of all N x N pairs of tokens of each row of ``feats`` [B', N, d], pooled per image
+    (B' a multiple of the images, e.g. Swin's windows; else per row), as (samples, weight) parts: the similarity
+    matrix is symmetric, so each pair i < j stands for two samples and the diagonal (a token with itself) for
+    one, which gives the all-pairs estimate at half the cost."""
+    t = nn.functional.normalize(feats.to(torch.promote_types(feats.dtype, torch.float32)), dim=-1)
     sims = torch.bmm(t, t.transpose(1, 2))
     rows = images if sims.shape[0] % images == 0 else sims.shape[0]
-    return sims.reshape(rows, -1)
+    i, j = torch.triu_indices(sims.shape[1], sims.shape[1], 1, device=sims.device)
+    return [(sims[:, i, j].reshape(rows, -1), 2.0), (sims.diagonal(dim1=1, dim2=2).reshape(rows, -1), 1.0)]
 
 
 class GaussianKde(torch.autograd.Function):
-    """Gaussian kernel density of the samples ``sims`` [R, M] at ``grid`` [R, K] (-> [R, K]), computed in chunks
-    of samples whose [R, K, chunk] kernel matrix is recomputed in the backward pass instead of kept (all pairs
-    of DeiT's 196 patches are 38 416 samples per image, and twelve layers of them would hold gigabytes)."""
+    """Sum over the samples ``s`` [R, M] of exp(-((x_k - s)/h)^2 / 2) at the evenly spaced points ``grid`` [K]
+    (-> [R, K]). Each sample is taken only to the grid points within ``CUTOFF`` bandwidths of it, found from its
+    nearest one, where that band is narrower than the grid (what is left out is below 1e-10 of a sample's peak,
+    under float32's rounding of the sum); in chunks, the kernel values recomputed in the backward pass instead
+    of kept (all pairs of DeiT's 196 patches are 38 416 samples per image, in each of twelve layers)."""
 
-    CHUNK = 1 << 22  # kernel-matrix elements at once
-
-    @staticmethod
-    def _kernel(sims, grid, h):
-        z = (grid.unsqueeze(2) - sims.unsqueeze(1)) / h
-        return z, torch.exp(-0.5 * z * z)
+    CHUNK = 1 << 22  # kernel values at once
+    CUTOFF = 7.0
 
     @staticmethod
-    def forward(ctx, sims, grid, h):
-        r, m = sims.shape
-        step = max(1, GaussianKde.CHUNK // max(1, r * grid.shape[1]))
-        dens = sims.new_zeros(grid.shape)
-        for s in sims.split(step, dim=1):
-            dens += GaussianKde._kernel(s, grid, h)[1].sum(2)
-        ctx.save_for_backward(sims, grid)
-        ctx.h, ctx.step = h, step
-        return dens / (m * h * math.sqrt(2 * math.pi))
+    def _terms(s, grid, h, band):
+        """(grid index [R, c] or None for all of them, kernel values, (x - s)/h, in-range mask or None) per pass."""
+        if band is None:
+            z = grid.view(1, -1, 1) / h - (s / h).unsqueeze(1)  # [R, K, c]
+            yield None, z.square().mul_(-0.5).exp_(), z, None
+            return
+        k_max = grid.numel() - 1
+        near = ((s - grid[0]) / (grid[1] - grid[0])).round().long().clamp_(0, k_max)
+        for o in range(-band, band + 1):
+            k = near + o
+            ok = None if band == 0 else (k >= 0) & (k <= k_max)
+            k = k if band == 0 else k.clamp(0, k_max)
+            z = (grid[k] - s).div_(h)
+            e = z.square().mul_(-0.5).exp_()
+            yield k, e if ok is None else e * ok, z, ok
+
+    @staticmethod
+    def forward(ctx, s, grid, h):
+        r, n = s.shape
+        spacing = float(grid[1] - grid[0])
+        band = max(0, math.ceil(GaussianKde.CUTOFF * h / spacing - 0.5))
+        band = band if 2 * band + 1 < grid.numel() else None
+        step = max(1, GaussianKde.CHUNK // (r * (grid.numel() if band is None else 2 * band + 1)))
+        out = s.new_zeros(r, grid.numel())
+        for chunk in s.split(step, dim=1):
+            for k, e, _, _ in GaussianKde._terms(chunk, grid, h, band):
+                if k is None:
+                    out += e.sum(2)
+                else:
+                    out.scatter_add_(1, k, e)
+        ctx.save_for_backward(s, grid)
+        ctx.h, ctx.band, ctx.step = h, band, step
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        sims, grid = ctx.saved_tensors
-        h, coef = ctx.h, 1.0 / (sims.shape[1] * ctx.h * math.sqrt(2 * math.pi))
+        s, grid = ctx.saved_tensors
         parts = []
-        for s in sims.split(ctx.step, dim=1):
-            z, k = GaussianKde._kernel(s, grid, h)
-            parts.append((g.unsqueeze(2) * k * z).sum(1) * (coef / h))  # d exp(-z²/2)/ds = exp(-z²/2) z / h
+        for chunk in s.split(ctx.step, dim=1):
+            d = torch.zeros_like(chunk)
+            for k, e, z, _ in GaussianKde._terms(chunk, grid, ctx.h, ctx.band):
+                w = g.unsqueeze(2) if k is None else g.gather(1, k)  # d exp(-z^2/2)/ds = exp(-z^2/2) z / h
+                d += e.mul_(z).mul_(w).sum(1) if k is None else e.mul_(z).mul_(w)
+            parts.append(d / ctx.h)
         return torch.cat(parts, 1), None, None
 
 
-def differential_entropy(sims: torch.Tensor, bandwidth: float = 0.01, grid: int = 10) -> torch.Tensor:
-    """Mean over rows of -∫ p log p of each row's kernel density (bandwidth fixed), by the trapezoid rule on
-    ``grid`` points from the smallest to the largest similarity of all rows (the points carry no gradient)."""
-    lo, hi = float(sims.detach().min()), float(sims.detach().max())
-    if hi - lo < 1e-6:
-        hi = lo + 1e-6
-    xs = torch.linspace(lo, hi, grid, device=sims.device, dtype=sims.dtype).expand(sims.shape[0], grid)
-    p = GaussianKde.apply(sims, xs.contiguous(), bandwidth) + 1e-4
+def differential_entropy(parts: torch.Tensor | list[tuple[torch.Tensor, float]], bandwidth: float = 0.01,
+                         grid: int = 10) -> torch.Tensor:
+    """Mean over rows of -∫ p log p of each row's Gaussian kernel density (fixed bandwidth; ``parts``: samples
+    [R, M], or (samples, weight) pairs pooled), by the trapezoid rule on ``grid`` points from the smallest to the
+    largest sample of all rows (the points carry no gradient); p gets 1e-4 added against log 0."""
+    parts = [(parts, 1.0)] if isinstance(parts, torch.Tensor) else parts
+    lo = min(float(p.detach().min()) for p, _ in parts)
+    hi = max(max(float(p.detach().max()) for p, _ in parts), lo + 1e-6)
+    xs = torch.linspace(lo, hi, grid, device=parts[0][0].device, dtype=parts[0][0].dtype)
+    total = sum(p.shape[1] * w for p, w in parts)
+    dens = sum(w * GaussianKde.apply(p, xs, bandwidth) for p, w in parts) / (total * bandwidth * math.sqrt(2 * math.pi))
+    p = dens + 1e-4
     return torch.trapezoid(-p * p.log(), xs, dim=-1).mean()
 
 
