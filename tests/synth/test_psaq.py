@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ZOO, tiny_model
 
 from vitq.synth import synthesize
 from vitq.synth.base import InputHooks, LoopOptions, augment, learning_rate
@@ -43,6 +43,18 @@ def test_features_are_the_head_averaged_attention_output_without_the_class_token
     assert torch.allclose(f, a[:, 1:].reshape(2, 16, 3, 64).mean(2))
     old = probes(model, "attention-input")
     assert [p.module for p in old] == [b.attn.qkv for b in model.blocks] and old[0].heads == 1
+
+
+@pytest.mark.parametrize("key,tokens", [("deit", 16), ("dinov2_reg", 16), ("cait", 16), ("hf_deit", 16),
+                                        ("swin", 49)])
+def test_only_patch_tokens_are_kept(key, tokens):
+    """Class, distillation and register tokens are dropped where a layer carries them (CaiT's self-attention
+    layers carry none; Swin's windows have 49 patches)."""
+    model, z = tiny_model(key), ZOO[key]
+    layers = probes(model)
+    with InputHooks([p.module for p in layers]) as hooks, torch.no_grad():
+        model.eval()(torch.randn(2, 3, z.size, z.size))
+        assert {patch_features(a, p).shape[1] for a, p in zip(hooks.inputs, layers, strict=True)} == {tokens}
 
 
 def test_the_value_path_moves_the_attention_output_entropy_and_not_the_input_one():

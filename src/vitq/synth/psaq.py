@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,6 +57,8 @@ PRIOR_RMS = (0.2857, 0.3429)  # 2500 and 3000 / (2·√(32·3·224·223) + 2·�
 
 @dataclass(frozen=True)
 class PsaqOptions(LoopOptions):
+    VERSION: ClassVar[int] = 2  # 2: the paper's attention-output features, all-pairs KDE entropy, DeepInversion loop
+
     entropy_weight: float = opt(1.0, "weight of the patch-similarity entropy, summed over layers (maximised)",
                                 minimum=0)
     point: str = opt("attention-output", "where the patch features are read: the attention·V output (the "
