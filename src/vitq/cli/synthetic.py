@@ -32,7 +32,7 @@ def add_synthetic_flags(q, argv) -> None:
     g.add_argument("--synthetic-batch-size", type=int, default=None,
                    help=helped("images optimised together (default 32)"))
     g.add_argument("--synthetic-option", action="append", default=[], metavar="NAME=VALUE",
-                   help=helped("another generator option, e.g. noise=0.5 (fdda) or pairs=256 (psaq) (repeatable)"))
+                   help=helped("another generator option, e.g. noise=0.5 (fdda) or jitter=0 (psaq) (repeatable)"))
     g.add_argument("--synthetic-dir", default=None, metavar="DIR",
                    help=helped("where generated sets are written as PNG files and reused from when the same set is "
                                "asked again (default $XDG_CACHE_HOME/vitq/synthetic, i.e. ~/.cache/vitq/synthetic)"))

@@ -90,8 +90,9 @@ def synthesize(model: nn.Module, num: int, generator: str = "auto", options: dic
               "budget_min": budget_min, "input_size": list(shape)}
     folder = key = None
     if directory is not None:
-        key = store.set_key({"model": store.model_digest(model), "generator": name, "options": cfg.to_dict(),
-                             "seed": seed, "num": num, "shape": shape, "mean": mean, "std": std}, real)
+        key = store.set_key({"model": store.model_digest(model), "generator": name,
+                             "options": store.key_options(cfg.to_dict()), "seed": seed, "num": num, "shape": shape,
+                             "mean": mean, "std": std}, real)
         folder = store.set_folder(os.fspath(directory), model_name(model).split(" ")[0], name, key)
         t0 = time.perf_counter()
         found = store.read_set(folder, key, mean, std)

@@ -31,6 +31,16 @@ class LoopOptions(Options):
     batch_size: int = opt(32, "images optimised together (BatchNorm statistics are batch statistics)", minimum=1)
     ce_weight: float = opt(1.0, "weight of the cross-entropy toward each image's target class", minimum=0)
     tv_weight: float = opt(0.0, "weight of the total-variation smoothness prior", minimum=0)
+    # DeepInversion's loop (what PSAQ-ViT runs); the defaults here are the plain loop bn and fdda use
+    rounds: int = opt(1, "rounds the steps are split into, each restarting the learning-rate schedule (and "
+                         "widening the jitter)", minimum=1)
+    warmup: float = opt(0.0, "share of each round's steps with a linear learning-rate warm-up before the cosine "
+                             "decay", minimum=0, below=1)
+    jitter: int = opt(0, "random shift (pixels, torch.roll on both axes) of the images before each step, up to "
+                         "this many in the first round, twice as many in the second, ...", minimum=0)
+    flip: bool = opt(False, "random horizontal flip of the images before each step")
+    beta1: float = opt(0.9, "Adam beta1", minimum=0, below=1)
+    beta2: float = opt(0.999, "Adam beta2", minimum=0, below=1)
 
 
 @dataclass
@@ -112,6 +122,43 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
+def round_of(step: int, iters: int, rounds: int) -> tuple[int, int, int]:
+    """(round, step within it, the round's length) of ``step`` when ``iters`` steps are split into ``rounds``
+    near-equal rounds."""
+    bounds = [round(r * iters / rounds) for r in range(rounds + 1)]
+    r = max(k for k in range(rounds) if bounds[k] <= step)
+    return r, step - bounds[r], bounds[r + 1] - bounds[r]
+
+
+def learning_rate(cfg: LoopOptions, step: int) -> float:
+    """Per round: a linear warm-up over ``warmup`` of its steps, then a cosine decay to 0 (one round without
+    warm-up: the plain cosine schedule)."""
+    _, t, n = round_of(step, cfg.iters, cfg.rounds)
+    warm = int(round(cfg.warmup * n))
+    if t < warm:
+        return cfg.lr * (t + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (t - warm) / (n - warm)))
+
+
+def augment(x: torch.Tensor, cfg: LoopOptions, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """What the model sees at ``step``: ``x`` rolled by one random offset on both axes (up to ``jitter`` pixels
+    times the round's number) and flipped left-right with probability 1/2, both drawn from ``gen`` (nothing is
+    drawn for an augmentation that is off, so a loop without them draws what it always drew). Returns the
+    image and the draws."""
+    drawn = {}
+    if cfg.jitter:
+        lim = cfg.jitter * (round_of(step, cfg.iters, cfg.rounds)[0] + 1)
+        off = int(torch.randint(-lim, lim + 1, (1,), generator=gen))
+        drawn["shift"] = off
+        if off:
+            x = torch.roll(x, shifts=(off, off), dims=(2, 3))
+    if cfg.flip:
+        drawn["flip"] = bool(torch.rand(1, generator=gen) < 0.5)
+        if drawn["flip"]:
+            x = torch.flip(x, dims=(3,))
+    return x, drawn
+
+
 def target_classes(req: Request, gen: torch.Generator, pool: list[int] | None = None) -> torch.Tensor:
     """Target classes of all ``req.num`` images: each class of ``pool`` (default every class) in turn, in a
     seeded order, so that a set covers as many classes as it has images."""
@@ -124,8 +171,9 @@ def target_classes(req: Request, gen: torch.Generator, pool: list[int] | None = 
 def optimise(model: nn.Module, req: Request, cfg: LoopOptions, loss_fn: Callable, labels: torch.Tensor,
              desc: str) -> Generated:
     """The loop of every generator: batch by batch, seeded noise -> Adam steps on
-    ``loss_fn(x, logits, y, gen, start) -> (loss, parts)`` (``start``: the batch's first index) plus
-    cross-entropy toward ``labels`` and the TV prior.
+    ``loss_fn(seen, logits, y, gen, start) -> (loss, parts)`` (``seen``: the images as the model saw them this
+    step, after the random shift and flip where they are on; ``start``: the batch's first index) plus
+    cross-entropy toward ``labels`` and the TV prior on the images.
 
     ``req.budget_s`` caps the whole run: each batch gets an equal share of what is left, and a batch that runs
     out stops early (its iterations are recorded). Everything random comes from generators seeded with
@@ -146,21 +194,22 @@ def optimise(model: nn.Module, req: Request, cfg: LoopOptions, loss_fn: Callable
             x = torch.randn((j - i, *req.shape), generator=gen).to(dev)
             x = torch.max(torch.min(x, hi), lo).requires_grad_(True)
             y = labels[i:j].to(dev)
-            optim = torch.optim.Adam([x], lr=cfg.lr)
+            optim = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
             deadline = None
             if req.budget_s is not None:
                 left = req.budget_s - (time.perf_counter() - t_start)
                 deadline = time.perf_counter() + max(left, 0.0) / (len(batches) - b)
             first = last = None
-            done = 0
+            done, draws = 0, []
             for step in range(cfg.iters):
                 if deadline is not None and step > 0 and time.perf_counter() > deadline:
                     break
                 for g in optim.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+                    g["lr"] = learning_rate(cfg, step)
                 optim.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss, parts = loss_fn(x, logits, y, gen, i)
+                seen, drawn = augment(x, cfg, step, gen)
+                logits = model(seen)
+                loss, parts = loss_fn(seen, logits, y, gen, i)
                 if cfg.ce_weight:
                     ce = nn.functional.cross_entropy(logits, y)
                     loss = loss + cfg.ce_weight * ce
@@ -177,12 +226,18 @@ def optimise(model: nn.Module, req: Request, cfg: LoopOptions, loss_fn: Callable
                 parts = {"total": loss.item(), **parts}
                 first = first or parts
                 last = parts
+                draws.append(drawn)
                 done += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3g}", refresh=False)
             bar.update(cfg.iters - done)
             out.append(x.detach().cpu().clone())
             runs.append({"images": j - i, "iterations": done, "first_loss": first, "last_loss": last})
+            if cfg.jitter or cfg.flip:  # the augmentation draws, summed up (a seeded run repeats them)
+                shifts = [d["shift"] for d in draws if "shift" in d]
+                runs[-1]["augment"] = {"shifted": sum(v != 0 for v in shifts), "shift_sum": sum(shifts),
+                                       "largest_shift": max(map(abs, shifts), default=0),
+                                       "flipped": sum(d.get("flip", False) for d in draws)}
     finally:
         bar.close()
         for p in model.parameters():

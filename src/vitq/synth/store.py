@@ -2,9 +2,10 @@
 
 A set lives in ``<dir>/<model>-<generator>-<key>/``: ``NNNNN_cCLASS.png`` (8-bit RGB at the model's input size,
 the pixels the model is fed, so no resize or crop when read back) and ``manifest.json`` (what made it). The key
-hashes everything that decides the images: the model's weights, the generator and its options, the seed, the
-count, the input size and normalisation, and the real images a generator learned from. A folder whose key
-matches is read instead of generating again; delete it to make a fresh set.
+hashes everything that decides the images: the model's weights, the generator and its options (less the loop
+options at the values that run the loop as it ran before they existed), the seed, the count, the input size and
+normalisation, and the real images a generator learned from. A folder whose key matches is read instead of
+generating again; delete it to make a fresh set.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def model_digest(model: nn.Module) -> str:
         h.update(name.encode())
         tensor_digest(h, t)
     return h.hexdigest()
+
+
+# loop options added after sets were first keyed, at the values that run the loop as it ran before them: left
+# out of a key, so that a set made before they existed keeps its key (bn, fdda); any other value is keyed
+LOOP_NEUTRAL = {"rounds": 1, "warmup": 0.0, "jitter": 0, "flip": False, "beta1": 0.9, "beta2": 0.999}
+
+
+def key_options(options: dict) -> dict:
+    """The generator options a set's key hashes: all of them but the loop options at their neutral values."""
+    return {k: v for k, v in options.items() if not (k in LOOP_NEUTRAL and v == LOOP_NEUTRAL[k])}
 
 
 def set_key(fields: dict, real: torch.Tensor | None) -> str:
