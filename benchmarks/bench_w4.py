@@ -7,7 +7,9 @@ and the same with ``--keep-float image,linear_input,qk,attn_v`` (W4 weight-only:
 onnxruntime fuses it into MatMulNBits itself for the weight-only model), and MatMulNBits written by vitq with float
 or int8 compute (``--matmulnbits float|int8``). Reference: onnxruntime's own ``matmul_nbits_quantizer`` (RTN,
 blocks of 32, symmetric) on the float file, with int8 and float compute (it needs ``onnx-ir``; the rows are left
-out, and the section says so, without it). Float: the torch.onnx file, as in benchmarks/bench_export.py.
+out, and the section says so, without it). Float: the torch.onnx file, as in benchmarks/bench_export.py (the
+speed-ups are over it), and vitq's own export of the float model (prepared, nothing calibrated: every quantizer
+the identity), the layout ``--search hago`` timed its speed-ups against before it took the torch.onnx file.
 
 Per model: agreement / KL / top-1 against the float PyTorch model, agreement with vitq's fake-quantized model,
 latency at batch 1 and 32 over float in the same runtime (alternated rounds, medians), file size, the session's
@@ -60,6 +62,7 @@ VITQ = [("vitq W4 weight-only", ["--keep-float", WEIGHT_ONLY], ("off", "float", 
 FORM = {"off": "INT4 DequantizeLinear -> MatMul", "float": "MatMulNBits, float compute",
         "int8": "MatMulNBits, int8 compute"}
 FLOAT = "float"
+VITQ_FLOAT = "float, vitq's own export (no quantizer calibrated)"
 MEMORY = r"""
 import resource, sys
 import numpy as np, onnxruntime as ort
@@ -173,6 +176,8 @@ def main() -> int:
     models: dict[str, str] = {FLOAT: float_onnx}
     form_of = {FLOAT: "torch.onnx, opset 20"}
     vitq_rows, fake = {}, {}
+    from vitq import Scheme, prepare
+    from vitq.export.onnx import export
     from vitq.state import load
 
     for i, (label, extra, forms) in enumerate(VITQ):
@@ -180,7 +185,12 @@ def main() -> int:
         os.makedirs(folder)
         row = vitq_cli(args, label, extra, forms, folder)
         vitq_rows[label] = row
-        fake[label] = batched_logits(load(model, row["state"]).eval(), val_x)
+        qmodel = load(model, row["state"]).eval()
+        fake[label] = batched_logits(qmodel, val_x)
+        if VITQ_FLOAT not in models:  # the float graph the hago search used to time against, beside torch.onnx's
+            models[VITQ_FLOAT] = os.path.join(tmp, "vitq_float.onnx")
+            export(prepare(model, Scheme("matmul")), models[VITQ_FLOAT], example=val_x[:1], float_model=model)
+            form_of[VITQ_FLOAT] = "vitq's export layout (patchify MatMul, scale folded into q)"
         for form, path in row["files"].items():
             name = f"{label}, {FORM[form]}"
             models[name], form_of[name], fake[name] = path, f"vitq export --matmulnbits {form}", fake[label]
