@@ -61,6 +61,7 @@ class Target:
     per_head_attention: bool = False  # per-head (per-axis) q/k/v QDQ pairs fuse into the attention matmul
     symmetric_qk: bool = False  # q and k must be signed symmetric for q·kᵀ to run as an integer kernel
     formats: tuple[str, ...] = ("onnx",)  # what `vitq export --format` writes for it
+    nbits_kernel: str | None = None  # the fused kernel that runs weights of <= 4 bits (vitq export writes it)
 
     def __post_init__(self):
         both = set(self.integer) & set(self.floating)
@@ -101,6 +102,7 @@ register_target(Target(
     integer={"image": "MatMulIntegerToFloat (patchify) / QLinearConv", "weight": "int8 per-channel B of the kernel",
              "linear_input": "MatMulIntegerToFloat / QLinearConv", "qk": "MatMulIntegerToFloat",
              "attn_v": "QLinearMatMul"},
+    nbits_kernel="MatMulNBits (com.microsoft, 4-bit blocks)",
     floating={"scores": "the pre-softmax scores feed Softmax, which has no integer kernel in the CPU provider "
                         "for a QDQ pair on its input alone: the pair only rounds",
               "residual": "the residual add runs in float: a QDQ pair on the stream only rounds",
@@ -168,6 +170,10 @@ def weight_note(target: Target, w_bits: int) -> str | None:
     """What the target does with weights of ``w_bits`` (None: integer kernels)."""
     if target.simulation or w_bits >= target.int_weight_bits:
         return None
+    if target.nbits_kernel and w_bits <= 4:
+        return (f"W{w_bits} weights: {target.name} runs them as {target.nbits_kernel}; `vitq export --target "
+                f"{target.name}` writes that node (float compute by default, --matmulnbits int8 for int8); a "
+                "speed-up over float depends on the CPU (benchmarks/bench_w4.py)")
     return (f"W{w_bits} weights: {target.name} has no integer kernel for them on this CPU; they are stored "
             f"packed (smaller file) and dequantized to float before a float matmul (slower than float)")
 

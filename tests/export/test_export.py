@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, make_image_folder, tiny_images, tiny_model
+from ort_helpers import run_ort
 from torch import nn
 
 import vitq
@@ -22,15 +23,6 @@ from vitq.quant.uniform import PTFQuantizer, UniformQuantizer
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
-
-
-def run_ort(path, x, optimize: bool = True) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
 
 
 def same_top1_where_decided(out, ref):

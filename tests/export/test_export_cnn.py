@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED, tiny_images, tiny_model
+from ort_helpers import cosine, run_ort
 
 import vitq
 from vitq.export.onnx import export
@@ -21,19 +22,6 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_ort(path, x, optimize: bool = True) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def calibrated(key, scheme, method="minmax", n=8, **kw):

@@ -5,6 +5,7 @@ export -> onnxruntime, for every HF class of tests/zoo.py under both schemes at 
 import numpy as np
 import pytest
 import torch
+from ort_helpers import cosine, run_ort
 from zoo import HF_KEYS, tiny_images, tiny_model
 
 import vitq
@@ -19,19 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # quantized-vs-float logit cosine at W8A8 minmax on 8 generated images, lowest of the images (measured with
 # these tiny models: matmul >= 0.998, fq >= 0.978): bounds with a margin
 FLOAT_COSINE = {"matmul": 0.99, "fq": 0.95}
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def run_ort(path, x, optimize: bool) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
 
 
 @pytest.mark.parametrize("scheme", ["matmul", "fq"])

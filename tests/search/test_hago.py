@@ -4,6 +4,7 @@ constraint, the Pareto front, the choice applied as keep_float (save / reload / 
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from zoo import tiny_images, tiny_model
 
 import vitq
 from vitq.errors import VitqError
+from vitq.export.runtimes import cpu_int8_support, int8_note
 from vitq.prepare import prepare, quantizer_units
 from vitq.quant.base import quantizers_of
 from vitq.quant.keep_float import KeptFloat
@@ -66,8 +68,15 @@ def test_latency_model_is_measured_and_additive_at_its_ends(searched):
     for g in lm["groups"]:
         assert g["cost_ms"] == pytest.approx(0.5 * (g["saving_vs_all_ms"] + g["saving_vs_float_ms"]))
     by = {tuple(p["float"]): p for p in rec["measured"]}
-    # the all-quantized configuration is the additive model's anchor: predicted as measured in stage 1
-    assert by[()]["predicted_speedup"] == pytest.approx(lm["ms_float"] / lm["ms_all_quantized"])
+    # speed-ups are over the float file a user compares against (torch.onnx of the float model), vitq's own float
+    # export timed beside it; the all-quantized configuration is the additive model's anchor: predicted as measured
+    ref = rec["float_reference"]
+    assert ref["graph"].startswith("torch.onnx export") and len(ref["ms"]) == len(ref["ms_vitq_float_export"]) == 2
+    assert ref["ms_vitq_float_export"][0] == pytest.approx(lm["ms_float"])
+    assert by[()]["predicted_speedup"] == pytest.approx(ref["ms"][0] / lm["ms_all_quantized"])
+    stage1 = [p for p in rec["measured"] if p["stage"] == 1]
+    for p in stage1:
+        assert p["speedup"] / p["speedup_vs_vitq_float"] == pytest.approx(ref["ms"][0] / ref["ms_vitq_float_export"][0])
     assert rec["timing"] == {**rec["timing"], "batch": 2, "rounds": 2}
     assert rec["additivity"]["configurations"] >= 1
 
@@ -88,11 +97,14 @@ def test_solver_respects_each_constraint_and_names_the_best_when_infeasible(sear
     fastest = max(p["speedup"] for p in pts)
     with pytest.raises(VitqError, match=rf"meets --min-speedup 1000: the fastest runs at {fastest:.2f}× float"):
         choose(pts, Constraint("min_speedup", 1000.0), "onnxruntime")
+    note = "this CPU (X) has AVX2 but no VNNI"
+    with pytest.raises(VitqError, match=rf"{fastest:.2f}× float \(.*\); this CPU \(X\) has AVX2 but no VNNI; ask"):
+        choose(pts, Constraint("min_speedup", 1000.0), "onnxruntime", note=note)
     few = [{"float": ("qk",), "kl": 0.2, "agreement": 91.0, "speedup": 1.9},
            {"float": (), "kl": 0.3, "agreement": 88.0, "speedup": 2.1}]
     with pytest.raises(VitqError, match=r"meets --min-agreement 95: the highest agreement measured is 91.00 % "
-                                        r"\(float: qk\)"):
-        choose(few, Constraint("min_agreement", 95.0), "openvino")
+                                        r"\(float: qk\); ask"):
+        choose(few, Constraint("min_agreement", 95.0), "openvino", note=note)  # the CPU explains speed only
     with pytest.raises(VitqError, match=r"the lowest KL measured is 0.2 \(float: qk\)"):
         choose(few, Constraint("max_kl", 0.1), "openvino")
     with pytest.raises(VitqError, match="exactly one of --min-speedup, --max-kl, --min-agreement"):
@@ -184,9 +196,32 @@ def test_an_unreachable_constraint_is_an_error_that_leaves_the_model_as_it_was()
     m, x, q = _calibrated()
     before = {n: type(p) for n, p in quantizers_of(q).items()}
     with pytest.raises(VitqError, match=r"meets --min-speedup 1000: the fastest runs at [0-9.]+× float \((float: qk|"
-                                        r"every searched group quantized)\)"):
+                                        r"every searched group quantized)\)") as e:
         vitq.search(q, m, x, min_speedup=1000, groups="qk", rounds=1, batch=1, progress=False)
     assert {n: type(p) for n, p in quantizers_of(q).items()} == before and q.vitq_scheme.keep_float == ()
+    cpu = cpu_int8_support()
+    if cpu is not None and not cpu["int8_dot"]:  # this machine says what it lacks (Linux, x86 without VNNI/AMX)
+        assert re.search(r"× float \(.*\); this CPU \(.*\) has .* but no VNNI", str(e.value))
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx fma {}\n\nprocessor\t: 1\n"
+
+
+@pytest.mark.parametrize("flags,dot,lacks", [("avx2", False, "no VNNI, AVX-512 or AMX"),
+                                             ("avx2 avx512f avx512bw", False, "no VNNI or AMX"),
+                                             ("avx2 avx512f avx512_vnni", True, None), ("avx2 avx_vnni", True, None),
+                                             ("avx2 amx_tile amx_int8", True, None)])
+def test_cpu_int8_instructions_from_cpuinfo(tmp_path, flags, dot, lacks):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO.format(flags))
+    info = cpu_int8_support(str(path))
+    assert info["cpu"] == "Test CPU 9000" and info["avx2"] and info["int8_dot"] == dot
+    note = int8_note(info)
+    assert note.startswith("this CPU (Test CPU 9000) has ")
+    assert (lacks in note) if lacks else "but no" not in note
+    assert cpu_int8_support(str(tmp_path / "missing")) is None and int8_note(None) == ""
+    path.write_text("processor\t: 0\nvendor\t: x\n")  # no flags line (another architecture)
+    assert cpu_int8_support(str(path)) is None
 
 
 def test_cli_recipe_best_target_search(tmp_path, capsys):

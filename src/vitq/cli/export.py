@@ -21,6 +21,7 @@ DESCRIPTION = (
 
 def add_command(subparsers) -> None:
     from vitq.export.forms import DEFAULT_OPSET, MIN_OPSET
+    from vitq.export.nbits import BLOCK_SIZE, COMPUTE
     from vitq.export.runtimes import RUNTIMES
     from vitq.targets import TARGETS
 
@@ -40,6 +41,11 @@ def add_command(subparsers) -> None:
                    help=f"ONNX opset (default {DEFAULT_OPSET}: INT4 weights; below 21 they are int8 codes; per-channel "
                         f"quantizers need {MIN_OPSET}+)")
     p.add_argument("--no-int4", action="store_true", help="store weights of <= 4 bits as int8 codes even at opset 21")
+    p.add_argument("--matmulnbits", choices=("off", *COMPUTE), default=None,
+                   help="linear weights of <= 4 bits as onnxruntime's MatMulNBits node (4-bit blocks; the file then "
+                        "runs in onnxruntime only), computing with float inputs (float: the values of vitq's model) "
+                        f"or inputs quantized to int8 per block of {BLOCK_SIZE} at run time (int8); "
+                        "default: float under --target onnxruntime, else off (DequantizeLinear -> MatMul)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--check", action="store_true", help="run the exported file on --val and compare")
     p.add_argument("--val", default=None, help="labelled image folder for --check")
@@ -72,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "openvino" and args.runtime != "openvino":
         raise VitqError(f"--format openvino writes OpenVINO IR, which {args.runtime} cannot run (use --runtime "
                         "openvino, or --format onnx to check in onnxruntime)")
+    if args.matmulnbits is None:
+        args.matmulnbits = "float" if target is not None and target.runtime == "onnxruntime" else "off"
+    if args.matmulnbits != "off" and (args.format != "onnx" or args.runtime != "onnxruntime"):
+        raise VitqError(f"--matmulnbits {args.matmulnbits} writes an onnxruntime-only node, which --format "
+                        f"{args.format} / --runtime {args.runtime} cannot take (use --matmulnbits off)")
     if target is not None and args.format not in target.formats:
         raise VitqError(f"--target {target.name} does not take --format {args.format} (it takes "
                         f"{', '.join(target.formats)})")
@@ -99,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
         info = export_openvino(qmodel, args.out, **kw)
     else:
-        info = export(qmodel, args.out, **kw)
+        info = export(qmodel, args.out, nbits=None if args.matmulnbits == "off" else args.matmulnbits, **kw)
     n_q, n_f = len(info["quantizers_qdq"]), len(info["quantizers_float"])
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.2f} MB, opset {info['opset']}) and "
           f"{os.path.basename(info['preprocess_json'])}")

@@ -24,6 +24,7 @@ ORT_FLOAT = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedConv", "FusedGemm", 
 # OpenVINO CPU: layer types that do the multiply-accumulate work (Subgraph: a fused snippet, e.g. the whole MHA)
 OV_WORK = ("FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Subgraph", "ScaledDotProductAttention")
 OV_INTEGER_PRECISIONS = ("u8", "i8", "i4", "u4")
+NBITS_INT8_LEVEL = 4  # MatMulNBits' accuracy_level of int8 compute (A quantized per block at run time)
 
 # the exporter's node names (vitq.export.forms, traced by torch.onnx): the attention's first MatMul is q·kᵀ and
 # its second softmax·v; every other MatMul / Gemm / Conv belongs to a linear or convolution layer
@@ -60,8 +61,12 @@ def onnxruntime_kernels(path: str) -> list[dict]:
     for n in graph.node:
         if n.op_type in ORT_INTEGER or n.op_type in ORT_FLOAT:
             name = re.sub(r"(/[A-Za-z]+Fusion)+/?$", "", n.name)  # a fused node: source name + "/...Fusion"
-            out.append({"name": name, "op": n.op_type, "integer": n.op_type in ORT_INTEGER,
-                        "groups": [group_of(name)]})
+            op, integer = n.op_type, n.op_type in ORT_INTEGER
+            if op == "MatMulNBits":  # int8 compute only at accuracy_level 4; otherwise A stays float
+                level = next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+                integer = level == NBITS_INT8_LEVEL
+                op = f"MatMulNBits {'int8' if integer else 'float'}"
+            out.append({"name": name, "op": op, "integer": integer, "groups": [group_of(name)]})
     return out
 
 

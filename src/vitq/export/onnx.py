@@ -17,6 +17,7 @@ from torch import nn
 
 from vitq.errors import VitqError
 from vitq.export.forms import DEFAULT_OPSET, MIN_OPSET, export_module, record_input_sizes
+from vitq.export.nbits import COMPUTE, to_matmulnbits
 from vitq.export.runtimes import require
 from vitq.quant.base import quantizers_of
 from vitq.state import check_output_parent, make_parents, remove_created
@@ -30,9 +31,9 @@ def _int4_weights(model_proto) -> int:
     (the TorchScript exporter shares equal initializers through Identity nodes; those left unused go).
     The codes are packed two per byte (ONNX's raw INT4 layout), so the file holds half a byte per weight.
 
-    Not done: opset 21's blocked form of the same weights would let onnxruntime 1.32 fuse DequantizeLinear +
-    MatMul into its MatMulNBits kernel, but only when the MatMul's other input is not itself a DequantizeLinear
-    output, and here it always is (the quantized activation), so the per-axis form stays."""
+    onnxruntime 1.32 fuses this per-axis form with its MatMul into MatMulNBits itself when the MatMul's other input
+    is float (a weight-only model), not when it is a DequantizeLinear output (W4A8); ``export(nbits=...)`` writes
+    MatMulNBits nodes for both (:mod:`vitq.export.nbits`) before this runs."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model_proto.graph
@@ -126,10 +127,12 @@ def sidecar_path(path: str) -> str:
 
 def export(qmodel: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSET, int4: bool = True,
            overwrite: bool = False, example: torch.Tensor | None = None, float_model: nn.Module | None = None,
-           metadata: dict | None = None) -> dict:
+           metadata: dict | None = None, nbits: str | None = None) -> dict:
     """Write ``qmodel`` (a prepared, calibrated vitq model) as ONNX QDQ to ``path`` and its preprocessing JSON
     beside it (``NAME.preprocess.json``). Returns what was done: quantizers as QDQ / float / identity, weight
-    storage, opset, file size. ``float_model`` (default: ``qmodel``) gives the preprocessing description."""
+    storage, opset, file size. ``float_model`` (default: ``qmodel``) gives the preprocessing description.
+    ``nbits`` ("float" or "int8" compute): linear weights of 4 bits or fewer as onnxruntime's MatMulNBits
+    (:mod:`vitq.export.nbits`; the file then runs in onnxruntime only)."""
     onnx = require("onnx")
     path = os.path.abspath(os.fspath(path))
     side = sidecar_path(path)
@@ -142,6 +145,8 @@ def export(qmodel: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSE
     if not lo <= opset <= hi:
         raise VitqError(f"--opset {opset} is not supported (expected {lo}..{hi}; per-channel QDQ needs {MIN_OPSET}, "
                         "INT4 weights 21)")
+    if nbits is not None and nbits not in COMPUTE:
+        raise VitqError(f"--nbits-compute {nbits!r} is not supported (expected {' or '.join(COMPUTE)})")
     check_output_parent(path)
     t0 = time.perf_counter()
     emodel, plan = export_module(qmodel, opset)
@@ -165,13 +170,21 @@ def export(qmodel: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSE
             from onnx import version_converter
 
             proto = version_converter.convert_version(proto, opset)
+        n_nbits = to_matmulnbits(proto, nbits) if nbits is not None else 0
+        if n_nbits:
+            _prune(proto.graph)
         n_int4 = _int4_weights(proto) if (int4 and opset >= 21) else 0
         narrow = {n: w["bits"] for n, w in plan.weights.items() if w["bits"] < 8}
         storage = ("INT4/UINT4 initializers" if n_int4 else "int8/uint8 codes") if narrow else "int8/uint8 codes"
-        if narrow and n_int4 < sum(1 for b in narrow.values() if b <= 4) or any(b > 4 for b in narrow.values()):
+        n_le4 = sum(1 for b in narrow.values() if b <= 4)
+        if narrow and n_int4 + n_nbits < n_le4 or any(b > 4 for b in narrow.values()):
             storage += "; weights of 5-7 bits (or 4 bits below opset 21) as int8/uint8 codes in their narrower range"
+        if n_nbits:
+            storage = (f"{n_nbits} linear weights as MatMulNBits (4-bit blocks, {nbits} compute)"
+                       + (f"; the other weights: {storage}" if len(plan.weights) > n_nbits else ""))
         by = plan.summary()
         info = {"format": "vitq-onnx-1", "opset": opset, "int4_weight_tensors": n_int4, "weight_storage": storage,
+                "matmulnbits": n_nbits, "nbits_compute": nbits if n_nbits else None,
                 "weight_bits": sorted({w["bits"] for w in plan.weights.values()}),
                 "quantizers_qdq": by["qdq"], "quantizers_float": by["float"], "quantizers_identity": by["identity"],
                 "float_kinds": sorted({type(q).kind for n, q in quantizers_of(qmodel).items() if n in by["float"]}),

@@ -127,3 +127,50 @@ def check(path: str, qmodel: nn.Module, float_model: nn.Module, batches, runtime
     return {"runtime": runtime, "num_images": n, "top1": top1 * pct, "fake_quant_top1": q_top1 * pct,
             "agreement_float": agree_f * pct, "agreement_fake_quant": agree_q * pct,
             "max_abs_logit_diff": maxdiff}
+
+
+# ----------------------------------------------------------------------------------------------- the CPU
+# /proc/cpuinfo flags of the instructions that make int8 matmuls fast: VNNI (a 4-way int8 dot product into int32,
+# AVX-512 or AVX forms) and AMX tiles. Without them (AVX2 only) the runtimes' int8 kernels multiply-add through
+# saturating 16-bit pairs, and on such a CPU no INT8 model was measured faster than float (BENCHMARKS.md export).
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+AMX_FLAGS = ("amx_int8", "amx_tile")
+
+
+def cpu_int8_support(cpuinfo: str = "/proc/cpuinfo") -> dict | None:
+    """What this CPU offers int8 kernels, read from the Linux ``/proc/cpuinfo`` flags: ``{"cpu", "avx2",
+    "avx512", "vnni", "amx", "int8_dot", "source"}`` (``int8_dot``: VNNI or AMX). None where the file is missing
+    or has no flags (another OS, another architecture)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    name = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "model name" and name is None:
+            name = value.strip()
+    if not flags:
+        return None
+    vnni, amx = any(f in flags for f in VNNI_FLAGS), any(f in flags for f in AMX_FLAGS)
+    return {"cpu": name, "avx2": "avx2" in flags, "avx512": "avx512f" in flags, "vnni": vnni, "amx": amx,
+            "int8_dot": vnni or amx, "source": cpuinfo}
+
+
+def int8_note(info: dict | None) -> str:
+    """One sentence on the CPU's int8 instructions for an error or a report ('' when unknown)."""
+    if info is None:
+        return ""
+    if info["int8_dot"]:
+        have = ", ".join(n for n, k in (("VNNI", "vnni"), ("AMX", "amx"), ("AVX-512", "avx512")) if info[k])
+        return f"this CPU ({info['cpu']}) has {have} (from {info['source']})"
+    has = [n for n, k in (("AVX2", "avx2"), ("AVX-512", "avx512")) if info[k]] or ["neither AVX2 nor AVX-512"]
+    lacks = ["VNNI", *([] if info["avx512"] else ["AVX-512"]), "AMX"]
+    return (f"this CPU ({info['cpu']}) has {' and '.join(has)} but no {', '.join(lacks[:-1])} or {lacks[-1]} (from "
+            f"{info['source']}): the runtimes' int8 kernels have no int8 dot-product instruction here (on an "
+            "AVX2-only CPU no INT8 model measured faster than float), so a speed-up over float may be out of reach")

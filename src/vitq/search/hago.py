@@ -11,7 +11,10 @@ stay float. Nothing is recalibrated: a configuration sets some groups back to fl
    KL(all) − KL(that one float)) and each group alone quantized.
 2. **Latency** in the target's runtime on this machine (:mod:`vitq.search.latency`): the same configurations
    exported with vitq's ONNX QDQ writer (OpenVINO reads that file for the openvino target) and timed in
-   alternated rounds; per-group costs, additive.
+   alternated rounds; per-group costs, additive. Speed-ups are over the float file a user compares against
+   (``torch.onnx`` of the float model), with vitq's own float export timed beside it; the record says what this
+   CPU offers int8 kernels (VNNI / AVX-512 / AMX, from /proc/cpuinfo), and so does the error when nothing
+   reaches ``--min-speedup``.
 3. **Solve** (:mod:`vitq.search.solve`): every subset scored by the additive models, the predicted front
    re-measured (accuracy and, in one more alternated timing, latency), and the choice made on measured values.
 4. **Apply**: the chosen float groups join the scheme's ``keep_float`` (``search_float`` / ``search_why`` say the
@@ -35,11 +38,19 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.errors import VitqError
-from vitq.export.runtimes import require
+from vitq.export.runtimes import cpu_int8_support, int8_note, require
 from vitq.prepare import keep_float_reason, quantizer_units
 from vitq.quant.base import quantizers_of
 from vitq.quant.keep_float import KeptFloat
-from vitq.search.latency import TIMED_RUNTIMES, LatencyModel, export_config, file_name, floated, time_files
+from vitq.search.latency import (
+    TIMED_RUNTIMES,
+    LatencyModel,
+    export_config,
+    export_reference,
+    file_name,
+    floated,
+    time_files,
+)
 from vitq.search.solve import Constraint, choose, constraint_of, describe, pareto, predict_all, recheck_set
 from vitq.targets import get_target
 
@@ -175,18 +186,23 @@ def hago(qmodel: nn.Module, float_model: nn.Module, calib: CalibData, progress: 
                                                file_name(folder, len(files)), example, float_model.cpu())
 
         export_all(["float", *stage1])
-        t1 = time_files({c: files[c] for c in ["float", *stage1]}, target.runtime, x, opts.rounds, threads)
+        reference = export_reference(float_model.cpu(), file_name(folder, -1), example)
+        ref = "reference" if reference else "float"
+        if reference:
+            files["reference"] = file_name(folder, -1)
+        timed = list(dict.fromkeys([ref, "float"]))
+        t1 = time_files({c: files[c] for c in [*timed, *stage1]}, target.runtime, x, opts.rounds, threads)
         lat = LatencyModel(t1["float"], t1[()], t1[everything], {g: t1[(g,)] for g in groups},
                            {g: t1[alone_quant[g]] for g in groups})
         predicted = predict_all(groups, kl_all, {s["group"]: s["kl_gain"] for s in sensitivity}, agr_all,
-                                {g: acc[(g,)][1] - agr_all for g in groups}, lat, lat.t_float)
+                                {g: acc[(g,)][1] - agr_all for g in groups}, lat, t1[ref])
         pred = {p["float"]: p for p in predicted}
         front_pred = pareto(predicted)
         checks = [p["float"] for p in recheck_set(front_pred, constraint, opts.checks)]
-        stage2 = list(dict.fromkeys(["float", (), *checks]))
+        stage2 = list(dict.fromkeys([*timed, (), *checks]))
         export_all(stage2)
         qmodel.to(device)
-        for cfg in stage2[1:]:
+        for cfg in stage2[len(timed):]:
             accuracy(cfg)
         t2 = time_files({c: files[c] for c in stage2}, target.runtime, x, opts.rounds, threads)
     finally:
@@ -197,17 +213,19 @@ def hago(qmodel: nn.Module, float_model: nn.Module, calib: CalibData, progress: 
     measured = {}
     for stage, times in ((1, t1), (2, t2)):
         for cfg, t in times.items():
-            if cfg == "float":
+            if cfg in timed:
                 continue
             kl, agr = acc[cfg]
-            measured[cfg] = {"float": cfg, "kl": kl, "agreement": agr, "speedup": times["float"] / t,
+            measured[cfg] = {"float": cfg, "kl": kl, "agreement": agr, "speedup": times[ref] / t,
+                             "speedup_vs_vitq_float": times["float"] / t,
                              "ms": 1e3 * t, "stage": stage, "predicted_kl": pred[cfg]["kl"],
                              "predicted_agreement": pred[cfg]["agreement"],
                              "predicted_speedup": pred[cfg]["speedup"]}
     points = list(measured.values())
     front = pareto(points)
-    chosen = choose(points, constraint, target.runtime)
-    rechecked = [measured[c] for c in stage2[1:]]
+    cpu = cpu_int8_support()
+    chosen = choose(points, constraint, target.runtime, note=int8_note(cpu) if cpu and not cpu["int8_dot"] else "")
+    rechecked = [measured[c] for c in stage2[len(timed):]]
     additivity = {"configurations": len(rechecked),
                   "speedup_mean_abs_error": _mean([abs(p["predicted_speedup"] - p["speedup"]) for p in rechecked]),
                   "kl_mean_abs_error": _mean([abs(p["predicted_kl"] - p["kl"]) for p in rechecked]),
@@ -222,7 +240,12 @@ def hago(qmodel: nn.Module, float_model: nn.Module, calib: CalibData, progress: 
             "already_float": {g: len(v) for g, v in idle.items()}, "num_calib": len(calib),
             "timing": {"batch": opts.batch, "rounds": opts.rounds, "threads": threads, "statistic": "median of "
                        "alternated rounds (short by default; ratios on a loaded machine are noisy)"},
-            "sensitivity": sensitivity,
+            "sensitivity": sensitivity, "cpu": cpu, "cpu_note": int8_note(cpu),
+            "float_reference": {"graph": reference or "vitq's own float export (torch.onnx failed on this model)",
+                                "ms": [1e3 * t1[ref], 1e3 * t2[ref]], "ms_vitq_float_export": [1e3 * t1["float"],
+                                                                                         1e3 * t2["float"]],
+                                "note": "speed-ups are over this graph; speedup_vs_vitq_float: over vitq's own "
+                                        "float export (ms per batch: stage 1, stage 2)"},
             "latency_model": {"ms_float": 1e3 * lat.t_float, "ms_all_quantized": 1e3 * lat.t_all,
                               "ms_searched_float": 1e3 * lat.t_none, "residual": lat.residual(),
                               "groups": lat.table(), "model": "additive: latency(S) = all-quantized + Σ costs of "

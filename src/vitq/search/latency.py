@@ -1,6 +1,11 @@
 """The latency side of the hardware-aware search: a configuration (which quantizer groups are float) is exported
 with vitq's own ONNX QDQ writer and timed in the target's runtime on this machine.
 
+Speed-ups are over the float file a user compares against (:func:`export_reference`: ``torch.onnx`` of the float
+model, the float row of benchmarks/bench_export.py), timed in the same rounds; vitq's own all-float export (its
+fused layout: patchify MatMul instead of Conv, the attention scale folded into q) is timed beside it and is what
+the additive latency model starts from.
+
 Timing: every file of one stage is loaded into its own session first; each session is called twice to warm up;
 then ``rounds`` rounds call every session once on the same batch (the order rotated each round, so no file always
 runs first or last; a call under 20 ms is repeated within the round, up to 50 times, and averaged), and a file's
@@ -17,6 +22,7 @@ goes below the fastest latency measured.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -35,6 +41,7 @@ from vitq.export.runtimes import require
 from vitq.quant.base import quantizers_of
 from vitq.quant.keep_float import KeptFloat
 
+log = logging.getLogger("vitq")
 TIMED_RUNTIMES = ("onnxruntime", "openvino")
 MIN_ROUND_S, MAX_REPS = 0.02, 50  # a call shorter than 20 ms is repeated within its round (tiny models)
 
@@ -66,6 +73,29 @@ def export_config(qmodel: nn.Module, names: Iterable[str], path: str, example: t
     with floated(qmodel, names):
         export(qmodel, path, overwrite=True, example=example, float_model=float_model)
     return path
+
+
+REFERENCE_GRAPH = "torch.onnx export (TorchScript exporter, opset 20) of the float model"
+REFERENCE_OPSET = 20
+
+
+def export_reference(float_model: nn.Module, path: str, example: torch.Tensor) -> str | None:
+    """The float model as a user exports it to compare against (what benchmarks/bench_export.py times as float):
+    ``torch.onnx.export`` at opset 20 with a dynamic batch. Returns :data:`REFERENCE_GRAPH`, or None where the
+    exporter fails on this model (the search then measures against vitq's own float export, and says so)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(float_model.eval(), (example,), path, dynamo=False, opset_version=REFERENCE_OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as e:  # noqa: BLE001  (any exporter failure: fall back, recorded in the search's record)
+        log.warning("the float model did not export with torch.onnx (%s: %s); speed-ups are over vitq's own float "
+                    "export", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    return REFERENCE_GRAPH
 
 
 def session(path: str, runtime: str, threads: int | None):

@@ -35,6 +35,12 @@ def text(record: dict) -> str:
                            for s in record["sensitivity"]])]
     lines.append(f"latency ms: float {lm['ms_float']:.2f}, all quantized {lm['ms_all_quantized']:.2f}; additivity "
                  f"residual {lm['residual']:+.0%} of the float − quantized gap")
+    ref = record.get("float_reference")
+    if ref:
+        lines.append(f"×float is over the {ref['graph']}: {ref['ms'][-1]:.2f} ms (vitq's own float export "
+                     f"{ref['ms_vitq_float_export'][-1]:.2f} ms, last timing)")
+    if record.get("cpu_note"):
+        lines.append(record["cpu_note"])
     front = {tuple(p["float"]) for p in record["pareto_front"]}
     rows = []
     for p in sorted(record["measured"], key=lambda p: -p["speedup"]):

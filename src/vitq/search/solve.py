@@ -130,9 +130,9 @@ def recheck_set(front: list[dict], constraint: Constraint, checks: int) -> list[
     return [front[i] for i in sorted(set(picked))]
 
 
-def choose(points: list[dict], constraint: Constraint, runtime: str) -> dict:
+def choose(points: list[dict], constraint: Constraint, runtime: str, note: str = "") -> dict:
     """The best measured point under the constraint; a clear error naming the best reachable one if none meets
-    it."""
+    it (``note``: a sentence added to a --min-speedup error, e.g. what the CPU lacks for int8 kernels)."""
     ok = [p for p in points if constraint.ok(p)]
     if ok:
         return max(ok, key=constraint.key)
@@ -141,8 +141,9 @@ def choose(points: list[dict], constraint: Constraint, runtime: str) -> dict:
     what = {"speedup": f"the fastest runs at {best['speedup']:.2f}× float",
             "kl": f"the lowest KL measured is {best['kl']:.4g}",
             "agreement": f"the highest agreement measured is {best['agreement']:.2f} %"}[field]
+    extra = f"; {note}" if note and field == "speedup" else ""
     raise VitqError(f"no configuration the hago search measured in {runtime} meets {constraint}: {what} "
-                    f"({describe(best)}); ask for at most that, or use another constraint")
+                    f"({describe(best)}){extra}; ask for at most that, or use another constraint")
 
 
 def describe(p: dict) -> str:
