@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    BENCHMARKS_MD,
     CALIB_DIR,
     DEIT,
     DEIT_WEIGHTS,
@@ -275,7 +276,20 @@ def render(args, res, vitq_rows, fake_m, nncf_version, float_logits, val_y, load
     figure = plane_plot(res, is_vitq, FIGURES / "export_plane.png") if args.num_val is None else None
     lines += plane_lines(res, is_vitq, figure.relative_to(FIGURES.parent.parent) if figure else None)
     lines += [f"Whole script: {seconds / 60:.1f} min."]
-    return "\n".join(lines)
+    reading = hand_reading("export")
+    return "\n".join(lines + ([reading] if reading else []))
+
+
+READING = "Reading (written by hand after the run"
+
+
+def hand_reading(section: str) -> str:
+    """The hand-written reading at the end of BENCHMARKS.md's ``section`` (from its first line starting with
+    READING), kept by a rerun so that the rerun's author can update it instead of writing it again."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    body = text.split(f"<!-- BEGIN {section} -->", 1)[-1].split(f"<!-- END {section} -->", 1)[0]
+    at = body.find(READING)
+    return body[at:].strip() if at >= 0 else ""
 
 
 def _version(module: str) -> str:
