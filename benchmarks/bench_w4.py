@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.bench_export import ort_session, time_runners
+from benchmarks.bench_export import hand_reading, ort_session, time_runners
 from benchmarks.common import (
     CALIB_DIR,
     DEIT,
@@ -279,7 +279,8 @@ def render(args, res, form_of, vitq_rows, fake_m, ref_note, float_logits, val_y,
     if ref_note:
         lines += [f"onnxruntime's own W4 quantizer: not run ({ref_note}).", ""]
     lines.append(f"Whole script: {seconds / 60:.1f} min.")
-    return "\n".join(lines)
+    reading = hand_reading("w4")
+    return "\n".join(lines + ([reading] if reading else []))
 
 
 if __name__ == "__main__":
