@@ -25,7 +25,8 @@ GRID = ROOT / "benchmarks" / "grids" / "lowbit.yaml"
 STORE = ROOT / "benchmarks" / "results" / "lowbit"
 PREVIOUS = FIGURES / "lowbit_runs.json"  # the previous run's rows (read-only now)
 SETTINGS = ["matmul W4A4", "matmul W6A6", "matmul W3A3", "fq W4A8", "fq W3A8"]
-CONFIGS = ["repq", "repq + GPTQ", "repq-adalog + GPTQ", "ptq4vit (reference)", "fqvit (reference)"]
+CONFIGS = ["repq", "repq (percentile ranges)", "repq (half fold)", "repq + GPTQ", "repq-adalog + GPTQ",
+           "ptq4vit (reference)", "fqvit (reference)"]
 # RepQ-ViT's official code on the same DeiT-Tiny and val/ images (issue 10; its own transform, float top-1 77.8)
 REPQ_EXTERNAL = {"matmul W4A4": "top-1 60.8 (drop 17.0), agreement 68.2 (65.0–68.2 over 3 draws), KL 0.76",
                  "matmul W6A6": "top-1 77.2 (drop 0.6), agreement 91.0, KL 0.053"}
@@ -33,21 +34,23 @@ TARGETS = {"matmul W4A4": "agreement ≥ 72, drop ≤ 12", "matmul W6A6": "agree
            "fq W4A8": "GPTQ agreement ≥ 90", "fq W3A8": "GPTQ agreement ≥ 70"}
 # hand-written readings of the reproduction and of the sweep's overhead (from the runs they name)
 READINGS = """Readings of the reproduction (2026-12-06, issue 23): `vitq sweep benchmarks/grids/lowbit.yaml --store
-benchmarks/results/lowbit --only seed=0 --only w_bits=4` (8 jobs), queued behind the shared lock and run on 2 CPU
-cores at a 1-minute load average of 10–15; it was stopped by hand (Ctrl-C) after its second job had run 25 minutes,
-to leave the machine to others, so the store holds one finished job and one `interrupted` one (`vitq sweep
---status`), which the next run of the grid reruns. The rows above marked † are therefore still the previous run's.
+benchmarks/results/lowbit --only seed=0 --only w_bits=4 --only scheme=matmul --only method=repq` (5 jobs, 47–63 s
+each, run alone on the 2 cores at code version 5cb821924e66). The other draws were not rerun (CPU time went to
+issues 24 and 25), so the rows above marked † are still the previous run's.
 
-- **matmul W4A4 repq, draw 0**: top-1 56.0 → 56.0, agreement 62.0 → 61.4 (3 of 500 images), KL 0.873 → 0.862.
-  Not the sweep: a job runs what `vitq quantize` runs (tests/sweep checks every job of a grid against the
-  standalone command, bit for bit). The previous numbers were made by this script's loop 21 commits of
-  methods/quant/models code ago (2026-11-23), and an earlier session found that the stored values do not
-  reproduce exactly on this CPU even with that old code; the old code was not rerun here (no time left on the
-  shared machine), so which of the two moved the 3 images is not separated.
-- **Time on this machine is not a measurement**: the job's calibration took 836 s and its evaluation 366 s (7.9 s
-  of calibration before); Ray started its workers at nice 15, so on a loaded machine the job got a fraction of the
-  CPU a standalone command gets (vitq's local Ray instance now starts workers at the driver's priority; the second
-  job ran at that priority and had not finished in 10 minutes either, at a load of 12 on 2 cores).
+- **matmul W4A4 repq, draw 0: agreement 62.0 → 65.8** (KL 0.873 → 0.766). Not the sweep (tests/sweep checks every
+  job of a grid against the standalone `vitq quantize`, bit for bit) but the method: commit 2349550 (issue 26)
+  made repq's weights asymmetric per channel by default (all 2^b levels, as RepQ-ViT's code), which the previous
+  run (2026-11-23) did not have. An earlier sweep of the same job before that commit (its record has no
+  `asym_weights` option) gave 61.4 (KL 0.862), 3 images from the previous run's 62.0.
+- **repq + GPTQ** 70.8 → 69.4 (KL 0.626 → 0.615) and **repq-adalog + GPTQ** 75.0 → 75.2 (KL 0.413 → 0.365): the
+  same change under GPTQ; the KL improves in both, the agreement moves by 7 and 1 images of 500.
+- **New rows of the grid (draw 0 only, so not in the table, which needs all three):** `repq (percentile ranges)`
+  (RepQ-ViT's per-channel percentile search of the folded ranges) 65.8 % agreement, KL 0.729, top-1 59.8; `repq
+  (half fold)` 66.0 %, KL 0.768, top-1 60.6; plain repq 65.8 %, KL 0.766, top-1 59.6 on the same draw. RepQ-ViT's
+  public code gave 65.0–68.2 over its three draws on these images.
+- **Time:** 47–63 s per job on a quiet machine (calibration 18–32 s of it); the earlier 1,202 s job ran at a load
+  of 10–15 with Ray's workers at nice 15.
 - **The sweep's own overhead**, measured without the shared data on the tests' tiny random-init DeiT (8 jobs: fq,
   W4A8 and W8A8, minmax, 4 draws, 80 evaluation images; same load): 8 standalone `vitq quantize` commands 124.1 s
   (each a fresh process: imports, model, images); `vitq sweep` of the same 8 jobs with a fresh local Ray instance
