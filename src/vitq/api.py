@@ -91,12 +91,14 @@ def refine(qmodel: nn.Module, float_model: nn.Module, images, /, refiner: str | 
     """Improve an already-calibrated model (e.g. Evol-Q), scored against ``float_model``.
 
     ``refiner`` may be a chain, ``"recon,evolq"`` or a list, applied in order; the options of a chain are
-    given per refiner (``recon={"iters": 500}, evolq={"passes": 1}``). Each step records its time and the
+    given per refiner (``recon={"iters": 500}, evolq={"passes": 1}``); a single refiner takes them either way, and
+    an option named like a parameter of this function (Evol-Q's ``batch_size``) only per refiner
+    (``evolq={"batch_size": 100}``: ``batch_size=`` is the calibration batches). Each step records its time and the
     KL(float || quant) on the calibration images before and after it. ``after_step(name, qmodel, step)`` is
     called after each step (e.g. to evaluate the model between the steps of a chain; it must leave the model
     as it found it)."""
     names = refiner_chain(refiner)
-    if len(names) == 1:
+    if len(names) == 1 and not (set(options) == {names[0]} and isinstance(options[names[0]], dict)):
         per = {names[0]: options}
     else:
         stray = sorted(k for k in options if k not in names or not isinstance(options[k], dict))

@@ -238,6 +238,16 @@ def test_chain_options_must_name_a_refiner_of_the_chain():
         vitq.refine(q, model, images, "recon,,", progress=False)
 
 
+def test_single_refiner_takes_options_per_refiner_too():
+    """Evol-Q's batch_size shares its name with refine()'s calibration batch size: given per refiner it reaches
+    Evol-Q, and the calibration batches stay what batch_size= says."""
+    q, model, images = _calibrated(scheme="fq", w_bits=4, a_bits=8)
+    info = vitq.refine(q, model, images, "evolq", batch_size=4, progress=False,
+                       evolq={"passes": 1, "batch_size": 6})
+    assert info["refiner"] == "evolq"
+    assert info["options"]["batch_size"] == 6 and info["options"]["passes"] == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_recon_chain_runs_on_cuda():
     q, model, images = _calibrated(scheme="fq", w_bits=4, a_bits=8)
