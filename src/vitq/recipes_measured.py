@@ -49,7 +49,7 @@ MEASURED: dict[tuple[str, int, int], dict] = {
     ("matmul-repq-adalog", 3, 3):
         {"agreement": 1.13, "top1": 1.2, "kl": 4.6415, "seconds": 7.0, "draws": 3, "where": WHERE},
     ("matmul-repq-adalog", 4, 4):
-        {"agreement": 67.47, "top1": 61.87, "kl": 0.6373, "seconds": 7.8, "draws": 3, "where": WHERE},
+        {"agreement": 69.0, "top1": 63.4, "kl": 0.5989, "seconds": 14.2, "draws": 3, "where": WHERE},
     ("matmul-repq-adalog", 6, 6):
         {"agreement": 92.2, "top1": 77.4, "kl": 0.0386, "seconds": 7.7, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog", 8, 8):
@@ -63,7 +63,7 @@ MEASURED: dict[tuple[str, int, int], dict] = {
     ("matmul-repq-adalog-recon", 3, 3):
         {"agreement": 23.6, "top1": 22.2, "kl": 3.2321, "seconds": 131.8, "draws": 3, "where": WHERE},
     ("matmul-repq-adalog-recon", 4, 4):
-        {"agreement": 78.53, "top1": 70.07, "kl": 0.2954, "seconds": 137.5, "draws": 3, "where": WHERE},
+        {"agreement": 79.07, "top1": 70.47, "kl": 0.2825, "seconds": 171.4, "draws": 3, "where": WHERE},
     ("matmul-repq-adalog-recon", 6, 6):
         {"agreement": 92.8, "top1": 77.0, "kl": 0.0237, "seconds": 127.0, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog-recon", 8, 8):
@@ -71,7 +71,7 @@ MEASURED: dict[tuple[str, int, int], dict] = {
     ("matmul-repq-adalog-recon-evolq", 3, 3):
         {"agreement": 24.07, "top1": 22.67, "kl": 3.2369, "seconds": 181.4, "draws": 3, "where": WHERE},
     ("matmul-repq-adalog-recon-evolq", 4, 4):
-        {"agreement": 78.53, "top1": 70.07, "kl": 0.2954, "seconds": 190.7, "draws": 3, "where": WHERE},
+        {"agreement": 79.07, "top1": 70.47, "kl": 0.2825, "seconds": 239.1, "draws": 3, "where": WHERE},
     ("matmul-repq-adalog-recon-evolq", 6, 6):
         {"agreement": 93.6, "top1": 77.4, "kl": 0.025, "seconds": 178.2, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog-recon-evolq", 8, 8):
