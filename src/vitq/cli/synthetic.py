@@ -57,8 +57,7 @@ def default_dir() -> str:
 def synthetic_settings(args, data_free: bool) -> dict | None:
     """``synthetic=`` of :func:`vitq.quantize` from the flags, checked before any model is loaded (None when no
     synthetic image is asked for)."""
-    from vitq.synth import GENERATORS
-    from vitq.synth.base import LoopOptions, get_generator
+    from vitq.synth import check_options
 
     wanted = data_free or bool(args.augment_synthetic)
     if args.augment_synthetic is not None and args.augment_synthetic < 0:
@@ -78,14 +77,6 @@ def synthetic_settings(args, data_free: bool) -> dict | None:
             raise VitqError("synthetic-image flags given, but no synthetic image is asked for (use --calib "
                             "synthetic[:N] or --augment-synthetic N)")
         return None
-    if args.synthetic_generator == "auto":
-        names = set().union(*(g.config.field_names() for g in GENERATORS.values()))
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise VitqError(f"--synthetic-option {unknown[0]} is not an option of any generator (options: "
-                            f"{', '.join(sorted(names))})")
-        LoopOptions.build({k: v for k, v in options.items() if k in LoopOptions.field_names()}, "synthetic")
-    else:
-        get_generator(args.synthetic_generator).config.build(options, "synthetic")
+    check_options(args.synthetic_generator, options, "--synthetic-option")
     return {"generator": args.synthetic_generator, "options": options, "budget_min": args.budget_min,
             "directory": args.synthetic_dir or default_dir()}

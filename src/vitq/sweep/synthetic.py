@@ -29,8 +29,7 @@ def resolve_synthetic(cfg: dict) -> None:
     ``num_calib`` N; ``synthetic`` becomes ``{generator, options, budget_min}`` when images are generated; a job
     that generates none loses both keys (its config and key stay those of a grid without them)."""
     from vitq.calib import synthetic_count
-    from vitq.synth import GENERATORS
-    from vitq.synth.base import LoopOptions, get_generator
+    from vitq.synth import check_options
 
     n = synthetic_count(cfg["calib"])
     aug = cfg["augment_synthetic"]
@@ -60,19 +59,10 @@ def resolve_synthetic(cfg: dict) -> None:
     budget = given.get("budget_min")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or budget <= 0):
         raise VitqError(f"grid key 'synthetic': budget_min {budget!r} (expected a positive number of minutes)")
-    if name == "auto":
-        names = set().union(*(g.config.field_names() for g in GENERATORS.values()))
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise VitqError(f"grid key 'synthetic': option {unknown[0]} is not an option of any generator "
-                            f"(options: {', '.join(sorted(names))})")
-        LoopOptions.build({k: v for k, v in options.items() if k in LoopOptions.field_names()}, "synthetic")
-    else:
-        gen = get_generator(name)
-        gen.config.build(options, "synthetic")
-        if gen.needs_real and n is not None:
-            raise VitqError(f"grid: generator {name} learns from real images; use a real calib folder with "
-                            "augment_synthetic: N (data-free: bn for CNNs, psaq for transformers)")
+    gen = check_options(name, options, "grid key 'synthetic': option")
+    if gen is not None and gen.needs_real and n is not None:
+        raise VitqError(f"grid: generator {name} learns from real images; use a real calib folder with "
+                        "augment_synthetic: N (data-free: bn for CNNs, psaq for transformers)")
     cfg["synthetic"] = {"generator": name, "options": options, "budget_min": budget}
     if aug is None:
         del cfg["augment_synthetic"]

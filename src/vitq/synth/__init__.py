@@ -24,11 +24,28 @@ import vitq.synth.bn  # noqa: F401  (registers bn, fdda)
 import vitq.synth.psaq  # noqa: F401  (registers psaq)
 from vitq.errors import VitqError
 from vitq.synth import store
-from vitq.synth.base import GENERATORS, Generated, Request, get_generator, model_name
+from vitq.synth.base import GENERATORS, Generated, Generator, LoopOptions, Request, get_generator, model_name
 
-__all__ = ["GENERATORS", "Generated", "choose_generator", "synthesize"]
+__all__ = ["GENERATORS", "Generated", "check_options", "choose_generator", "synthesize"]
 
 log = logging.getLogger("vitq")
+
+
+def check_options(generator: str, options: dict, what: str) -> Generator | None:
+    """Refuse, before anything is generated, options that ``generator`` does not have (for ``auto``: that no
+    generator has), naming them as ``what`` (the flag or grid key they came from). Returns the named generator
+    (None for ``auto``, which resolves only once the model is known)."""
+    if generator == "auto":
+        names = set().union(*(g.config.field_names() for g in GENERATORS.values()))
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise VitqError(f"{what} {unknown[0]} is not an option of any generator (options: "
+                            f"{', '.join(sorted(names))})")
+        LoopOptions.build({k: v for k, v in options.items() if k in LoopOptions.field_names()}, "synthetic")
+        return None
+    gen = get_generator(generator)
+    gen.config.build(options, "synthetic")
+    return gen
 
 
 def choose_generator(model: nn.Module, name: str = "auto", with_real: bool = False) -> str:
