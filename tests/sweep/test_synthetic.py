@@ -70,11 +70,7 @@ def test_a_synthetic_job_equals_the_standalone_command(folder, key, keys, flags)
     assert ref["calib_source"]["synthetic"]["reused"]  # the command read the job's set back from its folder
     assert ref["calib_source"]["synthetic"]["key"] == source["synthetic"]["key"]
     assert ref["calib_source"]["num_real"] == source["num_real"] == (3 if key == "resnet" else 0)
-    # same images, same set key, same counts: top-1/top-5/agreement exactly; the KL to float rounding (on psaq's
-    # set the two paths differ in its 8th digit, 2e-5 relative: a reduction-order difference not yet traced)
-    job_q = out["metrics"]["quant"]
-    assert {k: v for k, v in job_q.items() if k != "kl"} == {k: ref["quant"][k] for k in job_q if k != "kl"}
-    assert job_q["kl"] == pytest.approx(ref["quant"]["kl"], rel=1e-4)
+    assert out["metrics"]["quant"] == {k: ref["quant"][k] for k in out["metrics"]["quant"]}
     assert out["metrics"]["float"]["top1"] == ref["float"]["top1"]
     if key == "resnet":
         assert calib["files"] and len(calib["images"]) == 6  # 3 real images, then 3 FDDA images

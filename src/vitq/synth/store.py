@@ -72,11 +72,13 @@ def to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def from_uint8(arr: np.ndarray, mean, std) -> torch.Tensor:
-    """8-bit [N, H, W, C] -> normalised [N, C, H, W] (the exact inverse of :func:`to_uint8` up to rounding)."""
+    """8-bit [N, H, W, C] -> normalised [N, C, H, W] (the exact inverse of :func:`to_uint8` up to rounding), in
+    the contiguous layout a loaded image has: a model runs a channels-last view with other kernels, and its
+    outputs differ in the last bits from the same images read from a folder or passed through an array."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - m) / s
+    return ((x - m) / s).contiguous()
 
 
 def write_set(folder: str, pixels: np.ndarray, labels: torch.Tensor, manifest: dict) -> None:
