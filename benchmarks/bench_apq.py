@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.common import DEIT, DEIT_WEIGHTS, ROOT, environment, table, write_section
-from benchmarks.sweep_section import arguments, grid_jobs, latest, missing_line, provenance
+from benchmarks.common import DEIT, DEIT_WEIGHTS, ROOT, environment, table
+from benchmarks.sweep_section import arguments, emit, grid_jobs, latest, missing_line, provenance
 
 GRID = ROOT / "benchmarks" / "grids" / "apq.yaml"
 STORE = ROOT / "benchmarks" / "results" / "apq"
@@ -45,10 +45,7 @@ def main() -> int:
                   rows[0]["num_val"] if rows else "?", rows[0]["config"]["num_calib"] if rows else "?",
                   len(results), len(results) + len(missing),
                   missing_line(missing) + "\n\n" if missing else "", provenance(rows, GRID, args.store))
-    if args.no_write:
-        print(text)
-    else:
-        write_section("apq", text)
+    emit(args, ("apq", text))
     return 0
 
 

@@ -11,8 +11,8 @@ the jobs the store lacks) and this script renders the section from the store, ke
 
 from __future__ import annotations
 
-from benchmarks.common import ROOT, environment, table, write_section
-from benchmarks.sweep_section import after_table, arguments, latest, missing_line, provenance
+from benchmarks.common import ROOT, environment, table
+from benchmarks.sweep_section import after_table, arguments, emit, latest, missing_line, provenance
 
 GRID = ROOT / "benchmarks" / "grids" / "baselines.yaml"
 STORE = ROOT / "benchmarks" / "results" / "baselines"
@@ -48,10 +48,7 @@ def render(store) -> str:
 def main() -> None:
     args = arguments(GRID, STORE, __doc__)
     text = render(args.store)
-    if args.no_write:
-        print(text)
-    else:
-        write_section(SECTION, text)
+    emit(args, (SECTION, text))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ No loop, time budget or kept-row file of its own.
 
 from __future__ import annotations
 
-from benchmarks.common import ROOT, SHARED, environment, mean_std, table, write_section
-from benchmarks.sweep_section import arguments, grid_jobs, latest, missing_line, provenance
+from benchmarks.common import ROOT, SHARED, environment, mean_std, table
+from benchmarks.sweep_section import arguments, emit, grid_jobs, latest, missing_line, provenance
 
 WEIGHTS = SHARED / "models" / "tf_efficientnet_lite0.safetensors"
 GRID = ROOT / "benchmarks" / "grids" / "cnn.yaml"
@@ -172,11 +172,7 @@ def main() -> None:
         finally:
             db.close()
     cnn, lowbit = render_cnn(rows, missing, args.store), render_lowbit(rows, missing, failed, args.store)
-    if args.no_write:
-        print(cnn + "\n\n" + lowbit)
-    else:
-        write_section("cnn", cnn)
-        write_section("cnn-lowbit", lowbit)
+    emit(args, ("cnn", cnn), ("cnn-lowbit", lowbit))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ import json
 import time
 
 from benchmarks import bench_evolq_seeds
-from benchmarks.common import FIGURES, ROOT, environment, table, write_json, write_section
+from benchmarks.common import FIGURES, ROOT, environment, table, write_json
 from benchmarks.sweep_section import (
     after_table,
     arguments,
+    emit,
     grid_jobs,
     latest,
     missing_line,
@@ -180,11 +181,7 @@ def main() -> int:
     if args.landscape:
         landscape(args)
     md, seeds = render(args.store), bench_evolq_seeds.render(args.store)
-    if args.no_write:
-        print(md + "\n\n" + seeds)
-    else:
-        write_section(SECTION, md)
-        write_section(bench_evolq_seeds.SECTION, seeds)
+    emit(args, (SECTION, md), (bench_evolq_seeds.SECTION, seeds))
     return 0
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.common import ROOT, environment, mean_std, table, write_section
+from benchmarks.common import ROOT, environment, mean_std, table
 from benchmarks.sweep_section import (
     after_table,
     arguments,
+    emit,
     grid_jobs,
     latest,
     missing_line,
@@ -99,10 +100,7 @@ def render(store) -> str:
 def main() -> int:
     args = arguments(GRID, STORE, __doc__)
     md = render(args.store)
-    if args.no_write:
-        print(md)
-    else:
-        write_section(SECTION, md)
+    emit(args, (SECTION, md))
     return 0
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from benchmarks.bench_recon import pipelines
-from benchmarks.common import ROOT, environment, mean_std, table, write_section
-from benchmarks.sweep_section import after_table, arguments, latest, missing_line, provenance
+from benchmarks.common import ROOT, environment, mean_std, table
+from benchmarks.sweep_section import after_table, arguments, emit, latest, missing_line, provenance
 
 SECTION = "levers"
 GRID = ROOT / "benchmarks" / "grids" / "recon_levers.yaml"
@@ -68,10 +68,8 @@ def main() -> None:
         missing_line(missing),
         after_table(SECTION),
     ]))
-    if args.no_write:
-        print(text)
-    else:
-        write_section(SECTION, text)
+    emit(args, (SECTION, text))
+    if not args.no_write:
         print(f"section {SECTION} written ({len(rows)} rows)")
 
 

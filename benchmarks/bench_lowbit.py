@@ -18,8 +18,8 @@ import json
 import os
 import statistics
 
-from benchmarks.common import DEIT_WEIGHTS, FIGURES, ROOT, command, environment, mean_std, table, write_section
-from benchmarks.sweep_section import arguments
+from benchmarks.common import DEIT_WEIGHTS, FIGURES, ROOT, command, environment, mean_std, table
+from benchmarks.sweep_section import arguments, emit
 
 GRID = ROOT / "benchmarks" / "grids" / "lowbit.yaml"
 STORE = ROOT / "benchmarks" / "results" / "lowbit"
@@ -169,10 +169,7 @@ def main() -> int:
     args = arguments(GRID, STORE, __doc__)
     store = args.store
     md = render(store)
-    if args.no_write:
-        print(md)
-    else:
-        write_section("lowbit", md)
+    emit(args, ("lowbit", md))
     return 0
 
 

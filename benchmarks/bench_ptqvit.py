@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 
-from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table, write_section
-from benchmarks.sweep_section import arguments, grid_jobs, latest, shown
+from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table
+from benchmarks.sweep_section import arguments, emit, grid_jobs, latest, shown
 
 GRID = ROOT / "benchmarks" / "grids" / "ptqvit.yaml"
 STORE = ROOT / "benchmarks" / "results" / "ptqvit"
@@ -58,10 +58,7 @@ def main() -> int:
     first = next(iter(found.values()), None)
     md = write(search, kept, plan, first["config"]["num_calib"] if first else "?", first["num_val"] if first else "?",
                args.store, found)
-    if args.no_write:
-        print(md)
-    else:
-        write_section("ptqvit", md)
+    emit(args, ("ptqvit", md))
     return 0
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table, write_section
-from benchmarks.sweep_section import arguments, shown
+from benchmarks.common import DEIT_WEIGHTS, ROOT, command, environment, table
+from benchmarks.sweep_section import arguments, emit, shown
 
 GRID = ROOT / "benchmarks" / "grids" / "ptqvit_baselines.yaml"
 STORE = ROOT / "benchmarks" / "results" / "ptqvit_baselines"
@@ -100,10 +100,7 @@ def main() -> int:
     kept = kept_from_store(store)
     order, opts = grid_plan()
     md = write(args, kept, order, opts, store)
-    if args.no_write:
-        print(md)
-    else:
-        write_section("ptqvit-baselines", md)
+    emit(args, ("ptqvit-baselines", md))
     return 0
 
 

@@ -36,8 +36,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.common import CALIB_DIR, FIGURES, ROOT, environment, mean_std, table, write_section
-from benchmarks.sweep_section import after_table, arguments, grid_jobs, latest, provenance, setting_key
+from benchmarks.common import CALIB_DIR, FIGURES, ROOT, environment, mean_std, table
+from benchmarks.sweep_section import after_table, arguments, emit, grid_jobs, latest, provenance, setting_key
 
 SECTION = "synth"
 GRID = ROOT / "benchmarks" / "grids" / "synth.yaml"
@@ -154,10 +154,7 @@ def main() -> int:
         figure(args.store)
         return 0
     md = render(args.store)
-    if args.no_write:
-        print(md)
-    else:
-        write_section(SECTION, md)
+    emit(args, (SECTION, md))
     return 0
 
 

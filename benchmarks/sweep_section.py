@@ -9,6 +9,17 @@ from pathlib import Path
 from benchmarks.common import ROOT
 
 
+def emit(args: argparse.Namespace, *sections: tuple[str, str]) -> None:
+    """Each (section name, markdown) into BENCHMARKS.md, or, with ``--no-write``, all of them printed."""
+    from benchmarks.common import write_section
+
+    if args.no_write:
+        print("\n\n".join(md for _, md in sections))
+        return
+    for name, md in sections:
+        write_section(name, md)
+
+
 def arguments(grid: Path, store: Path, description: str, extra=None) -> argparse.Namespace:
     """The renderer's flags (``extra(parser)`` adds a script's own); with ``--run``, first the grid's sweep."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
