@@ -89,19 +89,26 @@ def ov_session(path, precision: str = "f32"):
     return lambda x: np.array(req.infer([x])[0])
 
 
-def quantize_cli(model, label: str, target: str, extra: list[str], out: str, ir: bool, tmp: str) -> dict:
-    """``vitq quantize --recipe best --target T`` then ``vitq export`` (ONNX, and IR for openvino)."""
+def run_quantize(argv: list[str], out: str) -> tuple[dict, float]:
+    """``vitq quantize ARGV`` in this process: its results.json (in ``out``) and its wall seconds."""
     from vitq.cli import main as vitq_main
-    from vitq.state import load
 
-    argv = ["quantize", "--model", DEIT, "--weights", str(DEIT_WEIGHTS), "--calib", str(CALIB_DIR), "--recipe",
-            "best", "--target", target, *extra, "--out", out, "--threads", str(THREADS), "--quiet"]
     t0 = time.perf_counter()
     if vitq_main(argv) != 0:
         raise SystemExit(f"vitq {' '.join(argv)} failed")
     seconds = time.perf_counter() - t0
     with open(os.path.join(out, "results.json")) as f:
-        res = json.load(f)
+        return json.load(f), seconds
+
+
+def quantize_cli(model, label: str, target: str, extra: list[str], out: str, ir: bool, tmp: str) -> dict:
+    """``vitq quantize --recipe best --target T`` then ``vitq export`` (ONNX, and IR for openvino)."""
+    from vitq.cli import main as vitq_main
+    from vitq.state import load
+
+    res, seconds = run_quantize(["quantize", "--model", DEIT, "--weights", str(DEIT_WEIGHTS), "--calib",
+                                 str(CALIB_DIR), "--recipe", "best", "--target", target, *extra, "--out", out,
+                                 "--threads", str(THREADS), "--quiet"], out)
     files = {}
     for fmt in ("onnx", "openvino") if ir else ("onnx",):
         path = os.path.join(tmp, f"{os.path.basename(out)}{'-ir.xml' if fmt == 'openvino' else '.onnx'}")

@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.bench_export import hand_reading, ort_session, time_runners
+from benchmarks.bench_export import hand_reading, ort_session, run_quantize, time_runners
 from benchmarks.common import (
     CALIB_DIR,
     DEIT,
@@ -108,14 +108,9 @@ def vitq_cli(args, label: str, extra: list[str], forms, folder: str) -> dict:
     model = ["--model", DEIT, "--weights", str(args.weights)]  # export reads --model-args from the state
     state = os.path.join(folder, "state")
     tiny = ["--model-args", args.model_args] if args.model_args else []
-    argv = ["quantize", *model, *tiny, "--calib", str(args.calib), "--recipe", "best", "--w-bits", "4", "--target",
-            "onnxruntime", *extra, "--out", state, "--threads", str(THREADS), "--quiet"]
-    t0 = time.perf_counter()
-    if vitq_main(argv) != 0:
-        raise SystemExit(f"vitq {' '.join(argv)} failed")
-    seconds = time.perf_counter() - t0
-    with open(os.path.join(state, "results.json")) as f:
-        res = json.load(f)
+    res, seconds = run_quantize(["quantize", *model, *tiny, "--calib", str(args.calib), "--recipe", "best",
+                                 "--w-bits", "4", "--target", "onnxruntime", *extra, "--out", state, "--threads",
+                                 str(THREADS), "--quiet"], state)
     files = {}
     for form in forms:
         path = os.path.join(folder, f"{form}.onnx")
