@@ -187,15 +187,18 @@ def _start_of(module, cfg: ReconOptions, name: str):
 
 def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: ReconOptions,
                       gen: torch.Generator, bar=None, energy_ref: float | None = None, last: bool = False,
-                      holdout: torch.Tensor | None = None, fisher: list[torch.Tensor] | None = None) -> dict:
-    """Optimise one piece in place; returns its trace entry (losses, accepted or not). ``energy_ref``: the
-    first piece's output energy (--recon-normalize); ``last``: the head (--recon-head-loss); ``holdout``: the
-    indices of the held-out images (--recon-holdout)."""
+                      holdout: torch.Tensor | None = None, fisher: list[torch.Tensor] | None = None
+                      ) -> tuple[dict, list[torch.Tensor]]:
+    """Optimise one piece in place; returns its trace entry (losses, accepted or not) and the piece's outputs
+    over the calibration batches in its final state (the next piece's inputs). ``energy_ref``: the first
+    piece's output energy (--recon-normalize); ``last``: the head (--recon-head-loss); ``holdout``: the indices
+    of the held-out images (--recon-holdout)."""
     t0 = time.perf_counter()
     kl_head = last and cfg.head_loss == "kl"
     metric = kl_loss if kl_head else None
     fisher = None if kl_head else fisher  # (--recon-loss-weight: per batch, the outputs' shape)
-    before = cache.error(p, targets, metric, fisher)
+    out_before: list[torch.Tensor] = []
+    before = cache.error(p, targets, metric, fisher, outputs=out_before)
     start = piece_state(p)
     xq, xf, tg = torch.cat(cache.q), torch.cat(cache.f), torch.cat(targets)
     fw = torch.cat(fisher) if fisher is not None else None
@@ -212,7 +215,7 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
              "output_energy": energy, "layers_on_grid": sum(r.on_grid > 0.5 for r in roundings)}
     if cfg.iters == 0 or (not roundings and not learned and not biases):
         entry.update({"mse_after": before, "kept_start": False, "iters": 0, "seconds": time.perf_counter() - t0})
-        return entry
+        return entry, out_before
     for r in roundings:
         r.module.weight_correction.fill_(False)
     opt_v = torch.optim.Adam([r.v for r in roundings], lr=cfg.lr) if roundings else None
@@ -295,7 +298,8 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
     with torch.no_grad():
         for r in roundings:
             r.module.weight.copy_(r.hard())
-    after = cache.error(p, targets, metric, fisher)
+    out_after: list[torch.Tensor] = []
+    after = cache.error(p, targets, metric, fisher, outputs=out_after)
     kept = not after <= before  # also when the learned state is not finite
     if kept:
         restore_piece(p, start)
@@ -308,7 +312,7 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
                   "seconds": time.perf_counter() - t0})
     if holdout is not None:
         entry["held_out"] = checks
-    return entry
+    return entry, out_before if kept else out_after
 
 
 @torch.no_grad()
@@ -408,10 +412,10 @@ def recon(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg: Recon
                 if "energy_ref" not in state:
                     state["energy_ref"] = float(torch.cat(targets).pow(2).sum(-1).mean())
                 gen = torch.Generator().manual_seed(derive_seed(seed, i))
-                entry = reconstruct_piece(p, cache, targets, cfg, gen, bar, energy_ref=state["energy_ref"],
-                                          last=i == len(pieces) - 1, holdout=holdout,
-                                          fisher=None if fisher is None else fisher[i])
-                cache.advance(p, targets)
+                entry, outputs = reconstruct_piece(p, cache, targets, cfg, gen, bar, energy_ref=state["energy_ref"],
+                                                   last=i == len(pieces) - 1, holdout=holdout,
+                                                   fisher=None if fisher is None else fisher[i])
+                cache.advance(p, targets, outputs)
                 state["trace"].append(entry)
                 state["done"] = i + 1
                 if path:

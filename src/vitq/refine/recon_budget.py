@@ -2,10 +2,11 @@
 
 A timed probe on the first trunk unit (the stem's float output on one mini-batch as its input) measures one
 step (forward and backward of the quantized unit) and one forward over the calibration images; every piece
-also runs four such forwards (targets, error before and after, the next piece's input). With ``P`` pieces,
-``N`` images, a step of ``t_step`` seconds and a forward of ``t_img`` seconds per image:
+also runs three such forwards (targets, error before and after; the error's forward of the final state is the
+next piece's input). With ``P`` pieces, ``N`` images, a step of ``t_step`` seconds and a forward of ``t_img``
+seconds per image:
 
-    steps = floor((budget − P · 4 · N · t_img) / (P · t_step · OVERHEAD))
+    steps = floor((budget − P · 3 · N · t_img) / (P · t_step · OVERHEAD))
 
 ``OVERHEAD`` covers what the probe leaves out (AdaRound's soft weights and regulariser, the optimiser, QDrop's
 draws); stem and head are cheaper than a unit, so the rule errs on the side of finishing early. The choice is
@@ -53,7 +54,7 @@ def plan_iters(pieces: list[Piece], images: torch.Tensor, batch: int, budget_min
     t_step = _timed(step, PROBE_STEPS)
     t_img = _timed(forward, PROBE_STEPS) / max(x.shape[0], 1)
     n, p = images.shape[0], len(pieces)
-    fixed = p * 4.0 * n * t_img
+    fixed = p * 3.0 * n * t_img
     budget = budget_min * 60.0
     iters = max(0, math.floor((budget - fixed) / (p * t_step * OVERHEAD)))
     info = {"budget_min": budget_min, "probe_piece": unit.name, "seconds_per_step": t_step * OVERHEAD,

@@ -172,22 +172,29 @@ class Cache:
         return [p.float(h) for h in self.f]
 
     @torch.no_grad()
-    def error(self, p: Piece, targets: list[torch.Tensor], metric=None, weights=None) -> float:
+    def error(self, p: Piece, targets: list[torch.Tensor], metric=None, weights=None,
+              outputs: list | None = None) -> float:
         """Plain MSE of the quantized piece (its current state) against the float targets, all images; with
         ``metric(out, target)`` (a mean over images) that metric's mean over all images instead; with
-        ``weights`` (per batch, the targets' shape: Fisher weights) the weighted squared error."""
+        ``weights`` (per batch, the targets' shape: Fisher weights) the weighted squared error. ``outputs``: a
+        list that receives the piece's outputs (for :meth:`advance`, which then need not run the piece again)."""
         total = n = 0.0
         for i, (h, t) in enumerate(zip(self.q, targets, strict=True)):
+            out = p.quant(h)
+            if outputs is not None:
+                outputs.append(out)
             if metric is not None:
-                total += float(metric(p.quant(h), t)) * t.shape[0]
+                total += float(metric(out, t)) * t.shape[0]
                 n += t.shape[0]
                 continue
-            err = (p.quant(h) - t).pow(2)
+            err = (out - t).pow(2)
             total += float((err if weights is None else err * weights[i].to(err.dtype)).sum())
             n += t.numel()
         return total / n
 
     @torch.no_grad()
-    def advance(self, p: Piece, targets: list[torch.Tensor] | None = None) -> None:
-        self.q = [p.quant(h) for h in self.q]
+    def advance(self, p: Piece, targets: list[torch.Tensor] | None = None, outputs: list | None = None) -> None:
+        """Move on to the next piece: its inputs are this piece's outputs (``outputs`` when :meth:`error` kept
+        them for the piece's final state, else computed) and the float targets."""
+        self.q = outputs if outputs is not None else [p.quant(h) for h in self.q]
         self.f = targets if targets is not None else [p.float(h) for h in self.f]
