@@ -355,3 +355,41 @@ def test_mse_range_search_keeps_the_short_side_and_beats_omse(bits):
     weight_range(q, w, "minmax")
     e_mm = (q.fake_quant(w) - w).pow(2).sum(1)
     assert bool((e_mse <= e_mm * (1 + 1e-5)).all())
+
+
+def test_quantiles_rule_picks_one_of_repq_vits_three_ranges():
+    """RepQ-ViT's rule (activations from the histogram, weights from their values): the range is one of the
+    [q(1-p), q(p)] ranges for p in 0.999 / 0.9999 / 0.99999, the one of least squared error; so at 4 bits a few
+    massive values are clipped (mse may clip further, never less error), and at 8 bits less is clipped."""
+    from vitq.quant.observers import QUANTILES, apply_range, weight_range
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200000, generator=g)
+    x[:30] = 40.0 + torch.rand(30, generator=g)  # 0.015 % massive values
+    obs = Observer()
+    obs.update(x)
+    obs.start_error_pass()
+    obs.update(x)
+    cands = [(float(torch.quantile(x, 1 - p)), float(torch.quantile(x, p))) for p in QUANTILES]
+    errs, ranges = {}, {}
+    for bits in (4, 8):
+        for how in ("quantiles", "mse", "minmax"):
+            q = UniformQuantizer(bits, "linear_input")
+            apply_range(q, obs, how)
+            errs[bits, how] = float((q.fake_quant(x) - x).pow(2).sum())
+            ranges[bits, how] = (float(-q.zero_point * q.scale), float((q.qmax - q.zero_point) * q.scale))
+        lo, hi = ranges[bits, "quantiles"]
+        step = (hi - lo) / (2**bits - 1)
+        assert any(abs(hi - c_hi) < 2 * step + 0.05 and abs(lo - c_lo) < 2 * step + 0.05 for c_lo, c_hi in cands)
+        assert errs[bits, "mse"] <= errs[bits, "quantiles"] * (1 + 1e-4) < errs[bits, "minmax"]
+    assert ranges[4, "quantiles"][1] < 10 < 40 < ranges[8, "quantiles"][1]  # 4 bits clip the massive values
+    # weights: exact quantiles per row; each row's error is the least of its three candidates
+    w = torch.randn(6, 4000, generator=g)
+    w[:, 0] = 12.0
+    q = UniformQuantizer(4, "weight", signed=False, channel_axis=0, num_channels=6)
+    weight_range(q, w, "quantiles")
+    got = (q.fake_quant(w) - w).pow(2).sum(1)
+    for p in QUANTILES:
+        c = UniformQuantizer(4, "weight", signed=False, channel_axis=0, num_channels=6)
+        c.set_range(torch.quantile(w, 1 - p, dim=1).clamp(max=0), torch.quantile(w, p, dim=1))
+        assert bool((got <= (c.fake_quant(w) - w).pow(2).sum(1) * (1 + 1e-3)).all())

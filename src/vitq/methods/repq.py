@@ -39,13 +39,14 @@ from vitq.methods.reparam import CHANNEL_RANGES, reparameterize
 from vitq.options import Options, opt
 from vitq.registry import register_method
 
-RANGES = ("mse", "omse", "minmax")
+RANGES = ("mse", "omse", "minmax", "quantiles")
 
 
 @dataclass(frozen=True)
 class RepqOptions(Options):
     act: str = opt("mse", "range of the uniform activation quantizers (mse: least squared error, each end of the "
-                   "range clipped on its own)", choices=RANGES)
+                   "range clipped on its own; quantiles: RepQ-ViT's rule, the least squared error of the ranges "
+                   "at the 0.999 / 0.9999 / 0.99999 quantiles)", choices=RANGES)
     weights: str = opt("omse", "range of the per-channel weight quantizers", choices=RANGES)
     reparam: bool = opt(True, "the scale reparameterization (off: ablation)")
     asym_weights: bool = opt(True, "asymmetric per-channel weights (a zero point per channel, all 2^b levels) "

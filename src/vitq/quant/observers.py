@@ -27,6 +27,9 @@ OMSE_FACTORS = tuple(round(1.0 - 0.01 * i, 2) for i in range(90))
 MSE_FACTORS = OMSE_FACTORS + tuple(0.11 * (0.01 / 0.11) ** (i / 50) for i in range(1, 51))
 MSE_ROUNDS = 2  # upper end, lower end, upper, lower: rounds of the coordinate search
 HIST_BINS = 4096  # per tensor (or per channel) over its observed range: 16 bins per 8-bit step, 256 per 4-bit step
+# "quantiles" rule (RepQ-ViT's activation and weight initialisation): of the ranges between the (1 - p) and p
+# quantiles for these p, the one with the least squared error over every value
+QUANTILES = (0.999, 0.9999, 0.99999)
 
 
 class Observer:
@@ -174,7 +177,7 @@ def observing(model: nn.Module, names: Iterable[str] | None = None, percentile: 
 
 def needs_error_pass(q: Quantizer, how: str) -> bool:
     """Whether setting ``q`` by ``how`` needs the observer's second pass."""
-    searched = how in ("omse", "mse") and isinstance(q, (UniformQuantizer, PTFQuantizer))
+    searched = how in ("omse", "mse", "quantiles") and isinstance(q, (UniformQuantizer, PTFQuantizer))
     return searched or hasattr(q, "fit")  # fit: adalog, logsqrt2
 
 
@@ -218,8 +221,8 @@ def search_range(obs: Observer, q: UniformQuantizer) -> tuple[float, float]:
 
 
 def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
-    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse, mse}. A kind
-    with its own search (``fit(observer)``, e.g. adalog) runs that instead.
+    """Set a quantizer's parameters from its observer with ``how`` in {minmax, percentile, omse, mse, quantiles}.
+    A kind with its own search (``fit(observer)``, e.g. adalog) runs that instead.
 
     PTF quantizers (the LayerNorm inputs and residual stream of ``fq``): ``minmax`` takes the global min/max
     and gives each channel the finest shift whose grid still covers that channel; ``omse`` follows FQ-ViT:
@@ -241,17 +244,18 @@ def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
         if not obs.pct_hi:
             raise ValueError("percentile range needs an observer created with percentile=...")
         lo, hi = sum(obs.pct_lo) / len(obs.pct_lo), sum(obs.pct_hi) / len(obs.pct_hi)
-    elif how == "omse" or (how == "mse" and isinstance(q, PTFQuantizer)):  # PTF: the FQ-ViT rule for both
+    elif how == "omse" or (how in ("mse", "quantiles") and isinstance(q, PTFQuantizer)):  # PTF: FQ-ViT's rule
         if isinstance(q, PTFQuantizer):
             if obs.shift_errors is None:
                 raise ValueError("the PTF shift search needs the observer's second pass (observe_errors)")
             q.set_range(obs.min, obs.max, channel_errors=obs.shift_errors)
             return
         lo, hi = search_range(obs, q)
-    elif how == "mse":
+    elif how in ("mse", "quantiles"):
         centres, counts = obs.histogram()
-        lo, hi = _mse_channels(q, centres[None], torch.tensor([obs.min], dtype=torch.float64),
-                               torch.tensor([obs.max], dtype=torch.float64), counts[None])
+        search = _mse_channels if how == "mse" else _quantile_channels
+        lo, hi = search(q, centres[None], torch.tensor([obs.min], dtype=torch.float64),
+                        torch.tensor([obs.max], dtype=torch.float64), counts[None])
         lo, hi = float(lo[0]), float(hi[0])
     else:
         raise ValueError(f"unknown range estimator {how!r}")
@@ -262,7 +266,8 @@ def apply_range(q: Quantizer, obs: Observer, how: str) -> None:
 
 
 def _apply_channel_range(q: UniformQuantizer, obs: Observer, how: str) -> None:
-    """Per-channel (e.g. per-head) activation ranges: min/max, mean per-batch percentiles, or OMSE per channel."""
+    """Per-channel (e.g. per-head) activation ranges: min/max, mean per-batch percentiles, OMSE, mse or quantiles
+    per channel."""
     if how == "minmax":
         lo, hi = obs.channel_min, obs.channel_max
     elif how == "percentile":
@@ -272,9 +277,10 @@ def _apply_channel_range(q: UniformQuantizer, obs: Observer, how: str) -> None:
     elif how == "omse":
         centres, counts = obs.histogram()
         lo, hi = _omse_channels(q, centres, obs.channel_min.double(), obs.channel_max.double(), counts)
-    elif how == "mse":
+    elif how in ("mse", "quantiles"):
         centres, counts = obs.histogram()
-        lo, hi = _mse_channels(q, centres, obs.channel_min.double(), obs.channel_max.double(), counts)
+        search = _mse_channels if how == "mse" else _quantile_channels
+        lo, hi = search(q, centres, obs.channel_min.double(), obs.channel_max.double(), counts)
     else:
         raise ValueError(f"unknown range estimator {how!r}")
     q.set_range(lo.float(), hi.float())
@@ -322,9 +328,49 @@ def _mse_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: to
     return torch.where(better, lo_b, lo_a), torch.where(better, hi_b, hi_a)
 
 
+def _quantile_channels(q: UniformQuantizer, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                       weights: torch.Tensor | None = None):
+    """RepQ-ViT's rule per channel: x is [C, n] (histogram centres with ``weights`` = counts, or values); the
+    candidates are the ranges [quantile(1 - p), quantile(p)] for p in QUANTILES (of values: linearly
+    interpolated, as torch.quantile; of a histogram: the centre of the bin where the cumulative count reaches
+    the quantile), each widened to include 0, and each channel keeps the one with the least squared error.
+    Signed (symmetric) quantizers take the larger magnitude of the two ends."""
+    if weights is None:
+        srt = x.sort(-1).values
+
+        def quantile(p):
+            pos = p * (x.shape[-1] - 1)
+            i = int(pos)
+            j = min(i + 1, x.shape[-1] - 1)
+            return srt[:, i] + (srt[:, j] - srt[:, i]) * (pos - i)
+    else:
+        cum = weights.cumsum(-1)
+        cum = cum / cum[:, -1:].clamp(min=1e-12)
+
+        def quantile(p):
+            i = torch.searchsorted(cum, torch.full_like(cum[:, :1], p)).clamp(max=x.shape[-1] - 1)
+            return x.gather(-1, i)[:, 0]
+    best = None
+    for p in QUANTILES:
+        c_hi = torch.maximum(torch.minimum(quantile(p), hi.to(x)), torch.zeros_like(hi.to(x)))
+        c_lo = torch.minimum(torch.maximum(quantile(1.0 - p), lo.to(x)), torch.zeros_like(lo.to(x)))
+        if q.signed:
+            bound = torch.maximum(-c_lo, c_hi)
+            c_lo, c_hi = -bound, bound
+        err = _uniform_error(x, q, c_lo, c_hi, weights)
+        if best is None:
+            best = [c_lo, c_hi, err]
+        else:
+            better = err < best[2]
+            best = [torch.where(better, c_lo, best[0]), torch.where(better, c_hi, best[1]),
+                    torch.minimum(err, best[2])]
+    return best[0], best[1]
+
+
 @torch.no_grad()
 def weight_range(q: UniformQuantizer, w: torch.Tensor, how: str) -> None:
-    """Per-channel (or per-tensor) weight parameters from the weight itself: minmax, OMSE or mse per channel."""
+    """Per-channel (or per-tensor) weight parameters from the weight itself: minmax, OMSE, mse or quantiles per
+    channel."""
     if q.channel_axis is None:
         x = w.reshape(1, -1)
     else:
@@ -335,6 +381,8 @@ def weight_range(q: UniformQuantizer, w: torch.Tensor, how: str) -> None:
         lo, hi = _omse_channels(q, x, lo, hi)
     elif how == "mse":
         lo, hi = _mse_channels(q, x, lo, hi)
+    elif how == "quantiles":
+        lo, hi = _quantile_channels(q, x, lo, hi)
     elif how != "minmax":
         raise ValueError(f"unknown weight range estimator {how!r}")
     if q.channel_axis is None:
