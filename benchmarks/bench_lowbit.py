@@ -110,10 +110,11 @@ def render(store) -> str:
             top1 = [r["top1"] for r in rs]
             lines.append([setting, config + ("" if from_store else " †"), len(rs), mean_std(top1, ".1f"),
                           f"{float_top1 - statistics.mean(top1):.1f}", mean_std([r["agreement"] for r in rs], ".1f"),
-                          mean_std([r["kl"] for r in rs], ".3f"), f"{statistics.mean(r['calib_s'] for r in rs):.0f}"])
+                          mean_std([r["kl"] for r in rs], ".3f"), f"{statistics.mean(r['calib_s'] for r in rs):.0f}",
+                          ", ".join(sorted({r["code_version"].split("+")[-1] for r in rs})) if from_store else "–"])
         if setting in REPQ_EXTERNAL:
             lines.append([setting, "RepQ-ViT official code (external, issue 10)", 3, "–", "see →",
-                          REPQ_EXTERNAL[setting], "", ""])
+                          REPQ_EXTERNAL[setting], "", "", ""])
     repro = []
     for key, r in sorted(new.items(), key=lambda kv: (SETTINGS.index(kv[0][0]), CONFIGS.index(kv[0][1]), kv[0][2])):
         o = old.get(key)
@@ -140,7 +141,7 @@ images of `calib/`, a seeded draw per seed (RepQ-ViT uses 32); every config of a
 Evaluation: all 500 `val/` images in batches of 50, float logits computed once per model (the sweep's cache).
 Cells are mean ± std over the draws (n = column `n`); drop = float top-1 − mean quantized top-1; agreement = top-1
 agreement with float (%); KL = mean KL(float ‖ quant) in nats; calib s = wall seconds of calibration (+ GPTQ where
-named) on 2 shared CPU cores (indicative only).
+named) on 2 shared CPU cores (indicative only); code = the code version(s) of the row's jobs (`vitq results`).
 
 Configs: `repq` = `--method repq` (reparameterization + log√2 softmax with a searched scale + `mse` activation
 ranges (each end clipped on its own) + per-channel OMSE weights); `+ GPTQ` = `--weight-rounding gptq` (damp 0.01,
@@ -154,7 +155,7 @@ RepQ-ViT rows: the figures issue 10 reports for RepQ-ViT's official code on the 
 own transform (crop 0.875, float top-1 77.8): compare drops, agreement and KL, not absolute top-1.
 Targets (issue 10): {"; ".join(f"{k}: {v}" for k, v in TARGETS.items())}.
 
-{table(["setting", "config", "n", "top-1", "drop", "agreement", "KL", "calib s"], lines)}
+{table(["setting", "config", "n", "top-1", "drop", "agreement", "KL", "calib s", "code"], lines)}
 
 {note}
 

@@ -16,7 +16,7 @@ EXPECTED = {
     "lowbit": (75, 27, 12),         # 5 settings x 3 configs x 3 draws; references: ptq4vit x 3 (1 draw), fqvit x 2;
                                     # W4A4 x 3 draws: repq with percentile ranges / a half fold / quantile ranges /
                                     # all RepQ-ViT's ranges, repq-adalog alone / per-head q/k/v / shifted GELU
-    "recon_levers": (16, 12, 12),   # recon and recon + all levers x 3 draws; 9 single levers and 500 steps, one draw
+    "recon_levers": (18, 12, 12),   # recon, recon + all levers, recon at 500 steps x 3 draws; 9 single levers
     "recon": (23, 11, 5),           # 11 configurations: 4 with 3 draws, 7 with one
     "baselines": (32, 32, 32),      # 2 schemes x 4 bit widths x 4 methods
     "ptqvit_baselines": (40, 40, 9),  # 6 settings x 6 methods + 4 aciq ablations
