@@ -100,10 +100,13 @@ def _name(job) -> str:
     return f"{'' if job.label.startswith(setting) else setting + ' '}{job.label} (seed {c['seed']})"
 
 
+PARTIAL = "**Partial:"
+
+
 def missing_line(missing: list) -> str:
     if not missing:
         return ""
-    return (f"**Partial: {len(missing)} job(s) of the grid are not in the store yet** ("
+    return (f"{PARTIAL} {len(missing)} job(s) of the grid are not in the store yet** ("
             + ", ".join(_name(j) for j in missing[:12])
             + (", …" if len(missing) > 12 else "") + ").")
 
@@ -123,4 +126,5 @@ def after_table(section: str) -> str:
     if first is None:
         return ""
     end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return "\n".join(lines[end:]).strip()
+    # the line missing_line() wrote is computed again by the renderer, not kept
+    return "\n".join(ln for ln in lines[end:] if not ln.startswith(PARTIAL)).strip()
