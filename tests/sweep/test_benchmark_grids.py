@@ -13,9 +13,10 @@ pytest.importorskip("yaml")
 GRIDS = Path(__file__).resolve().parents[2] / "benchmarks" / "grids"
 # grid -> (jobs, settings without the seed, labels)
 EXPECTED = {
-    "lowbit": (60, 22, 7),          # 5 settings x 3 configs x 3 draws; references: ptq4vit x 3 (1 draw), fqvit x 2;
-                                    # repq W4A4 with percentile ranges / a half fold x 3 draws
-    "recon_levers": (15, 11, 11),   # recon and recon + all levers x 3 draws; 9 single levers, one draw
+    "lowbit": (69, 25, 10),         # 5 settings x 3 configs x 3 draws; references: ptq4vit x 3 (1 draw), fqvit x 2;
+                                    # repq W4A4 with percentile ranges / a half fold / head balance, repq-adalog
+                                    # W4A4 with and without head balance x 3 draws
+    "recon_levers": (16, 12, 12),   # recon and recon + all levers x 3 draws; 10 single levers, one draw
     "recon": (23, 11, 5),           # 11 configurations: 4 with 3 draws, 7 with one
     "baselines": (32, 32, 32),      # 2 schemes x 4 bit widths x 4 methods
     "ptqvit_baselines": (40, 40, 9),  # 6 settings x 6 methods + 4 aciq ablations
