@@ -24,9 +24,9 @@ def attentions(q):
     return {n: m for n, m in q.named_modules() if isinstance(m, QAttentionBase)}
 
 
-def rewritten(model, x, mode, fold=False):
+def rewritten(model, x, mode, fold=False, regime="matmul"):
     """(logits before, logits after, info, prepared model, calib) of balance_heads on a prepared float model."""
-    q = vitq.prepare(model, Scheme("matmul", 4, 4))
+    q = vitq.prepare(model, Scheme(regime, 4, 4))
     calib = as_calib(x, batch_size=3, progress=False)
     if fold:
         reparameterize(q, calib)
@@ -42,9 +42,12 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("key", ["deit", "swin", "eva02", "cait", "hf_vit"])
-def test_float_rewrite_is_exact_and_balances_every_head(key):
-    before, after, info, q, calib = rewritten(tiny_model(key), tiny_images(key, 6), "qkv", fold=key == "deit")
+@pytest.mark.parametrize("key,regime", [("deit", "matmul"), ("deit", "fq"), ("swin", "matmul"), ("eva02", "matmul"),
+                                        ("cait", "matmul"), ("hf_vit", "matmul")])
+def test_float_rewrite_is_exact_and_balances_every_head(key, regime):
+    """After RepQ's fold (deit), as repq runs it, or alone; both regimes."""
+    before, after, info, q, calib = rewritten(tiny_model(key), tiny_images(key, 6), "qkv", fold=key == "deit",
+                                              regime=regime)
     assert rel(after, before) < 1e-5
     assert info["head_balance_layers"] == len(attentions(q)) and info["head_balance_skipped"] == {}
     assert info["seconds_head_balance"] > 0
