@@ -35,6 +35,8 @@ from torch import nn
 
 from vitq.calib import CalibData
 from vitq.methods.baselines import calibrate_observed
+from vitq.methods.head_balance import MODES as HEAD_BALANCE
+from vitq.methods.head_balance import balance_heads
 from vitq.methods.reparam import CHANNEL_RANGES, reparameterize
 from vitq.options import Options, opt
 from vitq.registry import register_method
@@ -56,6 +58,9 @@ class RepqOptions(Options):
                              choices=CHANNEL_RANGES)
     fold_power: float = opt(1.0, "fold r1^P of the per-channel scales (1: full fold; 0.5: half)", minimum=0.0,
                             maximum=1.0, metavar="P")
+    head_balance: str = opt("none", "per-head q/k/v ranges balanced by an exact rescaling folded into the float "
+                            "weights after the fold (v: v's heads and proj's input columns; qkv: also q against "
+                            "k in every head); see vitq.methods.head_balance", choices=HEAD_BALANCE)
 
 
 def _repq_scheme(scheme, cfg: RepqOptions):
@@ -76,8 +81,9 @@ def repq(model: nn.Module, calib: CalibData, cfg: RepqOptions) -> dict:
     if cfg.reparam:
         info.update(reparameterize(model, calib, cfg.channel_range, cfg.fold_power))
     info["seconds_reparam"] = time.perf_counter() - t0
+    info.update(balance_heads(model, calib, cfg.head_balance))
     info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
-    info["calibration_passes"] = 2 if cfg.reparam else 1
+    info["calibration_passes"] = 1 + cfg.reparam + (cfg.head_balance != "none")
     scheme = getattr(model, "vitq_scheme", None)
     if scheme is not None:
         info["softmax_quantizer"] = scheme.softmax_kind
