@@ -50,6 +50,8 @@ from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.quant.base import Quantizer
 from vitq.quant.modules import QAttentionBase
+from vitq.quant.observers import weight_range
+from vitq.quant.uniform import UniformQuantizer
 
 MODES = ("none", "v", "qkv")
 ROLES = ("q", "k", "v")
@@ -153,13 +155,12 @@ def _scale_rows(t: torch.Tensor, first: int, f: torch.Tensor) -> None:
 
 
 def _row_error(w: torch.Tensor, bits: int, col_scale: torch.Tensor | None = None) -> float:
-    """Frobenius norm of the per-row asymmetric min/max ``bits``-bit weight error, columns times ``col_scale``
-    (back to the original units)."""
-    w = w.detach().double()
-    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
-    s = ((hi - lo) / (2**bits - 1)).clamp_min(1e-12)
-    z = torch.round(-lo / s)
-    err = (torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1) - z) * s - w
+    """Frobenius norm of the weight error of vitq's per-row asymmetric ``bits``-bit quantizer at each row's
+    min/max, columns times ``col_scale`` (back to the original units)."""
+    w = w.detach().float()
+    q = UniformQuantizer(bits, "weight", signed=False, channel_axis=0, num_channels=w.shape[0]).to(w.device)
+    weight_range(q, w, "minmax")
+    err = (q.fake_quant(w) - w).double()
     if col_scale is not None:
         err = err * col_scale.to(err)[None, :]
     return float(err.norm())
