@@ -35,9 +35,10 @@ from torch import nn
 from vitq.calib import CalibData, forward_all
 from vitq.errors import VitqError
 from vitq.quant.modules import QLinear, QTransformerBlock
+from vitq.quant.observers import QUANTILES
 
 LEVELS = 255  # grid used to express the per-channel zero points (the result does not depend on it)
-PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)  # candidate upper percentiles (lower: 1 - p) of the range search
+PERCENTILES = (*QUANTILES, 1.0)  # candidate upper percentiles (lower: 1 - p): RepQ-ViT's three and min/max
 CHANNEL_RANGES = ("minmax", "percentile")
 
 
