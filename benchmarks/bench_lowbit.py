@@ -51,8 +51,9 @@ agreement over its three draws on these images (68.2 is the issue's target for p
   (`--attn-granularity head`, not an integer kernel in onnxruntime) gave 71.9 ± 0.3 (KL 0.528) there.
 - **shifted post-GELU log quantizer** (AdaLog's, `adalog_shift`): 70.8 ± 1.2 against 71.4 ± 0.2 for the signed
   `adalog`; its KL is lower (0.520 against 0.537). Neither is a clear win at one draw's noise (1.2 points).
-- The quantile rule calibrates in 4–5 s against 20–40 s for the `mse` search (3 candidates per quantizer instead
-  of a coordinate search), at the same accuracy within the draws' spread.
+- The quantile rule calibrates in 4–5 s against 18–41 s for the `mse` search (column calib s above, loaded
+  machine; 3 candidates per quantizer instead of a coordinate search), at the same accuracy within the draws'
+  spread.
 
 Readings of the reproduction (2026-12-06, issue 23): `vitq sweep benchmarks/grids/lowbit.yaml --store
 benchmarks/results/lowbit --only seed=0 --only w_bits=4 --only scheme=matmul --only method=repq` (5 jobs, 47–63 s
