@@ -14,7 +14,7 @@ from vitq.errors import VitqError
 from vitq.quant.modules import QWeighted
 from vitq.quant.uniform import UniformQuantizer
 from vitq.refine.recon import make_config
-from vitq.refine.recon_learn import Dropper, LsqQuantizer, kl_loss
+from vitq.refine.recon_learn import Dropper, LsqQuantizer, keep_mask, kl_loss
 from vitq.refine.recon_pieces import Cache, pieces_of
 from vitq.state import load, save
 
@@ -255,3 +255,13 @@ def test_recon_chain_runs_on_cuda():
                        recon=dict(FAST), evolq={"passes": 1})
     assert [s["refiner"] for s in info["chain"]] == ["recon", "evolq"]
     assert all(t.device.type == "cuda" for t in q.state_dict().values())
+
+
+def test_keep_mask_rate_shape_and_seed():
+    shape = (3, 5, 7, 11)
+    for p in (0.0, 0.25, 0.5, 1.0):
+        m = keep_mask((200, *shape[1:]), p, torch.Generator().manual_seed(0))
+        assert m.dtype == torch.bool and m.shape == (200, *shape[1:])
+        assert abs(float(m.float().mean()) - p) < 0.01
+    a, b = (keep_mask(shape, 0.5, torch.Generator().manual_seed(s)) for s in (1, 1))
+    assert torch.equal(a, b) and not torch.equal(a, keep_mask(shape, 0.5, torch.Generator().manual_seed(2)))

@@ -29,6 +29,7 @@ from vitq.quant.base import EPS, Quantizer, register_quantizer
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 R_GRID = tuple(round(1.0 + 0.25 * i, 2) for i in range(13))  # r = 1 (log2), 1.25, ..., 4 (base 2^(1/4))
 MAX_DEPTH = 64  # deepest adalog level: scale·2^-64
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 2^-126
 LOGSQRT2_SCALES = tuple(2.0 ** (-j / 4) for j in range(17))  # logsqrt2 top level: 1, 2^-1/4, ..., 1/16
 SCALE_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(12))  # top level as a fraction of the observed max
 
@@ -38,6 +39,20 @@ def _observed_values(obs, device) -> tuple[torch.Tensor, torch.Tensor]:
     centres, counts = obs.histogram()
     keep = counts > 0
     return centres[keep].float().to(device), counts[keep].double().to(device)
+
+
+def _levels(k: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adalog's level of code k: scale·2^(-k/r), computed one way everywhere, so that the fake-quantized values
+    are exactly the members of :meth:`AdaLogQuantizer.level_set`."""
+    return scale * torch.exp2(k * (-1.0 / r))
+
+
+def _table(max_code: int, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The value of every code 0 .. max_code + 1 (the last is 0), to look codes up in: the same numbers as
+    :meth:`AdaLogQuantizer.level_set` (exp2 over a large tensor may differ from exp2 over a small one in the
+    last bit, so the levels are computed once, here, and gathered)."""
+    k = torch.arange(max_code + 1, dtype=torch.float32, device=scale.device)
+    return torch.cat([_levels(k, r, scale), torch.zeros(1, device=scale.device)])
 
 
 def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
@@ -136,11 +151,13 @@ class AdaLogQuantizer(Quantizer):
         return min(2**self.bits - 2, depth), 0
 
     def _log_part(self, x: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, max_code: int) -> torch.Tensor:
-        pos = x > 0
-        ratio = torch.where(pos, x / scale, torch.ones_like(x))
-        k = torch.clamp(torch.round(-r * torch.log2(ratio)), min=0)
-        level = scale * torch.pow(2.0, -k / r)
-        return torch.where(pos & (k <= max_code), level, torch.zeros_like(level))
+        """The positive side: code k = round(r·log2(scale / x)) clipped to 0 .. max_code + 1, level
+        scale·2^(-k/r), and 0 for code max_code + 1 (values below the deepest level's rounding point). Every
+        x ≤ TINY (x ≤ 0 included) takes code max_code + 1: with scale ≥ EPS = 2^-26.6, r·log2(scale / TINY) ≥
+        99·r exceeds the deepest code 64·r. (Clamping to TINY, not 0, keeps log2 off its slow path for zeros
+        and subnormals; with exp2 and one mask it is twice as fast, and it runs on every attention map.)"""
+        k = torch.round(r * (torch.log2(scale) - torch.log2(x.clamp_min(TINY)))).clamp_(0, max_code + 1)
+        return _table(max_code, r, scale).take(k.long())
 
     def _quant(self, x: torch.Tensor, r, scale, neg_scale) -> torch.Tensor:
         max_code, neg_steps = self._codes()
@@ -155,8 +172,7 @@ class AdaLogQuantizer(Quantizer):
 
     def level_set(self) -> torch.Tensor:
         max_code, neg_steps = self._codes()
-        k = torch.arange(max_code + 1, dtype=torch.float32, device=self.scale.device)
-        levels = [self.scale * torch.pow(2.0, -k / self.base_exp), torch.zeros(1, device=self.scale.device)]
+        levels = [_table(max_code, self.base_exp, self.scale)]
         if neg_steps:
             m = torch.arange(1, neg_steps + 1, dtype=torch.float32, device=self.scale.device)
             levels.append(-m * self.neg_scale)
@@ -225,9 +241,7 @@ class AdaLogShiftQuantizer(AdaLogQuantizer):
         return self._log_part(x + shift, r, scale, self._codes()[0]) - shift
 
     def level_set(self) -> torch.Tensor:
-        k = torch.arange(self._codes()[0] + 1, dtype=torch.float32, device=self.scale.device)
-        levels = torch.cat([self.scale * torch.pow(2.0, -k / self.base_exp), torch.zeros(1, device=k.device)])
-        return (levels - self.shift).unique()
+        return (_table(self._codes()[0], self.base_exp, self.scale) - self.shift).unique()
 
     def set_range(self, lo, hi) -> None:
         """Without a sample: the shift covers ``lo``, the top level is ``hi`` (base kept)."""

@@ -246,8 +246,7 @@ def reconstruct_piece(p: Piece, cache: Cache, targets: list[torch.Tensor], cfg: 
                 idx = train[torch.randint(len(train), (min(cfg.batch, len(train)),), generator=gen)].to(xq.device)
                 x_in = xq[idx]
                 if cfg.drop_prob > 0:
-                    mix = torch.rand(x_in.shape, generator=gen).to(x_in.device) < cfg.drop_prob
-                    x_in = torch.where(mix, xf[idx], x_in)
+                    x_in = dropper.mix(x_in, xf[idx])
                 out = p.quant(x_in)
                 rec = kl_loss(out, tg[idx]) if kl_head else rec_loss(out, tg[idx], None if fw is None else fw[idx])
                 beta = beta_at(step, cfg)

@@ -4,6 +4,9 @@ QDrop's elementwise bypass of activation quantizers (:class:`Dropper`) and the r
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 from torch import nn
 
@@ -54,6 +57,19 @@ class Rounding:
         return (1.0 - (2.0 * rectified_sigmoid(self.v) - 1.0).abs().pow(beta)).sum()
 
 
+def keep_mask(shape, p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """A CPU bool tensor of ``shape``, each element True with probability ``p`` rounded to a multiple of 1/256,
+    from ``gen``. Seven random bytes come from each int64 draw (``random_()`` leaves its top bit 0): three
+    times faster than ``torch.rand(shape) < p``, which was a tenth of a reconstruction step's time."""
+    cut = round(p * 256)
+    if cut <= 0 or cut >= 256:
+        return torch.full(tuple(shape), cut > 0, dtype=torch.bool)
+    n = math.prod(shape)
+    words = torch.empty(-(-n // 7), dtype=torch.int64).random_(generator=gen).view(torch.uint8).view(-1, 8)
+    octets = words[:, :7] if sys.byteorder == "little" else words[:, 1:]
+    return (octets.reshape(-1)[:n] < cut).view(shape)
+
+
 class Dropper:
     """QDrop: forward hooks that let each activation value pass unquantized with probability ``p``."""
 
@@ -68,8 +84,12 @@ class Dropper:
     def drop(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not self.active or self.p <= 0:
             return out
-        keep_float = torch.rand(x.shape, generator=self.gen, device="cpu").to(x.device) < self.p
+        keep_float = keep_mask(x.shape, self.p, self.gen).to(x.device)
         return torch.where(keep_float, x, out)
+
+    def mix(self, x: torch.Tensor, x_float: torch.Tensor) -> torch.Tensor:
+        """QDrop's input mixing: each value of ``x`` replaced by ``x_float``'s with probability ``p``."""
+        return torch.where(keep_mask(x.shape, self.p, self.gen).to(x.device), x_float, x)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -132,6 +152,10 @@ class SoftWeights:
 
     def _make(self, r: Rounding):
         return lambda module, inputs, output: r.hard() if self.hard else r.soft()
+
+    def mix(self, x: torch.Tensor, x_float: torch.Tensor) -> torch.Tensor:
+        """QDrop's input mixing: each value of ``x`` replaced by ``x_float``'s with probability ``p``."""
+        return torch.where(keep_mask(x.shape, self.p, self.gen).to(x.device), x_float, x)
 
     def remove(self) -> None:
         for h in self.handles:
