@@ -24,7 +24,7 @@ def _args(*argv):
 
 def test_recipe_expands_to_the_documented_flags():
     r = recipes.by_name("fq-fqvit-recon-evolq")
-    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "200",
+    assert r.as_flags("cpu") == ["--method", "fqvit", "--refine", "recon,evolq", "--recon-iters", "500",
                                  "--recon-batch-size", "4", "--recon-lr", "0.01", "--recon-scale-lr", "0.004",
                                  "--evolq-passes", "1"]
     assert r.as_flags("cuda") == ["--method", "fqvit", "--refine", "recon,evolq"]
@@ -48,7 +48,7 @@ def test_apply_fills_only_unset_flags():
     assert args.gelu_quantizer == "adalog" and args.softmax_quantizer == "adalog"  # CLI default unset
     args = _args("--recipe", "fq-fqvit-recon", "--refine", "evolq", "--method", "omse")
     info = apply_recipe(args)
-    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 200
+    assert args.refine == "evolq" and args.method == "omse" and args.recon_iters == 500
     assert set(info["overridden_by_flags"]) == {"refine", "method"}
 
 
