@@ -19,6 +19,8 @@ Steps (each recorded in the returned dict, i.e. results.json):
 
 Options of the fold (issue 26): ``--repq-channel-range percentile`` searches each channel's range over
 percentiles as RepQ-ViT does (min/max by default); ``--repq-fold-power P`` folds only r1^P of the scales.
+``--repq-order sequential`` calibrates step 2 in RepQ-ViT's order instead, unit by unit with every upstream
+quantizer active (:mod:`vitq.methods.sequential`).
 
 The softmax quantizer is ``logsqrt2`` unless the scheme names another kind; ``--softmax-quantizer adalog
 --gelu-quantizer adalog`` gives the adaptive-log variant. All calibration images given are used (RepQ-ViT
@@ -38,6 +40,7 @@ from vitq.methods.baselines import calibrate_observed
 from vitq.methods.head_balance import MODES as HEAD_BALANCE
 from vitq.methods.head_balance import balance_heads
 from vitq.methods.reparam import CHANNEL_RANGES, reparameterize
+from vitq.methods.sequential import ORDERS, calibrate_sequential
 from vitq.options import Options, opt
 from vitq.registry import register_method
 
@@ -61,6 +64,9 @@ class RepqOptions(Options):
     head_balance: str = opt("none", "per-head q/k/v ranges balanced by an exact rescaling folded into the float "
                             "weights after the fold (v: v's heads and proj's input columns; qkv: also q against "
                             "k in every head); see vitq.methods.head_balance", choices=HEAD_BALANCE)
+    order: str = opt("float", "calibration order of the activation quantizers (float: all observed in one float "
+                     "pass; sequential: RepQ-ViT's, unit by unit, each with every upstream quantizer active; see "
+                     "vitq.methods.sequential)", choices=ORDERS)
 
 
 def _repq_scheme(scheme, cfg: RepqOptions):
@@ -82,8 +88,12 @@ def repq(model: nn.Module, calib: CalibData, cfg: RepqOptions) -> dict:
         info.update(reparameterize(model, calib, cfg.channel_range, cfg.fold_power))
     info["seconds_reparam"] = time.perf_counter() - t0
     info.update(balance_heads(model, calib, cfg.head_balance))
-    info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
-    info["calibration_passes"] = 1 + cfg.reparam + (cfg.head_balance != "none")
+    if cfg.order == "sequential":
+        info.update(calibrate_sequential(model, calib, cfg.act, cfg.weights))
+        info["calibration_passes"] += cfg.reparam + (cfg.head_balance != "none")
+    else:
+        info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
+        info["calibration_passes"] = 1 + cfg.reparam + (cfg.head_balance != "none")
     scheme = getattr(model, "vitq_scheme", None)
     if scheme is not None:
         info["softmax_quantizer"] = scheme.softmax_kind
