@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import FIGURES, ROOT, environment, mean_std, table, write_section
-from benchmarks.sweep_section import shown
+from benchmarks.sweep_section import latest, shown
 from vitq.recipes import RECIPES, rank
 
 GRID = ROOT / "benchmarks" / "grids" / "recon.yaml"
@@ -69,14 +69,14 @@ def pipelines(row: dict) -> dict[str, dict]:
 
 def store_runs(store: Path) -> dict:
     """{"rows": {"spec|seed": {"when", "command", "pipelines", "imported"}}, "float_top1", "num_val",
-    "settings"} from the store (the latest row of each configuration and draw)."""
-    from vitq.sweep.report import results
-
+    "settings"} from the store: the latest row of each job of the grid as it is now (rows made at another
+    setting, e.g. before the recipes used every image, stay in the store but not in the section)."""
     kept: dict = {"rows": {}, "float_top1": None, "num_val": None, "settings": None}
     if not (store / "results.sqlite").exists():
         return kept
     where = shown(store)
-    for row in results(str(store)):
+    found, _ = latest(store, GRID)
+    for row in found.values():
         c = row["config"]
         if not c.get("eval_steps") or c["refine"] != "recon,evolq":
             continue
