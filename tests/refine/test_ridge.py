@@ -72,8 +72,9 @@ def test_held_out_guard_keeps_a_fit_that_generalizes_and_restores_one_that_does_
     train = _moments(x_train, x_train @ (w + delta).T + b)  # the train images ask for W + Δ
     # held-out images that agree: the update is kept, on the weight grid, and lowers both errors
     layer = _layer(w, b)
-    e = refit_layer(layer, train, _moments(x_held, x_held @ (w + delta).T + b), 0.01, rounding)
-    assert e["accepted"]
+    e = refit_layer(layer, train, _moments(x_held, x_held @ (w + delta).T + b), (0.01, 3.0), rounding)
+    assert e["accepted"] and e["damp"] == 0.01  # the weaker penalty reaches W + Δ: lower held-out error
+    assert e["mse_held_by_damp"]["0.01"] < e["mse_held_by_damp"]["3.0"]
     assert e["mse_held_after"] < 0.2 * e["mse_held_before"] and e["mse_train_after"] < 0.2 * e["mse_train_before"]
     if rounding == "gptq":
         assert torch.equal(layer.weight_quant(layer.weight), layer.weight)
@@ -81,7 +82,7 @@ def test_held_out_guard_keeps_a_fit_that_generalizes_and_restores_one_that_does_
     # held-out images that ask for W − Δ: the same update raises their error, so the layer is restored exactly
     layer = _layer(w, b)
     start = copy.deepcopy(layer.state_dict())
-    e = refit_layer(layer, train, _moments(x_held, x_held @ (w - delta).T + b), 0.01, rounding)
+    e = refit_layer(layer, train, _moments(x_held, x_held @ (w - delta).T + b), (0.01,), rounding)
     assert not e["accepted"] and e["mse_held_after"] >= e["mse_held_before"]
     assert e["mse_train_after"] < e["mse_train_before"]  # the train images alone would have taken it
     assert all(torch.equal(v, start[k]) for k, v in layer.state_dict().items())
@@ -138,14 +139,15 @@ def test_ridge_refits_layer_by_layer_with_the_corrected_upstream_inputs():
 def test_the_head_is_left_alone_unless_asked():
     q, model, x = _quantized(n=12)
     q2 = copy.deepcopy(q)
-    info = vitq.refine(q, model, x, "ridge", batch_size=12, progress=False)
+    info = vitq.refine(q, model, x, "ridge", batch_size=12, progress=False, damp=0.1)
     assert info["layers"]["head"] == {"skipped": "head (--ridge-head refits it)"}
     assert torch.equal(q.head.weight, q2.head.weight) and torch.equal(q.head.bias, q2.head.bias)
-    info = vitq.refine(q2, model, x, "ridge", batch_size=12, progress=False, head=True)
+    info = vitq.refine(q2, model, x, "ridge", batch_size=12, progress=False, head=True, damp=0.1)
     assert "accepted" in info["layers"]["head"] and info["config"]["head"] is True
 
 
-@pytest.mark.parametrize("options,flag", [({"damp": 0}, "--ridge-damp"), ({"holdout": 1.0}, "--ridge-holdout"),
+@pytest.mark.parametrize("options,flag", [({"damp": 0}, "--ridge-damp"), ({"damp": "0.1,-1"}, "--ridge-damp"),
+                                          ({"damp": ""}, "--ridge-damp"), ({"holdout": 1.0}, "--ridge-holdout"),
                                           ({"holdout": 0}, "--ridge-holdout"),
                                           ({"rounding": "floor"}, "--ridge-rounding"), ({"lamda": 1}, "unknown")])
 def test_bad_options_are_refused_naming_the_flag(options, flag):

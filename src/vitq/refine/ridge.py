@@ -7,7 +7,8 @@ and whose float output is ``Y``, the continuous solution is
 
     W' = argmin ||X̃ W'ᵀ − Y||² + λ ||W' − W||²  =  (X̃ᵀX̃ + λ I)⁻¹ (X̃ᵀY + λ Wᵀ)  (transposed)
 
-with ``λ = damp × mean diag(X̃ᵀX̃)`` (the input part). ``X̃`` comes from the quantized model as it is when the layer's
+with ``λ = damp × mean diag(X̃ᵀX̃)`` (the input part; several ``damp``: each layer takes the one whose rounded
+solution has the lowest held-out error, see below). ``X̃`` comes from the quantized model as it is when the layer's
 turn comes: every upstream layer already refit, rounded and (if kept) in place. ``Y`` is the layer's output in the
 float function: a copy of the model taken at the start, run with every quantizer passed through (the float model,
 reparameterization included, so the layers pair one to one) on the float inputs; ERQ's own target. ``W'`` is then
@@ -35,7 +36,7 @@ from torch import nn
 from vitq.calib import CalibData
 from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
-from vitq.options import Options, opt
+from vitq.options import OptionError, Options, opt
 from vitq.quant.base import passthrough
 from vitq.quant.modules import QLinear
 from vitq.refine.gptq import gptq_rows, grid_quant
@@ -49,13 +50,25 @@ ROUNDINGS = ("gptq", "nearest")
 @dataclass(frozen=True)
 class RidgeOptions(Options):
     VERSION = 2
-    damp: float = opt(0.1, "ridge weight λ as a fraction of the mean diagonal of X̃ᵀX̃ (keeps W' near W)", above=0.0,
-                      metavar="D")
+    damp: tuple[float, ...] = opt((0.01, 0.1, 1.0), "ridge weight λ as a fraction of the mean diagonal of X̃ᵀX̃ (keeps "
+                                  "W' near W); several: per layer, the one with the lowest held-out error",
+                                  above=0.0, metavar="D[,D...]")
     holdout: float = opt(0.2, "fraction of the calibration images held out (seeded): a layer's update stays only if "
                          "its output error on them goes down", above=0.0, below=1.0, metavar="F")
     head: bool = opt(False, "also refit the classification head (the linear layers after the last unit)")
     rounding: str = opt("gptq", "how the solved weight goes onto the grid: gptq (GPTQ on the layer's quantized "
                         "inputs) or nearest (the quantizer rounds it)", choices=ROUNDINGS)
+
+    @classmethod
+    def preset(cls, given: dict) -> dict:
+        damp = given.get("damp")
+        if isinstance(damp, (int, float)) and not isinstance(damp, bool):  # one number from Python
+            given = {**given, "damp": (float(damp),)}
+        return given
+
+    def check(self) -> None:
+        if not self.damp:
+            raise OptionError("damp", self.damp, "one or more numbers > 0, e.g. 0.01,0.1,1")
 
 
 def split_images(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,15 +117,8 @@ def ridge_solve(m: Moments, w: torch.Tensor, b: torch.Tensor | None, damp: float
     return torch.linalg.solve(a + lam * eye, c + lam * wa.T).T, lam
 
 
-@torch.no_grad()
-def refit_layer(layer: QLinear, train: Moments, held: Moments, damp: float, rounding: str) -> dict:
-    """Solve, round and keep or restore one layer from its moments on the train and held-out images."""
-    wq = layer.weight_quant
-    if not bool(wq.initialized):
-        raise VitqError("ridge needs calibrated weight quantizers (run a calibration method before the refiner)")
-    w0, b0 = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
-    corr0 = layer.weight_correction.clone()
-    before = (train.mse(layer.quantized_weight(), layer.bias), held.mse(layer.quantized_weight(), layer.bias))
+def _candidate(train: Moments, wq, w0: torch.Tensor, b0: torch.Tensor | None, damp: float, rounding: str) -> dict:
+    """One ridge solution on the grid: the weight to store, the weight the layer computes with, the refit bias."""
     sol, lam = ridge_solve(train, w0, b0, damp)
     d = w0.shape[1]
     w_new = sol[:, :d]
@@ -124,13 +130,35 @@ def refit_layer(layer: QLinear, train: Moments, held: Moments, damp: float, roun
             mean = train.a[d, :d] / train.n
             h = h - train.n * torch.outer(mean, mean)
         w_new = gptq_rows(w_new, h, grid_quant(wq))
-        w_new = wq.fake_quant(w_new.to(w0.dtype))  # exactly on the float32 grid
-    layer.weight.copy_(w_new.to(w0.dtype))
-    layer.weight_correction.fill_(False)
-    w_eff = layer.quantized_weight().double()
+    stored = w_new.to(w0.dtype)
+    w_eff = wq.fake_quant(stored)  # what the layer computes with (gptq: exactly the stored weight)
+    if rounding == "gptq":
+        stored = w_eff
+    bias = None
     if b0 is not None:  # the bias that best fits the rounded weight (the same ridge penalty)
         sums_y, sums_x = train.c[d], train.a[d, :d]
-        layer.bias.copy_(((sums_y - w_eff @ sums_x + lam * b0.double()) / (train.n + lam)).to(b0.dtype))
+        bias = ((sums_y - w_eff.double() @ sums_x + lam * b0.double()) / (train.n + lam)).to(b0.dtype)
+    return {"damp": damp, "lambda": lam, "clipped": clipped, "stored": stored, "w_eff": w_eff, "bias": bias}
+
+
+@torch.no_grad()
+def refit_layer(layer: QLinear, train: Moments, held: Moments, damps: tuple[float, ...], rounding: str) -> dict:
+    """Solve (for each λ), round and keep the best on the held-out images, or restore the layer, from its
+    moments on the train and held-out images."""
+    wq = layer.weight_quant
+    if not bool(wq.initialized):
+        raise VitqError("ridge needs calibrated weight quantizers (run a calibration method before the refiner)")
+    w0, b0 = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+    corr0 = layer.weight_correction.clone()
+    before = (train.mse(layer.quantized_weight(), layer.bias), held.mse(layer.quantized_weight(), layer.bias))
+    cands = [_candidate(train, wq, w0, b0, d, rounding) for d in damps]
+    held_err = [held.mse(c["w_eff"], c["bias"]) for c in cands]
+    best = cands[min(range(len(cands)), key=held_err.__getitem__)]
+    layer.weight.copy_(best["stored"])
+    if b0 is not None:
+        layer.bias.copy_(best["bias"])
+    layer.weight_correction.fill_(False)
+    w_eff = layer.quantized_weight()
     after = (train.mse(w_eff, layer.bias), held.mse(w_eff, layer.bias))
     accepted = after[1] < before[1]
     if not accepted:
@@ -138,7 +166,8 @@ def refit_layer(layer: QLinear, train: Moments, held: Moments, damp: float, roun
         if b0 is not None:
             layer.bias.copy_(b0)
         layer.weight_correction.copy_(corr0)
-    return {"rows_train": train.n, "rows_held": held.n, "lambda": lam, "clipped": clipped,
+    return {"rows_train": train.n, "rows_held": held.n, "damp": best["damp"], "lambda": best["lambda"],
+            "clipped": best["clipped"], "mse_held_by_damp": dict(zip(map(str, damps), held_err, strict=True)),
             "mse_train_before": before[0], "mse_train_after": after[0], "mse_held_before": before[1],
             "mse_held_after": after[1], "accepted": accepted}
 
