@@ -7,7 +7,7 @@ and whose float output is ``Y``, the continuous solution is
 
     W' = argmin ||X̃ W'ᵀ − Y||² + λ ||W' − W||²  =  (X̃ᵀX̃ + λ I)⁻¹ (X̃ᵀY + λ Wᵀ)  (transposed)
 
-with ``λ = damp × mean diag(X̃ᵀX̃)`` (the input part; several ``damp``: each layer takes the one whose rounded
+with ``λ = damp × mean diag(X̃ᵀX̃)`` (the input part; several ``damp``: each layer takes the one whose nearest-rounded
 solution has the lowest held-out error, see below). ``X̃`` comes from the quantized model as it is when the layer's
 turn comes: every upstream layer already refit, rounded and (if kept) in place. ``Y`` is the layer's output in the
 float function: a copy of the model taken at the start, run with every quantizer passed through (the float model,
@@ -20,7 +20,8 @@ Guard: a seeded share of the calibration images (``holdout``) is kept out of the
 layer's output MSE on those held-out images goes down, else the layer is restored. The classification head (the
 linear layers after the last unit) is left as it is unless ``head`` is set; convolutions are left as they are.
 Everything is accumulated as second moments, so each layer costs one pass of its unit over the images, quantized
-and float. Run it first in a chain (its targets are the model's float function when it starts).
+and float, each stopped where the layer has run; GPTQ runs once per layer, on the λ chosen. Run it first in a
+chain (its targets are the model's float function when it starts).
 """
 
 from __future__ import annotations
@@ -117,33 +118,29 @@ def ridge_solve(m: Moments, w: torch.Tensor, b: torch.Tensor | None, damp: float
     return torch.linalg.solve(a + lam * eye, c + lam * wa.T).T, lam
 
 
-def _candidate(train: Moments, wq, w0: torch.Tensor, b0: torch.Tensor | None, damp: float, rounding: str) -> dict:
-    """One ridge solution on the grid: the weight to store, the weight the layer computes with, the refit bias."""
-    sol, lam = ridge_solve(train, w0, b0, damp)
+def _on_grid(train: Moments, wq, w0: torch.Tensor, b0: torch.Tensor | None, w_new: torch.Tensor, lam: float,
+             gptq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A solved weight put on the grid (GPTQ, or left for the quantizer's nearest rounding) and the bias refit to
+    it: (the weight to store, the weight the layer then computes with, the bias)."""
     d = w0.shape[1]
-    w_new = sol[:, :d]
-    clipped = float(((w_new - wq.fake_quant(w_new.to(w0.dtype)).double()).abs()
-                     > 0.5 * wq.scale.double().reshape(-1, 1) * (1 + 1e-6)).double().mean())
-    if rounding == "gptq":
+    if gptq:
         h = train.a[:d, :d]
         if b0 is not None:  # the bias is refit below: the error of a rounded weight is in the centred covariance
             mean = train.a[d, :d] / train.n
             h = h - train.n * torch.outer(mean, mean)
         w_new = gptq_rows(w_new, h, grid_quant(wq))
-    stored = w_new.to(w0.dtype)
-    w_eff = wq.fake_quant(stored)  # what the layer computes with (gptq: exactly the stored weight)
-    if rounding == "gptq":
-        stored = w_eff
+    w_eff = wq.fake_quant(w_new.to(w0.dtype))  # what the layer computes with (exactly on the float32 grid)
     bias = None
     if b0 is not None:  # the bias that best fits the rounded weight (the same ridge penalty)
         sums_y, sums_x = train.c[d], train.a[d, :d]
         bias = ((sums_y - w_eff.double() @ sums_x + lam * b0.double()) / (train.n + lam)).to(b0.dtype)
-    return {"damp": damp, "lambda": lam, "clipped": clipped, "stored": stored, "w_eff": w_eff, "bias": bias}
+    return (w_eff if gptq else w_new.to(w0.dtype)), w_eff, bias
 
 
 @torch.no_grad()
 def refit_layer(layer: QLinear, train: Moments, held: Moments, damps: tuple[float, ...], rounding: str) -> dict:
-    """Solve (for each λ), round and keep the best on the held-out images, or restore the layer, from its
+    """Solve for each λ; the one whose solution (nearest-rounded, bias refit) has the lowest held-out error is put
+    on the grid and kept if the layer's held-out error goes down, else the layer is restored. From the layer's
     moments on the train and held-out images."""
     wq = layer.weight_quant
     if not bool(wq.initialized):
@@ -151,12 +148,20 @@ def refit_layer(layer: QLinear, train: Moments, held: Moments, damps: tuple[floa
     w0, b0 = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
     corr0 = layer.weight_correction.clone()
     before = (train.mse(layer.quantized_weight(), layer.bias), held.mse(layer.quantized_weight(), layer.bias))
-    cands = [_candidate(train, wq, w0, b0, d, rounding) for d in damps]
-    held_err = [held.mse(c["w_eff"], c["bias"]) for c in cands]
-    best = cands[min(range(len(cands)), key=held_err.__getitem__)]
-    layer.weight.copy_(best["stored"])
+    d = w0.shape[1]
+    sols = [ridge_solve(train, w0, b0, damp) for damp in damps]
+    held_err = []
+    for sol, lam in sols:
+        _, w_eff, bias = _on_grid(train, wq, w0, b0, sol[:, :d], lam, gptq=False)
+        held_err.append(held.mse(w_eff, bias))
+    i = min(range(len(damps)), key=held_err.__getitem__)
+    w_new, lam = sols[i][0][:, :d], sols[i][1]
+    clipped = float(((w_new - wq.fake_quant(w_new.to(w0.dtype)).double()).abs()
+                     > 0.5 * wq.scale.double().reshape(-1, 1) * (1 + 1e-6)).double().mean())
+    stored, _, bias = _on_grid(train, wq, w0, b0, w_new, lam, gptq=rounding == "gptq")
+    layer.weight.copy_(stored)
     if b0 is not None:
-        layer.bias.copy_(best["bias"])
+        layer.bias.copy_(bias)
     layer.weight_correction.fill_(False)
     w_eff = layer.quantized_weight()
     after = (train.mse(w_eff, layer.bias), held.mse(w_eff, layer.bias))
@@ -166,32 +171,43 @@ def refit_layer(layer: QLinear, train: Moments, held: Moments, damps: tuple[floa
         if b0 is not None:
             layer.bias.copy_(b0)
         layer.weight_correction.copy_(corr0)
-    return {"rows_train": train.n, "rows_held": held.n, "damp": best["damp"], "lambda": best["lambda"],
-            "clipped": best["clipped"], "mse_held_by_damp": dict(zip(map(str, damps), held_err, strict=True)),
+    return {"rows_train": train.n, "rows_held": held.n, "damp": damps[i], "lambda": lam, "clipped": clipped,
+            "mse_held_by_damp": dict(zip(map(str, damps), held_err, strict=True)),
             "mse_train_before": before[0], "mse_train_after": after[0], "mse_held_before": before[1],
             "mse_held_after": after[1], "accepted": accepted}
 
 
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the unit's forward is not needed."""
+
+
+def _upto(run, module: nn.Module, out: list):
+    """Run ``run`` until ``module`` has computed (its first call), keeping its output in ``out``."""
+    def hook(_m, _i, y):
+        out.append(y.reshape(-1, y.shape[-1]))
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def _moments(layer: QLinear, twin: QLinear, run_q, run_f, ref: nn.Module, xq: list, xf: list) -> Moments:
-    """The layer's quantized inputs (the model as it is now) against its twin's float outputs, batch by batch."""
+    """The layer's quantized inputs (the model as it is now) against its twin's float outputs, batch by batch;
+    each pass stops where the layer (its twin) has run."""
     m = Moments()
-    seen: dict[str, list] = {"x": [], "y": []}
-    hooks = [layer.input_quant.register_forward_hook(lambda _m, _i, out: seen["x"].append(out)),
-             twin.register_forward_hook(lambda _m, _i, out: seen["y"].append(out))]
-    try:
-        for hq, hf in zip(xq, xf, strict=True):
-            seen["x"].clear()
-            seen["y"].clear()
-            run_q(hq)
-            with passthrough(ref):
-                run_f(hf)
-            if seen["x"]:
-                m.add(torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["x"]]),
-                      torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["y"]]))
-    finally:
-        for h in hooks:
-            h.remove()
+    for hq, hf in zip(xq, xf, strict=True):
+        x, y = [], []
+        _upto(lambda h=hq: run_q(h), layer.input_quant, x)
+        with passthrough(ref):
+            _upto(lambda h=hf: run_f(h), twin, y)
+        if x and y:
+            m.add(x[0], y[0])
     return m
 
 
