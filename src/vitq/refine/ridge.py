@@ -58,7 +58,8 @@ class RidgeOptions(Options):
                          "its output error on them goes down", above=0.0, below=1.0, metavar="F")
     head: bool = opt(False, "also refit the classification head (the linear layers after the last unit)")
     rounding: str = opt("gptq", "how the solved weight goes onto the grid: gptq (GPTQ on the layer's quantized "
-                        "inputs) or nearest (the quantizer rounds it)", choices=ROUNDINGS)
+                        "inputs) or nearest (the continuous solution is stored and the quantizer rounds it: what "
+                        "recon's AdaRound should start from in ridge,recon)", choices=ROUNDINGS)
 
     @classmethod
     def preset(cls, given: dict) -> dict:
