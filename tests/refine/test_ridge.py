@@ -172,3 +172,11 @@ def test_ridge_then_recon_chain_and_the_saved_state_reloads_exactly(tmp_path):
     q2 = load(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(q(x), q2(x))
+
+
+def test_targets_that_are_not_the_float_model_are_reported(caplog):
+    model, x = tiny_model("deit"), tiny_images("deit", 5, seed=1)
+    q, _ = vitq.quantize(model, x, "matmul", "minmax", "gptq", w_bits=4, a_bits=4, progress=False)
+    with caplog.at_level("WARNING", logger="vitq"):  # GPTQ wrote rounded weights: passed through, not the float model
+        info = vitq.refine(q, model, x, "ridge", batch_size=5, progress=False, damp=0.1, rounding="nearest")
+    assert info["reference_logit_gap"] > 1e-3 and "differs from the float model" in caplog.text

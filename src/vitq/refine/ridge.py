@@ -232,11 +232,12 @@ def refit_model(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg:
     xq = {"train": _batches(calib.images[train_idx], calib), "held": _batches(calib.images[held_idx], calib)}
     xf = dict(xq)
     ref = copy.deepcopy(model)  # the float function of the model as it starts (its quantizers passed through)
+    probe = xq["train"][0]
     with passthrough(ref):
-        probe = xq["train"][0]
-        gap = float((ref(probe).float() - float_model.eval()(probe).float()).abs().max())
-    scale = float(float_model(probe).float().abs().max().clamp_min(1e-12))
-    if gap > 1e-3 * scale:
+        z_ref = ref(probe).float()
+    z_float = float_model.eval()(probe).float()
+    gap = float((z_ref - z_float).abs().max())
+    if gap > 1e-3 * float(z_float.abs().max().clamp_min(1e-12)):
         log.warning("ridge: the model with its quantizers passed through differs from the float model (max logit "
                     "gap %.3g): its targets are the model as it started (run ridge first in a chain)", gap)
     stages, ref_stages = weighted_stages(model, Trunk(model), probe), weighted_stages(ref, Trunk(ref), probe)
