@@ -124,7 +124,7 @@ def test_ridge_refits_layer_by_layer_with_the_corrected_upstream_inputs():
     for n in solved:
         e = layers[n]
         if not e["accepted"]:
-            assert torch.equal(final[f"{n}.weight"], begin[f"{n}.weight"])
+            assert all(torch.equal(final[f"{n}.{k}"], begin[f"{n}.{k}"]) for k in ("weight", "bias"))
             continue
         assert e["mse_held_after"] < e["mse_held_before"]
         w = q.get_submodule(n).weight
@@ -175,8 +175,9 @@ def test_ridge_then_recon_chain_and_the_saved_state_reloads_exactly(tmp_path):
 
 
 def test_targets_that_are_not_the_float_model_are_reported(caplog):
-    model, x = tiny_model("deit"), tiny_images("deit", 5, seed=1)
-    q, _ = vitq.quantize(model, x, "matmul", "minmax", "gptq", w_bits=4, a_bits=4, progress=False)
-    with caplog.at_level("WARNING", logger="vitq"):  # GPTQ wrote rounded weights: passed through, not the float model
+    q, model, x = _quantized(n=5)
+    with torch.no_grad():  # weights changed by an earlier step (as GPTQ or recon do): no longer the float model
+        q.blocks[0].mlp.fc1.weight.mul_(1.2)
+    with caplog.at_level("WARNING", logger="vitq"):
         info = vitq.refine(q, model, x, "ridge", batch_size=5, progress=False, damp=0.1, rounding="nearest")
     assert info["reference_logit_gap"] > 1e-3 and "differs from the float model" in caplog.text
