@@ -1,6 +1,10 @@
 """repq's output-aware search (``--repq-search output``, vitq.methods.outsearch): no searched operation's output
 error rises, the model's output moves closer to the float model's, the result reaches results.json, and the
-state saves, reloads and exports like any other."""
+state saves, reloads and exports like any other.
+
+Speed (CI): repq's default activation ranges (``act: mse``, a per-channel coordinate search over histograms) cost
+seconds per calibration even on the tiny DeiT, far more than the output search; these tests calibrate with the
+min/max ranges (FAST) and search 2-8 images, which the search's properties do not depend on."""
 
 import json
 
@@ -21,11 +25,12 @@ from vitq.quant.uniform import UniformQuantizer
 from vitq.scheme import Scheme
 
 SCHEME = Scheme("matmul", 4, 4, softmax_quantizer="adalog", gelu_quantizer="adalog")
+FAST = {"act": "minmax", "weights": "minmax"}  # repq without its range searches (mse / omse cost seconds here)
 
 
 def _repq(model, x, scheme=SCHEME, **kw):
     q = vitq.prepare(model, scheme, method="repq")
-    info = vitq.calibrate(q, x, method="repq", progress=False, **kw)
+    info = vitq.calibrate(q, x, method="repq", progress=False, **{**FAST, **kw})
     return q, info
 
 
@@ -65,15 +70,15 @@ def _operation_errors(q, x) -> dict[str, float]:
     return errs
 
 
-@pytest.mark.parametrize("gelu", ["adalog", None])
-def test_search_never_raises_an_operation_output_error(gelu):
+@pytest.mark.parametrize("gelu,rounds", [("adalog", 2), (None, 1)])
+def test_search_never_raises_an_operation_output_error(gelu, rounds):
     """Float operands, every token cached (the tiny DeiT has 17 tokens < 64): each operation's output error,
     computed independently, is at most its start, most fall, and the trace reports exactly those errors."""
-    model, x = tiny_model("deit"), tiny_images("deit", 8)
+    model, x = tiny_model("deit"), tiny_images("deit", 2)
     scheme = Scheme("matmul", 4, 4, softmax_quantizer="adalog" if gelu else None, gelu_quantizer=gelu)
     q, _ = _repq(model, x, scheme)
     before = _operation_errors(q, x)
-    info = output_search(q, as_calib(x, progress=False), inputs="float", rounds=2, tokens=64)
+    info = output_search(q, as_calib(x, progress=False), inputs="float", rounds=rounds, tokens=64)
     after = _operation_errors(q, x)
     trace = {t["layer"]: t for t in info["search_layers"]}
     assert set(trace) == set(before) == set(after) and info["search_operations"] == len(before) == 14
@@ -124,7 +129,7 @@ def test_search_brings_the_model_output_closer_to_float():
     """Tiny DeiT, W4A4 with the adaptive-log softmax and GELU quantizers: KL and squared error to the float
     logits on held-out images are not above repq's without the search (the default: quantized inputs)."""
     model = tiny_model("deit")
-    x, held = tiny_images("deit", 16, seed=3), tiny_images("deit", 16, seed=4)
+    x, held = tiny_images("deit", 8, seed=3), tiny_images("deit", 8, seed=4)
     with torch.no_grad():
         ref = model(held)
     scores = {}
@@ -142,8 +147,8 @@ def test_cli_flag_results_json_reload_and_export(tmp_path, capsys):
     name, kw = TINY["deit"]
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model("deit").state_dict().items()}, str(weights))
-    calib = make_image_folder(tmp_path / "calib", per_class=2, seed=1)
-    val = make_image_folder(tmp_path / "val", per_class=2, seed=2)
+    calib = make_image_folder(tmp_path / "calib", per_class=1, seed=1)  # 3 images each
+    val = make_image_folder(tmp_path / "val", per_class=1, seed=2)
     common = ["--model", name, "--model-args", json.dumps(kw), "--weights", str(weights), "--val", str(val),
               "--batch-size", "4", "--num-workers", "0", "--quiet"]
     with pytest.raises(SystemExit):
@@ -153,17 +158,19 @@ def test_cli_flag_results_json_reload_and_export(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["quantize", *common, "--calib", str(calib), "--scheme", "matmul", "--w-bits", "4", "--a-bits", "4",
                  "--method", "repq", "--softmax-quantizer", "adalog", "--gelu-quantizer", "adalog_shift",
-                 "--repq-search", "output", "--repq-search-rounds", "1", "--out", str(out)]) == 0
+                 "--repq-search", "output", "--repq-search-rounds", "1", "--repq-search-tokens", "4",
+                 "--repq-act", FAST["act"], "--repq-weights", FAST["weights"], "--out", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())
     cal = r["calibration"]
     assert cal["search"] == "output" and cal["effective_options"]["search"] == "output"
-    assert cal["search_rounds"] == 1 and cal["search_seconds"] > 0 and len(cal["search_layers"]) == 14
+    assert cal["search_rounds"] == 1 and cal["search_tokens"] == 4 and cal["search_images"] == 3
+    assert cal["effective_options"]["act"] == "minmax" and cal["search_seconds"] > 0 and len(cal["search_layers"]) == 14
     assert all(t["after"] <= t["before"] for t in cal["search_layers"])
     assert main(["evaluate", *common, "--state", str(out), "--out", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["quant"] == r["quant"]
     # the API's save / load round trip and the ONNX export of a searched state
-    model, x = tiny_model("deit"), tiny_images("deit", 8)
-    q, _ = _repq(model, x, search="output", search_rounds=1)
+    model, x = tiny_model("deit"), tiny_images("deit", 2)
+    q, _ = _repq(model, x, search="output", search_rounds=1, search_tokens=4)
     (tmp_path / "state").mkdir()
     vitq.save(q, tmp_path / "state")
     back = vitq.load(model, tmp_path / "state")
