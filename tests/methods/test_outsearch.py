@@ -180,10 +180,13 @@ def test_cli_flag_results_json_reload_and_export(tmp_path, capsys):
     from vitq.export.onnx import export
 
     export(q, tmp_path / "m.onnx", float_model=model)
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    # without graph optimizations onnxruntime runs the QDQ graph as written: the searched state exports exactly
+    # (its fused integer kernels round on their own, 15-27 % of the logits' scale on this tiny random model, with
+    # or without the search)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         want = q(x).numpy()
-    # onnxruntime's optimized session runs fused integer kernels that round on their own: test_export's bounds
-    diff, scale = abs(got - want), abs(want).max()
-    assert diff.max() <= 0.25 * scale and diff.mean() <= 0.05 * scale, (diff.max(), diff.mean(), scale)
+    assert abs(got - want).max() <= 1e-4 * abs(want).max()
