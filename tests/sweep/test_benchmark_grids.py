@@ -13,12 +13,13 @@ pytest.importorskip("yaml")
 GRIDS = Path(__file__).resolve().parents[2] / "benchmarks" / "grids"
 # grid -> (jobs, settings without the seed, labels)
 EXPECTED = {
-    "lowbit": (93, 33, 16),         # 5 settings x 3 configs x 3 draws; references: ptq4vit x 3 (1 draw), fqvit x 2;
+    "lowbit": (96, 34, 17),         # 5 settings x 3 configs x 3 draws; references: ptq4vit x 3 (1 draw), fqvit x 2;
                                     # W4A4 x 3 draws: repq with percentile ranges / a half fold / quantile ranges /
                                     # all RepQ-ViT's ranges / head balance, repq-adalog alone / per-head q/k/v /
-                                    # head balance / shifted GELU; sequential order: repq W4A4, repq-adalog W4A4 and
-                                    # W3A3 (and repq-adalog alone at W3A3), x 3 draws
-    "recon_levers": (19, 13, 13),   # recon, recon + all levers, recon at 500 steps x 3 draws; 10 single levers
+                                    # head balance / shifted GELU / output search; sequential order: repq W4A4,
+                                    # repq-adalog W4A4 and W3A3 (and repq-adalog alone at W3A3), x 3 draws
+    "recon_levers": (21, 15, 15),   # recon, recon + all levers, recon at 500 steps x 3 draws; 10 single levers;
+                                    # output search alone and + recon (seed 0)
     "recon": (23, 11, 5),           # 11 configurations: 4 with 3 draws, 7 with one
     "baselines": (32, 32, 32),      # 2 schemes x 4 bit widths x 4 methods
     "ptqvit_baselines": (40, 40, 9),  # 6 settings x 6 methods + 4 aciq ablations

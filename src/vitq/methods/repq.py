@@ -17,6 +17,9 @@ Steps (each recorded in the returned dict, i.e. results.json):
    ``weight_signed`` or ``--repq-no-asym-weights`` (issue 26: in ``matmul`` the signed symmetric grid has
    2^b - 1 levels and a larger weight error).
 
+4. ``--repq-search output`` (off by default): starting from steps 1-3, every layer's quantizers are searched
+   again for the least squared error of the layer's output (:mod:`vitq.methods.outsearch`, AdaLog's search).
+
 Options of the fold (issue 26): ``--repq-channel-range percentile`` searches each channel's range over
 percentiles as RepQ-ViT does (min/max by default); ``--repq-fold-power P`` folds only r1^P of the scales.
 ``--repq-order sequential`` calibrates step 2 in RepQ-ViT's order instead, unit by unit with every upstream
@@ -39,6 +42,7 @@ from vitq.calib import CalibData
 from vitq.methods.baselines import calibrate_observed
 from vitq.methods.head_balance import MODES as HEAD_BALANCE
 from vitq.methods.head_balance import balance_heads
+from vitq.methods.outsearch import INPUTS, output_search
 from vitq.methods.reparam import CHANNEL_RANGES, reparameterize
 from vitq.methods.sequential import ORDERS, calibrate_sequential
 from vitq.options import Options, opt
@@ -67,6 +71,19 @@ class RepqOptions(Options):
     order: str = opt("float", "calibration order of the activation quantizers (float: all observed in one float "
                      "pass; sequential: RepQ-ViT's, unit by unit, each with every upstream quantizer active; see "
                      "vitq.methods.sequential)", choices=ORDERS)
+    search: str = opt("none", "after the calibration, search every layer's quantizers (weights per channel, the "
+                      "input's range ends, log bases and top levels, q/k, softmax/v) for the least squared error "
+                      "of the layer's output, coarse to fine (AdaLog's search; see vitq.methods.outsearch)",
+                      choices=("none", "output"))
+    search_inputs: str = opt("quant", "operands of the output search: those of the model with every earlier layer "
+                             "quantized and searched (quant; AdaRound's asymmetric objective, EasyQuant's order) or "
+                             "the float model's (float: AdaLog's, PTQ4ViT's; one float pass per block)",
+                             choices=INPUTS)
+    search_rounds: int = opt(2, "weight/input alternations per layer in the output search", minimum=1, metavar="R")
+    search_images: int | None = opt(32, "output search on the first N calibration images (None: all)", minimum=1,
+                                    metavar="N")
+    search_tokens: int = opt(16, "token positions (attention: query rows per head) per image in the output search",
+                             minimum=1, metavar="T")
 
 
 def _repq_scheme(scheme, cfg: RepqOptions):
@@ -94,6 +111,9 @@ def repq(model: nn.Module, calib: CalibData, cfg: RepqOptions) -> dict:
     else:
         info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
         info["calibration_passes"] = 1 + cfg.reparam + (cfg.head_balance != "none")
+    if cfg.search == "output":
+        info.update(output_search(model, calib, inputs=cfg.search_inputs, rounds=cfg.search_rounds,
+                                  images=cfg.search_images, tokens=cfg.search_tokens))
     scheme = getattr(model, "vitq_scheme", None)
     if scheme is not None:
         info["softmax_quantizer"] = scheme.softmax_kind
