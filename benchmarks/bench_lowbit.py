@@ -28,7 +28,8 @@ SETTINGS = ["matmul W4A4", "matmul W6A6", "matmul W3A3", "fq W4A8", "fq W3A8"]
 CONFIGS = ["repq", "repq (percentile ranges)", "repq (half fold)", "repq (quantile ranges)", "repq (RepQ-ViT's ranges)",
            "repq (head balance)", "repq (sequential order)", "repq + GPTQ", "repq-adalog",
            "repq-adalog (per-head q/k/v)", "repq-adalog (head balance)", "repq-adalog (shifted GELU)",
-           "repq-adalog (sequential order)", "repq-adalog + GPTQ", "ptq4vit (reference)", "fqvit (reference)"]
+           "repq-adalog (sequential order)", "repq-adalog (output search)", "repq-adalog + GPTQ",
+           "ptq4vit (reference)", "fqvit (reference)"]
 # RepQ-ViT's official code on the same DeiT-Tiny and val/ images (issue 10; its own transform, float top-1 77.8)
 REPQ_EXTERNAL = {"matmul W4A4": "top-1 60.8 (drop 17.0), agreement 68.2 (65.0–68.2 over 3 draws), KL 0.76",
                  "matmul W6A6": "top-1 77.2 (drop 0.6), agreement 91.0, KL 0.053"}
