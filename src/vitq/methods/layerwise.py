@@ -111,18 +111,25 @@ class Recorder:
     ``layer.cache[tag]``: ``A`` and ``B`` (the operands, concatenated over batches on exit; B only for the
     matmuls), ``amax_A`` / ``amax_B`` (the largest |value| of the full tensors) and ``min_A`` / ``max_A``.
 
-    ``stop``: raise out of the forward once every layer has been seen (see :func:`record`)."""
+    ``stop``: raise out of the forward once every layer has been seen (see :func:`record`). ``first``: the first
+    token position is always among the sampled ones (a ViT's class token, the only one its head reads)."""
 
     def __init__(self, layers: list[Layer], tag: str, gen: torch.Generator, stop: bool, *, tokens: int,
-                 rows: int):
+                 rows: int, first: bool = False):
         self.layers, self.tag, self.gen, self.stop = layers, tag, gen, stop
-        self.tokens, self.rows = tokens, rows
+        self.tokens, self.rows, self.first = tokens, rows, first
         self.handles = []
         self.pending: set = set()
 
     def _idx(self, layer: Layer, n: int, keep: int) -> torch.Tensor:
         if layer.idx is None:
-            layer.idx = torch.arange(n) if n <= keep else torch.randperm(n, generator=self.gen)[:keep].sort().values
+            if n <= keep:
+                layer.idx = torch.arange(n)
+            elif self.first:
+                layer.idx = torch.cat([torch.zeros(1, dtype=torch.long),
+                                       1 + torch.randperm(n - 1, generator=self.gen)[:keep - 1].sort().values])
+            else:
+                layer.idx = torch.randperm(n, generator=self.gen)[:keep].sort().values
         return layer.idx
 
     def _store(self, layer: Layer, side: str, x: torch.Tensor, full: torch.Tensor) -> None:
@@ -215,11 +222,11 @@ def run_segment(fn, hs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def record(fn, hs: list[torch.Tensor], layers: list[Layer], tag: str, gen: torch.Generator, *, tokens: int,
-           rows: int, stop: bool, keep_output: bool = True) -> list[torch.Tensor] | None:
+           rows: int, stop: bool, keep_output: bool = True, first: bool = False) -> list[torch.Tensor] | None:
     """Run ``fn`` over the batches ``hs`` recording the layers' operands under ``tag`` (see :class:`Recorder`);
     the outputs when ``keep_output``. With ``stop`` each batch's forward ends once every layer was seen."""
     outs = []
-    with Recorder(layers, tag, gen, stop, tokens=tokens, rows=rows) as rec:
+    with Recorder(layers, tag, gen, stop, tokens=tokens, rows=rows, first=first) as rec:
         for h in hs:
             rec.reset()
             try:
