@@ -181,3 +181,18 @@ def test_targets_that_are_not_the_float_model_are_reported(caplog):
     with caplog.at_level("WARNING", logger="vitq"):
         info = vitq.refine(q, model, x, "ridge", batch_size=5, progress=False, damp=0.1, rounding="nearest")
     assert info["reference_logit_gap"] > 1e-3 and "differs from the float model" in caplog.text
+
+
+def test_first_token_weight_counts_its_rows_that_many_times():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 2, generator=g)
+    weighted, repeated = Moments(first_token=4.0), Moments()
+    weighted.add(x, y)
+    repeated.add(torch.cat([x, x[:, :1].repeat(1, 3, 1)], 1), torch.cat([y, y[:, :1].repeat(1, 3, 1)], 1))
+    assert weighted.n == repeated.n == 3 * 8
+    assert torch.allclose(weighted.a, repeated.a) and torch.allclose(weighted.c, repeated.c)
+    w, b = torch.randn(2, 4, generator=g), torch.randn(2, generator=g)
+    assert weighted.mse(w, b) == pytest.approx(repeated.mse(w, b))
+    plain = Moments()
+    plain.add(x, y)
+    assert plain.n == 15 and not torch.allclose(plain.a, weighted.a)

@@ -18,8 +18,8 @@ EXPECTED = {
                                     # all RepQ-ViT's ranges / head balance, repq-adalog alone / per-head q/k/v /
                                     # head balance / shifted GELU / output search; sequential order: repq W4A4,
                                     # repq-adalog W4A4 and W3A3 (and repq-adalog alone at W3A3), x 3 draws
-    "recon_levers": (21, 15, 15),   # recon, recon + all levers, recon at 500 steps x 3 draws; 10 single levers;
-                                    # output search alone and + recon (seed 0)
+    "recon_levers": (22, 16, 16),   # recon, recon + all levers, recon at 500 steps x 3 draws; 10 single levers;
+                                    # output search alone and + recon, ridge with the class token weighted (seed 0)
     "recon": (23, 11, 5),           # 11 configurations: 4 with 3 draws, 7 with one
     "baselines": (32, 32, 32),      # 2 schemes x 4 bit widths x 4 methods
     "ptqvit_baselines": (40, 40, 9),  # 6 settings x 6 methods + 4 aciq ablations

@@ -60,6 +60,9 @@ class RidgeOptions(Options):
     rounding: str = opt("gptq", "how the solved weight goes onto the grid: gptq (GPTQ on the layer's quantized "
                         "inputs) or nearest (the continuous solution is stored and the quantizer rounds it: what "
                         "recon's AdaRound should start from in ridge,recon)", choices=ROUNDINGS)
+    first_token: float = opt(1.0, "weight of the first token's rows (a ViT's class token, the only one its head "
+                             "reads) against 1 for every other token, in the solve and the held-out check; e.g. "
+                             "196 for DeiT at 224 (as much as all patch tokens together)", above=0.0, metavar="W")
 
     @classmethod
     def preset(cls, given: dict) -> dict:
@@ -87,19 +90,25 @@ class Moments:
     """Second moments of a layer's input rows (with a ones column) and float output rows: ``a`` = X̃ᵀX̃, ``c`` = X̃ᵀY,
     ``yy`` = ||Y||², ``n`` rows; the squared error of any weight and bias follows from them exactly."""
 
-    def __init__(self):
+    def __init__(self, first_token: float = 1.0):
         self.a = self.c = None
-        self.yy, self.n = 0.0, 0
+        self.yy, self.n, self.first_token = 0.0, 0.0, first_token
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Rows of ``x`` [..., tokens, in] and ``y`` [..., tokens, out]; with ``first_token`` != 1 the rows of token 0
+        count that many times (``n`` is then the weighted number of rows)."""
+        wt = torch.ones(x.shape[:-1], dtype=torch.float64, device=x.device)
+        if self.first_token != 1.0 and x.dim() >= 3 and x.shape[-2] > 1:
+            wt[..., 0] = self.first_token
         x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
         if x.shape[0] != y.shape[0]:
             raise VitqError(f"ridge: a layer saw {x.shape[0]} input rows but its float twin {y.shape[0]} output rows")
+        wt = wt.reshape(-1, 1)
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-        a, c = x.T @ x, x.T @ y
+        a, c = (x * wt).T @ x, (x * wt).T @ y
         self.a, self.c = (a, c) if self.a is None else (self.a + a, self.c + c)
-        self.yy += float(y.pow(2).sum())
-        self.n += x.shape[0]
+        self.yy += float((y.pow(2) * wt).sum())
+        self.n += float(wt.sum())
 
     def mse(self, w: torch.Tensor, b: torch.Tensor | None) -> float:
         """Mean squared error of ``X̃ wᵀ + b`` against ``Y`` per output value."""
@@ -198,10 +207,11 @@ def _upto(run, module: nn.Module, out: list):
 
 
 @torch.no_grad()
-def _moments(layer: QLinear, twin: QLinear, run_q, run_f, ref: nn.Module, xq: list, xf: list) -> Moments:
+def _moments(layer: QLinear, twin: QLinear, run_q, run_f, ref: nn.Module, xq: list, xf: list,
+             first_token: float = 1.0) -> Moments:
     """The layer's quantized inputs (the model as it is now) against its twin's float outputs, batch by batch;
     each pass stops where the layer (its twin) has run."""
-    m = Moments()
+    m = Moments(first_token)
     for hq, hf in zip(xq, xf, strict=True):
         x, y = [], []
         _upto(lambda h=hq: run_q(h), layer.input_quant, x)
@@ -256,7 +266,8 @@ def refit_model(model: nn.Module, float_model: nn.Module, calib: CalibData, cfg:
                 layers[name] = {"skipped": "head (--ridge-head refits it)"}
                 continue
             twin = ref_mods[name]
-            mom = {s: _moments(layer, twin, run_q, run_f, ref, xq[s], xf[s]) for s in ("train", "held")}
+            mom = {s: _moments(layer, twin, run_q, run_f, ref, xq[s], xf[s], cfg.first_token)
+                   for s in ("train", "held")}
             if not mom["train"].n or not mom["held"].n:
                 layers[name] = {"skipped": "no calibration input reached it"}
                 continue
