@@ -28,16 +28,22 @@ tensors themselves.
   "raw" mode until all layers are calibrated, so each layer's cached input is the float one); one float pass per
   segment serves all its operations. On tiny random-init DeiTs ``quant`` came out closer to the float logits.
 - **Speed.** The first ``images`` calibration images, ``tokens`` token positions per image (the first, a ViT's class
-  token, and random others: with random positions only, the class token was rarely searched on, and DeiT-Tiny
-  W4A4 collapsed to 15 % agreement although every layer's error fell) for a weighted
+  token, always, and random others) for a weighted
   layer and query rows per image and head for the attention matmuls (keys and values whole), cached by
   :func:`vitq.methods.layerwise.record`, one segment (stem, block, tail) at a time.
 
 The result is an ordinary state: only scales, zero points, bases and top levels of existing quantizers change.
+
+**Experimental: harmful on a real model as it stands.** On DeiT-Tiny matmul W4A4 (repq + adalog, 32 images,
+BENCHMARKS.md section "lowbit") every one of the 74 searched operations lowered its own output error (mean 0.40 →
+0.35), yet the model's agreement with float fell from 71.4 to 15.4 % (KL 0.54 → 3.98); always including the class
+token gave 22.4 % (KL 3.57). The cause is not found; on tiny random-init DeiTs the search does bring the logits
+closer to float. :func:`output_search` warns when it runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -50,6 +56,8 @@ from vitq.methods.layerwise import Layer, find_layers, image_chunks, record, run
 from vitq.quant.base import Quantizer, passthrough
 from vitq.quant.log import MAX_DEPTH, AdaLogQuantizer, AdaLogShiftQuantizer, LogSqrt2Quantizer
 from vitq.quant.uniform import UniformQuantizer
+
+log = logging.getLogger("vitq")
 
 INPUTS = ("float", "quant")
 COARSE = tuple(2.0 ** (j / 4) for j in range(-6, 3))  # one factor on both ends: 2^(-3/2) .. 2^(1/2)
@@ -293,6 +301,8 @@ def output_search(model: nn.Module, calib: CalibData, *, inputs: str = "quant", 
     seconds and each operation's relative output error (squared error / squared float output) before and after."""
     if inputs not in INPUTS:
         raise ValueError(f"inputs {inputs!r} (expected one of {INPUTS})")
+    log.warning("--repq-search output is experimental: on DeiT-Tiny W4A4 it lowered every layer's output error but "
+                "took agreement with float from 71.4 to 15-22 %% (BENCHMARKS.md, section lowbit); check the result")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(calib.seed)
     layers = find_layers(model)
