@@ -196,3 +196,13 @@ def test_first_token_weight_counts_its_rows_that_many_times():
     plain = Moments()
     plain.add(x, y)
     assert plain.n == 15 and not torch.allclose(plain.a, weighted.a)
+
+
+def test_first_token_weight_reaches_the_model_s_rows():
+    q, model, x = _quantized(n=12)
+    plain = vitq.refine(copy.deepcopy(q), model, x, "ridge", batch_size=6, progress=False, damp=0.1)
+    info = vitq.refine(q, model, x, "ridge", batch_size=6, progress=False, damp=0.1, first_token=5)
+    name = "blocks.0.attn.qkv"
+    n_img = plain["num_train"]
+    tokens = plain["layers"][name]["rows_train"] / n_img  # the class token and the patch tokens of one image
+    assert tokens > 1 and info["layers"][name]["rows_train"] == pytest.approx(n_img * (tokens + 4))

@@ -217,8 +217,8 @@ def _moments(layer: QLinear, twin: QLinear, run_q, run_f, ref: nn.Module, xq: li
         _upto(lambda h=hq: run_q(h), layer.input_quant, x)
         with passthrough(ref):
             _upto(lambda h=hf: run_f(h), twin, y)
-        if x and y:
-            m.add(x[0], y[0])
+        if x and y:  # (the quantizer may see the rows flattened: put the images' token axis back)
+            m.add(x[0].reshape(hq.shape[0], -1, x[0].shape[-1]), y[0].reshape(hq.shape[0], -1, y[0].shape[-1]))
     return m
 
 
