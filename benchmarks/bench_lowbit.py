@@ -44,9 +44,19 @@ agreement over its three draws on these images (68.2 is the issue's target for p
   only the per-channel percentile search of the folded ranges moved it: **66.9 ± 1.1** (KL 0.738; draws 65.8,
   66.8, 68.0). RepQ-ViT's quantile range rule for activations and weights gave 65.3 ± 1.4 (KL 0.778), and all of
   its range rules together 65.8 ± 1.1 (KL 0.753); a half fold 64.5 ± 1.3 (KL 0.816, worse). So the target is not
-  shown met; the best variant is 1.3 points short of it on the mean. Not tried: RepQ-ViT calibrates each
-  activation quantizer on the already quantized upstream model (one forward with quantization on) and keeps the
-  folded quantizer at the mean of the per-channel steps; vitq observes every quantizer in float.
+  shown met; the best variant is 1.3 points short of it on the mean.
+- **RepQ-ViT's calibration order** (`--repq-order sequential`, 2026-12-07 second session: each unit's quantizers
+  observed with every upstream quantizer active, as RepQ-ViT's one quantized forward does): plain repq 65.5 →
+  **66.1 ± 0.9** (KL 0.760 → 0.766; draws 65.4, 67.2, 65.8), within the draws' spread, still short of 68.2; on the
+  adaptive-log base 71.4 → 70.5 ± 1.5 (KL 0.537 → 0.534, draws 72.2, 70.2, 69.2), no gain. At W3A3 both orders
+  collapse: repq-adalog 1.1 ± 0.3 agreement (KL 4.72), sequential 1.2 ± 0.3 (KL 4.76). Cost: 40–50 s of
+  calibration against 18–37 s (one partial pass per block). Not tried: RepQ-ViT keeps the folded quantizer at
+  the mean of the per-channel steps (vitq searches it again after the fold).
+- **AdaLog-style output search** (`--repq-search output`, experimental, draw 0 only): every one of the 74 searched
+  operations lowered its own output error (mean relative error 0.40 → 0.35), yet the model's agreement fell from
+  71.4 to **15.4** (KL 3.98); with the class token always among the searched tokens 22.4 (KL 3.57). On tiny
+  random-init DeiTs the same search brings the logits closer to float. The cause is not found; the option warns
+  when it runs. Cost: 24 s of search on 32 images.
 - **head balance** (`--repq-head-balance qkv`, exact, exportable): plain repq 65.5 → **66.8 ± 1.3** (KL 0.760 →
   0.742); on the adaptive-log base 71.4 → 71.3 ± 1.1 (KL 0.537 → 0.523). One scale per head
   (`--attn-granularity head`, not an integer kernel in onnxruntime) gave 71.9 ± 0.3 (KL 0.528) there.
