@@ -2,7 +2,7 @@
 the sweep store ``benchmarks/results/recon`` (BENCHMARKS.md, section recon). Do not edit by hand.
 
 DeiT-Tiny, all val images, the CPU setting of the recipes:
-num_calib 50, batch_size 50, recon_iters 200, recon_batch 4, recon_lr 0.01, recon_scale_lr 0.004, evolq_passes 1
+batch_size 50, recon_iters 500, recon_batch 4, recon_lr 0.01, recon_scale_lr 0.004, evolq_passes 1
 agreement and top-1 in %, KL in nats, seconds = wall time of calibration and refiners on 2 CPU cores;
 each value is the mean over the calibration draws (draws = how many).
 """
@@ -10,70 +10,16 @@ each value is the mean over the calibration draws (draws = how many).
 WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"
 
 MEASURED: dict[tuple[str, int, int], dict] = {
-    ("fq-fqvit", 3, 8):
-        {"agreement": 50.6, "top1": 45.2, "kl": 1.2367, "seconds": 3.7, "draws": 1, "where": WHERE},
-    ("fq-fqvit", 4, 8):
-        {"agreement": 85.4, "top1": 73.4, "kl": 0.1875, "seconds": 3.3, "draws": 1, "where": WHERE},
-    ("fq-fqvit-recon", 3, 8):
-        {"agreement": 68.6, "top1": 63.4, "kl": 0.5645, "seconds": 136.0, "draws": 1, "where": WHERE},
-    ("fq-fqvit-recon", 4, 8):
-        {"agreement": 87.6, "top1": 76.4, "kl": 0.097, "seconds": 133.9, "draws": 1, "where": WHERE},
-    ("fq-fqvit-recon-evolq", 3, 8):
-        {"agreement": 68.6, "top1": 63.4, "kl": 0.5645, "seconds": 166.1, "draws": 1, "where": WHERE},
-    ("fq-fqvit-recon-evolq", 4, 8):
-        {"agreement": 87.6, "top1": 76.4, "kl": 0.097, "seconds": 165.4, "draws": 1, "where": WHERE},
-    ("fq-repq", 3, 8):
-        {"agreement": 52.73, "top1": 48.67, "kl": 1.1849, "seconds": 9.0, "draws": 3, "where": WHERE},
     ("fq-repq", 4, 8):
-        {"agreement": 82.07, "top1": 71.47, "kl": 0.2328, "seconds": 11.3, "draws": 3, "where": WHERE},
-    ("fq-repq", 8, 8):
-        {"agreement": 95.4, "top1": 78.4, "kl": 0.0155, "seconds": 9.6, "draws": 1, "where": WHERE},
-    ("fq-repq-gptq", 4, 8):
-        {"agreement": 88.33, "top1": 75.93, "kl": 0.1057, "seconds": 55.7, "draws": 3, "where": WHERE},
-    ("fq-repq-gptq-recon", 4, 8):
-        {"agreement": 88.4, "top1": 76.07, "kl": 0.1084, "seconds": 190.2, "draws": 3, "where": WHERE},
-    ("fq-repq-gptq-recon-evolq", 4, 8):
-        {"agreement": 88.07, "top1": 76.2, "kl": 0.1101, "seconds": 233.7, "draws": 3, "where": WHERE},
-    ("fq-repq-recon", 3, 8):
-        {"agreement": 76.13, "top1": 68.4, "kl": 0.3479, "seconds": 147.6, "draws": 3, "where": WHERE},
+        {"agreement": 80.8, "top1": 70.4, "kl": 0.2473, "seconds": 60.4, "draws": 1, "where": WHERE},
     ("fq-repq-recon", 4, 8):
-        {"agreement": 88.73, "top1": 76.6, "kl": 0.0899, "seconds": 153.2, "draws": 3, "where": WHERE},
-    ("fq-repq-recon", 8, 8):
-        {"agreement": 94.6, "top1": 77.6, "kl": 0.0135, "seconds": 152.8, "draws": 1, "where": WHERE},
-    ("fq-repq-recon-evolq", 3, 8):
-        {"agreement": 76.07, "top1": 68.4, "kl": 0.3482, "seconds": 196.1, "draws": 3, "where": WHERE},
+        {"agreement": 88.2, "top1": 75.4, "kl": 0.0778, "seconds": 828.1, "draws": 1, "where": WHERE},
     ("fq-repq-recon-evolq", 4, 8):
-        {"agreement": 88.73, "top1": 76.6, "kl": 0.0899, "seconds": 201.7, "draws": 3, "where": WHERE},
-    ("fq-repq-recon-evolq", 8, 8):
-        {"agreement": 94.8, "top1": 77.8, "kl": 0.0134, "seconds": 203.2, "draws": 1, "where": WHERE},
-    ("matmul-repq-adalog", 3, 3):
-        {"agreement": 1.13, "top1": 1.2, "kl": 4.6415, "seconds": 7.0, "draws": 3, "where": WHERE},
+        {"agreement": 88.2, "top1": 75.4, "kl": 0.0778, "seconds": 1511.8, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog", 4, 4):
-        {"agreement": 69.0, "top1": 63.4, "kl": 0.5989, "seconds": 14.2, "draws": 3, "where": WHERE},
-    ("matmul-repq-adalog", 6, 6):
-        {"agreement": 92.2, "top1": 77.4, "kl": 0.0386, "seconds": 7.7, "draws": 1, "where": WHERE},
-    ("matmul-repq-adalog", 8, 8):
-        {"agreement": 96.0, "top1": 78.8, "kl": 0.0054, "seconds": 7.2, "draws": 1, "where": WHERE},
-    ("matmul-repq-adalog-gptq", 4, 4):
-        {"agreement": 74.13, "top1": 67.53, "kl": 0.4083, "seconds": 19.3, "draws": 3, "where": WHERE},
-    ("matmul-repq-adalog-gptq-recon", 4, 4):
-        {"agreement": 74.6, "top1": 68.27, "kl": 0.4151, "seconds": 139.2, "draws": 3, "where": WHERE},
-    ("matmul-repq-adalog-gptq-recon-evolq", 4, 4):
-        {"agreement": 75.33, "top1": 68.93, "kl": 0.4155, "seconds": 265.7, "draws": 3, "where": WHERE},
-    ("matmul-repq-adalog-recon", 3, 3):
-        {"agreement": 23.6, "top1": 22.2, "kl": 3.2321, "seconds": 131.8, "draws": 3, "where": WHERE},
+        {"agreement": 70.0, "top1": 62.8, "kl": 0.5614, "seconds": 41.8, "draws": 2, "where": WHERE},
     ("matmul-repq-adalog-recon", 4, 4):
-        {"agreement": 79.07, "top1": 70.47, "kl": 0.2825, "seconds": 171.4, "draws": 3, "where": WHERE},
-    ("matmul-repq-adalog-recon", 6, 6):
-        {"agreement": 92.8, "top1": 77.0, "kl": 0.0237, "seconds": 127.0, "draws": 1, "where": WHERE},
-    ("matmul-repq-adalog-recon", 8, 8):
-        {"agreement": 98.2, "top1": 77.4, "kl": 0.0054, "seconds": 129.1, "draws": 1, "where": WHERE},
-    ("matmul-repq-adalog-recon-evolq", 3, 3):
-        {"agreement": 24.07, "top1": 22.67, "kl": 3.2369, "seconds": 181.4, "draws": 3, "where": WHERE},
+        {"agreement": 81.0, "top1": 72.4, "kl": 0.2551, "seconds": 532.1, "draws": 2, "where": WHERE},
     ("matmul-repq-adalog-recon-evolq", 4, 4):
-        {"agreement": 79.07, "top1": 70.47, "kl": 0.2825, "seconds": 239.1, "draws": 3, "where": WHERE},
-    ("matmul-repq-adalog-recon-evolq", 6, 6):
-        {"agreement": 93.6, "top1": 77.4, "kl": 0.025, "seconds": 178.2, "draws": 1, "where": WHERE},
-    ("matmul-repq-adalog-recon-evolq", 8, 8):
-        {"agreement": 97.8, "top1": 77.6, "kl": 0.0054, "seconds": 179.7, "draws": 1, "where": WHERE},
+        {"agreement": 81.0, "top1": 72.4, "kl": 0.2551, "seconds": 1030.0, "draws": 2, "where": WHERE},
 }
