@@ -302,7 +302,7 @@ def output_search(model: nn.Module, calib: CalibData, *, inputs: str = "quant", 
     if inputs not in INPUTS:
         raise ValueError(f"inputs {inputs!r} (expected one of {INPUTS})")
     log.warning("--repq-search output is experimental: on DeiT-Tiny W4A4 it lowered every layer's output error but "
-                "took agreement with float from 71.4 to 15-22 %% (BENCHMARKS.md, section lowbit); check the result")
+                "took agreement with float from 71.4 to 15-22 percent (BENCHMARKS.md, section lowbit); check it")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(calib.seed)
     layers = find_layers(model)

@@ -74,7 +74,7 @@ class RepqOptions(Options):
     search: str = opt("none", "after the calibration, search every layer's quantizers (weights per channel, the "
                       "input's range ends, log bases and top levels, q/k, softmax/v) for the least squared error "
                       "of the layer's output, coarse to fine (AdaLog's search; see vitq.methods.outsearch). "
-                      "EXPERIMENTAL: on DeiT-Tiny W4A4 it took agreement from 71 to 15-22 %",
+                      "EXPERIMENTAL: on DeiT-Tiny W4A4 it took agreement from 71 to 15-22 percent",
                       choices=("none", "output"))
     search_inputs: str = opt("quant", "operands of the output search: those of the model with every earlier layer "
                              "quantized and searched (quant; AdaRound's asymmetric objective, EasyQuant's order) or "
