@@ -55,6 +55,29 @@ def forward_all(model: nn.Module, calib: CalibData, desc: str = "calibrate") -> 
     return torch.cat(outs)
 
 
+class _Reached(Exception):
+    """Raised by :func:`forward_until`'s hook: the rest of the forward is not needed."""
+
+
+def forward_until(run, module: nn.Module):
+    """Call ``run()`` until ``module`` has computed (its first call) and return that output, skipping the rest of
+    the forward; None when ``run`` ends without calling ``module``."""
+    out = []
+
+    def hook(_m, _inputs, y):
+        out.append(y)
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        run()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return out[0] if out else None
+
+
 # ------------------------------------------------------------------------------------------------ sources
 SYNTHETIC = "synthetic"
 DEFAULT_SYNTHETIC = 32

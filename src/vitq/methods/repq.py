@@ -106,12 +106,9 @@ def repq(model: nn.Module, calib: CalibData, cfg: RepqOptions) -> dict:
         info.update(reparameterize(model, calib, cfg.channel_range, cfg.fold_power))
     info["seconds_reparam"] = time.perf_counter() - t0
     info.update(balance_heads(model, calib, cfg.head_balance))
-    if cfg.order == "sequential":
-        info.update(calibrate_sequential(model, calib, cfg.act, cfg.weights))
-        info["calibration_passes"] += cfg.reparam + (cfg.head_balance != "none")
-    else:
-        info.update(calibrate_observed(model, calib, cfg.act, cfg.weights))
-        info["calibration_passes"] = 1 + cfg.reparam + (cfg.head_balance != "none")
+    calibrate = calibrate_sequential if cfg.order == "sequential" else calibrate_observed
+    info.update(calibrate(model, calib, cfg.act, cfg.weights))
+    info["calibration_passes"] += cfg.reparam + (cfg.head_balance != "none")  # the fold's and the balance's
     if cfg.search == "output":
         info.update(output_search(model, calib, inputs=cfg.search_inputs, rounds=cfg.search_rounds,
                                   images=cfg.search_images, tokens=cfg.search_tokens))

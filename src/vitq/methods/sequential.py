@@ -15,16 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitq.calib import CalibData
+from vitq.calib import CalibData, forward_until
 from vitq.methods.baselines import calibrate_weights
 from vitq.quant.base import Quantizer, quantizers_of
 from vitq.quant.observers import apply_range, observing, start_error_pass
 
 ORDERS = ("float", "sequential")
-
-
-class _Reached(Exception):
-    """Raised by a hook at the last quantizer a pass needs: the rest of the forward is skipped."""
 
 
 def call_order(model: nn.Module, calib: CalibData) -> list[str]:
@@ -66,19 +62,9 @@ def groups_of(order: list[str]) -> list[list[str]]:
 
 def _pass_until(model: nn.Module, calib: CalibData, last: Quantizer, desc: str) -> None:
     """Every calibration batch through the model, each stopped once ``last`` has seen its input."""
-    def stop(_m, _inputs, _output):
-        raise _Reached
-
-    hook = last.register_forward_hook(stop)
-    try:
-        with torch.no_grad():
-            for x in calib.bar(calib.batches(), desc, calib.num_batches):
-                try:
-                    model(x)
-                except _Reached:
-                    pass
-    finally:
-        hook.remove()
+    with torch.no_grad():
+        for x in calib.bar(calib.batches(), desc, calib.num_batches):
+            forward_until(lambda x=x: model(x), last)
 
 
 def calibrate_sequential(model: nn.Module, calib: CalibData, act: str, weight: str) -> dict:

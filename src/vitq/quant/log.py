@@ -41,18 +41,12 @@ def _observed_values(obs, device) -> tuple[torch.Tensor, torch.Tensor]:
     return centres[keep].float().to(device), counts[keep].double().to(device)
 
 
-def _levels(k: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adalog's level of code k: scale·2^(-k/r), computed one way everywhere, so that the fake-quantized values
-    are exactly the members of :meth:`AdaLogQuantizer.level_set`."""
-    return scale * torch.pow(2.0, k * (-1.0 / r))
-
-
 def _table(max_code: int, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The value of every code 0 .. max_code + 1 (the last is 0), to look codes up in: the same numbers as
     :meth:`AdaLogQuantizer.level_set` (a power over a large tensor may differ from one over a small tensor in the
     last bit, so the levels are computed once, here, and gathered)."""
     k = torch.arange(max_code + 1, dtype=torch.float32, device=scale.device)
-    return torch.cat([_levels(k, r, scale), torch.zeros(1, device=scale.device)])
+    return torch.cat([scale * torch.pow(2.0, k * (-1.0 / r)), torch.zeros(1, device=scale.device)])
 
 
 def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:

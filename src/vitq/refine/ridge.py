@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitq.calib import CalibData
+from vitq.calib import CalibData, forward_until
 from vitq.errors import VitqError
 from vitq.models.trunk import Trunk
 from vitq.options import OptionError, Options, opt
@@ -187,25 +187,6 @@ def refit_layer(layer: QLinear, train: Moments, held: Moments, damps: tuple[floa
             "mse_held_after": after[1], "accepted": accepted}
 
 
-class _Stop(Exception):
-    """Raised by a capture hook: the rest of the unit's forward is not needed."""
-
-
-def _upto(run, module: nn.Module, out: list):
-    """Run ``run`` until ``module`` has computed (its first call), keeping its output in ``out``."""
-    def hook(_m, _i, y):
-        out.append(y.reshape(-1, y.shape[-1]))
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def _moments(layer: QLinear, twin: QLinear, run_q, run_f, ref: nn.Module, xq: list, xf: list,
              first_token: float = 1.0) -> Moments:
@@ -213,12 +194,11 @@ def _moments(layer: QLinear, twin: QLinear, run_q, run_f, ref: nn.Module, xq: li
     each pass stops where the layer (its twin) has run."""
     m = Moments(first_token)
     for hq, hf in zip(xq, xf, strict=True):
-        x, y = [], []
-        _upto(lambda h=hq: run_q(h), layer.input_quant, x)
+        x = forward_until(lambda h=hq: run_q(h), layer.input_quant)
         with passthrough(ref):
-            _upto(lambda h=hf: run_f(h), twin, y)
-        if x and y:  # (the quantizer may see the rows flattened: put the images' token axis back)
-            m.add(x[0].reshape(hq.shape[0], -1, x[0].shape[-1]), y[0].reshape(hq.shape[0], -1, y[0].shape[-1]))
+            y = forward_until(lambda h=hf: run_f(h), twin)
+        if x is not None and y is not None:
+            m.add(x, y)
     return m
 
 
