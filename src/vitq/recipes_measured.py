@@ -10,16 +10,34 @@ each value is the mean over the calibration draws (draws = how many).
 WHERE = "DeiT-Tiny, 500 val images, CPU setting; BENCHMARKS.md recon section"
 
 MEASURED: dict[tuple[str, int, int], dict] = {
+    ("fq-repq", 3, 8):
+        {"agreement": 53.8, "top1": 50.8, "kl": 1.1749, "seconds": 46.2, "draws": 1, "where": WHERE},
     ("fq-repq", 4, 8):
         {"agreement": 80.8, "top1": 70.4, "kl": 0.2473, "seconds": 60.4, "draws": 1, "where": WHERE},
+    ("fq-repq-recon", 3, 8):
+        {"agreement": 79.8, "top1": 68.0, "kl": 0.2616, "seconds": 579.6, "draws": 1, "where": WHERE},
     ("fq-repq-recon", 4, 8):
         {"agreement": 88.2, "top1": 75.4, "kl": 0.0778, "seconds": 828.1, "draws": 1, "where": WHERE},
+    ("fq-repq-recon-evolq", 3, 8):
+        {"agreement": 79.8, "top1": 68.0, "kl": 0.2616, "seconds": 1165.4, "draws": 1, "where": WHERE},
     ("fq-repq-recon-evolq", 4, 8):
         {"agreement": 88.2, "top1": 75.4, "kl": 0.0778, "seconds": 1511.8, "draws": 1, "where": WHERE},
+    ("matmul-repq-adalog", 3, 3):
+        {"agreement": 1.0, "top1": 1.2, "kl": 4.7092, "seconds": 39.5, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog", 4, 4):
-        {"agreement": 70.0, "top1": 62.8, "kl": 0.5614, "seconds": 41.8, "draws": 2, "where": WHERE},
+        {"agreement": 70.0, "top1": 62.8, "kl": 0.5614, "seconds": 62.7, "draws": 3, "where": WHERE},
+    ("matmul-repq-adalog", 6, 6):
+        {"agreement": 92.0, "top1": 76.6, "kl": 0.0446, "seconds": 40.7, "draws": 1, "where": WHERE},
+    ("matmul-repq-adalog-recon", 3, 3):
+        {"agreement": 35.4, "top1": 33.4, "kl": 2.4841, "seconds": 495.2, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog-recon", 4, 4):
-        {"agreement": 81.0, "top1": 72.4, "kl": 0.2551, "seconds": 532.1, "draws": 2, "where": WHERE},
+        {"agreement": 80.87, "top1": 71.8, "kl": 0.2516, "seconds": 555.1, "draws": 3, "where": WHERE},
+    ("matmul-repq-adalog-recon", 6, 6):
+        {"agreement": 93.4, "top1": 78.0, "kl": 0.0237, "seconds": 495.4, "draws": 1, "where": WHERE},
+    ("matmul-repq-adalog-recon-evolq", 3, 3):
+        {"agreement": 35.4, "top1": 33.4, "kl": 2.4841, "seconds": 892.8, "draws": 1, "where": WHERE},
     ("matmul-repq-adalog-recon-evolq", 4, 4):
-        {"agreement": 81.0, "top1": 72.4, "kl": 0.2551, "seconds": 1030.0, "draws": 2, "where": WHERE},
+        {"agreement": 80.87, "top1": 71.8, "kl": 0.2516, "seconds": 1105.8, "draws": 3, "where": WHERE},
+    ("matmul-repq-adalog-recon-evolq", 6, 6):
+        {"agreement": 93.4, "top1": 78.0, "kl": 0.0237, "seconds": 1021.0, "draws": 1, "where": WHERE},
 }
