@@ -105,7 +105,8 @@ class Moments:
             raise VitqError(f"ridge: a layer saw {x.shape[0]} input rows but its float twin {y.shape[0]} output rows")
         wt = wt.reshape(-1, 1)
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-        a, c = (x * wt).T @ x, (x * wt).T @ y
+        xw = (x * wt).T
+        a, c = xw @ x, xw @ y
         self.a, self.c = (a, c) if self.a is None else (self.a + a, self.c + c)
         self.yy += float((y.pow(2) * wt).sum())
         self.n += float(wt.sum())
